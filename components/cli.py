@@ -1,0 +1,123 @@
+"""`python -m components <step> [--params FILE] [--set section.key=value ...]`.
+
+The one entry point of every step: DVC stages, Airflow tasks, KFP components and
+containers all run this. It parses params once, hands the step its section, prints the
+step's summary, and turns known failures into a one-line message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from components.config import (
+    SECTIONS,
+    ConfigError,
+    Params,
+    StepPaths,
+    describe_section,
+    load_params,
+)
+from components.errors import StepFailed
+
+DEFAULT_PARAMS = "params.yaml"
+log = logging.getLogger("components")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    help: str
+    section: str
+
+    def runner(self) -> Callable[..., Any]:
+        # Imported on use: `--help` and other steps stay fast and free of heavy imports.
+        return importlib.import_module(f"components.{self.name}").run
+
+
+STEPS = {
+    step.name: step
+    for step in (
+        Step("catalog", "build the sample catalog from packaged emoji artwork", "catalog"),
+        Step("validate", "validate listings, quarantine bad rows, write the clean set", "validate"),
+    )
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m components",
+        description="Multi-view listing embeddings: run one pipeline step.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="shared params:\n" + describe_section(SECTIONS["paths"]) + "\n  seed (int)",
+    )
+    sub = parser.add_subparsers(dest="step", metavar="<step>", title="steps")
+    for step in STEPS.values():
+        step_parser = sub.add_parser(
+            step.name,
+            help=step.help,
+            description=f"{step.name}: {step.help}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"params ({step.section} section, set with --set {step.section}.KEY=VALUE):\n"
+            + describe_section(SECTIONS[step.section]),
+        )
+        step_parser.add_argument(
+            "--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)"
+        )
+        step_parser.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one params key (repeatable); VALUE is YAML",
+        )
+        step_parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.step is None:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        params = load_params(args.params, args.overrides)
+        result = run_step(args.step, params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StepFailed as err:
+        print(f"error: {args.step} failed: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input named by the step (a broken catalog file, a missing upstream output).
+        print(f"error: {args.step}: {err}", file=sys.stderr)
+        return 1
+    print(result.summary)
+    return 0
+
+
+def run_step(name: str, params: Params) -> Any:
+    """Run one step with its params section; the function Airflow and KFP shims call too."""
+    if name not in STEPS:
+        raise ConfigError(f"unknown step '{name}'; steps are {sorted(STEPS)}")
+    step = STEPS[name]
+    return step.runner()(params.section(step.section), StepPaths.from_config(params.paths))
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("great_expectations", "botocore", "urllib3", "PIL", "fontTools"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,212 @@
+"""Typed configuration: params.yaml parsed once into frozen, strict models.
+
+Every step receives its own section as an object; nothing else reads params.yaml.
+`--set section.key=value` overrides are applied to the raw mapping before validation,
+so an override gets exactly the same checks as the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Vendor = Literal["twemoji", "openmoji", "noto"]
+
+
+class ConfigError(ValueError):
+    """A params file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    """Base of every params section: immutable, no unknown keys, no type coercion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class PathsConfig(Section):
+    workdir: str = Field("artifacts", description="Root of every step's output folder.")
+    catalog: str | None = Field(
+        None,
+        description="Catalog to read (local dir or s3://bucket/prefix); "
+        "null means the sample catalog built by the catalog step.",
+    )
+
+
+class CatalogConfig(Section):
+    max_listings: int | None = Field(
+        None, ge=1, description="Keep at most this many listings (null: all); for tests."
+    )
+    vendors: list[Vendor] = Field(
+        ["twemoji", "openmoji", "noto"],
+        description="Image vendors, in view order; the first available one is the primary view.",
+    )
+    skin_tones: bool = Field(True, description="Add skin-tone variants as extra image views.")
+    max_image_views: int = Field(8, ge=1, description="Cap on image views per listing.")
+    image_size: int = Field(72, ge=16, le=512, description="Side in pixels of every image view.")
+    query_fraction: float = Field(
+        0.7,
+        ge=0.0,
+        le=1.0,
+        description="Share of eligible alternate names held out of the text views as queries.",
+    )
+    query_languages: list[Literal["en", "es", "fr", "de", "it", "pt"]] = Field(
+        ["en", "es", "fr"],
+        description="Languages of the held-out queries; non-English ones are CLDR translations "
+        "of the listing's name (text views stay English).",
+    )
+    optional_data_roots: list[str] = Field(
+        ["/", ".cache/debian"],
+        description="Roots searched for optional Debian data (CLDR annotations, Noto font).",
+    )
+
+
+class ValidateConfig(Section):
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Fail the run when more rows than this are quarantined."
+    )
+    allowed_schemes: list[str] = Field(
+        ["file", "s3"], description="URI schemes allowed in image_uris (plain paths always are)."
+    )
+    allowed_buckets: list[str] | None = Field(
+        None, description="Buckets allowed in s3:// image URIs; null allows any bucket."
+    )
+    min_image_side: int = Field(16, ge=1, description="Smallest allowed image width/height.")
+    max_image_side: int = Field(8192, ge=1, description="Largest allowed image width/height.")
+    max_image_bytes: int = Field(20_000_000, ge=1, description="Largest allowed image file.")
+    max_images: int = Field(64, ge=1, description="Most image views a listing may have.")
+    max_listing_id_chars: int = Field(256, ge=1, description="Longest allowed listing_id.")
+    max_title_chars: int = Field(500, ge=1, description="Longest allowed title.")
+    max_description_chars: int = Field(50_000, ge=0, description="Longest allowed description.")
+    max_category_chars: int = Field(500, ge=1, description="Longest allowed category path.")
+    max_tags: int = Field(100, ge=0, description="Most tags a listing may have.")
+    max_tag_chars: int = Field(200, ge=1, description="Longest allowed tag.")
+    workers: int = Field(8, ge=1, description="Threads that open and decode images.")
+
+
+class Params(Section):
+    seed: int = Field(0, description="Seed for every random choice of every step.")
+    paths: PathsConfig = PathsConfig()
+    catalog: CatalogConfig = CatalogConfig()
+    # `validate` would shadow BaseModel.validate; the alias keeps the YAML key.
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    def section(self, name: str) -> Section:
+        """A section by its params.yaml name (the name a step receives it under)."""
+        for field_name, field in type(self).model_fields.items():
+            if (field.alias or field_name) == name:
+                return getattr(self, field_name)
+        raise ConfigError(f"unknown params section '{name}'")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "paths": PathsConfig,
+    "catalog": CatalogConfig,
+    "validate": ValidateConfig,
+}
+
+
+@dataclass(frozen=True)
+class StepPaths:
+    """Where a step reads and writes: `<workdir>/<step>/`, and the catalog it reads."""
+
+    workdir: Path
+    catalog: str
+
+    @classmethod
+    def from_config(cls, paths: PathsConfig) -> StepPaths:
+        workdir = Path(paths.workdir)
+        return cls(workdir=workdir, catalog=paths.catalog or str(workdir / "catalog"))
+
+    def step_dir(self, step: str) -> Path:
+        return self.workdir / step
+
+
+def load_params(path: Path | str | None = None, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (or defaults when `path` is None), apply overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, bad override syntax, unknown key or wrong type;
+            the message names the file or the dotted key.
+    """
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    for override in overrides or []:
+        _apply_override(raw, override)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe_errors(err, raw)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"params file {path}: cannot read ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params file {path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file {path}: top level must be a mapping of sections")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {override!r}: '{prefix}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe_errors(err: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for error in err.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'{_suggestion(error['loc'])}")
+        else:
+            lines.append(f"key '{key}': {error['msg']} (got {error.get('input')!r})")
+    return "invalid params: " + "; ".join(lines)
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    """Did-you-mean hint for a misspelt key, from the section's known field names."""
+    if len(loc) == 1:
+        known = ["seed", *SECTIONS]
+    elif len(loc) == 2 and loc[0] in SECTIONS:
+        known = list(SECTIONS[str(loc[0])].model_fields)
+    else:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def describe_section(section: type[Section]) -> str:
+    """One line per key of a section: name, type, default, meaning; for --help."""
+    rows = []
+    for name, field in section.model_fields.items():
+        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        annotation = annotation.replace("typing.", "")
+        rows.append(f"  {name} ({annotation}, default {field.default!r}): {field.description}")
+    return "\n".join(rows)

@@ -1,0 +1,8 @@
+"""Errors shared by steps and the CLI."""
+
+
+class StepFailed(RuntimeError):
+    """A step ran and decided the run must stop (too many bad rows, a failed gate).
+
+    Its outputs (reports) are written before it is raised, so the failure can be inspected.
+    """

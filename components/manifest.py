@@ -1,0 +1,123 @@
+"""Step manifests: the small JSON file every step writes beside its outputs.
+
+A manifest records what went in (hashes), the params section, what came out
+(sha256 and size of every output), counts and timings. The next step reads it instead
+of globals, and lineage (catalog -> features -> model -> index) is a chain of hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_tree(root: Path) -> str:
+    """Content hash of a directory: sha256 over sorted (relative path, file sha256) pairs."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(sha256_file(path).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def describe_files(root: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """sha256 and size of each named output under `root` (a folder gets a tree hash)."""
+    described = {}
+    for name in names:
+        path = root / name
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file()]
+            described[name] = {
+                "sha256": sha256_tree(path),
+                "files": len(files),
+                "bytes": sum(p.stat().st_size for p in files),
+            }
+        else:
+            described[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return described
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class Timer:
+    """Wall-clock timer for a manifest's `duration_s`."""
+
+    def __init__(self) -> None:
+        self.started_at = datetime.now(UTC)
+        self._start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self._start, 3)
+
+
+def write_manifest(
+    out_dir: Path,
+    *,
+    step: str,
+    params: BaseModel,
+    timer: Timer,
+    outputs: dict[str, dict[str, Any]],
+    inputs: dict[str, Any] | None = None,
+    counts: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `<out_dir>/manifest.json` atomically (temp file + rename) and return its path."""
+    manifest = {
+        "step": step,
+        "started_at": timer.started_at.isoformat(timespec="seconds"),
+        "duration_s": timer.seconds,
+        "host": {"python": platform.python_version(), "platform": platform.platform()},
+        "params": params.model_dump(mode="json", by_alias=True),
+        "inputs": inputs or {},
+        "outputs": outputs,
+        "counts": counts or {},
+        **(extra or {}),
+    }
+    path = out_dir / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(step_dir: Path) -> dict[str, Any]:
+    """Read a step's manifest; a missing one is an error naming the step folder."""
+    path = step_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: run the '{step_dir.name}' step first (python -m components "
+            f"{step_dir.name})"
+        )
+    return json.loads(path.read_text())

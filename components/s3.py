@@ -1,0 +1,41 @@
+"""The one place that builds boto3 S3 clients.
+
+Credentials and the endpoint come from boto3's standard chain (environment, config
+files, instance roles; `AWS_ENDPOINT_URL_S3` for S3-compatible servers); params never
+carry them. Checksums are sent only when an operation requires them, because boto3
+>= 1.36's default checksum headers are rejected by some S3-compatible servers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/key` -> ("bucket", "some/key"); the key may be empty."""
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ValueError(f"not an s3://bucket/key URI: {uri!r}")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+@lru_cache(maxsize=1)
+def s3_client() -> Any:
+    """A shared, thread-safe S3 client with retries and S3-compatible checksum settings."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": 8, "mode": "adaptive"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=32,
+    )
+    return boto3.client("s3", config=config)
+
+
+def is_missing_key_error(err: Exception) -> bool:
+    code = getattr(err, "response", {}).get("Error", {}).get("Code")
+    return code in {"NoSuchKey", "404", "NotFound"}

@@ -1,0 +1,275 @@
+"""`validate` step: check every listing, quarantine bad rows with reasons, write the clean set.
+
+Two layers of checks: the Great Expectations suite over the table (schema, types,
+uniqueness, lengths; components/expectations.py) and per-row checks GE cannot do (every
+image resolves inside the catalog, is allowed, exists, decodes fully, has a sane size).
+Every input row ends up in exactly one of clean.parquet and quarantine.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from components import expectations
+from components.catalog_io import (
+    CatalogRoot,
+    ImageRefError,
+    decode_image,
+    read_image_bytes,
+    read_listings,
+    read_queries,
+)
+from components.config import StepPaths, ValidateConfig
+from components.errors import StepFailed
+from components.manifest import Timer, describe_files, write_manifest
+
+STEP = "validate"
+CLEAN_FILE = "clean.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+QUERIES_FILE = "queries.parquet"
+QUERIES_QUARANTINE_FILE = "queries_quarantine.parquet"
+REPORT_FILE = "report.json"
+EXAMPLES_PER_REASON = 3
+
+log = logging.getLogger(__name__)
+
+Issues = list[list[tuple[str, str]]]  # per row: (reason, detail) pairs
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    out_dir: Path
+    report: dict
+    summary: str
+
+
+def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
+    """Validate `<catalog>/listings.parquet` into `<workdir>/validate/`.
+
+    Raises:
+        CatalogError: listings.parquet is missing, not Parquet, or lacks a column.
+        StepFailed: more than `max_bad_fraction` of the rows were quarantined (the
+            outputs and report are written first).
+    """
+    timer = Timer()
+    out = paths.step_dir(STEP)
+    out.mkdir(parents=True, exist_ok=True)
+    root = CatalogRoot(paths.catalog)
+    listings = read_listings(root)
+    log.info("validate: %d listings read from %s", listings.num_rows, root.uri)
+    issues = table_issues(listings, config)
+    image_issues(listings, root, config, issues)
+    clean, quarantine = split_rows(listings, issues)
+    pq.write_table(clean, out / CLEAN_FILE)
+    pq.write_table(quarantine, out / QUARANTINE_FILE)
+    queries_report = _write_queries(root, clean, out)
+    report = build_report(listings, issues, config, queries_report)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    summary = format_summary(report)
+    outputs = [CLEAN_FILE, QUARANTINE_FILE, REPORT_FILE]
+    if queries_report is not None:
+        outputs += [QUERIES_FILE, QUERIES_QUARANTINE_FILE]
+    write_manifest(
+        out,
+        step=STEP,
+        params=config,
+        timer=timer,
+        inputs={"catalog": root.uri},
+        outputs=describe_files(out, outputs),
+        counts={k: report[k] for k in ("total", "clean", "quarantined")},
+        extra={"summary": summary},
+    )
+    log.info("%s", summary.splitlines()[0])
+    if not report["passed"]:
+        raise StepFailed(failure_message(report, out / REPORT_FILE))
+    return ValidateResult(out_dir=out, report=report, summary=summary)
+
+
+def table_issues(listings: pa.Table, config: ValidateConfig) -> Issues:
+    """Run the GE suite; return each row's (reason, detail) pairs."""
+    frame = expectations.validation_frame(listings)
+    failed = expectations.run_suite(frame, expectations.listings_suite(config))
+    issues: Issues = [[] for _ in range(listings.num_rows)]
+    for reason, (column, rows) in failed.items():
+        for row in rows:
+            value = frame.at[row, column]
+            shown = value if not isinstance(value, str) or len(value) <= 80 else value[:77] + "..."
+            issues[row].append((reason, f"{column}={shown!r}"))
+    return issues
+
+
+def image_issues(
+    listings: pa.Table, root: CatalogRoot, config: ValidateConfig, issues: Issues
+) -> None:
+    """Open and decode every image of every row whose image_uris is a list of strings."""
+    uris = listings.column("image_uris").to_pylist()
+    rows = [
+        row
+        for row, value in enumerate(uris)
+        if expectations.type_name(value) == expectations.STRING_LIST and value
+    ]
+    with ThreadPoolExecutor(max_workers=config.workers) as pool:
+        checked = pool.map(lambda row: check_images(uris[row], root, config), rows)
+        for row, found in tqdm(
+            zip(rows, checked, strict=True),
+            total=len(rows),
+            desc="validate: images",
+            unit="listing",
+            mininterval=2,
+        ):
+            issues[row].extend(found)
+
+
+def check_images(refs: list[str], root: CatalogRoot, config: ValidateConfig) -> list[tuple]:
+    """All problems with one listing's images, as (reason, detail) pairs naming the index."""
+    found = []
+    for index, ref in enumerate(refs):
+        try:
+            check_image(ref, root, config)
+        except ImageRefError as err:
+            found.append((err.code, f"image_uris[{index}]: {err.detail}"))
+    return found
+
+
+def check_image(ref: str, root: CatalogRoot, config: ValidateConfig) -> None:
+    """Raise ImageRefError if one image reference is not a usable image."""
+    location = root.resolve_image(ref, config.allowed_schemes, config.allowed_buckets)
+    try:
+        data = read_image_bytes(location, config.max_image_bytes)
+    except OSError as err:  # permissions, a directory, an I/O error: this row's problem
+        raise ImageRefError("image_unreadable", f"{ref!r}: {err}") from None
+    width, height = decode_image(data, ref).size
+    if min(width, height) < config.min_image_side:
+        raise ImageRefError(
+            "image_too_small", f"{ref!r}: {width}x{height} < min_image_side {config.min_image_side}"
+        )
+    if max(width, height) > config.max_image_side:
+        raise ImageRefError(
+            "image_too_large", f"{ref!r}: {width}x{height} > max_image_side {config.max_image_side}"
+        )
+
+
+def split_rows(listings: pa.Table, issues: Issues) -> tuple[pa.Table, pa.Table]:
+    """Clean rows as they came in; quarantined rows plus row_number, reasons, reason_details."""
+    bad = [row for row, found in enumerate(issues) if found]
+    clean_mask = pa.array([not found for found in issues], type=pa.bool_())
+    clean = listings.filter(clean_mask)
+    quarantine = listings.take(pa.array(bad, type=pa.int64()))
+    reasons = [sorted({reason for reason, _ in issues[row]}) for row in bad]
+    details = [[detail for _, detail in issues[row]] for row in bad]
+    for name, values, kind in (
+        ("row_number", bad, pa.int64()),
+        ("reasons", reasons, pa.list_(pa.string())),
+        ("reason_details", details, pa.list_(pa.string())),
+    ):
+        column = name if name not in listings.column_names else f"quarantine_{name}"
+        quarantine = quarantine.append_column(column, pa.array(values, type=kind))
+    return clean, quarantine
+
+
+def _write_queries(root: CatalogRoot, clean: pa.Table, out: Path) -> dict | None:
+    """Keep query rows that point at a clean listing; quarantine the others with reasons."""
+    queries = read_queries(root)
+    if queries is None:
+        return None
+    clean_ids = set(clean.column("listing_id").to_pylist())
+    reasons = [
+        query_row_reasons(query_id, text, listing, clean_ids)
+        for query_id, text, listing in zip(
+            *(queries.column(c).to_pylist() for c in ("query_id", "query", "listing_id")),
+            strict=True,
+        )
+    ]
+    good = pa.array([not found for found in reasons], type=pa.bool_())
+    bad_reasons = [found for found in reasons if found]
+    pq.write_table(queries.filter(good), out / QUERIES_FILE)
+    quarantined = queries.filter(pc.invert(good)).append_column(
+        "reasons", pa.array(bad_reasons, type=pa.list_(pa.string()))
+    )
+    pq.write_table(quarantined, out / QUERIES_QUARANTINE_FILE)
+    counts = Counter(reason for found in bad_reasons for reason in found)
+    return {
+        "total": queries.num_rows,
+        "clean": queries.num_rows - len(bad_reasons),
+        "quarantined": len(bad_reasons),
+        "reasons": dict(counts.most_common()),
+    }
+
+
+def query_row_reasons(query_id: object, text: object, listing: object, clean_ids: set) -> list:
+    """Why one queries.parquet row is unusable (empty list: it is fine)."""
+    found = []
+    if not isinstance(query_id, str) or not query_id.strip():
+        found.append("query_id_empty")
+    if not isinstance(text, str) or not text.strip():
+        found.append("query_empty")
+    if listing not in clean_ids:
+        found.append("listing_not_clean")
+    return found
+
+
+def build_report(
+    listings: pa.Table, issues: Issues, config: ValidateConfig, queries: dict | None
+) -> dict:
+    total = listings.num_rows
+    quarantined = sum(1 for found in issues if found)
+    bad_fraction = quarantined / total if total else 0.0
+    counts = Counter(reason for found in issues for reason in {r for r, _ in found})
+    ids = listings.column("listing_id").to_pylist()
+    examples: dict[str, list[dict]] = {}
+    for row, found in enumerate(issues):
+        for reason, detail in found:
+            bucket = examples.setdefault(reason, [])
+            if len(bucket) < EXAMPLES_PER_REASON:
+                bucket.append({"row": row, "listing_id": _printable(ids[row]), "detail": detail})
+    return {
+        "total": total,
+        "clean": total - quarantined,
+        "quarantined": quarantined,
+        "bad_fraction": round(bad_fraction, 6),
+        "max_bad_fraction": config.max_bad_fraction,
+        "passed": bad_fraction <= config.max_bad_fraction,
+        "reasons": dict(counts.most_common()),
+        "examples": examples,
+        "queries": queries,
+    }
+
+
+def _printable(value: object) -> object:
+    return value if isinstance(value, str | int | float) or value is None else repr(value)
+
+
+def format_summary(report: dict) -> str:
+    lines = [
+        f"validate: {report['total']} listings: {report['clean']} clean, "
+        f"{report['quarantined']} quarantined ({report['bad_fraction']:.2%} bad; "
+        f"limit {report['max_bad_fraction']:.2%})"
+    ]
+    for reason, count in list(report["reasons"].items())[:10]:
+        lines.append(f"  {reason:<32} {count}")
+    if report["queries"] is not None:
+        q = report["queries"]
+        lines.append(
+            f"  queries: {q['total']} rows: {q['clean']} kept, {q['quarantined']} "
+            f"quarantined {q['reasons'] or ''}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def failure_message(report: dict, report_path: Path) -> str:
+    top = ", ".join(f"{r} ({n})" for r, n in list(report["reasons"].items())[:5])
+    return (
+        f"{report['quarantined']} of {report['total']} listings quarantined: bad fraction "
+        f"{report['bad_fraction']:.2%} > validate.max_bad_fraction "
+        f"{report['max_bad_fraction']:.2%}; top reasons: {top}; details in {report_path}"
+    )
