@@ -11,7 +11,8 @@ OPTIONAL_DATA := .cache/debian/.fetched
 .PHONY: run test lint lock clean-artifacts venv
 
 run: $(STAMP) $(OPTIONAL_DATA)
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dvc metrics show
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny catalogs written by the tests themselves, no network."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from components.config import StepPaths, ValidateConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def png_bytes(
+    size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def listing(listing_id: str, **overrides: Any) -> dict[str, Any]:
+    """A valid listing row whose one image is `images/<listing_id>.png`."""
+    row = {
+        "listing_id": listing_id,
+        "title": f"Title of {listing_id}",
+        "description": "A fine thing.",
+        "tags": ["thing"],
+        "category": "Things > Fine",
+        "image_uris": [f"images/{listing_id}.png"],
+    }
+    row.update(overrides)
+    return row
+
+
+@pytest.fixture
+def make_catalog(tmp_path: Path) -> Callable[..., Path]:
+    """Write listings.parquet (and a PNG for every relative image path) into a catalog dir."""
+
+    def make(
+        rows: list[dict[str, Any]],
+        *,
+        schema: pa.Schema | None = None,
+        name: str = "catalog",
+        images: bool = True,
+    ) -> Path:
+        root = tmp_path / name
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        if images:
+            for row in rows:
+                for ref in row.get("image_uris") or []:
+                    if isinstance(ref, str) and ref.startswith("images/") and ".." not in ref:
+                        path = root / ref
+                        if not path.exists():
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                            path.write_bytes(png_bytes())
+        table = pa.Table.from_pylist(rows, schema=schema)
+        pq.write_table(table, root / "listings.parquet")
+        return root
+
+    return make
+
+
+@pytest.fixture
+def step_paths(tmp_path: Path) -> Callable[[Path | str], StepPaths]:
+    def make(catalog: Path | str) -> StepPaths:
+        return StepPaths(workdir=tmp_path / "work", catalog=str(catalog))
+
+    return make
+
+
+@pytest.fixture
+def lenient() -> ValidateConfig:
+    """Validate settings that never fail the run, so a test can inspect the quarantine."""
+    return ValidateConfig(max_bad_fraction=1.0, workers=2)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 protocol server (moto_server) on 127.0.0.1 for the whole session."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_until_up(endpoint, server)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _wait_until_up(endpoint: str, server: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {server.returncode}")
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"moto_server did not answer on {endpoint} within {timeout}s")
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Point boto3's standard configuration chain at the local server, with dummy keys."""
+    from components.s3 import s3_client
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3_client.cache_clear()
+    yield s3_endpoint
+    s3_client.cache_clear()

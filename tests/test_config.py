@@ -1,0 +1,140 @@
+"""Config and CLI: valid params load; typos, wrong types and unknown steps name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.cli import STEPS, main, run_step
+from components.config import (
+    SECTIONS,
+    ConfigError,
+    Params,
+    StepPaths,
+    ValidateConfig,
+    load_params,
+)
+from tests.conftest import REPO_ROOT
+
+PARAMS = REPO_ROOT / "params.yaml"
+
+
+def test_repository_params_load_and_cover_every_section():
+    params = load_params(PARAMS)
+
+    assert params.paths.workdir == "artifacts"
+    assert params.validate_.max_bad_fraction == 0.05
+    for name in SECTIONS:
+        assert params.section(name) is not None
+    assert params == Params()  # params.yaml states the defaults, nothing hidden
+
+
+def test_overrides_are_parsed_as_yaml_and_validated():
+    params = load_params(
+        PARAMS,
+        [
+            "validate.max_bad_fraction=0.5",
+            "catalog.max_listings=12",
+            "validate.allowed_buckets=[a, b]",
+            "paths.catalog=s3://bucket/prefix",
+            "catalog.max_listings=null",
+        ],
+    )
+
+    assert params.validate_.max_bad_fraction == 0.5
+    assert params.validate_.allowed_buckets == ["a", "b"]
+    assert params.paths.catalog == "s3://bucket/prefix"
+    assert params.catalog.max_listings is None
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (
+            "validate.max_bad_fractio=0.1",
+            "unknown key 'validate.max_bad_fractio' (did you mean 'max_bad_fraction'?)",
+        ),
+        ("valdate.max_bad_fraction=0.1", "unknown key 'valdate' (did you mean 'validate'?)"),
+        ("validate.max_bad_fraction=lots", "key 'validate.max_bad_fraction'"),
+        ("validate.max_bad_fraction=2.0", "key 'validate.max_bad_fraction'"),
+        ("catalog.max_listings=1.5", "key 'catalog.max_listings'"),
+        ("catalog.vendors=[twemoji, apple]", "key 'catalog.vendors.1'"),
+        ("catalog.skin_tones=yes please", "key 'catalog.skin_tones'"),
+        ("seed.value=1", "'seed' is not a section"),
+        ("no_equals_sign", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, named):
+    with pytest.raises(ConfigError) as error:
+        load_params(PARAMS, [override])
+
+    assert named in str(error.value)
+
+
+def test_typo_in_params_file_names_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("validate:\n  max_bad_fraction: 0.1\n  alowed_schemes: [file]\n")
+
+    with pytest.raises(ConfigError, match="unknown key 'validate.alowed_schemes'"):
+        load_params(path)
+
+
+def test_wrong_type_in_params_file_names_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("validate:\n  workers: '8'\n")
+
+    with pytest.raises(ConfigError, match="key 'validate.workers'"):
+        load_params(path)
+
+
+def test_unreadable_params_file_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("validate: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_params(bad)
+
+
+def test_sections_are_frozen():
+    config = ValidateConfig()
+
+    with pytest.raises(ValueError, match="frozen"):
+        config.max_bad_fraction = 0.9  # type: ignore[misc]
+
+
+def test_step_paths_default_to_the_sample_catalog():
+    paths = StepPaths.from_config(load_params(PARAMS).paths)
+
+    assert paths.catalog == "artifacts/catalog"
+    assert paths.step_dir("validate").as_posix() == "artifacts/validate"
+
+
+def test_unknown_step_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian"])
+
+    assert exit_info.value.code == 2
+    assert "trian" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown step 'trian'"):
+        run_step("trian", Params())
+
+
+def test_cli_bad_override_exits_2_naming_the_key(capsys):
+    code = main(["validate", "--params", str(PARAMS), "--set", "validate.max_bad_fractio=1"])
+
+    assert code == 2
+    assert "validate.max_bad_fractio" in capsys.readouterr().err
+
+
+def test_help_lists_steps_and_their_params(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["validate", "--help"])
+    validate_help = capsys.readouterr().out
+
+    assert all(step in top for step in STEPS)
+    assert "workdir" in top  # the shared paths section
+    for key in ValidateConfig.model_fields:
+        assert key in validate_help

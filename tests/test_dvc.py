@@ -1,0 +1,65 @@
+"""`dvc repro` of the pipeline on a small catalog, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def _copy_repository(dest: Path) -> None:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+
+
+def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_dvc_repro_builds_and_validates_a_small_catalog(tmp_path):
+    _copy_repository(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["catalog"]["max_listings"] = 25
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    first = _dvc(["repro"], tmp_path)
+    second = _dvc(["repro"], tmp_path)
+
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = json.loads((tmp_path / "artifacts/validate/report.json").read_text())
+    assert (report["total"], report["clean"], report["quarantined"]) == (25, 25, 0)
+    assert (tmp_path / "dvc.lock").is_file()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Stage 'catalog' didn't change" in second.stdout
+    assert "Stage 'validate' didn't change" in second.stdout
+    metrics = _dvc(["metrics", "show", "--json"], tmp_path)
+    assert '"clean": 25' in metrics.stdout

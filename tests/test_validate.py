@@ -1,0 +1,319 @@
+"""validate: every bad-input class lands in quarantine with its reason; counts always add up."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from components import validate
+from components.catalog_io import CatalogError
+from components.cli import main
+from components.config import ValidateConfig
+from components.errors import StepFailed
+from tests.conftest import REPO_ROOT, listing, png_bytes
+
+pytestmark = pytest.mark.integration  # runs the real Great Expectations suite
+
+
+def run_and_read(root: Path, paths_factory, config: ValidateConfig):
+    result = validate.run(config, paths_factory(root))
+    out = result.out_dir
+    clean = pq.read_table(out / validate.CLEAN_FILE).to_pylist()
+    quarantine = pq.read_table(out / validate.QUARANTINE_FILE).to_pylist()
+    report = json.loads((out / validate.REPORT_FILE).read_text())
+    assert report["clean"] + report["quarantined"] == report["total"]
+    assert len(clean) == report["clean"] and len(quarantine) == report["quarantined"]
+    return clean, quarantine, report
+
+
+def reasons_by_id(quarantine: list[dict]) -> dict[str, list[str]]:
+    return {row["listing_id"]: row["reasons"] for row in quarantine}
+
+
+def test_clean_catalog_passes_untouched(make_catalog, step_paths, lenient):
+    rows = [listing("a", extra_col=1), listing("b", extra_col=2)]
+    root = make_catalog(rows)
+
+    clean, quarantine, report = run_and_read(root, step_paths, lenient)
+
+    assert quarantine == []
+    assert clean == rows  # every original column, extra ones included, unchanged
+    assert report["reasons"] == {}
+
+
+def test_duplicate_ids_are_all_quarantined(make_catalog, step_paths, lenient):
+    root = make_catalog([listing("a"), listing("b"), listing("a", title="Another")])
+
+    clean, quarantine, report = run_and_read(root, step_paths, lenient)
+
+    assert [r["listing_id"] for r in clean] == ["b"]
+    assert [r["row_number"] for r in quarantine] == [0, 2]
+    assert all(r["reasons"] == ["duplicate_listing_id"] for r in quarantine)
+    assert report["reasons"] == {"duplicate_listing_id": 2}
+
+
+@pytest.mark.parametrize(
+    ("title", "reason"),
+    [("", "title_empty"), ("   \t\n", "title_empty"), (None, "title_missing")],
+    ids=["empty", "whitespace", "null"],
+)
+def test_bad_titles(make_catalog, step_paths, lenient, title, reason):
+    root = make_catalog([listing("good"), listing("bad", title=title)])
+
+    clean, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert [r["listing_id"] for r in clean] == ["good"]
+    assert reasons_by_id(quarantine) == {"bad": [reason]}
+
+
+def test_no_images(make_catalog, step_paths, lenient):
+    root = make_catalog([listing("good"), listing("bad", image_uris=[])])
+
+    _, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert reasons_by_id(quarantine) == {"bad": ["no_images"]}
+
+
+def test_missing_image_file(make_catalog, step_paths, lenient):
+    root = make_catalog(
+        [listing("good"), listing("bad", image_uris=["images/nope.png"])], images=False
+    )
+    (root / "images" / "good.png").write_bytes(png_bytes())
+
+    _, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert reasons_by_id(quarantine) == {"bad": ["image_missing"]}
+    assert "image_uris[0]" in quarantine[0]["reason_details"][0]
+
+
+def test_truncated_png(make_catalog, step_paths, lenient):
+    root = make_catalog([listing("good"), listing("bad")])
+    data = png_bytes((64, 64))
+    (root / "images" / "bad.png").write_bytes(data[: len(data) // 2])
+
+    _, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert reasons_by_id(quarantine) == {"bad": ["image_undecodable"]}
+
+
+def test_text_file_named_png(make_catalog, step_paths, lenient):
+    root = make_catalog([listing("good"), listing("bad")])
+    (root / "images" / "bad.png").write_text("this is not an image\n")
+
+    _, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert reasons_by_id(quarantine) == {"bad": ["image_undecodable"]}
+
+
+def test_bad_auxiliary_image_quarantines_the_row(make_catalog, step_paths, lenient):
+    root = make_catalog([listing("bad", image_uris=["images/bad.png", "images/aux.png"])])
+    (root / "images" / "aux.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+
+    _, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert reasons_by_id(quarantine) == {"bad": ["image_undecodable"]}
+    assert quarantine[0]["reason_details"][0].startswith("image_uris[1]")
+
+
+def test_image_too_small(make_catalog, step_paths, lenient):
+    root = make_catalog([listing("good"), listing("bad")])
+    (root / "images" / "bad.png").write_bytes(png_bytes((4, 4)))
+
+    _, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert reasons_by_id(quarantine) == {"bad": ["image_too_small"]}
+
+
+def test_path_escaping_the_root(make_catalog, step_paths, lenient, tmp_path):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes())  # exists and decodes: only its location is wrong
+    rows = [
+        listing("good"),
+        listing("dotdot", image_uris=["../outside.png"]),
+        listing("absolute", image_uris=[str(outside)]),
+        listing("symlink", image_uris=["images/link.png"]),
+    ]
+    root = make_catalog(rows, images=False)
+    (root / "images" / "good.png").write_bytes(png_bytes())
+    os.symlink(outside, root / "images" / "link.png")
+
+    clean, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert [r["listing_id"] for r in clean] == ["good"]
+    assert reasons_by_id(quarantine) == {
+        "dotdot": ["image_path_escapes_root"],
+        "absolute": ["image_path_escapes_root"],
+        "symlink": ["image_path_escapes_root"],
+    }
+
+
+def test_disallowed_uri_scheme_and_bucket(make_catalog, step_paths):
+    rows = [
+        listing("good"),
+        listing("http", image_uris=["http://example.com/a.png"]),
+        listing("bucket", image_uris=["s3://other-bucket/a.png"]),
+    ]
+    root = make_catalog(rows)
+    config = ValidateConfig(max_bad_fraction=1.0, allowed_buckets=["ours"])
+
+    _, quarantine, _ = run_and_read(root, step_paths, config)
+
+    assert reasons_by_id(quarantine) == {
+        "http": ["image_scheme_not_allowed"],
+        "bucket": ["image_bucket_not_allowed"],
+    }
+
+
+def test_file_uri_is_allowed(make_catalog, step_paths, lenient, tmp_path):
+    elsewhere = tmp_path / "shared" / "pic.png"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(png_bytes())
+    root = make_catalog([listing("a", image_uris=[elsewhere.as_uri()])])
+
+    clean, _, _ = run_and_read(root, step_paths, lenient)
+
+    assert [r["listing_id"] for r in clean] == ["a"]
+
+
+def test_non_list_tags(make_catalog, step_paths, lenient):
+    root = make_catalog([listing("a", tags="red, shiny"), listing("b", tags="blue")])
+
+    _, quarantine, report = run_and_read(root, step_paths, lenient)
+
+    assert reasons_by_id(quarantine) == {
+        "a": ["tags_not_list_of_strings"],
+        "b": ["tags_not_list_of_strings"],
+    }
+    assert report["reasons"] == {"tags_not_list_of_strings": 2}
+
+
+def test_wrong_column_types(make_catalog, step_paths, lenient):
+    schema = pa.schema(
+        [
+            ("listing_id", pa.int64()),
+            ("title", pa.int64()),
+            ("description", pa.string()),
+            ("tags", pa.list_(pa.string())),
+            ("category", pa.string()),
+            ("image_uris", pa.list_(pa.string())),
+        ]
+    )
+    rows = [
+        {
+            "listing_id": 1,
+            "title": 7,
+            "description": None,
+            "tags": [],
+            "category": None,
+            "image_uris": ["images/one.png"],
+        },
+    ]
+    root = make_catalog(rows, schema=schema)
+
+    _, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert quarantine[0]["reasons"] == ["listing_id_not_string", "title_not_string"]
+
+
+def test_one_megabyte_description(make_catalog, step_paths, lenient):
+    root = make_catalog([listing("good"), listing("bad", description="x" * 1_000_000)])
+
+    _, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert reasons_by_id(quarantine) == {"bad": ["description_too_long"]}
+
+
+def test_unusual_valid_text_is_kept(make_catalog, step_paths, lenient):
+    rows = [
+        listing("emoji", title="🎅 Santa mug ☕", tags=["🎄", "noël"]),
+        listing("accents", title="Crème brûlée ramekin, façade Ærø", description="Ça marche"),
+        listing("cjk", title="手作りの陶器マグカップ", category="キッチン > マグ"),
+        listing("rtl", title="فنجان قهوة", description=None, tags=[], category=None),
+    ]
+    root = make_catalog(rows)
+
+    clean, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert quarantine == []
+    assert [r["title"] for r in clean] == [r["title"] for r in rows]
+
+
+def test_too_many_bad_rows_fails_with_fraction_and_reasons(make_catalog, step_paths):
+    rows = [listing("a"), listing("b", title=""), listing("c", title=" "), listing("d")]
+    root = make_catalog(rows)
+
+    with pytest.raises(StepFailed) as failure:
+        validate.run(ValidateConfig(max_bad_fraction=0.25), step_paths(root))
+
+    message = str(failure.value)
+    assert "50.00%" in message and "25.00%" in message and "title_empty (2)" in message
+    report = json.loads((step_paths(root).step_dir("validate") / "report.json").read_text())
+    assert report["passed"] is False and report["quarantined"] == 2
+
+
+def test_queries_pointing_at_quarantined_listings_are_quarantined(
+    make_catalog, step_paths, lenient
+):
+    root = make_catalog([listing("good"), listing("bad", title="")])
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"query_id": "q1", "query": "fine thing", "listing_id": "good"},
+                {"query_id": "q2", "query": "other", "listing_id": "bad"},
+                {"query_id": "q3", "query": " ", "listing_id": "good"},
+            ]
+        ),
+        root / "queries.parquet",
+    )
+
+    result = validate.run(lenient, step_paths(root))
+
+    kept = pq.read_table(result.out_dir / validate.QUERIES_FILE).to_pylist()
+    dropped = pq.read_table(result.out_dir / validate.QUERIES_QUARANTINE_FILE).to_pylist()
+    assert [q["query_id"] for q in kept] == ["q1"]
+    assert {q["query_id"]: q["reasons"] for q in dropped} == {
+        "q2": ["listing_not_clean"],
+        "q3": ["query_empty"],
+    }
+    assert result.report["queries"]["clean"] + result.report["queries"]["quarantined"] == 3
+
+
+def test_not_parquet_is_a_clear_error(tmp_path, step_paths, lenient):
+    root = tmp_path / "catalog"
+    root.mkdir()
+    (root / "listings.parquet").write_text("listing_id,title\n1,mug\n")
+
+    with pytest.raises(CatalogError, match="not a readable Parquet file"):
+        validate.run(lenient, step_paths(root))
+
+
+def test_missing_column_is_a_clear_error(make_catalog, step_paths, lenient):
+    row = listing("a")
+    del row["image_uris"]
+    root = make_catalog([row])
+
+    with pytest.raises(CatalogError, match=r"lacks required column\(s\) \['image_uris'\]"):
+        validate.run(lenient, step_paths(root))
+
+
+def test_cli_exit_codes_name_the_problem(make_catalog, tmp_path, capsys):
+    bad_root = make_catalog([listing("a", title=""), listing("b")], name="bad")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "listings.parquet").write_bytes(b"PAR1 not really")
+    base = ["validate", "--params", str(REPO_ROOT / "params.yaml")]
+    work = ["--set", f"paths.workdir={tmp_path / 'work'}"]
+
+    failed = main([*base, *work, "--set", f"paths.catalog={bad_root}"])
+    failed_err = capsys.readouterr().err
+    unreadable = main([*base, *work, "--set", f"paths.catalog={broken}"])
+    unreadable_err = capsys.readouterr().err
+
+    assert failed == 1 and "50.00%" in failed_err and "title_empty" in failed_err
+    assert unreadable == 1 and "not a readable Parquet file" in unreadable_err
+    assert "Traceback" not in unreadable_err
