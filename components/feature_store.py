@@ -1,0 +1,102 @@
+"""A content-addressed, append-only store of feature vectors, in shards on disk.
+
+Keys are sha256 digests of what was encoded (image bytes, text), one store per encoder
+id, so an unchanged view is never encoded twice and a catalog that grows only encodes
+its new views. Vectors are buffered up to `shard_rows` and written as one `.npy` shard
+plus its keys; a shard becomes visible only once both files are renamed into place,
+so an interrupted run loses at most its unflushed buffer, never the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def content_key(data: bytes | str) -> str:
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return hashlib.sha256(raw).hexdigest()
+
+
+class FeatureStore:
+    """Vectors of one encoder (`dim` floats each) addressed by content key."""
+
+    def __init__(self, root: Path, encoder_id: str, dim: int, shard_rows: int = 8192) -> None:
+        self.dir = root / encoder_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dim = dim
+        self.shard_rows = shard_rows
+        self._where: dict[str, tuple[int, int]] = {}
+        self._shards: dict[int, np.ndarray] = {}
+        self._pending_keys: dict[str, None] = {}  # insertion-ordered set
+        self._pending: list[np.ndarray] = []
+        self._next_shard = 0
+        self._load_index()
+
+    def _load_index(self) -> None:
+        for keys_file in sorted(self.dir.glob("shard-*.keys.parquet")):
+            shard = int(keys_file.name.split("-")[1].split(".")[0])
+            if not self._vectors_path(shard).is_file():
+                continue  # keys without vectors: an interrupted write; ignore it
+            for row, key in enumerate(pq.read_table(keys_file).column("key").to_pylist()):
+                self._where.setdefault(key, (shard, row))
+            self._next_shard = max(self._next_shard, shard + 1)
+
+    def _vectors_path(self, shard: int) -> Path:
+        return self.dir / f"shard-{shard:06d}.npy"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where or key in self._pending_keys
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def add(self, keys: list[str], vectors: np.ndarray) -> None:
+        """Buffer new vectors; write a shard whenever `shard_rows` are buffered."""
+        if vectors.ndim != 2 or vectors.shape != (len(keys), self.dim):
+            raise ValueError(
+                f"expected vectors of shape ({len(keys)}, {self.dim}), got {vectors.shape}"
+            )
+        self._pending_keys.update(dict.fromkeys(keys))
+        if len(self._pending_keys) != sum(len(p) for p in self._pending) + len(keys):
+            raise ValueError("keys must be new and distinct: check `key in store` before add()")
+        self._pending.append(vectors.astype(np.float32, copy=False))
+        if len(self._pending_keys) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered vectors as a new shard (vectors first, keys last: keys commit it)."""
+        if not self._pending_keys:
+            return
+        shard = self._next_shard
+        vectors = np.concatenate(self._pending)
+        tmp = self.dir / f".shard-{shard:06d}.npy.tmp"
+        with tmp.open("wb") as handle:
+            np.save(handle, vectors)
+        os.replace(tmp, self._vectors_path(shard))
+        keys_tmp = self.dir / f".shard-{shard:06d}.keys.tmp"
+        pq.write_table(pa.table({"key": list(self._pending_keys)}), keys_tmp)
+        os.replace(keys_tmp, self.dir / f"shard-{shard:06d}.keys.parquet")
+        for row, key in enumerate(self._pending_keys):
+            self._where.setdefault(key, (shard, row))
+        self._pending_keys, self._pending = {}, []
+        self._next_shard += 1
+
+    def get(self, keys: list[str]) -> np.ndarray:
+        """Vectors for `keys` in order (memory-mapped shards); a missing key is a KeyError."""
+        self.flush()
+        out = np.empty((len(keys), self.dim), dtype=np.float32)
+        for i, key in enumerate(keys):
+            shard, row = self._where[key]
+            out[i] = self._shard(shard)[row]
+        return out
+
+    def _shard(self, shard: int) -> np.ndarray:
+        if shard not in self._shards:
+            self._shards[shard] = np.load(self._vectors_path(shard), mmap_mode="r")
+        return self._shards[shard]

@@ -1,0 +1,341 @@
+"""`featurize` step: frozen encoders turn every view of every clean listing, and every query,
+into a feature vector, cached by content in a sharded store under `<workdir>/featurize/`.
+
+Outputs:
+    views.parquet     one row per usable view: listing_id, modality, view, position, ref, key
+    queries.parquet   the clean queries with the content key of their text
+    skipped.parquet   views that could not be read or decoded, with listing id and reason
+    store/<encoder>/  the content-addressed feature shards (kept between runs)
+
+Listings are read `listings_per_chunk` at a time and images encoded `image_batch_size` at
+a time, so memory stays bounded whatever the catalog size. A view whose content was
+encoded before (by this or an earlier run) is looked up, not recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from components import encoders
+from components.catalog_io import CatalogRoot, ImageRefError, decode_image, read_image_bytes
+from components.config import FeaturizeConfig, StepPaths
+from components.feature_store import FeatureStore, content_key
+from components.manifest import Timer, describe_files, read_manifest, write_manifest
+
+STEP = "featurize"
+VIEWS_FILE = "views.parquet"
+QUERIES_FILE = "queries.parquet"
+SKIPPED_FILE = "skipped.parquet"
+STORE_DIR = "store"
+# Validation already enforced the catalog's scheme and bucket rules on the clean set.
+_ANY_SCHEME = ["file", "s3"]
+_MAX_IMAGE_BYTES = 1 << 40
+
+VIEWS_SCHEMA = pa.schema(
+    [
+        ("listing_id", pa.string()),
+        ("modality", pa.string()),  # "image" or "text"
+        ("view", pa.string()),  # "image", "title", "description", "tags", "category"
+        ("position", pa.int32()),  # 0 = the primary view of its modality
+        ("ref", pa.string()),  # image reference, or the text itself
+        ("key", pa.string()),  # sha256 of the content: the feature store key
+    ]
+)
+SKIPPED_SCHEMA = pa.schema(
+    [
+        ("listing_id", pa.string()),
+        ("ref", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counts:
+    image_views: int = 0
+    text_views: int = 0
+    images_encoded: int = 0
+    texts_encoded: int = 0
+    skipped: int = 0
+    encode_seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FeaturizeResult:
+    out_dir: Path
+    counts: dict
+    summary: str
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    listing_id: str
+    position: int
+    ref: str
+
+
+def run(config: FeaturizeConfig, paths: StepPaths) -> FeaturizeResult:
+    """Encode every view of `<workdir>/validate/clean.parquet` and every clean query."""
+    timer = Timer()
+    validate_dir = paths.step_dir("validate")
+    validated = read_manifest(validate_dir)
+    out = paths.step_dir(STEP)
+    out.mkdir(parents=True, exist_ok=True)
+    device = encoders.pick_device(config.device)
+    # Built on first use: a run with everything cached never loads a model.
+    image_encoder = _Lazy(encoders.IMAGE_ENCODERS[config.image_encoder], device, config.image_size)
+    text_encoder = _Lazy(
+        encoders.TEXT_ENCODERS[config.text_encoder], device, config.text_batch_size
+    )
+    log.info("featurize: %s + %s on %s", image_encoder.id, text_encoder.id, device)
+    image_store = FeatureStore(
+        out / STORE_DIR, image_encoder.id, image_encoder.dim, config.shard_rows
+    )
+    text_store = FeatureStore(out / STORE_DIR, text_encoder.id, text_encoder.dim, config.shard_rows)
+    counts = Counts()
+    root = CatalogRoot(paths.catalog)
+    featurizer = _Featurizer(
+        config, root, image_encoder, text_encoder, image_store, text_store, counts
+    )
+    featurizer.listings(validate_dir / "clean.parquet", out)
+    query_count = featurizer.queries(validate_dir / "queries.parquet", out)
+    image_store.flush()
+    text_store.flush()
+    summary = _summary(counts, query_count, device)
+    write_manifest(
+        out,
+        step=STEP,
+        params=config,
+        timer=timer,
+        inputs={"validate": validated["outputs"], "catalog": paths.catalog},
+        outputs=describe_files(out, [VIEWS_FILE, QUERIES_FILE, SKIPPED_FILE]),
+        counts={**counts.__dict__, "queries": query_count},
+        extra={
+            "summary": summary,
+            "device": str(device),
+            "encoders": {
+                "image": {
+                    "id": image_encoder.id,
+                    "dim": image_encoder.dim,
+                    "store": str(image_store.dir.relative_to(out)),
+                },
+                "text": {
+                    "id": text_encoder.id,
+                    "dim": text_encoder.dim,
+                    "store": str(text_store.dir.relative_to(out)),
+                },
+            },
+        },
+    )
+    log.info("%s", summary)
+    return FeaturizeResult(out_dir=out, counts=counts.__dict__, summary=summary)
+
+
+class _Lazy:
+    """An encoder whose `id` and `dim` are known up front and whose model loads on the
+    first `encode` call."""
+
+    def __init__(self, factory, *args) -> None:
+        self._factory = factory
+        self._args = args
+        self._encoder = None
+        self.id = factory.cache_id(*args)
+        self.dim = factory.dim
+
+    def encode(self, items: list) -> np.ndarray:
+        if self._encoder is None:
+            self._encoder = self._factory(*self._args)
+        return self._encoder.encode(items)
+
+
+class _Featurizer:
+    """Holds the encoders and stores for one run; streams listings chunk by chunk."""
+
+    def __init__(
+        self, config, root, image_encoder, text_encoder, image_store, text_store, counts: Counts
+    ) -> None:
+        self.config = config
+        self.root = root
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_store = image_store
+        self.text_store = text_store
+        self.counts = counts
+
+    def listings(self, clean_path: Path, out: Path) -> None:
+        parquet = pq.ParquetFile(clean_path)
+        columns = ["listing_id", "image_uris", *self.config.text_views]
+        total_images = sum(
+            pc.sum(pc.list_value_length(batch.column(0))).as_py() or 0
+            for batch in parquet.iter_batches(columns=["image_uris"])
+        )
+        # images dominate the cost: the bar counts them, so its rate is images/s
+        self.progress = tqdm(
+            total=total_images, desc="featurize: images", unit="img", mininterval=2
+        )
+        with (
+            pq.ParquetWriter(out / VIEWS_FILE, VIEWS_SCHEMA) as views,
+            pq.ParquetWriter(out / SKIPPED_FILE, SKIPPED_SCHEMA) as skipped,
+            ThreadPoolExecutor(self.config.workers) as pool,
+        ):
+            for batch in parquet.iter_batches(self.config.listings_per_chunk, columns=columns):
+                rows = batch.to_pylist()
+                text_rows = self._text_views(rows)
+                image_rows, bad = self._image_views(rows, pool)
+                views.write_table(pa.Table.from_pylist(text_rows + image_rows, schema=VIEWS_SCHEMA))
+                skipped.write_table(pa.Table.from_pylist(bad, schema=SKIPPED_SCHEMA))
+        self.progress.close()
+
+    def queries(self, queries_path: Path, out: Path) -> int:
+        if not queries_path.is_file():
+            pq.write_table(
+                pa.table({"query_id": pa.array([], pa.string()), "key": pa.array([], pa.string())}),
+                out / QUERIES_FILE,
+            )
+            return 0
+        table = pq.read_table(queries_path)
+        texts = table.column("query").to_pylist()
+        keys = self._encode_texts(texts)
+        pq.write_table(table.append_column("key", pa.array(keys, pa.string())), out / QUERIES_FILE)
+        return len(set(table.column("query_id").to_pylist()))
+
+    def _text_views(self, rows: list[dict]) -> list[dict]:
+        found = []
+        for row in rows:
+            for position, view in enumerate(self.config.text_views):
+                text = _view_text(row.get(view))
+                if text:
+                    found.append(
+                        {
+                            "listing_id": row["listing_id"],
+                            "modality": "text",
+                            "view": view,
+                            "position": position,
+                            "ref": text,
+                        }
+                    )
+        keys = self._encode_texts([r["ref"] for r in found])
+        for row, key in zip(found, keys, strict=True):
+            row["key"] = key
+        self.counts.text_views += len(found)
+        return found
+
+    def _encode_texts(self, texts: list[str]) -> list[str]:
+        keys = [content_key(text) for text in texts]
+        todo = dict(zip(keys, texts, strict=True))
+        todo = {k: t for k, t in todo.items() if k not in self.text_store}
+        for start in range(0, len(todo), self.config.text_batch_size):
+            chunk = list(todo.items())[start : start + self.config.text_batch_size]
+            vectors = self._timed(self.text_encoder.encode, [t for _, t in chunk])
+            self.text_store.add([k for k, _ in chunk], vectors)
+            self.counts.texts_encoded += len(chunk)
+        return keys
+
+    def _image_views(self, rows: list[dict], pool: ThreadPoolExecutor):
+        jobs = [
+            ImageJob(row["listing_id"], position, ref)
+            for row in rows
+            for position, ref in enumerate(row["image_uris"])
+        ]
+        good, bad = [], []
+        for start in range(0, len(jobs), self.config.image_batch_size):
+            chunk = jobs[start : start + self.config.image_batch_size]
+            loaded = list(pool.map(self._load, chunk))
+            pending: dict[str, Image.Image] = {}
+            for job, (key, image, error) in zip(chunk, loaded, strict=True):
+                if error is not None:
+                    bad.append(
+                        {
+                            "listing_id": job.listing_id,
+                            "ref": job.ref,
+                            "reason": error.code,
+                            "detail": error.detail,
+                        }
+                    )
+                    log.warning(
+                        "featurize: listing %s: skipped view %s (%s)",
+                        job.listing_id,
+                        job.ref,
+                        error.code,
+                    )
+                    continue
+                good.append(
+                    {
+                        "listing_id": job.listing_id,
+                        "modality": "image",
+                        "view": "image",
+                        "position": job.position,
+                        "ref": job.ref,
+                        "key": key,
+                    }
+                )
+                if image is not None and key not in self.image_store:
+                    pending[key] = image
+            if pending:
+                vectors = self._timed(self.image_encoder.encode, list(pending.values()))
+                self.image_store.add(list(pending), vectors)
+                self.counts.images_encoded += len(pending)
+            self.progress.update(len(chunk))
+        self.counts.image_views += len(good)
+        self.counts.skipped += len(bad)
+        for item in bad:
+            self.counts.reasons[item["reason"]] = self.counts.reasons.get(item["reason"], 0) + 1
+        return good, bad
+
+    def _load(self, job: ImageJob) -> tuple[str | None, Image.Image | None, ImageRefError | None]:
+        """Read and hash one image; decode it only if its features are not cached yet."""
+        try:
+            location = self.root.resolve_image(job.ref, _ANY_SCHEME, None)
+            data = read_image_bytes(location, _MAX_IMAGE_BYTES)
+            key = content_key(data)
+            if key in self.image_store:
+                return key, None, None
+            return key, decode_image(data, job.ref), None
+        except ImageRefError as err:
+            return None, None, err
+        except OSError as err:
+            return None, None, ImageRefError("image_unreadable", f"{job.ref!r}: {err}")
+
+    def _timed(self, encode, items: list) -> np.ndarray:
+        start = time.perf_counter()
+        vectors = encode(items)
+        self.counts.encode_seconds += time.perf_counter() - start
+        return vectors
+
+
+def _view_text(value: object) -> str | None:
+    """A text view's string: lists (tags) are joined; empty or missing gives None."""
+    if isinstance(value, list):
+        value = ", ".join(v for v in value if isinstance(v, str) and v.strip())
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _summary(counts: Counts, queries: int, device) -> str:
+    encoded = counts.images_encoded + counts.texts_encoded
+    rate = encoded / counts.encode_seconds if counts.encode_seconds else 0.0
+    skipped = f"{counts.skipped} views skipped"
+    if counts.reasons:
+        skipped += " (" + ", ".join(f"{r}: {n}" for r, n in counts.reasons.items()) + ")"
+    return (
+        f"featurize: {counts.image_views} image views ({counts.images_encoded} encoded, "
+        f"the rest cached or repeated), {counts.text_views} text views and {queries} queries "
+        f"({counts.texts_encoded} texts encoded), {skipped}; {rate:.0f} items/s encoding on "
+        f"{device}"
+    )

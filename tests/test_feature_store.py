@@ -1,0 +1,47 @@
+"""The content-addressed feature store: round trip, reopen, interrupted writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components.feature_store import FeatureStore, content_key
+
+
+def test_round_trip_across_shards_and_reopen(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(10, 4)).astype(np.float32)
+    keys = [content_key(f"view {i}") for i in range(10)]
+    store = FeatureStore(tmp_path, "enc", dim=4, shard_rows=3)
+
+    store.add(keys[:5], vectors[:5])
+    store.add(keys[5:], vectors[5:])
+    store.flush()
+    reopened = FeatureStore(tmp_path, "enc", dim=4, shard_rows=3)
+
+    np.testing.assert_array_equal(store.get(keys[::-1]), vectors[::-1])
+    np.testing.assert_array_equal(reopened.get(keys), vectors)
+    assert len(reopened) == 10 and keys[3] in reopened
+    assert len(list((tmp_path / "enc").glob("shard-*.npy"))) == 2  # one per add of >= 3 rows
+
+
+def test_keys_without_vectors_are_ignored(tmp_path):
+    store = FeatureStore(tmp_path, "enc", dim=2)
+    store.add(["a"], np.ones((1, 2), np.float32))
+    store.flush()
+    (tmp_path / "enc" / "shard-000000.npy").unlink()  # as if the run died mid-write
+
+    reopened = FeatureStore(tmp_path, "enc", dim=2)
+
+    assert "a" not in reopened
+    with pytest.raises(KeyError):
+        reopened.get(["a"])
+
+
+def test_bad_shapes_and_repeated_keys_are_refused(tmp_path):
+    store = FeatureStore(tmp_path, "enc", dim=3)
+
+    with pytest.raises(ValueError, match=r"expected vectors of shape \(2, 3\)"):
+        store.add(["a", "b"], np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match="distinct"):
+        store.add(["a", "a"], np.ones((2, 3), np.float32))

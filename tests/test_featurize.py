@@ -1,0 +1,95 @@
+"""featurize with the real packaged encoders on a tiny catalog: cache, growth, bad views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from components import featurize, validate
+from components.config import FeaturizeConfig, ValidateConfig
+from components.encoders import EfficientNetLite0
+from components.feature_store import FeatureStore
+from tests.conftest import listing, png_bytes
+
+pytestmark = pytest.mark.integration
+
+CONFIG = FeaturizeConfig(device="cpu", image_size=64, image_batch_size=2, workers=2)
+
+
+def _colour_catalog(make_catalog, ids, **kwargs):
+    rows = [listing(i, image_uris=[f"images/{i}.png", f"images/{i}-b.png"]) for i in ids]
+    root = make_catalog(rows, images=False, **kwargs)
+    for n, i in enumerate(ids):
+        (root / "images" / f"{i}.png").write_bytes(png_bytes((40, 40), (40 * n, 90, 200)))
+        (root / "images" / f"{i}-b.png").write_bytes(png_bytes((40, 40), (200, 40 * n, 90)))
+    pq.write_table(
+        pa.Table.from_pylist([{"query_id": "q1", "query": "a blue thing", "listing_id": ids[0]}]),
+        root / "queries.parquet",
+    )
+    return root
+
+
+def _views(result):
+    return pq.read_table(result.out_dir / featurize.VIEWS_FILE).to_pylist()
+
+
+def test_featurize_caches_by_content_and_only_encodes_new_views(make_catalog, step_paths):
+    root = _colour_catalog(make_catalog, ["a", "b"])
+    paths = step_paths(root)
+    validate.run(ValidateConfig(workers=2), paths)
+
+    first = featurize.run(CONFIG, paths)
+    again = featurize.run(CONFIG, paths)
+    _colour_catalog(make_catalog, ["a", "b", "c"])  # the catalog grows by one listing
+    validate.run(ValidateConfig(workers=2), paths)
+    grown = featurize.run(CONFIG, paths)
+
+    assert first.counts["images_encoded"] == 4 and first.counts["image_views"] == 4
+    assert again.counts["images_encoded"] == 0 and again.counts["texts_encoded"] == 0
+    assert grown.counts["images_encoded"] == 2
+    # title, description, tags, category for each listing; texts shared by both listings
+    # (description, tags, category) are encoded once, plus the one query
+    assert first.counts["text_views"] == 8 and first.counts["texts_encoded"] == 2 + 3 + 1
+    views = _views(grown)
+    assert {(v["listing_id"], v["position"]) for v in views if v["modality"] == "image"} == {
+        (i, p) for i in "abc" for p in (0, 1)
+    }
+    titles = [v for v in views if v["view"] == "title"]
+    assert all(v["position"] == 0 for v in titles)
+
+
+def test_features_equal_the_encoder_applied_directly(make_catalog, step_paths):
+    root = _colour_catalog(make_catalog, ["a"])
+    paths = step_paths(root)
+    validate.run(ValidateConfig(workers=2), paths)
+
+    result = featurize.run(CONFIG, paths)
+
+    view = next(v for v in _views(result) if v["ref"] == "images/a.png")
+    store = FeatureStore(result.out_dir / "store", "efficientnet-lite0-64px", 1280)
+    encoder = EfficientNetLite0(torch.device("cpu"), image_size=64)
+    with Image.open(root / "images" / "a.png") as image:
+        expected = encoder.encode([image.convert("RGB")])
+    np.testing.assert_allclose(store.get([view["key"]]), expected, rtol=1e-4, atol=1e-5)
+    queries = pq.read_table(result.out_dir / featurize.QUERIES_FILE).to_pylist()
+    assert [q["query_id"] for q in queries] == ["q1"] and len(queries[0]["key"]) == 64
+
+
+def test_a_view_that_went_bad_after_validation_is_skipped_and_named(make_catalog, step_paths):
+    root = _colour_catalog(make_catalog, ["a", "b"])
+    paths = step_paths(root)
+    validate.run(ValidateConfig(workers=2), paths)
+    (root / "images" / "b-b.png").write_bytes(b"corrupted after validation")
+
+    result = featurize.run(CONFIG, paths)
+
+    skipped = pq.read_table(result.out_dir / featurize.SKIPPED_FILE).to_pylist()
+    assert [(s["listing_id"], s["ref"], s["reason"]) for s in skipped] == [
+        ("b", "images/b-b.png", "image_undecodable")
+    ]
+    assert result.counts["image_views"] == 3
+    assert "1 views skipped (image_undecodable: 1)" in result.summary
