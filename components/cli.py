@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ STEPS = {
     for step in (
         Step("catalog", "build the sample catalog from packaged emoji artwork", "catalog"),
         Step("validate", "validate listings, quarantine bad rows, write the clean set", "validate"),
+        Step("featurize", "encode every view and query with frozen encoders (cached)", "featurize"),
+        Step("train", "train the multi-view model on cached features, track in MLflow", "train"),
     )
 }
 
@@ -110,7 +113,10 @@ def run_step(name: str, params: Params) -> Any:
     if name not in STEPS:
         raise ConfigError(f"unknown step '{name}'; steps are {sorted(STEPS)}")
     step = STEPS[name]
-    return step.runner()(params.section(step.section), StepPaths.from_config(params.paths))
+    paths = StepPaths.from_config(
+        params.paths, seed=params.seed, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")
+    )
+    return step.runner()(params.section(step.section), paths)
 
 
 def _setup_logging(verbose: bool) -> None:

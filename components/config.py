@@ -88,12 +88,77 @@ class ValidateConfig(Section):
     workers: int = Field(8, ge=1, description="Threads that open and decode images.")
 
 
+class FeaturizeConfig(Section):
+    image_encoder: Literal["efficientnet-lite0"] = Field(
+        "efficientnet-lite0", description="Frozen image encoder (components/encoders.py)."
+    )
+    text_encoder: Literal["all-minilm-l6-v2"] = Field(
+        "all-minilm-l6-v2", description="Frozen text encoder (components/encoders.py)."
+    )
+    image_size: int = Field(224, ge=32, le=1024, description="Encoder input side in pixels.")
+    text_views: list[Literal["title", "description", "tags", "category"]] = Field(
+        ["title", "description", "tags", "category"],
+        description="Text columns that become text views, primary (title) first.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when a GPU is visible, else CPU."
+    )
+    image_batch_size: int = Field(64, ge=1, description="Images per encoder forward pass.")
+    text_batch_size: int = Field(256, ge=1, description="Texts per encoder forward pass.")
+    listings_per_chunk: int = Field(
+        1024, ge=1, description="Listings read at a time; bounds memory at any catalog size."
+    )
+    shard_rows: int = Field(8192, ge=1, description="Vectors per feature-store shard file.")
+    workers: int = Field(4, ge=1, description="Threads that read and decode images.")
+
+
+class TrainConfig(Section):
+    objective: Literal["factorized", "single_view", "pairwise", "sinkhorn"] = Field(
+        "factorized", description="Alignment objective (components/objectives.py)."
+    )
+    dim: int = Field(256, ge=2, description="Dimension of the shared embedding space.")
+    hidden: int = Field(1024, ge=1, description="Hidden width of each adapter MLP.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Adapter dropout.")
+    alpha: float = Field(
+        0.5, gt=0.0, le=1.0, description="Marginal weight of the primary view per modality."
+    )
+    aux_samples: int = Field(
+        1, ge=0, description="factorized: auxiliary views sampled per modality per step (k)."
+    )
+    image_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Weight of the image mean in the fused embedding."
+    )
+    temperature: float = Field(0.07, gt=0.0, description="Initial softmax temperature.")
+    learn_temperature: bool = Field(True, description="Learn the temperature (else fixed).")
+    sinkhorn_epsilon: float = Field(0.05, gt=0.0, description="sinkhorn: entropic regulariser.")
+    sinkhorn_iterations: int = Field(20, ge=1, description="sinkhorn: iterations per step.")
+    max_views: int = Field(
+        16, ge=1, description="pairwise/sinkhorn: cap on views per modality per listing."
+    )
+    batch_size: int = Field(256, ge=2, description="Listings per step (per process).")
+    epochs: int = Field(40, ge=1, description="Most epochs to train.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up, then cosine decay.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Max gradient norm (null: off).")
+    patience: int = Field(
+        6, ge=1, description="Stop after this many epochs without a better val recall@10."
+    )
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of queries for val.")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of queries for test.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    ks: list[int] = Field([1, 10, 50], description="Recall@K cut-offs reported on val.")
+
+
 class Params(Section):
     seed: int = Field(0, description="Seed for every random choice of every step.")
     paths: PathsConfig = PathsConfig()
     catalog: CatalogConfig = CatalogConfig()
     # `validate` would shadow BaseModel.validate; the alias keeps the YAML key.
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    featurize: FeaturizeConfig = FeaturizeConfig()
+    train: TrainConfig = TrainConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
@@ -109,20 +174,37 @@ SECTIONS: dict[str, type[Section]] = {
     "paths": PathsConfig,
     "catalog": CatalogConfig,
     "validate": ValidateConfig,
+    "featurize": FeaturizeConfig,
+    "train": TrainConfig,
 }
 
 
 @dataclass(frozen=True)
 class StepPaths:
-    """Where a step reads and writes: `<workdir>/<step>/`, and the catalog it reads."""
+    """Where a step reads and writes (`<workdir>/<step>/`), the catalog it reads, where
+    MLflow is, and the run's shared seed."""
 
     workdir: Path
     catalog: str
+    tracking_uri: str | None = None
+    seed: int = 0
 
     @classmethod
-    def from_config(cls, paths: PathsConfig) -> StepPaths:
+    def from_config(
+        cls, paths: PathsConfig, seed: int = 0, tracking_uri: str | None = None
+    ) -> StepPaths:
         workdir = Path(paths.workdir)
-        return cls(workdir=workdir, catalog=paths.catalog or str(workdir / "catalog"))
+        return cls(
+            workdir=workdir,
+            catalog=paths.catalog or str(workdir / "catalog"),
+            tracking_uri=tracking_uri,
+            seed=seed,
+        )
+
+    @property
+    def mlflow_uri(self) -> str:
+        """MLFLOW_TRACKING_URI as given, else a sqlite file in the work dir."""
+        return self.tracking_uri or f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
 
     def step_dir(self, step: str) -> Path:
         return self.workdir / step

@@ -1,0 +1,119 @@
+"""Training-step cost of each objective as the number of views per listing grows.
+
+Synthetic frozen features (1280-d image, 384-d text), a fixed batch of listings, V views
+per listing split evenly between images and texts. Each (objective, V) runs in its own
+process so its peak memory is its own. Prints a table with t(V)/t(2).
+
+    .venv/bin/python benchmarks/train_views.py [--batch 128] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+OBJECTIVES = ("single_view", "factorized", "pairwise", "sinkhorn")
+VIEWS = (2, 4, 8, 16)
+
+
+def measure(objective: str, views: int, batch: int, steps: int) -> dict:
+    import numpy as np
+    import torch
+
+    from components.batching import ListingViews, pad_views
+    from components.model import KIND, ListingModel
+    from components.objectives import Batch, build_objective
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    per_modality = views // 2
+    image_table = torch.randn(batch * per_modality, 1280)
+    text_table = torch.randn(batch * per_modality, 384)
+    image_kinds = (KIND["primary_image"],) + (KIND["image"],) * (per_modality - 1)
+    text_kinds = tuple(KIND[k] for k in ("title", "description", "tags", "category")) * 4
+    images = [
+        ListingViews(tuple(range(i * per_modality, (i + 1) * per_modality)), image_kinds)
+        for i in range(batch)
+    ]
+    texts = [
+        ListingViews(
+            tuple(range(i * per_modality, (i + 1) * per_modality)), text_kinds[:per_modality]
+        )
+        for i in range(batch)
+    ]
+    model = ListingModel(1280, 384, dim=256, hidden=1024)
+    loss_fn = build_objective(objective, aux_samples=1, epsilon=0.05, iterations=20)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        data = Batch(
+            pad_views(image_table, images, loss_fn.aux_views, rng),
+            pad_views(text_table, texts, loss_fn.aux_views, rng),
+        )
+        loss = sum(loss_fn(model, data).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "objective": objective,
+        "views": views,
+        "step_ms": seconds * 1000,
+        "peak_rss_mb": peak_mb,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--one", nargs=2, metavar=("OBJECTIVE", "V"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.batch, args.steps)))
+        return
+    rows = []
+    for objective in OBJECTIVES:
+        for views in VIEWS:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    objective,
+                    str(views),
+                    "--batch",
+                    str(args.batch),
+                    "--steps",
+                    str(args.steps),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(
+        f"batch {args.batch} listings, {args.steps} timed steps, CPU threads: "
+        f"{__import__('torch').get_num_threads()}"
+    )
+    print(f"{'objective':<12} {'V':>3} {'ms/step':>9} {'t(V)/t(2)':>10} {'peak RSS MB':>12}")
+    for row in rows:
+        base = next(r for r in rows if r["objective"] == row["objective"] and r["views"] == 2)
+        print(
+            f"{row['objective']:<12} {row['views']:>3} {row['step_ms']:>9.1f} "
+            f"{row['step_ms'] / base['step_ms']:>10.2f} {row['peak_rss_mb']:>12.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Turning listings' view features into padded training batches.
+
+Which views enter a batch is the objective's choice: the primary view only
+(single_view), the primary plus k auxiliary views drawn at random (factorized), or all of
+them (pairwise, sinkhorn). Drawing k of the n auxiliary views uniformly without
+replacement makes the sampled marginal mean an unbiased estimate of the full one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from components.model import Views
+
+
+@dataclass(frozen=True)
+class ListingViews:
+    """One modality of one listing: rows into a feature matrix (primary first) and kinds."""
+
+    rows: tuple[int, ...]
+    kinds: tuple[int, ...]
+
+
+def choose_views(
+    n_views: int, aux: int | None, rng: np.random.Generator, cap: int | None = None
+) -> list[int]:
+    """Slots to use: 0 (the primary) and `aux` distinct others at random (all if None),
+    at most `cap` slots in all."""
+    others = np.arange(1, n_views)
+    if aux is not None and aux < len(others):
+        others = np.sort(rng.choice(others, size=aux, replace=False))
+    chosen = [0, *others.tolist()]
+    return chosen[:cap] if cap is not None else chosen
+
+
+def pad_views(
+    features: np.ndarray | torch.Tensor,
+    listings: list[ListingViews],
+    aux: int | None,
+    rng: np.random.Generator,
+    cap: int | None = None,
+) -> Views:
+    """Gather the chosen views of each listing into padded [B, V, F] tensors."""
+    slots = [choose_views(len(item.rows), aux, rng, cap) for item in listings]
+    chosen = [[item.rows[s] for s in picked] for picked, item in zip(slots, listings, strict=True)]
+    kinds = [[item.kinds[s] for s in picked] for picked, item in zip(slots, listings, strict=True)]
+    width = max(len(rows) for rows in chosen)
+    index = np.zeros((len(listings), width), dtype=np.int64)
+    kind = np.zeros((len(listings), width), dtype=np.int64)
+    mask = np.zeros((len(listings), width), dtype=bool)
+    for i, (rows, row_kinds) in enumerate(zip(chosen, kinds, strict=True)):
+        index[i, : len(rows)] = rows
+        kind[i, : len(rows)] = row_kinds
+        mask[i, : len(rows)] = True
+    table = torch.as_tensor(features)
+    gathered = table[torch.from_numpy(index)]
+    return Views(gathered.float(), torch.from_numpy(mask), torch.from_numpy(kind))

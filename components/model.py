@@ -1,0 +1,144 @@
+"""The trainable multi-view model: adapters from frozen view features onto one unit sphere,
+marginal-weighted fusion of a listing's views, and the query tower. Pure torch.
+
+A batch of listings is padded per modality: `features[B, V, F]` with `mask[B, V]` (True =
+a real view) and `kinds[B, V]` (the view type, an index into `VIEW_KINDS`). Slot 0 of each
+modality is its primary view (primary photo, title).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VIEW_KINDS = (
+    "title",
+    "description",
+    "tags",
+    "category",  # text views
+    "primary_image",
+    "image",  # image views
+    "query_text",
+    "query_image",  # query tower inputs
+)
+KIND = {name: index for index, name in enumerate(VIEW_KINDS)}
+TEXT_VIEW_KINDS = {name: KIND[name] for name in VIEW_KINDS[:4]}
+
+
+@dataclass
+class Views:
+    """One modality of a batch of listings, padded to V views each."""
+
+    features: torch.Tensor  # [B, V, F] float
+    mask: torch.Tensor  # [B, V] bool; slot 0 is the primary view
+    kinds: torch.Tensor  # [B, V] long
+
+    def __post_init__(self) -> None:
+        if self.features.dim() != 3 or self.mask.shape != self.features.shape[:2]:
+            raise ValueError(
+                f"expected features [B, V, F] with mask/kinds [B, V], got "
+                f"{tuple(self.features.shape)} and {tuple(self.mask.shape)}"
+            )
+
+    def to(self, device: torch.device) -> Views:
+        return Views(self.features.to(device), self.mask.to(device), self.kinds.to(device))
+
+
+class Adapter(nn.Module):
+    """MLP from one modality's frozen features to the shared d-dim space, plus a learned
+    embedding of the view type (title vs tags, primary vs other photo, query)."""
+
+    def __init__(self, in_dim: int, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.inp = nn.Linear(in_dim, hidden)
+        self.kind = nn.Embedding(len(VIEW_KINDS), hidden)
+        self.out = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, features: torch.Tensor, kinds: torch.Tensor, normalize: bool = True):
+        hidden = self.inp(self.norm(features)) + self.kind(kinds)
+        out = self.out(hidden)
+        return F.normalize(out, dim=-1) if normalize else out
+
+
+def marginal_weights(mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-view weights [B, V]: `alpha` on the primary view (slot 0), `1 - alpha` shared
+    equally by the listing's other views; all mass on the primary when it is alone."""
+    mask = mask.float()
+    aux = mask[:, 1:]
+    n_aux = aux.sum(dim=1, keepdim=True)
+    primary = torch.where(n_aux > 0, torch.full_like(n_aux, alpha), torch.ones_like(n_aux))
+    aux_weights = (1 - primary) * aux / n_aux.clamp(min=1)
+    return torch.cat([primary * mask[:, :1], aux_weights], dim=1)
+
+
+def weighted_mean(embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B, V, d] x [B, V] -> [B, d]: the marginal-weighted mean (not normalised)."""
+    return torch.einsum("bvd,bv->bd", embeddings, weights)
+
+
+class ListingModel(nn.Module):
+    """Adapters for images and texts, fusion of a listing's views, and the query tower."""
+
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        dim: int = 256,
+        hidden: int = 1024,
+        dropout: float = 0.1,
+        alpha: float = 0.5,
+        image_share: float = 0.5,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < alpha <= 1.0 or not 0.0 <= image_share <= 1.0:
+            raise ValueError(
+                f"alpha must be in (0, 1] and image_share in [0, 1], got {alpha}, {image_share}"
+            )
+        self.image = Adapter(image_dim, dim, hidden, dropout)
+        self.text = Adapter(text_dim, dim, hidden, dropout)
+        self.alpha = alpha
+        self.image_share = image_share
+        self.log_scale = nn.Parameter(
+            torch.tensor(1.0 / temperature).log(), requires_grad=learn_temperature
+        )
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Inverse temperature of every contrastive term, clamped like CLIP's at 100."""
+        return self.log_scale.exp().clamp(max=100.0)
+
+    def embed_views(self, views: Views, adapter: nn.Module) -> torch.Tensor:
+        return adapter(views.features, views.kinds)
+
+    def modality_means(self, images: Views, texts: Views):
+        """Unit view embeddings and the marginal-weighted mean per modality."""
+        image_emb = self.embed_views(images, self.image)
+        text_emb = self.embed_views(texts, self.text)
+        image_mean = weighted_mean(image_emb, marginal_weights(images.mask, self.alpha))
+        text_mean = weighted_mean(text_emb, marginal_weights(texts.mask, self.alpha))
+        return image_emb, text_emb, image_mean, text_mean
+
+    def fuse(self, image_mean: torch.Tensor, text_mean: torch.Tensor) -> torch.Tensor:
+        """One unit embedding per listing from its two modality means."""
+        share = self.image_share
+        return F.normalize(share * image_mean + (1 - share) * text_mean, dim=-1)
+
+    def embed_listings(self, images: Views, texts: Views) -> torch.Tensor:
+        """The cached listing embedding: every view fused with the marginals."""
+        return self.fuse(*self.modality_means(images, texts)[2:])
+
+    def embed_text_queries(self, features: torch.Tensor) -> torch.Tensor:
+        return self.text(
+            features, torch.full(features.shape[:1], KIND["query_text"], device=features.device)
+        )
+
+    def embed_image_queries(self, features: torch.Tensor) -> torch.Tensor:
+        return self.image(
+            features, torch.full(features.shape[:1], KIND["query_image"], device=features.device)
+        )

@@ -1,0 +1,178 @@
+"""Alignment objectives (`train.objective`). Each is an nn.Module returning named loss terms;
+the training step sums them.
+
+Notation: listing i has image views x_i^1..x_i^m and text views t_i^1..t_i^n (slot 0 is
+the primary view); marginals put `alpha` on the primary view, `1 - alpha` on the rest.
+
+- single_view: symmetric InfoNCE between title and primary image only.
+- pairwise: InfoNCE over every pair of a listing's views, O(V^2) per listing.
+- sinkhorn: item-to-item similarity is minus the entropic OT cost between listing i's
+  image views and listing j's text views (batched log-domain Sinkhorn).
+- factorized (Factorized Transport): with the plan replaced by the product of its
+  marginals, the cosine transport cost is 1 - <mu_img, mu_txt>, the dot product of the
+  marginal-weighted means. The means are estimated without bias from the primary view
+  plus k sampled auxiliary views, so the cost per listing is constant in V.
+
+Every objective adds a query-to-listing InfoNCE term when the batch carries queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.distributed import gather_with_grad, rank
+from components.model import ListingModel, Views, marginal_weights
+
+
+@dataclass
+class Batch:
+    images: Views
+    texts: Views
+    query_features: torch.Tensor | None = None  # [Q, F_text]
+    query_targets: torch.Tensor | None = None  # [Q] index of the relevant listing in batch
+
+    def to(self, device: torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(
+            self.images.to(device),
+            self.texts.to(device),
+            move(self.query_features),
+            move(self.query_targets),
+        )
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of `a` matches row i of `b`; negatives come from every
+    rank's batch when running distributed."""
+    a_all, b_all, offset = gather_with_grad(a), gather_with_grad(b), _rank_offset(a)
+    labels = torch.arange(a.shape[0], device=a.device) + offset
+    a_to_b = F.cross_entropy(scale * a @ b_all.T, labels)
+    b_to_a = F.cross_entropy(scale * b @ a_all.T, labels)
+    return (a_to_b + b_to_a) / 2
+
+
+def _rank_offset(local: torch.Tensor) -> int:
+    """Index of this rank's first row in the gathered batch (equal batch per rank)."""
+    return rank() * local.shape[0]
+
+
+def query_loss(model: ListingModel, batch: Batch, listings: torch.Tensor) -> torch.Tensor:
+    """InfoNCE from each query to its relevant listing among the batch's listings."""
+    queries = model.embed_text_queries(batch.query_features)
+    all_listings = gather_with_grad(listings)
+    targets = batch.query_targets + _rank_offset(listings)
+    return F.cross_entropy(model.scale * queries @ all_listings.T, targets)
+
+
+class Objective(nn.Module):
+    """Base: subclasses say how many auxiliary views a step needs and give the terms."""
+
+    #: auxiliary views per modality the sampler should provide; None means all of them
+    aux_views: int | None = None
+
+    def forward(self, model: ListingModel, batch: Batch) -> dict[str, torch.Tensor]:
+        image_emb, text_emb, image_mean, text_mean = model.modality_means(batch.images, batch.texts)
+        terms = self.terms(model, batch, image_emb, text_emb, image_mean, text_mean)
+        if batch.query_features is not None and batch.query_features.shape[0] > 0:
+            terms["query_loss"] = query_loss(model, batch, model.fuse(image_mean, text_mean))
+        return terms
+
+    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
+        raise NotImplementedError
+
+
+class SingleView(Objective):
+    aux_views = 0
+
+    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
+        return {"primary_loss": info_nce(image_emb[:, 0], text_emb[:, 0], model.scale)}
+
+
+class Factorized(Objective):
+    def __init__(self, aux_samples: int = 1) -> None:
+        super().__init__()
+        self.aux_views = aux_samples
+
+    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
+        return {
+            "contrastive_loss": info_nce(image_mean, text_mean, model.scale),
+            "primary_loss": info_nce(image_emb[:, 0], text_emb[:, 0], model.scale),
+        }
+
+
+class Pairwise(Objective):
+    """Every ordered pair (a, b) of view slots of a listing, image and text views together:
+    view a of listing i must pick view b of listing i among view b of every listing."""
+
+    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
+        views = torch.cat([image_emb, text_emb], dim=1)  # [B, V, d]
+        mask = torch.cat([batch.images.mask, batch.texts.mask], dim=1)  # [B, V]
+        logits = model.scale * torch.einsum("iad,jbd->abij", views, views)  # [V, V, B, B]
+        column_ok = mask.T[None, :, None, :]  # view b of listing j exists
+        logits = logits.masked_fill(~column_ok, float("-inf"))
+        log_prob = logits.diagonal(dim1=2, dim2=3) - logits.logsumexp(dim=-1)  # [V, V, B]
+        n_views = mask.shape[1]
+        distinct = ~torch.eye(n_views, dtype=torch.bool, device=mask.device)[:, :, None]
+        valid = mask.T[:, None, :] & mask.T[None, :, :] & distinct  # both views exist
+        picked = torch.where(valid, log_prob, torch.zeros_like(log_prob))  # no 0 * inf
+        return {"pairwise_loss": -picked.sum() / valid.sum().clamp(min=1)}
+
+
+class Sinkhorn(Objective):
+    """Similarity of listings i and j = minus the entropic OT cost between i's image views
+    and j's text views (cosine cost, alpha marginals), for all B x B pairs at once."""
+
+    def __init__(self, epsilon: float = 0.05, iterations: int = 20) -> None:
+        super().__init__()
+        self.epsilon = epsilon
+        self.iterations = iterations
+
+    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
+        texts_all = gather_with_grad(text_emb)
+        text_mask_all = gather_with_grad(batch.texts.mask.float()) > 0
+        cost = 1 - torch.einsum("ivd,jwd->ijvw", image_emb, texts_all)  # [B, B', Vi, Vt]
+        p = marginal_weights(batch.images.mask, model.alpha)  # [B, Vi]
+        q = marginal_weights(text_mask_all, model.alpha)  # [B', Vt]
+        similarity = -entropic_ot_cost(cost, p, q, self.epsilon, self.iterations)  # [B, B']
+        labels = torch.arange(similarity.shape[0], device=similarity.device) + _rank_offset(
+            image_emb
+        )
+        image_to_text = F.cross_entropy(model.scale * similarity, labels)
+        if similarity.shape[0] == similarity.shape[1]:  # single process: both directions
+            text_to_image = F.cross_entropy(model.scale * similarity.T, labels)
+            return {"ot_loss": (image_to_text + text_to_image) / 2}
+        return {"ot_loss": image_to_text}
+
+
+def entropic_ot_cost(
+    cost: torch.Tensor, p: torch.Tensor, q: torch.Tensor, epsilon: float, iterations: int
+) -> torch.Tensor:
+    """<P, C> for the entropic OT plan P between marginals p [B, Vi] and q [B', Vt] for every
+    (i, j) cost matrix in `cost` [B, B', Vi, Vt]; log-domain Sinkhorn, zero-weight views
+    (padding) take no mass."""
+    log_p = p.clamp(min=1e-30).log().masked_fill(p <= 0, -1e9)[:, None, :]  # [B, 1, Vi]
+    log_q = q.clamp(min=1e-30).log().masked_fill(q <= 0, -1e9)[None, :, :]  # [1, B', Vt]
+    kernel = -cost / epsilon
+    f = torch.zeros(cost.shape[:3], device=cost.device, dtype=cost.dtype)
+    g = torch.zeros((*cost.shape[:2], cost.shape[3]), device=cost.device, dtype=cost.dtype)
+    for _ in range(iterations):
+        f = log_p - torch.logsumexp(kernel + g[:, :, None, :], dim=3)
+        g = log_q - torch.logsumexp(kernel + f[:, :, :, None], dim=2)
+    plan = torch.exp(kernel + f[..., None] + g[:, :, None, :])
+    return (plan * cost).sum(dim=(2, 3))
+
+
+def build_objective(name: str, aux_samples: int, epsilon: float, iterations: int) -> Objective:
+    if name == "single_view":
+        return SingleView()
+    if name == "factorized":
+        return Factorized(aux_samples)
+    if name == "pairwise":
+        return Pairwise()
+    if name == "sinkhorn":
+        return Sinkhorn(epsilon, iterations)
+    raise ValueError(f"unknown train.objective {name!r}")

@@ -1,0 +1,339 @@
+"""`train` step: fit the multi-view model on cached features with the chosen objective.
+
+Deterministic given `seed` (on CPU). Writes to `<workdir>/train/`: `splits.parquet` (before
+any training), `checkpoints/last.pt` every epoch (a rerun resumes from it),
+`model.pt` (the best epoch by validation recall), `history.json`, and the manifest.
+Early stopping and model selection use the validation split only, never the test split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from components import tracking
+from components.batching import pad_views
+from components.config import StepPaths, TrainConfig
+from components.encoders import autocast, pick_device
+from components.manifest import Timer, describe_files, read_manifest, write_manifest
+from components.metrics import retrieval_metrics
+from components.model import ListingModel
+from components.objectives import Batch, build_objective
+from components.train_data import QuerySet, TrainingData, load_training_data
+
+STEP = "train"
+SPLITS_FILE = "splits.parquet"
+MODEL_FILE = "model.pt"
+HISTORY_FILE = "history.json"
+METRICS_FILE = "metrics.json"  # the best epoch's validation metrics (DVC metrics)
+CHECKPOINT = "checkpoints/last.pt"
+EMBED_BATCH = 1024
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    best: dict
+    summary: str
+
+
+def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
+    timer = Timer()
+    torch.manual_seed(paths.seed)
+    featurize_dir = paths.step_dir("featurize")
+    features_manifest = read_manifest(featurize_dir)
+    out = paths.step_dir(STEP)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    data = load_training_data(
+        featurize_dir, features_manifest, config.val_fraction, config.test_fraction
+    )
+    pq.write_table(data.splits, out / SPLITS_FILE)
+    log.info(
+        "train: %d listings, queries train/val/test %d/%d/%d, held-out views val/test %d/%d",
+        len(data.listing_ids),
+        *(len(data.queries[s].relevant) for s in ("train", "val", "test")),
+        len(data.held_out_views["val"].relevant),
+        len(data.held_out_views["test"].relevant),
+    )
+    device = pick_device(config.device)
+    model = build_model(config, data).to(device)
+    trainer = Trainer(config, data, model, device, paths.seed)
+    start_epoch = trainer.resume(out / CHECKPOINT)
+    with tracking.training_run(paths, config, features_manifest, resumed=start_epoch > 0) as run_:
+        history = trainer.fit(start_epoch, out, run_)
+        best = max(history, key=lambda h: h["val/score"])
+        (out / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+        (out / METRICS_FILE).write_text(json.dumps(best, indent=2) + "\n")
+        run_.log_summary(best, out / HISTORY_FILE, history)
+    summary = (
+        f"train: {config.objective} on {device}, best epoch {best['epoch']} of "
+        f"{len(history)}: val recall@10 {best['val/score']:.3f} "
+        f"({best['val/query_to_listing/recall@10']:.3f} query, "
+        f"{best['val/view_to_listing/recall@10']:.3f} view), "
+        f"{trainer.seconds_per_step * 1000:.0f} ms/step"
+    )
+    write_manifest(
+        out,
+        step=STEP,
+        params=config,
+        timer=timer,
+        inputs={"featurize": features_manifest["outputs"], "seed": paths.seed},
+        outputs=describe_files(out, [SPLITS_FILE, MODEL_FILE, HISTORY_FILE, METRICS_FILE]),
+        counts={"listings": len(data.listing_ids), "epochs": len(history)},
+        extra={
+            "summary": summary,
+            "best": best,
+            "mlflow": run_.reference,
+            "model": model_spec(config, data),
+        },
+    )
+    log.info("%s", summary)
+    return TrainResult(out_dir=out, best=best, summary=summary)
+
+
+def model_spec(config: TrainConfig, data: TrainingData) -> dict:
+    """Everything needed to rebuild the model from its state dict."""
+    return {
+        "image_dim": int(data.image_features.shape[1]),
+        "text_dim": int(data.text_features.shape[1]),
+        "dim": config.dim,
+        "hidden": config.hidden,
+        "dropout": config.dropout,
+        "alpha": config.alpha,
+        "image_share": config.image_share,
+        "temperature": config.temperature,
+        "learn_temperature": config.learn_temperature,
+    }
+
+
+def build_model(config: TrainConfig, data: TrainingData) -> ListingModel:
+    return ListingModel(**model_spec(config, data))
+
+
+class Trainer:
+    """The epoch loop: batches, optimisation, validation, checkpoints, early stopping."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: TrainingData,
+        model: ListingModel,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.config = config
+        self.data = data
+        self.model = model
+        self.device = device
+        self.objective = build_objective(
+            config.objective,
+            config.aux_samples,
+            config.sinkhorn_epsilon,
+            config.sinkhorn_iterations,
+        )
+        self.rng = np.random.default_rng(seed)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.steps_per_epoch = math.ceil(len(data.listing_ids) / config.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.queries_by_listing = data.train_queries_by_listing
+        self.history: list[dict] = []
+        self.seconds_per_step = 0.0
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = self.config.warmup_epochs * self.steps_per_epoch
+        total = self.config.epochs * self.steps_per_epoch
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1.0, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def resume(self, checkpoint: Path) -> int:
+        """Load the last checkpoint if there is one; return the epoch to start from."""
+        if not checkpoint.is_file():
+            return 0
+        state = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        if state["config"] != self.config.model_dump():
+            log.info("train: checkpoint %s has other params; starting afresh", checkpoint)
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.history = state["history"]
+        log.info("train: resumed from %s after epoch %d", checkpoint, state["epoch"])
+        return state["epoch"] + 1
+
+    def fit(self, start_epoch: int, out: Path, run_) -> list[dict]:
+        best = max((h["val/score"] for h in self.history), default=-1.0)
+        stale = _epochs_since_best(self.history)
+        for epoch in range(start_epoch, self.config.epochs):
+            if stale >= self.config.patience:
+                log.info(
+                    "train: early stop at epoch %d (%d epochs without improvement)", epoch, stale
+                )
+                break
+            losses = self._train_epoch(epoch)
+            record = {
+                "epoch": epoch,
+                **losses,
+                **self.validate(),
+                "lr": self.scheduler.get_last_lr()[0],
+                "temperature": float(1 / self.model.scale.item()),
+            }
+            self.history.append(record)
+            run_.log_epoch(record)
+            if record["val/score"] > best:
+                best, stale = record["val/score"], 0
+                torch.save(self.model.state_dict(), out / MODEL_FILE)
+            else:
+                stale += 1
+            self._checkpoint(out / CHECKPOINT, epoch)
+            log.info(
+                "train: epoch %d loss %.4f val recall@10 %.3f",
+                epoch,
+                losses["loss"],
+                record["val/score"],
+            )
+        return self.history
+
+    def _train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        order = self.rng.permutation(len(self.data.listing_ids))
+        totals: dict[str, float] = {}
+        start = time.perf_counter()
+        batches = range(0, len(order), self.config.batch_size)
+        for first in tqdm(
+            batches, desc=f"train: epoch {epoch}", unit="step", leave=False, mininterval=2
+        ):
+            members = order[first : first + self.config.batch_size]
+            if len(members) < 2:
+                continue  # a contrastive step needs negatives
+            terms = self._step(self._batch(members))
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value
+        self.seconds_per_step = (time.perf_counter() - start) / max(1, len(batches))
+        return {f"train/{k}": v / max(1, len(batches)) for k, v in totals.items()} | {
+            "loss": sum(totals.values()) / max(1, len(batches))
+        }
+
+    def _batch(self, members: np.ndarray) -> Batch:
+        aux, cap = self.objective.aux_views, self.config.max_views
+        images = pad_views(
+            self.data.image_features, [self.data.images[i] for i in members], aux, self.rng, cap
+        )
+        texts = pad_views(
+            self.data.text_features, [self.data.texts[i] for i in members], aux, self.rng, cap
+        )
+        picked = [
+            (slot, self.rng.choice(self.queries_by_listing[i]))
+            for slot, i in enumerate(members)
+            if self.queries_by_listing.get(i)
+        ]
+        features = self.data.queries["train"].features
+        if not picked:
+            return Batch(images, texts)
+        return Batch(
+            images,
+            texts,
+            torch.from_numpy(features[[q for _, q in picked]]),
+            torch.tensor([slot for slot, _ in picked]),
+        )
+
+    def _step(self, batch: Batch) -> dict[str, float]:
+        batch = batch.to(self.device)
+        with autocast(self.device) if self.config.amp else contextlib.nullcontext():
+            terms = self.objective(self.model, batch)
+            loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {name: float(value.detach()) for name, value in terms.items()}
+
+    @torch.no_grad()
+    def validate(self, split: str = "val") -> dict:
+        return evaluate_split(self.model, self.data, split, self.config.ks, self.device)
+
+    def _checkpoint(self, path: Path, epoch: int) -> None:
+        state = {
+            "epoch": epoch,
+            "config": self.config.model_dump(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+
+def _epochs_since_best(history: list[dict]) -> int:
+    """Epochs after the first best val score (0 when the last epoch was the best)."""
+    if not history:
+        return 0
+    scores = [record["val/score"] for record in history]
+    return len(history) - 1 - scores.index(max(scores))
+
+
+@torch.no_grad()
+def embed_all_listings(model: ListingModel, data: TrainingData, device: torch.device):
+    """Fused embeddings of every listing from all its (non-held-out) views."""
+    model.eval()
+    rng = np.random.default_rng(0)  # unused: aux=None takes every view
+    chunks = []
+    for first in range(0, len(data.listing_ids), EMBED_BATCH):
+        members = range(first, min(first + EMBED_BATCH, len(data.listing_ids)))
+        images = pad_views(data.image_features, [data.images[i] for i in members], None, rng)
+        texts = pad_views(data.text_features, [data.texts[i] for i in members], None, rng)
+        chunks.append(model.embed_listings(images.to(device), texts.to(device)).float().cpu())
+    return torch.cat(chunks).numpy()
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: ListingModel, data: TrainingData, split: str, ks: list[int], device: torch.device
+) -> dict:
+    """Query-to-listing and held-out-view-to-listing retrieval on one split (exact search)."""
+    listings = embed_all_listings(model, data, device)
+    out = {}
+    for name, queries, embed in (
+        ("query_to_listing", data.queries[split], model.embed_text_queries),
+        ("view_to_listing", data.held_out_views[split], model.embed_image_queries),
+    ):
+        out.update(
+            {
+                f"{split}/{name}/{k}": v
+                for k, v in _retrieval(queries, embed, listings, ks, device).items()
+            }
+        )
+    out[f"{split}/score"] = np.mean(
+        [out[f"{split}/query_to_listing/recall@10"], out[f"{split}/view_to_listing/recall@10"]]
+    )
+    return out
+
+
+def _retrieval(queries: QuerySet, embed, listings: np.ndarray, ks: list[int], device) -> dict:
+    if not queries.relevant:
+        return {f"recall@{k}": 0.0 for k in {*ks, 10}} | {"mrr": 0.0}
+    vectors = embed(torch.from_numpy(queries.features).float().to(device)).float().cpu().numpy()
+    return retrieval_metrics(vectors @ listings.T, queries.relevant, sorted({*ks, 10}))
