@@ -218,7 +218,7 @@ class _Featurizer:
         found = []
         for row in rows:
             for position, view in enumerate(self.config.text_views):
-                text = _view_text(row.get(view))
+                text = view_text(row.get(view))
                 if text:
                     found.append(
                         {
@@ -318,7 +318,7 @@ class _Featurizer:
         return vectors
 
 
-def _view_text(value: object) -> str | None:
+def view_text(value: object) -> str | None:
     """A text view's string: lists (tags) are joined; empty or missing gives None."""
     if isinstance(value, list):
         value = ", ".join(v for v in value if isinstance(v, str) and v.strip())

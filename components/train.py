@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from components import tracking
+from components import serving, tracking
 from components.batching import pad_views
 from components.config import StepPaths, TrainConfig
 from components.encoders import autocast, pick_device
@@ -38,6 +38,7 @@ HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"  # the best epoch's validation metrics (DVC metrics)
 CHECKPOINT = "checkpoints/last.pt"
 EMBED_BATCH = 1024
+CHALLENGER = "challenger"  # alias of a trained version whose gates are pending
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,14 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
         (out / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
         (out / METRICS_FILE).write_text(json.dumps(best, indent=2) + "\n")
         run_.log_summary(best, out / HISTORY_FILE, history)
+        spec = {"model": model_spec(config, data), **encoder_spec(features_manifest)}
+        registered = serving.register(out / MODEL_FILE, spec, CHALLENGER, out)
+        log.info(
+            "train: registered %s version %s as @%s",
+            registered["name"],
+            registered["version"],
+            CHALLENGER,
+        )
     summary = (
         f"train: {config.objective} on {device}, best epoch {best['epoch']} of "
         f"{len(history)}: val recall@10 {best['val/score']:.3f} "
@@ -115,6 +124,14 @@ def model_spec(config: TrainConfig, data: TrainingData) -> dict:
         "image_share": config.image_share,
         "temperature": config.temperature,
         "learn_temperature": config.learn_temperature,
+    }
+
+
+def encoder_spec(features_manifest: dict) -> dict:
+    """How the features the model was trained on were made: the serving model redoes it."""
+    params = features_manifest["params"]
+    return {
+        key: params[key] for key in ("image_encoder", "image_size", "text_encoder", "text_views")
     }
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from components import catalog, featurize, train, validate
+from components import catalog, featurize, train, train_data, validate
 from components.config import (
     CatalogConfig,
     FeaturizeConfig,
@@ -113,3 +115,45 @@ def test_the_run_is_in_mlflow_with_params_metrics_and_lineage(featurized, tmp_pa
     assert [m.step for m in history] == list(range(6))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/loss_curves.png" in artifacts
+
+
+def test_challenger_loads_from_the_registry_and_embeds_raw_listings_and_queries(
+    featurized, tmp_path
+):
+    paths = _fresh(featurized, tmp_path, "served")
+    train.run(TINY, paths)
+    catalog_dir = paths.step_dir("catalog").resolve()
+    listings = pq.read_table(catalog_dir / "listings.parquet").to_pylist()[:2]
+    splits = pq.read_table(paths.step_dir("train") / "splits.parquet").to_pylist()
+    held_out = {s["id"] for s in splits if s["kind"] == "held_out_view"}
+    rows = [  # the views the model fuses: every view but the one held out for evaluation
+        {
+            **row,
+            "kind": "listing",
+            "image_uris": [
+                (catalog_dir / u).as_uri() for u in row["image_uris"] if u not in held_out
+            ],
+        }
+        for row in listings
+    ] + [
+        {"kind": "query", "query": "a red heart"},
+        {"kind": "image_query", "image_uri": (catalog_dir / listings[0]["image_uris"][0]).as_uri()},
+    ]
+    mlflow.set_tracking_uri(paths.mlflow_uri)
+
+    model = mlflow.pyfunc.load_model("models:/listing-encoder@challenger")
+    embeddings = model.predict(pd.DataFrame(rows))
+
+    assert embeddings.shape == (4, TINY.dim)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    data = train_data.load_training_data(
+        paths.step_dir("featurize"), read_manifest(paths.step_dir("featurize")), 0.2, 0.2
+    )
+    trained = train.build_model(TINY, data)
+    trained.load_state_dict(torch.load(paths.step_dir("train") / train.MODEL_FILE))
+    reference = train.embed_all_listings(trained, data, torch.device("cpu"))
+    for row, embedding in zip(listings, embeddings[:2], strict=True):
+        index = data.listing_ids.index(row["listing_id"])
+        np.testing.assert_allclose(embedding, reference[index], atol=1e-4)
+    with pytest.raises(Exception, match="unknown kind"):
+        model.predict(pd.DataFrame([{"kind": "banana"}]))
