@@ -54,7 +54,7 @@ def measure(objective: str, views: int, batch: int, steps: int) -> dict:
             pad_views(image_table, images, loss_fn.aux_views, rng),
             pad_views(text_table, texts, loss_fn.aux_views, rng),
         )
-        loss = sum(loss_fn(model, data).values())
+        loss = sum(loss_fn(model(data.images, data.texts), data).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

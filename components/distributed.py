@@ -32,6 +32,66 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     each rank's own slice, so contrastive negatives span the global batch."""
     if not is_distributed():
         return tensor
+    import warnings
+
     import torch.distributed.nn.functional as dist_nn
 
-    return torch.cat(dist_nn.all_gather(tensor), dim=0)
+    with warnings.catch_warnings():  # its replacement is still private API in torch 2.13
+        warnings.simplefilter("ignore", FutureWarning)
+        return _ContiguousGrad.apply(torch.cat(dist_nn.all_gather(tensor), dim=0))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: gloo's all-to-all (the
+    backward of all_gather) silently mis-sums strided gradients, such as an einsum's."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def init_if_launched(prefer_cuda: bool) -> torch.device | None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo
+    on CPU. Returns this rank's device, or None when not launched distributed."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    use_cuda = prefer_cuda and torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not is_distributed():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around the model when distributed, else the model itself."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def local_slice(members, batch_size: int):
+    """This rank's share of a global batch of `batch_size * world_size` listings."""
+    start = rank() * batch_size
+    return members[start : start + batch_size]
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average scalars over ranks (for logging the global batch's losses)."""
+    if not is_distributed() or not values:
+        return values
+    names = sorted(values)
+    tensor = torch.tensor([values[n] for n in names], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return dict(zip(names, (tensor / world_size()).tolist(), strict=True))

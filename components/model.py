@@ -47,6 +47,20 @@ class Views:
         return Views(self.features.to(device), self.mask.to(device), self.kinds.to(device))
 
 
+@dataclass
+class Outputs:
+    """Everything an objective needs from one forward pass over a batch."""
+
+    image_emb: torch.Tensor  # [B, Vi, d] unit view embeddings
+    text_emb: torch.Tensor  # [B, Vt, d]
+    image_mean: torch.Tensor  # [B, d] marginal-weighted means (not normalised)
+    text_mean: torch.Tensor  # [B, d]
+    fused: torch.Tensor  # [B, d] unit listing embeddings
+    queries: torch.Tensor | None  # [Q, d] unit text-query embeddings
+    scale: torch.Tensor  # inverse temperature
+    alpha: float
+
+
 class Adapter(nn.Module):
     """MLP from one modality's frozen features to the shared d-dim space, plus a learned
     embedding of the view type (title vs tags, primary vs other photo, query)."""
@@ -112,6 +126,24 @@ class ListingModel(nn.Module):
     def scale(self) -> torch.Tensor:
         """Inverse temperature of every contrastive term, clamped like CLIP's at 100."""
         return self.log_scale.exp().clamp(max=100.0)
+
+    def forward(
+        self, images: Views, texts: Views, query_features: torch.Tensor | None = None
+    ) -> Outputs:
+        """One pass for training: view embeddings, modality means, fused listings, queries.
+        (Going through forward lets DistributedDataParallel synchronise gradients.)"""
+        image_emb, text_emb, image_mean, text_mean = self.modality_means(images, texts)
+        queries = None if query_features is None else self.embed_text_queries(query_features)
+        return Outputs(
+            image_emb,
+            text_emb,
+            image_mean,
+            text_mean,
+            self.fuse(image_mean, text_mean),
+            queries,
+            self.scale,
+            self.alpha,
+        )
 
     def embed_views(self, views: Views, adapter: nn.Module) -> torch.Tensor:
         return adapter(views.features, views.kinds)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.distributed import gather_with_grad, rank
-from components.model import ListingModel, Views, marginal_weights
+from components.model import Outputs, Views, marginal_weights
 
 
 @dataclass
@@ -60,12 +60,11 @@ def _rank_offset(local: torch.Tensor) -> int:
     return rank() * local.shape[0]
 
 
-def query_loss(model: ListingModel, batch: Batch, listings: torch.Tensor) -> torch.Tensor:
+def query_loss(out: Outputs, targets: torch.Tensor) -> torch.Tensor:
     """InfoNCE from each query to its relevant listing among the batch's listings."""
-    queries = model.embed_text_queries(batch.query_features)
-    all_listings = gather_with_grad(listings)
-    targets = batch.query_targets + _rank_offset(listings)
-    return F.cross_entropy(model.scale * queries @ all_listings.T, targets)
+    all_listings = gather_with_grad(out.fused)
+    targets = targets + _rank_offset(out.fused)
+    return F.cross_entropy(out.scale * out.queries @ all_listings.T, targets)
 
 
 class Objective(nn.Module):
@@ -74,22 +73,21 @@ class Objective(nn.Module):
     #: auxiliary views per modality the sampler should provide; None means all of them
     aux_views: int | None = None
 
-    def forward(self, model: ListingModel, batch: Batch) -> dict[str, torch.Tensor]:
-        image_emb, text_emb, image_mean, text_mean = model.modality_means(batch.images, batch.texts)
-        terms = self.terms(model, batch, image_emb, text_emb, image_mean, text_mean)
-        if batch.query_features is not None and batch.query_features.shape[0] > 0:
-            terms["query_loss"] = query_loss(model, batch, model.fuse(image_mean, text_mean))
+    def forward(self, out: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
+        terms = self.terms(out, batch)
+        if out.queries is not None and out.queries.shape[0] > 0:
+            terms["query_loss"] = query_loss(out, batch.query_targets)
         return terms
 
-    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
+    def terms(self, out: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
 class SingleView(Objective):
     aux_views = 0
 
-    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
-        return {"primary_loss": info_nce(image_emb[:, 0], text_emb[:, 0], model.scale)}
+    def terms(self, out, batch):
+        return {"primary_loss": info_nce(out.image_emb[:, 0], out.text_emb[:, 0], out.scale)}
 
 
 class Factorized(Objective):
@@ -97,10 +95,10 @@ class Factorized(Objective):
         super().__init__()
         self.aux_views = aux_samples
 
-    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
+    def terms(self, out, batch):
         return {
-            "contrastive_loss": info_nce(image_mean, text_mean, model.scale),
-            "primary_loss": info_nce(image_emb[:, 0], text_emb[:, 0], model.scale),
+            "contrastive_loss": info_nce(out.image_mean, out.text_mean, out.scale),
+            "primary_loss": info_nce(out.image_emb[:, 0], out.text_emb[:, 0], out.scale),
         }
 
 
@@ -108,13 +106,17 @@ class Pairwise(Objective):
     """Every ordered pair (a, b) of view slots of a listing, image and text views together:
     view a of listing i must pick view b of listing i among view b of every listing."""
 
-    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
-        views = torch.cat([image_emb, text_emb], dim=1)  # [B, V, d]
+    def terms(self, out, batch):
+        views = torch.cat([out.image_emb, out.text_emb], dim=1)  # [B, V, d]
         mask = torch.cat([batch.images.mask, batch.texts.mask], dim=1)  # [B, V]
-        logits = model.scale * torch.einsum("iad,jbd->abij", views, views)  # [V, V, B, B]
-        column_ok = mask.T[None, :, None, :]  # view b of listing j exists
+        views_all = gather_with_grad(views)  # negatives from every rank: [B', V, d]
+        mask_all = gather_with_grad(mask.float()) > 0
+        logits = out.scale * torch.einsum("iad,jbd->abij", views, views_all)  # [V, V, B, B']
+        column_ok = mask_all.T[None, :, None, :]  # view b of listing j exists
         logits = logits.masked_fill(~column_ok, float("-inf"))
-        log_prob = logits.diagonal(dim1=2, dim2=3) - logits.logsumexp(dim=-1)  # [V, V, B]
+        rows = torch.arange(views.shape[0], device=views.device)
+        positive = logits[:, :, rows, rows + _rank_offset(views)]  # [V, V, B]
+        log_prob = positive - logits.logsumexp(dim=-1)
         n_views = mask.shape[1]
         distinct = ~torch.eye(n_views, dtype=torch.bool, device=mask.device)[:, :, None]
         valid = mask.T[:, None, :] & mask.T[None, :, :] & distinct  # both views exist
@@ -131,19 +133,18 @@ class Sinkhorn(Objective):
         self.epsilon = epsilon
         self.iterations = iterations
 
-    def terms(self, model, batch, image_emb, text_emb, image_mean, text_mean):
-        texts_all = gather_with_grad(text_emb)
+    def terms(self, out, batch):
+        texts_all = gather_with_grad(out.text_emb)
         text_mask_all = gather_with_grad(batch.texts.mask.float()) > 0
-        cost = 1 - torch.einsum("ivd,jwd->ijvw", image_emb, texts_all)  # [B, B', Vi, Vt]
-        p = marginal_weights(batch.images.mask, model.alpha)  # [B, Vi]
-        q = marginal_weights(text_mask_all, model.alpha)  # [B', Vt]
+        cost = 1 - torch.einsum("ivd,jwd->ijvw", out.image_emb, texts_all)  # [B, B', Vi, Vt]
+        p = marginal_weights(batch.images.mask, out.alpha)  # [B, Vi]
+        q = marginal_weights(text_mask_all, out.alpha)  # [B', Vt]
         similarity = -entropic_ot_cost(cost, p, q, self.epsilon, self.iterations)  # [B, B']
-        labels = torch.arange(similarity.shape[0], device=similarity.device) + _rank_offset(
-            image_emb
-        )
-        image_to_text = F.cross_entropy(model.scale * similarity, labels)
+        offset = _rank_offset(out.image_emb)
+        labels = torch.arange(similarity.shape[0], device=similarity.device) + offset
+        image_to_text = F.cross_entropy(out.scale * similarity, labels)
         if similarity.shape[0] == similarity.shape[1]:  # single process: both directions
-            text_to_image = F.cross_entropy(model.scale * similarity.T, labels)
+            text_to_image = F.cross_entropy(out.scale * similarity.T, labels)
             return {"ot_loss": (image_to_text + text_to_image) / 2}
         return {"ot_loss": image_to_text}
 

@@ -123,3 +123,22 @@ def training_run(
     ) as run:
         mlflow.log_params(flatten(config.model_dump()) | {"seed": str(paths.seed)})
         yield RunLogger(run)
+
+
+class _NoRun:
+    """The RunLogger of ranks other than 0: they train, they do not report."""
+
+    @property
+    def reference(self) -> dict:
+        return {}
+
+    def log_epoch(self, record: dict) -> None:
+        pass
+
+    def log_summary(self, best: dict, history_path: Path, history: list[dict]) -> None:
+        pass
+
+
+@contextmanager
+def no_run(*_args, **_kwargs) -> Iterator[_NoRun]:
+    yield _NoRun()

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from components import serving, tracking
+from components import distributed, serving, tracking
 from components.batching import pad_views
 from components.config import StepPaths, TrainConfig
 from components.encoders import autocast, pick_device
@@ -51,6 +51,8 @@ class TrainResult:
 
 
 def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
+    """Train on `<workdir>/featurize`; under torchrun every rank trains on its share of
+    each global batch and only rank 0 writes files and talks to MLflow."""
     timer = Timer()
     torch.manual_seed(paths.seed)
     featurize_dir = paths.step_dir("featurize")
@@ -60,7 +62,12 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     data = load_training_data(
         featurize_dir, features_manifest, config.val_fraction, config.test_fraction
     )
-    pq.write_table(data.splits, out / SPLITS_FILE)
+    device = distributed.init_if_launched(config.device != "cpu") or pick_device(config.device)
+    main = distributed.is_main()
+    if not main:
+        logging.getLogger("components").setLevel(logging.WARNING)  # rank 0 speaks
+    else:
+        pq.write_table(data.splits, out / SPLITS_FILE)
     log.info(
         "train: %d listings, queries train/val/test %d/%d/%d, held-out views val/test %d/%d",
         len(data.listing_ids),
@@ -68,30 +75,39 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
         len(data.held_out_views["val"].relevant),
         len(data.held_out_views["test"].relevant),
     )
-    device = pick_device(config.device)
     model = build_model(config, data).to(device)
     trainer = Trainer(config, data, model, device, paths.seed)
     start_epoch = trainer.resume(out / CHECKPOINT)
-    with tracking.training_run(paths, config, features_manifest, resumed=start_epoch > 0) as run_:
+    tracked = tracking.training_run if main else tracking.no_run
+    with tracked(paths, config, features_manifest, resumed=start_epoch > 0) as run_:
         history = trainer.fit(start_epoch, out, run_)
         best = max(history, key=lambda h: h["val/score"])
-        (out / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
-        (out / METRICS_FILE).write_text(json.dumps(best, indent=2) + "\n")
-        run_.log_summary(best, out / HISTORY_FILE, history)
-        spec = {"model": model_spec(config, data), **encoder_spec(features_manifest)}
-        registered = serving.register(out / MODEL_FILE, spec, CHALLENGER, out)
-        log.info(
-            "train: registered %s version %s as @%s",
-            registered["name"],
-            registered["version"],
-            CHALLENGER,
+        summary = (
+            f"train: {config.objective} on {device} x{distributed.world_size()}, best epoch "
+            f"{best['epoch']} of {len(history)}: val recall@10 {best['val/score']:.3f} "
+            f"({best['val/query_to_listing/recall@10']:.3f} query, "
+            f"{best['val/view_to_listing/recall@10']:.3f} view), "
+            f"{trainer.seconds_per_step * 1000:.0f} ms/step"
         )
-    summary = (
-        f"train: {config.objective} on {device}, best epoch {best['epoch']} of "
-        f"{len(history)}: val recall@10 {best['val/score']:.3f} "
-        f"({best['val/query_to_listing/recall@10']:.3f} query, "
-        f"{best['val/view_to_listing/recall@10']:.3f} view), "
-        f"{trainer.seconds_per_step * 1000:.0f} ms/step"
+        if main:
+            _record(config, paths, data, features_manifest, history, best, run_, timer, summary)
+    log.info("%s", summary)
+    return TrainResult(out_dir=out, best=best, summary=summary)
+
+
+def _record(config, paths, data, features_manifest, history, best, run_, timer, summary):
+    """Rank 0: history, metrics, MLflow summary and registration, the manifest."""
+    out = paths.step_dir(STEP)
+    (out / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+    (out / METRICS_FILE).write_text(json.dumps(best, indent=2) + "\n")
+    run_.log_summary(best, out / HISTORY_FILE, history)
+    spec = {"model": model_spec(config, data), **encoder_spec(features_manifest)}
+    registered = serving.register(out / MODEL_FILE, spec, CHALLENGER, out)
+    log.info(
+        "train: registered %s version %s as @%s",
+        registered["name"],
+        registered["version"],
+        CHALLENGER,
     )
     write_manifest(
         out,
@@ -100,16 +116,19 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
         timer=timer,
         inputs={"featurize": features_manifest["outputs"], "seed": paths.seed},
         outputs=describe_files(out, [SPLITS_FILE, MODEL_FILE, HISTORY_FILE, METRICS_FILE]),
-        counts={"listings": len(data.listing_ids), "epochs": len(history)},
+        counts={
+            "listings": len(data.listing_ids),
+            "epochs": len(history),
+            "processes": distributed.world_size(),
+        },
         extra={
             "summary": summary,
             "best": best,
             "mlflow": run_.reference,
-            "model": model_spec(config, data),
+            "registered_model": registered,
+            "model": spec,
         },
     )
-    log.info("%s", summary)
-    return TrainResult(out_dir=out, best=best, summary=summary)
 
 
 def model_spec(config: TrainConfig, data: TrainingData) -> dict:
@@ -153,6 +172,7 @@ class Trainer:
         self.config = config
         self.data = data
         self.model = model
+        self.net = distributed.wrap(model, device)  # DDP under torchrun
         self.device = device
         self.objective = build_objective(
             config.objective,
@@ -164,7 +184,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
-        self.steps_per_epoch = math.ceil(len(data.listing_ids) / config.batch_size)
+        self.global_batch = config.batch_size * distributed.world_size()
+        self.steps_per_epoch = math.ceil(len(data.listing_ids) / self.global_batch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.queries_by_listing = data.train_queries_by_listing
         self.history: list[dict] = []
@@ -216,10 +237,12 @@ class Trainer:
             run_.log_epoch(record)
             if record["val/score"] > best:
                 best, stale = record["val/score"], 0
-                torch.save(self.model.state_dict(), out / MODEL_FILE)
+                if distributed.is_main():
+                    torch.save(self.model.state_dict(), out / MODEL_FILE)
             else:
                 stale += 1
-            self._checkpoint(out / CHECKPOINT, epoch)
+            if distributed.is_main():
+                self._checkpoint(out / CHECKPOINT, epoch)
             log.info(
                 "train: epoch %d loss %.4f val recall@10 %.3f",
                 epoch,
@@ -233,17 +256,24 @@ class Trainer:
         order = self.rng.permutation(len(self.data.listing_ids))
         totals: dict[str, float] = {}
         start = time.perf_counter()
-        batches = range(0, len(order), self.config.batch_size)
+        batches = range(0, len(order), self.global_batch)
         for first in tqdm(
-            batches, desc=f"train: epoch {epoch}", unit="step", leave=False, mininterval=2
+            batches,
+            desc=f"train: epoch {epoch}",
+            unit="step",
+            leave=False,
+            mininterval=2,
+            disable=not distributed.is_main(),
         ):
-            members = order[first : first + self.config.batch_size]
-            if len(members) < 2:
-                continue  # a contrastive step needs negatives
+            members = order[first : first + self.global_batch]
+            if len(members) < 2 * distributed.world_size():
+                continue  # a contrastive step needs negatives on every rank
+            members = distributed.local_slice(members, self.config.batch_size)
             terms = self._step(self._batch(members))
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value
         self.seconds_per_step = (time.perf_counter() - start) / max(1, len(batches))
+        totals = distributed.mean_across_ranks(totals)
         return {f"train/{k}": v / max(1, len(batches)) for k, v in totals.items()} | {
             "loss": sum(totals.values()) / max(1, len(batches))
         }
@@ -274,7 +304,8 @@ class Trainer:
     def _step(self, batch: Batch) -> dict[str, float]:
         batch = batch.to(self.device)
         with autocast(self.device) if self.config.amp else contextlib.nullcontext():
-            terms = self.objective(self.model, batch)
+            out = self.net(batch.images, batch.texts, batch.query_features)
+            terms = self.objective(out, batch)
             loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -41,7 +41,8 @@ def test_each_objective_gives_finite_loss_and_gradients(name):
     model = ListingModel(IMAGE_DIM, TEXT_DIM, dim=16, hidden=32)
     objective = build_objective(name, aux_samples=1, epsilon=0.1, iterations=10)
 
-    terms = objective(model, _batch())
+    batch = _batch()
+    terms = objective(model(batch.images, batch.texts, batch.query_features), batch)
     total = sum(terms.values())
     total.backward()
 
@@ -121,9 +122,10 @@ def test_pairwise_loss_matches_a_plain_loop():
     torch.manual_seed(5)
     model = ListingModel(IMAGE_DIM, TEXT_DIM, dim=8, hidden=16).eval()
     batch = _batch(seed=7, batch=4)
-    image_emb, text_emb, _, _ = model.modality_means(batch.images, batch.texts)
+    out = model(batch.images, batch.texts)
+    image_emb, text_emb = out.image_emb, out.text_emb
 
-    ours = Pairwise().terms(model, batch, image_emb, text_emb, None, None)["pairwise_loss"]
+    ours = Pairwise().terms(out, batch)["pairwise_loss"]
 
     views = torch.cat([image_emb, text_emb], dim=1)
     mask = torch.cat([batch.images.mask, batch.texts.mask], dim=1)
