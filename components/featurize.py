@@ -176,6 +176,7 @@ class _Featurizer:
         self.image_store = image_store
         self.text_store = text_store
         self.counts = counts
+        self.progress: tqdm | None = None  # counts images while listings() runs
 
     def listings(self, clean_path: Path, out: Path) -> None:
         parquet = pq.ParquetFile(clean_path)

@@ -21,8 +21,7 @@ VIEW_KINDS = (
     "category",  # text views
     "primary_image",
     "image",  # image views
-    "query_text",
-    "query_image",  # query tower inputs
+    "query_text",  # query tower input
 )
 KIND = {name: index for index, name in enumerate(VIEW_KINDS)}
 TEXT_VIEW_KINDS = {name: KIND[name] for name in VIEW_KINDS[:4]}
@@ -171,6 +170,8 @@ class ListingModel(nn.Module):
         )
 
     def embed_image_queries(self, features: torch.Tensor) -> torch.Tensor:
+        """A query photo is embedded as a primary photo: that view type is trained by every
+        objective (there are no image queries to train a kind of their own on)."""
         return self.image(
-            features, torch.full(features.shape[:1], KIND["query_image"], device=features.device)
+            features, torch.full(features.shape[:1], KIND["primary_image"], device=features.device)
         )

@@ -113,12 +113,10 @@ def load_training_data(
     text_features = text_store.get(list(text_keys))
     held_out = {
         split: QuerySet(
-            image_features[[r for r, _ in rows]]
-            if rows
-            else np.zeros((0, image_features.shape[1]), np.float32),
-            [{i} for _, i in rows],
+            _take(image_features, [r for r, _ in held_rows[split]]),
+            [{i} for _, i in held_rows[split]],
         )
-        for split, rows in ((s, held_rows[s]) for s in ("val", "test"))
+        for split in ("val", "test")
     }
     return TrainingData(
         listing_ids=listing_ids,
@@ -127,18 +125,16 @@ def load_training_data(
         images=images,
         texts=texts,
         queries={
-            s: QuerySet(
-                text_features[q.features.astype(int)]
-                if len(q.features)
-                else np.zeros((0, text_features.shape[1]), np.float32),
-                q.relevant,
-                q.ids,
-            )
-            for s, q in queries.items()
+            split: QuerySet(_take(text_features, rows), relevant, ids)
+            for split, (rows, relevant, ids) in queries.items()
         },
         held_out_views=held_out,
         splits=pa.Table.from_pylist(split_rows + query_split_rows),
     )
+
+
+def _take(features: np.ndarray, rows: list[int]) -> np.ndarray:
+    return features[np.asarray(rows, dtype=np.int64)]
 
 
 def _store(featurize_dir: Path, manifest: dict, modality: str) -> FeatureStore:
@@ -175,7 +171,7 @@ def _query_sets(
     val_fraction: float,
     test_fraction: float,
 ):
-    """Queries per split; `features` holds text-row numbers until the caller gathers them."""
+    """Per split: the text-feature row of each query, its relevant listings and its id."""
     table = pq.read_table(featurize_dir / "queries.parquet")
     grouped: dict[str, dict] = {}
     for row in table.to_pylist():
@@ -183,15 +179,13 @@ def _query_sets(
             continue
         entry = grouped.setdefault(row["query_id"], {"key": row["key"], "relevant": set()})
         entry["relevant"].add(index[row["listing_id"]])
-    sets = {s: QuerySet(np.zeros(0), [], []) for s in SPLITS}
-    rows = {s: [] for s in SPLITS}
+    sets: dict[str, tuple[list[int], list[set[int]], list[str]]] = {s: ([], [], []) for s in SPLITS}
     split_rows = []
     for query_id in sorted(grouped):
         split = split_of("query:" + query_id, val_fraction, test_fraction)
-        rows[split].append(_row(grouped[query_id]["key"], text_keys))
-        sets[split].relevant.append(grouped[query_id]["relevant"])
-        sets[split].ids.append(query_id)
+        rows, relevant, ids = sets[split]
+        rows.append(_row(grouped[query_id]["key"], text_keys))
+        relevant.append(grouped[query_id]["relevant"])
+        ids.append(query_id)
         split_rows.append({"kind": "query", "id": query_id, "listing_id": None, "split": split})
-    for split in SPLITS:
-        sets[split].features = np.asarray(rows[split], dtype=np.int64)
     return sets, split_rows
