@@ -103,7 +103,7 @@ class FeaturizeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA when a GPU is visible, else CPU."
     )
-    image_batch_size: int = Field(64, ge=1, description="Images per encoder forward pass.")
+    image_batch_size: int = Field(16, ge=1, description="Images per encoder forward pass.")
     text_batch_size: int = Field(256, ge=1, description="Texts per encoder forward pass.")
     listings_per_chunk: int = Field(
         1024, ge=1, description="Listings read at a time; bounds memory at any catalog size."

@@ -207,7 +207,15 @@ class Trainer:
         if state["config"] != self.config.model_dump():
             log.info("train: checkpoint %s has other params; starting afresh", checkpoint)
             return 0
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:  # the model code changed since the checkpoint
+            log.info(
+                "train: checkpoint %s does not fit the current model (%s); starting afresh",
+                checkpoint,
+                str(err).splitlines()[0],
+            )
+            return 0
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.rng.bit_generator.state = state["rng"]

@@ -157,3 +157,22 @@ def test_challenger_loads_from_the_registry_and_embeds_raw_listings_and_queries(
         np.testing.assert_allclose(embedding, reference[index], atol=1e-4)
     with pytest.raises(Exception, match="unknown kind"):
         model.predict(pd.DataFrame([{"kind": "banana"}]))
+
+
+def test_a_checkpoint_that_no_longer_fits_the_model_is_not_resumed(featurized, tmp_path):
+    paths = _fresh(featurized, tmp_path, "stale")
+    checkpoint = paths.step_dir("train") / train.CHECKPOINT
+    checkpoint.parent.mkdir(parents=True)
+    torch.save(
+        {
+            "epoch": 4,
+            "config": TINY.model_dump(),
+            "model": {"image.kind.weight": torch.zeros(99, 3)},
+        },
+        checkpoint,
+    )
+
+    result = train.run(TINY, paths)
+
+    history = json.loads((result.out_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(TINY.epochs))
