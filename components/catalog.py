@@ -27,6 +27,7 @@ from tqdm import tqdm
 from components import emoji_sources as src
 from components.catalog_io import LISTINGS_FILE, QUERIES_FILE
 from components.config import CatalogConfig, StepPaths
+from components.feature_store import unit_hash
 from components.manifest import Timer, describe_files, package_versions, write_manifest
 
 STEP = "catalog"
@@ -158,11 +159,6 @@ def category_path(concept: src.Concept) -> str:
     return f"{concept.category} > {concept.subcategory.replace('-', ' ').title()}"
 
 
-def _unit_hash(text: str) -> float:
-    """A deterministic pseudo-random number in [0, 1) from a string."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
-
-
 def query_id(key: str) -> str:
     return "q-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -213,7 +209,7 @@ def plan_texts(
             if _query_eligible(name, fixed) and concept.unified not in eligible[name, lang]:
                 eligible[name, lang].append(concept.unified)
     held_out = {
-        (name, lang) for name, lang in eligible if lang != "en" or _unit_hash(name) < query_fraction
+        (name, lang) for name, lang in eligible if lang != "en" or unit_hash(name) < query_fraction
     }
     pairs = sorted(QueryPair(n, lang, u) for n, lang in held_out for u in eligible[n, lang])
     held_out_text = {name for name, _ in held_out}
@@ -235,7 +231,8 @@ def _listing_text(
         for name in alternates
         if name not in held_out and not any(query in name for query in own_queries)
     ]
-    names = [n for n in tags if n in {src.normalize_text(x) for x in _name_like(concept)}]
+    name_like = {src.normalize_text(x) for x in _name_like(concept)}
+    names = [n for n in tags if n in name_like]
     category = category_path(concept)
     description = f"{concept.name}. {category}."
     if names:

@@ -18,6 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def unit_hash(text: str) -> float:
+    """A deterministic pseudo-random number in [0, 1) from a string (splits, held-out names)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
 def content_key(data: bytes | str) -> str:
     raw = data.encode("utf-8") if isinstance(data, str) else data
     return hashlib.sha256(raw).hexdigest()

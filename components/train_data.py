@@ -11,7 +11,6 @@ Splits do not depend on `seed`, so runs with different seeds share one test set.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.batching import ListingViews
-from components.feature_store import FeatureStore
+from components.feature_store import FeatureStore, unit_hash
 from components.model import KIND, TEXT_VIEW_KINDS
 
 SPLITS = ("train", "val", "test")
-
-
-def unit_hash(text: str) -> float:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
 def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
