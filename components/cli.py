@@ -104,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input named by the step (a broken catalog file, a missing upstream output).
         print(f"error: {args.step}: {err}", file=sys.stderr)
         return 1
-    print(result.summary)
+    if _is_rank_zero():  # under torchrun every rank runs the step; one prints its summary
+        print(result.summary)
     return 0
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_step(name: str, params: Params) -> Any:

@@ -64,7 +64,8 @@ def init_if_launched(prefer_cuda: bool) -> torch.device | None:
     use_cuda = prefer_cuda and torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not is_distributed():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # NCCL for CUDA tensors; gloo beside it for the few CPU scalars (counts, logs)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -81,10 +82,21 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def local_slice(members, batch_size: int):
-    """This rank's share of a global batch of `batch_size * world_size` listings."""
-    start = rank() * batch_size
-    return members[start : start + batch_size]
+def local_slice(members):
+    """This rank's equal share of a global batch. The contrastive terms gather equal-sized
+    blocks from every rank, so a last, short global batch is split evenly and its
+    remainder (fewer than `world_size` listings, different ones each epoch) sits out."""
+    share = len(members) // world_size()
+    return members[rank() * share : (rank() + 1) * share]
+
+
+def global_sum(count: int) -> int:
+    """The sum of a per-rank count over all ranks (the count itself in one process)."""
+    if not is_distributed():
+        return count
+    tensor = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(tensor)
+    return int(tensor.item())
 
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.distributed import gather_with_grad, rank
+from components.distributed import gather_with_grad, global_sum, rank, world_size
 from components.model import Outputs, Views, marginal_weights
 
 
@@ -61,10 +61,16 @@ def _rank_offset(local: torch.Tensor) -> int:
 
 
 def query_loss(out: Outputs, targets: torch.Tensor) -> torch.Tensor:
-    """InfoNCE from each query to its relevant listing among the batch's listings."""
+    """InfoNCE from each query to its relevant listing among the batch's listings.
+
+    Ranks may hold different numbers of queries: each sums its own terms and divides by
+    the global count (times the world size, which DDP's gradient averaging undoes), so the
+    loss and its gradient are the mean over every query of the global batch."""
     all_listings = gather_with_grad(out.fused)
     targets = targets + _rank_offset(out.fused)
-    return F.cross_entropy(out.scale * out.queries @ all_listings.T, targets)
+    logits = out.scale * out.queries @ all_listings.T
+    total = F.cross_entropy(logits, targets, reduction="sum")  # 0 for no queries
+    return total * world_size() / max(1, global_sum(out.queries.shape[0]))
 
 
 class Objective(nn.Module):
@@ -75,7 +81,7 @@ class Objective(nn.Module):
 
     def forward(self, out: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
         terms = self.terms(out, batch)
-        if out.queries is not None and out.queries.shape[0] > 0:
+        if out.queries is not None:  # possibly none on this rank: it still joins the gather
             terms["query_loss"] = query_loss(out, batch.query_targets)
         return terms
 
@@ -134,19 +140,32 @@ class Sinkhorn(Objective):
         self.iterations = iterations
 
     def terms(self, out, batch):
-        texts_all = gather_with_grad(out.text_emb)
-        text_mask_all = gather_with_grad(batch.texts.mask.float()) > 0
-        cost = 1 - torch.einsum("ivd,jwd->ijvw", out.image_emb, texts_all)  # [B, B', Vi, Vt]
-        p = marginal_weights(batch.images.mask, out.alpha)  # [B, Vi]
-        q = marginal_weights(text_mask_all, out.alpha)  # [B', Vt]
-        similarity = -entropic_ot_cost(cost, p, q, self.epsilon, self.iterations)  # [B, B']
         offset = _rank_offset(out.image_emb)
-        labels = torch.arange(similarity.shape[0], device=similarity.device) + offset
-        image_to_text = F.cross_entropy(out.scale * similarity, labels)
-        if similarity.shape[0] == similarity.shape[1]:  # single process: both directions
-            text_to_image = F.cross_entropy(out.scale * similarity.T, labels)
-            return {"ot_loss": (image_to_text + text_to_image) / 2}
-        return {"ot_loss": image_to_text}
+        labels = torch.arange(out.image_emb.shape[0], device=out.image_emb.device) + offset
+        p = marginal_weights(batch.images.mask, out.alpha)  # [B, Vi]
+        q = marginal_weights(batch.texts.mask, out.alpha)  # [B, Vt]
+        texts_all = gather_with_grad(out.text_emb)
+        q_all = marginal_weights(gather_with_grad(batch.texts.mask.float()) > 0, out.alpha)
+        image_to_text = self._similarity(out.image_emb, p, texts_all, q_all)  # [B, B']
+        if world_size() == 1:  # one process: the other direction is the transpose
+            text_to_image = image_to_text.T
+        else:  # this rank's texts against every rank's images: [B, B']
+            images_all = gather_with_grad(out.image_emb)
+            p_all = marginal_weights(gather_with_grad(batch.images.mask.float()) > 0, out.alpha)
+            text_to_image = self._similarity(images_all, p_all, out.text_emb, q).T
+        return {
+            "ot_loss": (
+                F.cross_entropy(out.scale * image_to_text, labels)
+                + F.cross_entropy(out.scale * text_to_image, labels)
+            )
+            / 2
+        }
+
+    def _similarity(self, images, p, texts, q) -> torch.Tensor:
+        """Minus the OT cost between every listing's image views (rows) and every
+        listing's text views (columns)."""
+        cost = 1 - torch.einsum("ivd,jwd->ijvw", images, texts)  # [Bi, Bt, Vi, Vt]
+        return -entropic_ot_cost(cost, p, q, self.epsilon, self.iterations)
 
 
 def entropic_ot_cost(

@@ -276,7 +276,7 @@ class Trainer:
             members = order[first : first + self.global_batch]
             if len(members) < 2 * distributed.world_size():
                 continue  # a contrastive step needs negatives on every rank
-            members = distributed.local_slice(members, self.config.batch_size)
+            members = distributed.local_slice(members)
             terms = self._step(self._batch(members))
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value
@@ -299,14 +299,14 @@ class Trainer:
             for slot, i in enumerate(members)
             if self.queries_by_listing.get(i)
         ]
-        features = self.data.queries["train"].features
-        if not picked:
+        if not self.queries_by_listing:  # no training queries at all: no query term
             return Batch(images, texts)
-        return Batch(
+        features = self.data.queries["train"].features
+        return Batch(  # possibly zero rows: every rank must take part in the query term
             images,
             texts,
-            torch.from_numpy(features[[q for _, q in picked]]),
-            torch.tensor([slot for slot, _ in picked]),
+            torch.from_numpy(features[np.asarray([q for _, q in picked], dtype=np.int64)]),
+            torch.tensor([slot for slot, _ in picked], dtype=torch.long),
         )
 
     def _step(self, batch: Batch) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) give the same loss and gradients as one process on the same
-global batch: embeddings are gathered across ranks and DDP averages the gradients."""
+global batch: embeddings are gathered across ranks and DDP averages the gradients, also
+when the ranks hold different numbers of queries (or none)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,16 @@ from components.model import KIND, ListingModel, Views
 from components.objectives import Batch, build_objective
 
 pytestmark = pytest.mark.integration
-GLOBAL_BATCH, QUERIES_PER_RANK = 8, 3
+GLOBAL_BATCH = 8
+# Queries per rank; each rank's queries point at listings of its own half of the batch.
+QUERY_TARGETS = {
+    "even": ([0, 1, 3], [4, 6, 7]),
+    "uneven": ([0, 1, 2, 3], [5, 6]),
+    "one rank has none": ([0, 1, 2, 3, 1, 2], []),
+}
 
 
-def _global_batch() -> Batch:
+def _global_batch(queries: str) -> Batch:
     generator = torch.Generator().manual_seed(11)
     images = Views(
         torch.randn(GLOBAL_BATCH, 3, 12, generator=generator),
@@ -31,10 +38,9 @@ def _global_batch() -> Batch:
         torch.ones(GLOBAL_BATCH, 2, dtype=torch.bool),
         torch.full((GLOBAL_BATCH, 2), KIND["title"]),
     )
-    queries = torch.randn(2 * QUERIES_PER_RANK, 8, generator=generator)
-    # rank r's queries point at listings of rank r's half
-    targets = torch.tensor([0, 1, 3, 4, 6, 7])
-    return Batch(images, texts, queries, targets)
+    targets = torch.tensor([t for rank_targets in QUERY_TARGETS[queries] for t in rank_targets])
+    features = torch.randn(len(targets), 8, generator=generator)
+    return Batch(images, texts, features, targets)
 
 
 def _model() -> ListingModel:
@@ -52,14 +58,15 @@ def _loss_and_grads(model, objective, batch):
     }
 
 
-def _worker(rank: int, world: int, port: int, name: str, results) -> None:
+def _worker(rank: int, world: int, port: int, name: str, queries: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        full = _global_batch()
+        full = _global_batch(queries)
         half = GLOBAL_BATCH // world
         rows = slice(rank * half, (rank + 1) * half)
-        queries = slice(rank * QUERIES_PER_RANK, (rank + 1) * QUERIES_PER_RANK)
+        before = sum(len(t) for t in QUERY_TARGETS[queries][:rank])
+        queries = slice(before, before + len(QUERY_TARGETS[queries][rank]))
         local = Batch(
             Views(full.images.features[rows], full.images.mask[rows], full.images.kinds[rows]),
             Views(full.texts.features[rows], full.texts.mask[rows], full.texts.kinds[rows]),
@@ -76,10 +83,20 @@ def _worker(rank: int, world: int, port: int, name: str, results) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["factorized", "single_view", "pairwise"])
-def test_two_processes_match_one_on_the_same_global_batch(name):
+@pytest.mark.parametrize(
+    ("name", "queries"),
+    [
+        ("factorized", "even"),
+        ("factorized", "uneven"),
+        ("factorized", "one rank has none"),
+        ("single_view", "even"),
+        ("pairwise", "even"),
+        ("sinkhorn", "uneven"),
+    ],
+)
+def test_two_processes_match_one_on_the_same_global_batch(name, queries):
     objective = build_objective(name, aux_samples=2, epsilon=0.1, iterations=10)
-    single_loss, single_grads = _loss_and_grads(_model(), objective, _global_batch())
+    single_loss, single_grads = _loss_and_grads(_model(), objective, _global_batch(queries))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -87,7 +104,7 @@ def test_two_processes_match_one_on_the_same_global_batch(name):
     results = context.SimpleQueue()
 
     mp.start_processes(
-        _worker, args=(2, port, name, results), nprocs=2, join=True, start_method="spawn"
+        _worker, args=(2, port, name, queries, results), nprocs=2, join=True, start_method="spawn"
     )
     loss, grads = results.get()
 
