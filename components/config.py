@@ -146,6 +146,15 @@ class TrainConfig(Section):
     )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of queries for val.")
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of queries for test.")
+    finetune_blocks: int = Field(
+        0,
+        ge=0,
+        description="Fine-tune the last N blocks of the image backbone from the catalog's "
+        "photos (0: train on the cached frozen features). Meant for GPU.",
+    )
+    finetune_lr: float = Field(
+        1e-4, gt=0.0, description="Peak learning rate of the fine-tuned backbone blocks."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     ks: list[int] = Field([1, 10, 50], description="Recall@K cut-offs reported on val.")

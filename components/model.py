@@ -107,12 +107,16 @@ class ListingModel(nn.Module):
         image_share: float = 0.5,
         temperature: float = 0.07,
         learn_temperature: bool = True,
+        image_tail: nn.Module | None = None,
     ) -> None:
+        """`image_tail`, when given, is the trainable end of the image backbone: image
+        inputs are then its input activations, which it turns into `image_dim` features."""
         super().__init__()
         if not 0.0 < alpha <= 1.0 or not 0.0 <= image_share <= 1.0:
             raise ValueError(
                 f"alpha must be in (0, 1] and image_share in [0, 1], got {alpha}, {image_share}"
             )
+        self.image_tail = image_tail
         self.image = Adapter(image_dim, dim, hidden, dropout)
         self.text = Adapter(text_dim, dim, hidden, dropout)
         self.alpha = alpha
@@ -144,13 +148,14 @@ class ListingModel(nn.Module):
             self.alpha,
         )
 
-    def embed_views(self, views: Views, adapter: nn.Module) -> torch.Tensor:
-        return adapter(views.features, views.kinds)
+    def image_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Image view features: the inputs, or the tuned backbone tail applied to them."""
+        return inputs if self.image_tail is None else self.image_tail(inputs)
 
     def modality_means(self, images: Views, texts: Views):
         """Unit view embeddings and the marginal-weighted mean per modality."""
-        image_emb = self.embed_views(images, self.image)
-        text_emb = self.embed_views(texts, self.text)
+        image_emb = self.image(self.image_features(images.features), images.kinds)
+        text_emb = self.text(texts.features, texts.kinds)
         image_mean = weighted_mean(image_emb, marginal_weights(images.mask, self.alpha))
         text_mean = weighted_mean(text_emb, marginal_weights(texts.mask, self.alpha))
         return image_emb, text_emb, image_mean, text_mean
@@ -173,5 +178,6 @@ class ListingModel(nn.Module):
         """A query photo is embedded as a primary photo: that view type is trained by every
         objective (there are no image queries to train a kind of their own on)."""
         return self.image(
-            features, torch.full(features.shape[:1], KIND["primary_image"], device=features.device)
+            self.image_features(features),
+            torch.full(features.shape[:1], KIND["primary_image"], device=features.device),
         )

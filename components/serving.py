@@ -51,14 +51,17 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
 
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         self.device = encoders.pick_device("auto")
-        self.model = ListingModel(**spec["model"])
+        # with a fine-tuned backbone, the encoder stops where the model's own tail begins
+        tuned = spec.get("finetune_blocks", 0)
+        self.image_encoder = encoders.IMAGE_ENCODERS[spec["image_encoder"]](
+            self.device, spec["image_size"], tuned_blocks=tuned
+        )
+        tail = self.image_encoder.tail() if tuned else None
+        self.model = ListingModel(**spec["model"], image_tail=tail)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
         self.model.to(self.device).eval()
         self.text_views = spec["text_views"]
-        self.image_encoder = encoders.IMAGE_ENCODERS[spec["image_encoder"]](
-            self.device, spec["image_size"]
-        )
         self.text_encoder = encoders.TEXT_ENCODERS[spec["text_encoder"]](self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:

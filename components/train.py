@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from components import distributed, serving, tracking
+from components import distributed, finetune, serving, tracking
 from components.batching import pad_views
 from components.config import StepPaths, TrainConfig
 from components.encoders import autocast, pick_device
@@ -59,10 +59,20 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     features_manifest = read_manifest(featurize_dir)
     out = paths.step_dir(STEP)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / finetune.ACTIVATIONS_DIR).mkdir(exist_ok=True)
     data = load_training_data(
         featurize_dir, features_manifest, config.val_fraction, config.test_fraction
     )
     device = distributed.init_if_launched(config.device != "cpu") or pick_device(config.device)
+    tail = None
+    if config.finetune_blocks:
+        encoder = finetune.image_encoder(
+            encoder_spec(features_manifest), config.finetune_blocks, device
+        )
+        data = finetune.with_activations(
+            data, encoder, paths.catalog, out / finetune.ACTIVATIONS_DIR
+        )
+        tail = encoder.tail()
     main = distributed.is_main()
     if not main:
         logging.getLogger("components").setLevel(logging.WARNING)  # rank 0 speaks
@@ -75,9 +85,13 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
         len(data.held_out_views["val"].relevant),
         len(data.held_out_views["test"].relevant),
     )
-    model = build_model(config, data).to(device)
+    model = build_model(config, data, tail).to(device)
+    lineage = {"featurize": features_manifest["outputs"], "seed": paths.seed}
     trainer = Trainer(config, data, model, device, paths.seed)
-    start_epoch = trainer.resume(out / CHECKPOINT)
+    start_epoch = trainer.resume(out / CHECKPOINT, lineage)
+    if trainer.finished and (done := _already_recorded(out, config, lineage)) is not None:
+        log.info("%s", done.summary)
+        return done
     tracked = tracking.training_run if main else tracking.no_run
     with tracked(paths, config, features_manifest, resumed=start_epoch > 0) as run_:
         history = trainer.fit(start_epoch, out, run_)
@@ -95,13 +109,32 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     return TrainResult(out_dir=out, best=best, summary=summary)
 
 
+def _already_recorded(out: Path, config: TrainConfig, lineage: dict) -> TrainResult | None:
+    """The result of a finished run with these params and inputs, so that running the step
+    again registers no new model version; None when there is none to reuse."""
+    try:
+        manifest = read_manifest(out)
+    except FileNotFoundError:
+        return None
+    same_params = manifest.get("params") == config.model_dump(mode="json")
+    if not same_params or manifest.get("inputs") != lineage:
+        return None
+    version = manifest["registered_model"]["version"]
+    summary = f"{manifest['summary']} (already trained and registered as version {version})"
+    return TrainResult(out_dir=out, best=manifest["best"], summary=summary)
+
+
 def _record(config, paths, data, features_manifest, history, best, run_, timer, summary):
     """Rank 0: history, metrics, MLflow summary and registration, the manifest."""
     out = paths.step_dir(STEP)
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
     (out / METRICS_FILE).write_text(json.dumps(best, indent=2) + "\n")
     run_.log_summary(best, out / HISTORY_FILE, history)
-    spec = {"model": model_spec(config, data), **encoder_spec(features_manifest)}
+    spec = {
+        "model": model_spec(config, data),
+        "finetune_blocks": config.finetune_blocks,
+        **encoder_spec(features_manifest),
+    }
     registered = serving.register(out / MODEL_FILE, spec, CHALLENGER, out)
     log.info(
         "train: registered %s version %s as @%s",
@@ -132,9 +165,11 @@ def _record(config, paths, data, features_manifest, history, best, run_, timer, 
 
 
 def model_spec(config: TrainConfig, data: TrainingData) -> dict:
-    """Everything needed to rebuild the model from its state dict."""
+    """Everything needed to rebuild the model from its state dict (with the encoder's
+    tail, when the backbone is fine-tuned: `finetune_blocks` in the serving spec)."""
+    pooled = finetune.POOLED_DIM if config.finetune_blocks else data.image_features.shape[1]
     return {
-        "image_dim": int(data.image_features.shape[1]),
+        "image_dim": int(pooled),
         "text_dim": int(data.text_features.shape[1]),
         "dim": config.dim,
         "hidden": config.hidden,
@@ -154,8 +189,10 @@ def encoder_spec(features_manifest: dict) -> dict:
     }
 
 
-def build_model(config: TrainConfig, data: TrainingData) -> ListingModel:
-    return ListingModel(**model_spec(config, data))
+def build_model(
+    config: TrainConfig, data: TrainingData, tail: torch.nn.Module | None = None
+) -> ListingModel:
+    return ListingModel(**model_spec(config, data), image_tail=tail)
 
 
 class Trainer:
@@ -181,14 +218,20 @@ class Trainer:
             config.sinkhorn_iterations,
         )
         self.rng = np.random.default_rng(seed)
+        tail = set(model.image_tail.parameters()) if model.image_tail is not None else set()
+        groups = [
+            {"params": [p for p in model.parameters() if p not in tail], "lr": config.lr},
+            {"params": list(tail), "lr": config.finetune_lr},
+        ]
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            [group for group in groups if group["params"]], weight_decay=config.weight_decay
         )
         self.global_batch = config.batch_size * distributed.world_size()
         self.steps_per_epoch = math.ceil(len(data.listing_ids) / self.global_batch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.queries_by_listing = data.train_queries_by_listing
         self.history: list[dict] = []
+        self.lineage: dict = {}
         self.seconds_per_step = 0.0
 
     def _lr_factor(self, step: int) -> float:
@@ -199,13 +242,27 @@ class Trainer:
         progress = (step - warmup) / max(1.0, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    def resume(self, checkpoint: Path) -> int:
-        """Load the last checkpoint if there is one; return the epoch to start from."""
+    @property
+    def finished(self) -> bool:
+        """Every epoch done, or stopped early: nothing is left to train."""
+        return len(self.history) >= self.config.epochs or (
+            bool(self.history) and _epochs_since_best(self.history) >= self.config.patience
+        )
+
+    def resume(self, checkpoint: Path, lineage: dict) -> int:
+        """Load the last checkpoint if it was made with the same params from the same
+        features and seed; return the epoch to start from."""
+        self.lineage = lineage
         if not checkpoint.is_file():
             return 0
         state = torch.load(checkpoint, map_location=self.device, weights_only=False)
         if state["config"] != self.config.model_dump():
             log.info("train: checkpoint %s has other params; starting afresh", checkpoint)
+            return 0
+        if state.get("lineage") != lineage:
+            log.info(
+                "train: checkpoint %s is from other features or seed; starting afresh", checkpoint
+            )
             return 0
         try:
             self.model.load_state_dict(state["model"])
@@ -331,6 +388,7 @@ class Trainer:
         state = {
             "epoch": epoch,
             "config": self.config.model_dump(),
+            "lineage": self.lineage,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),

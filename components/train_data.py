@@ -38,6 +38,7 @@ class QuerySet:
     features: np.ndarray  # [Q, F]
     relevant: list[set[int]]
     ids: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # rows of the features in their table
 
 
 @dataclass
@@ -50,6 +51,8 @@ class TrainingData:
     queries: dict[str, QuerySet]  # split -> text queries
     held_out_views: dict[str, QuerySet]  # "val" / "test" -> held-out image views
     splits: pa.Table  # what was decided, for the record
+    image_keys: list[str] = field(default_factory=list)  # content key of each image row
+    image_refs: list[str] = field(default_factory=list)  # a catalog reference for each row
 
     @property
     def train_queries_by_listing(self) -> dict[int, list[int]]:
@@ -110,9 +113,11 @@ def load_training_data(
         split: QuerySet(
             _take(image_features, [r for r, _ in held_rows[split]]),
             [{i} for _, i in held_rows[split]],
+            rows=[r for r, _ in held_rows[split]],
         )
         for split in ("val", "test")
     }
+    ref_of = {view["key"]: view["ref"] for view in views if view["modality"] == "image"}
     return TrainingData(
         listing_ids=listing_ids,
         image_features=image_features,
@@ -125,6 +130,8 @@ def load_training_data(
         },
         held_out_views=held_out,
         splits=pa.Table.from_pylist(split_rows + query_split_rows),
+        image_keys=list(image_keys),
+        image_refs=[ref_of[key] for key in image_keys],
     )
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -11,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from components import catalog, featurize, train, train_data, validate
+from components import catalog, featurize, finetune, train, train_data, validate
+from components.catalog_io import decode_image
 from components.config import (
     CatalogConfig,
     FeaturizeConfig,
@@ -176,3 +180,109 @@ def test_a_checkpoint_that_no_longer_fits_the_model_is_not_resumed(featurized, t
 
     history = json.loads((result.out_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(TINY.epochs))
+
+
+def test_running_a_finished_training_again_registers_nothing_new(featurized, tmp_path):
+    paths = _fresh(featurized, tmp_path, "again")
+    first = train.run(TINY, paths)
+    version = read_manifest(first.out_dir)["registered_model"]["version"]
+
+    second = train.run(TINY, paths)
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=paths.mlflow_uri)
+    assert [str(v.version) for v in client.search_model_versions("name='listing-encoder'")] == [
+        version
+    ]
+    assert len(client.search_runs([read_manifest(first.out_dir)["mlflow"]["experiment_id"]])) == 1
+    assert second.best == first.best
+    assert f"already trained and registered as version {version}" in second.summary
+
+
+def test_a_checkpoint_from_another_seed_is_not_resumed(featurized, tmp_path):
+    paths = _fresh(featurized, tmp_path, "reseeded")
+    short = TINY.model_copy(update={"epochs": 2})
+    train.run(short, paths)
+    other_seed = StepPaths(paths.workdir, paths.catalog, paths.tracking_uri, seed=4)
+
+    result = train.run(short, other_seed)
+
+    history = json.loads((result.out_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert read_manifest(result.out_dir)["inputs"]["seed"] == 4
+    assert read_manifest(result.out_dir)["registered_model"]["version"] == "2"
+
+
+def test_fine_tuning_the_backbone_tail_trains_it_and_the_served_model_uses_it(featurized, tmp_path):
+    paths = _fresh(featurized, tmp_path, "tuned")
+    config = TINY.model_copy(update={"finetune_blocks": 1, "epochs": 2, "finetune_lr": 1e-3})
+
+    result = train.run(config, paths)
+
+    state = torch.load(result.out_dir / train.MODEL_FILE, weights_only=True)
+    spec = read_manifest(result.out_dir)["model"]
+    encoder = finetune.image_encoder(spec, 1, torch.device("cpu"))
+    pretrained = encoder.tail().state_dict()
+    tail_keys = [k for k in state if k.startswith("image_tail.")]
+    assert tail_keys and spec["finetune_blocks"] == 1
+    assert any(
+        not torch.equal(state[k], pretrained[k.removeprefix("image_tail.")])
+        for k in tail_keys
+        if state[k].is_floating_point()
+    )
+    # the served model runs the frozen part on the raw photo, then the trained tail
+    catalog_dir = paths.step_dir("catalog").resolve()
+    photo = pq.read_table(catalog_dir / "listings.parquet").to_pylist()[0]["image_uris"][0]
+    mlflow.set_tracking_uri(paths.mlflow_uri)
+    served = mlflow.pyfunc.load_model("models:/listing-encoder@challenger")
+    embedding = served.predict(
+        pd.DataFrame([{"kind": "image_query", "image_uri": (catalog_dir / photo).as_uri()}])
+    )
+    model = train.ListingModel(**spec["model"], image_tail=encoder.tail())
+    model.load_state_dict(state)
+    model.eval()
+    image = decode_image((catalog_dir / photo).read_bytes(), photo)
+    activations = torch.from_numpy(encoder.encode([image]))
+    expected = model.embed_image_queries(activations).detach().numpy()
+    np.testing.assert_allclose(embedding, expected, atol=1e-4)
+    untuned = train.ListingModel(**spec["model"], image_tail=encoder.tail())
+    untuned.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith("image_tail.")}, strict=False
+    )
+    untuned.eval()
+    assert not np.allclose(
+        untuned.embed_image_queries(activations).detach().numpy(), expected, atol=1e-4
+    )
+
+
+def test_torchrun_with_two_processes_trains_and_rank_zero_alone_records(featurized, tmp_path):
+    # Given 60 listings and 16 per rank: global batches of 32 and 28, the last split 14/14
+    paths = _fresh(featurized, tmp_path, "torchrun")
+    overrides = {
+        "paths.workdir": str(paths.workdir),
+        "train.epochs": 3,
+        "train.batch_size": 16,
+        "train.hidden": 128,
+        "train.dim": 64,
+        "train.device": "cpu",
+        "train.val_fraction": 0.2,
+        "train.test_fraction": 0.2,
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "components", "train"]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MLFLOW_TRACKING_URI": paths.mlflow_uri, "OMP_NUM_THREADS": "1"},
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = read_manifest(paths.step_dir("train"))
+    assert manifest["counts"]["processes"] == 2 and manifest["counts"]["epochs"] == 3
+    assert done.stdout.count("train: factorized on cpu x2") == 1  # one summary, from rank 0
+    client = mlflow.tracking.MlflowClient(tracking_uri=paths.mlflow_uri)
+    assert len(client.search_runs([manifest["mlflow"]["experiment_id"]])) == 1
