@@ -2,9 +2,11 @@
 
 Synthetic frozen features (1280-d image, 384-d text), a fixed batch of listings, V views
 per listing split evenly between images and texts. Each (objective, V) runs in its own
-process so its peak memory is its own. Prints a table with t(V)/t(2).
+process so its peak memory is its own. Prints a table with t(V)/t(2). On a GPU
+(`--device cuda`, the default when one is visible) steps run under the train step's bf16
+autocast, are timed after a CUDA synchronise, and peak memory is the GPU's.
 
-    .venv/bin/python benchmarks/train_views.py [--batch 128] [--steps 10]
+    .venv/bin/python benchmarks/train_views.py [--batch 128] [--steps 10] [--device cpu]
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ OBJECTIVES = ("single_view", "factorized", "pairwise", "sinkhorn")
 VIEWS = (2, 4, 8, 16)
 
 
-def measure(objective: str, views: int, batch: int, steps: int) -> dict:
+def measure(objective: str, views: int, batch: int, steps: int, device_name: str) -> dict:
     import numpy as np
     import torch
 
     from components.batching import ListingViews, pad_views
+    from components.encoders import autocast, pick_device
     from components.model import KIND, ListingModel
     from components.objectives import Batch, build_objective
 
@@ -45,7 +48,8 @@ def measure(objective: str, views: int, batch: int, steps: int) -> dict:
         )
         for i in range(batch)
     ]
-    model = ListingModel(1280, 384, dim=256, hidden=1024)
+    device = pick_device(device_name)
+    model = ListingModel(1280, 384, dim=256, hidden=1024).to(device)
     loss_fn = build_objective(objective, aux_samples=1, epsilon=0.05, iterations=20)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -53,23 +57,35 @@ def measure(objective: str, views: int, batch: int, steps: int) -> dict:
         data = Batch(
             pad_views(image_table, images, loss_fn.aux_views, rng),
             pad_views(text_table, texts, loss_fn.aux_views, rng),
-        )
-        loss = sum(loss_fn(model(data.images, data.texts), data).values())
+        ).to(device)
+        with autocast(device):
+            loss = sum(loss_fn(model(data.images, data.texts), data).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    step()  # warm-up
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):  # warm-up (CUDA kernels, allocator)
+        step()
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize()
     seconds = (time.perf_counter() - start) / steps
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "objective": objective,
         "views": views,
         "step_ms": seconds * 1000,
-        "peak_rss_mb": peak_mb,
+        "peak_mb": peak_mb,
+        "device": str(device),
     }
 
 
@@ -77,10 +93,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--one", nargs=2, metavar=("OBJECTIVE", "V"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.batch, args.steps)))
+        objective, views = args.one
+        print(json.dumps(measure(objective, int(views), args.batch, args.steps, args.device)))
         return
     rows = []
     for objective in OBJECTIVES:
@@ -96,22 +114,26 @@ def main() -> None:
                     str(args.batch),
                     "--steps",
                     str(args.steps),
+                    "--device",
+                    args.device,
                 ],
                 check=True,
                 capture_output=True,
                 text=True,
             ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
+    device = rows[0]["device"]
+    memory = "peak GPU MB" if device.startswith("cuda") else "peak RSS MB"
     print(
-        f"batch {args.batch} listings, {args.steps} timed steps, CPU threads: "
+        f"batch {args.batch} listings, {args.steps} timed steps, device {device}, CPU threads: "
         f"{__import__('torch').get_num_threads()}"
     )
-    print(f"{'objective':<12} {'V':>3} {'ms/step':>9} {'t(V)/t(2)':>10} {'peak RSS MB':>12}")
+    print(f"{'objective':<12} {'V':>3} {'ms/step':>9} {'t(V)/t(2)':>10} {memory:>12}")
     for row in rows:
         base = next(r for r in rows if r["objective"] == row["objective"] and r["views"] == 2)
         print(
             f"{row['objective']:<12} {row['views']:>3} {row['step_ms']:>9.1f} "
-            f"{row['step_ms'] / base['step_ms']:>10.2f} {row['peak_rss_mb']:>12.0f}"
+            f"{row['step_ms'] / base['step_ms']:>10.2f} {row['peak_mb']:>12.0f}"
         )
 
 
