@@ -46,21 +46,15 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
     """Frozen encoders + trained adapters: raw listing/query rows in, embeddings out."""
 
     def load_context(self, context) -> None:
-        from components import encoders
-        from components.model import ListingModel
+        from components import encoders, model_io
 
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         self.device = encoders.pick_device("auto")
+        self.model = model_io.build_model(spec, Path(context.artifacts["weights"]), self.device)
         # with a fine-tuned backbone, the encoder stops where the model's own tail begins
-        tuned = spec.get("finetune_blocks", 0)
         self.image_encoder = encoders.IMAGE_ENCODERS[spec["image_encoder"]](
-            self.device, spec["image_size"], tuned_blocks=tuned
+            self.device, spec["image_size"], tuned_blocks=spec.get("finetune_blocks", 0)
         )
-        tail = self.image_encoder.tail() if tuned else None
-        self.model = ListingModel(**spec["model"], image_tail=tail)
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state)
-        self.model.to(self.device).eval()
         self.text_views = spec["text_views"]
         self.text_encoder = encoders.TEXT_ENCODERS[spec["text_encoder"]](self.device)
 
@@ -135,7 +129,9 @@ def _load_image(uri: str):
 def register(weights: Path, spec: dict, alias: str, work: Path) -> dict:
     """Log the pyfunc in the active MLflow run, register a new version of
     `listing-encoder`, and point `alias` at it. Returns name, version and URI."""
-    spec_path = work / "model_spec.json"
+    from components.model_io import SPEC_FILE
+
+    spec_path = work / SPEC_FILE
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     info = mlflow.pyfunc.log_model(
         name="model",

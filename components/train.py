@@ -9,6 +9,7 @@ Early stopping and model selection use the validation split only, never the test
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from components import distributed, finetune, serving, tracking
+from components import distributed, finetune, model_io, serving, tracking
 from components.batching import pad_views
 from components.config import StepPaths, TrainConfig
 from components.encoders import autocast, pick_device
@@ -33,7 +34,7 @@ from components.train_data import QuerySet, TrainingData, load_training_data
 
 STEP = "train"
 SPLITS_FILE = "splits.parquet"
-MODEL_FILE = "model.pt"
+MODEL_FILE = model_io.WEIGHTS_FILE
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"  # the best epoch's validation metrics (DVC metrics)
 CHECKPOINT = "checkpoints/last.pt"
@@ -86,7 +87,7 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
         len(data.held_out_views["test"].relevant),
     )
     model = build_model(config, data, tail).to(device)
-    lineage = {"featurize": features_manifest["outputs"], "seed": paths.seed}
+    lineage = {"featurize": features_manifest["outputs"], "seed": paths.seed, "code": code_hash()}
     trainer = Trainer(config, data, model, device, paths.seed)
     start_epoch = trainer.resume(out / CHECKPOINT, lineage)
     if trainer.finished and (done := _already_recorded(out, config, lineage)) is not None:
@@ -95,6 +96,8 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     tracked = tracking.training_run if main else tracking.no_run
     with tracked(paths, config, features_manifest, resumed=start_epoch > 0) as run_:
         history = trainer.fit(start_epoch, out, run_)
+        if main:  # also when a resumed run had no epoch left (DVC removes outputs first)
+            torch.save(trainer.best_state, out / MODEL_FILE)
         best = max(history, key=lambda h: h["val/score"])
         summary = (
             f"train: {config.objective} on {device} x{distributed.world_size()}, best epoch "
@@ -104,9 +107,22 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
             f"{trainer.seconds_per_step * 1000:.0f} ms/step"
         )
         if main:
-            _record(config, paths, data, features_manifest, history, best, run_, timer, summary)
+            _record(config, paths, data, features_manifest, lineage, history, run_, timer, summary)
     log.info("%s", summary)
     return TrainResult(out_dir=out, best=best, summary=summary)
+
+
+TRAINING_CODE = ("train", "train_data", "model", "objectives", "batching", "finetune", "encoders")
+
+
+def code_hash() -> str:
+    """sha256 over the source of the modules that decide what training computes: a
+    checkpoint made by other code is not resumed."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in TRAINING_CODE:
+        digest.update((here / f"{name}.py").read_bytes())
+    return digest.hexdigest()
 
 
 def _already_recorded(out: Path, config: TrainConfig, lineage: dict) -> TrainResult | None:
@@ -124,9 +140,10 @@ def _already_recorded(out: Path, config: TrainConfig, lineage: dict) -> TrainRes
     return TrainResult(out_dir=out, best=manifest["best"], summary=summary)
 
 
-def _record(config, paths, data, features_manifest, history, best, run_, timer, summary):
+def _record(config, paths, data, features_manifest, lineage, history, run_, timer, summary):
     """Rank 0: history, metrics, MLflow summary and registration, the manifest."""
     out = paths.step_dir(STEP)
+    best = max(history, key=lambda h: h["val/score"])
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
     (out / METRICS_FILE).write_text(json.dumps(best, indent=2) + "\n")
     run_.log_summary(best, out / HISTORY_FILE, history)
@@ -147,7 +164,7 @@ def _record(config, paths, data, features_manifest, history, best, run_, timer, 
         step=STEP,
         params=config,
         timer=timer,
-        inputs={"featurize": features_manifest["outputs"], "seed": paths.seed},
+        inputs=lineage,
         outputs=describe_files(out, [SPLITS_FILE, MODEL_FILE, HISTORY_FILE, METRICS_FILE]),
         counts={
             "listings": len(data.listing_ids),
@@ -232,6 +249,7 @@ class Trainer:
         self.queries_by_listing = data.train_queries_by_listing
         self.history: list[dict] = []
         self.lineage: dict = {}
+        self.best_state: dict[str, torch.Tensor] = {}  # weights of the best epoch so far
         self.seconds_per_step = 0.0
 
     def _lr_factor(self, step: int) -> float:
@@ -278,6 +296,7 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
+        self.best_state = state["best_model"]
         log.info("train: resumed from %s after epoch %d", checkpoint, state["epoch"])
         return state["epoch"] + 1
 
@@ -302,11 +321,13 @@ class Trainer:
             run_.log_epoch(record)
             if record["val/score"] > best:
                 best, stale = record["val/score"], 0
-                if distributed.is_main():
-                    torch.save(self.model.state_dict(), out / MODEL_FILE)
+                self.best_state = {
+                    k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
+                }
             else:
                 stale += 1
             if distributed.is_main():
+                torch.save(self.best_state, out / MODEL_FILE)
                 self._checkpoint(out / CHECKPOINT, epoch)
             log.info(
                 "train: epoch %d loss %.4f val recall@10 %.3f",
@@ -395,6 +416,7 @@ class Trainer:
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
+            "best_model": self.best_state,
         }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)

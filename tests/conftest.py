@@ -131,3 +131,34 @@ def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     s3_client.cache_clear()
     yield s3_endpoint
     s3_client.cache_clear()
+
+
+LISTINGS = 60
+
+
+@pytest.fixture(scope="session")
+def featurized(tmp_path_factory):
+    """A 60-listing sample catalog, validated and featurized (96 px images) once per run."""
+    from components import catalog, featurize, validate
+    from components.config import CatalogConfig, FeaturizeConfig
+
+    work = tmp_path_factory.mktemp("work")
+    paths = StepPaths(
+        workdir=work, catalog=str(work / "catalog"), tracking_uri=f"sqlite:///{work / 'mlflow.db'}"
+    )
+    catalog.run(CatalogConfig(max_listings=LISTINGS), paths)
+    validate.run(ValidateConfig(workers=2), paths)
+    featurize.run(FeaturizeConfig(device="cpu", image_size=96, workers=2), paths)
+    return paths
+
+
+def fresh_paths(paths: StepPaths, tmp_path, name: str) -> StepPaths:
+    """Same catalog and features as `paths`, own later-step folders and MLflow store."""
+    work = tmp_path / name
+    work.mkdir()
+    (work / "featurize").symlink_to(paths.step_dir("featurize"))
+    (work / "catalog").symlink_to(paths.step_dir("catalog"))
+    (work / "validate").symlink_to(paths.step_dir("validate"))
+    return StepPaths(
+        workdir=work, catalog=paths.catalog, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", seed=3
+    )

@@ -14,20 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from components import catalog, featurize, finetune, train, train_data, validate
+from components import finetune, train, train_data
 from components.catalog_io import decode_image
-from components.config import (
-    CatalogConfig,
-    FeaturizeConfig,
-    StepPaths,
-    TrainConfig,
-    ValidateConfig,
-)
+from components.config import StepPaths, TrainConfig
 from components.manifest import read_manifest
+from tests.conftest import LISTINGS
+from tests.conftest import fresh_paths as _fresh
 
 pytestmark = pytest.mark.integration
 
-LISTINGS = 60
 TINY = TrainConfig(
     epochs=6,
     batch_size=16,
@@ -38,29 +33,6 @@ TINY = TrainConfig(
     val_fraction=0.2,
     test_fraction=0.2,
 )
-
-
-@pytest.fixture(scope="module")
-def featurized(tmp_path_factory):
-    work = tmp_path_factory.mktemp("work")
-    paths = StepPaths(
-        workdir=work, catalog=str(work / "catalog"), tracking_uri=f"sqlite:///{work / 'mlflow.db'}"
-    )
-    catalog.run(CatalogConfig(max_listings=LISTINGS), paths)
-    validate.run(ValidateConfig(workers=2), paths)
-    featurize.run(FeaturizeConfig(device="cpu", image_size=96, workers=2), paths)
-    return paths
-
-
-def _fresh(paths: StepPaths, tmp_path, name: str) -> StepPaths:
-    """Same features, own train folder and MLflow store."""
-    work = tmp_path / name
-    work.mkdir()
-    (work / "featurize").symlink_to(paths.step_dir("featurize"))
-    (work / "catalog").symlink_to(paths.step_dir("catalog"))
-    return StepPaths(
-        workdir=work, catalog=paths.catalog, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", seed=3
-    )
 
 
 def test_training_lowers_the_loss_and_beats_random_retrieval(featurized, tmp_path):
@@ -171,6 +143,11 @@ def test_a_checkpoint_that_no_longer_fits_the_model_is_not_resumed(featurized, t
         {
             "epoch": 4,
             "config": TINY.model_dump(),
+            "lineage": {
+                "featurize": read_manifest(paths.step_dir("featurize"))["outputs"],
+                "seed": paths.seed,
+                "code": train.code_hash(),
+            },
             "model": {"image.kind.weight": torch.zeros(99, 3)},
         },
         checkpoint,
@@ -286,3 +263,19 @@ def test_torchrun_with_two_processes_trains_and_rank_zero_alone_records(featuriz
     assert done.stdout.count("train: factorized on cpu x2") == 1  # one summary, from rank 0
     client = mlflow.tracking.MlflowClient(tracking_uri=paths.mlflow_uri)
     assert len(client.search_runs([manifest["mlflow"]["experiment_id"]])) == 1
+
+
+def test_a_finished_run_whose_outputs_were_removed_writes_them_again(featurized, tmp_path):
+    # DVC removes a stage's outputs before running it; the persisted checkpoint stays
+    paths = _fresh(featurized, tmp_path, "outs-removed")
+    first = train.run(TINY, paths)
+    weights = torch.load(first.out_dir / train.MODEL_FILE, weights_only=True)
+    for name in (train.MODEL_FILE, "manifest.json", "history.json"):
+        (first.out_dir / name).unlink()
+
+    second = train.run(TINY, paths)
+
+    again = torch.load(second.out_dir / train.MODEL_FILE, weights_only=True)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert second.best == first.best
+    assert read_manifest(second.out_dir)["registered_model"]["version"] == "2"

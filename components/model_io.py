@@ -1,0 +1,116 @@
+"""Loading a trained listing model: from the train step's output or from the MLflow registry.
+
+Both give the same thing: the `ListingModel` with its weights, the spec it was built
+from (model kwargs, encoders, `finetune_blocks`), and a reference that says which model
+it is (weights sha256, and the registered version and run where there is one), for the
+manifests of the steps that use it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from components.config import StepPaths
+from components.manifest import read_manifest, sha256_file
+from components.model import ListingModel
+
+SPEC_FILE = "model_spec.json"
+WEIGHTS_FILE = "model.pt"
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: ListingModel
+    spec: dict
+    reference: dict  # source, weights sha256, registered name/version/run where known
+
+
+def build_model(spec: dict, weights: Path, device: torch.device) -> ListingModel:
+    """The model of `spec` with the weights in `weights`, in eval mode on `device`."""
+    tail = None
+    if spec.get("finetune_blocks", 0):
+        from components import finetune
+
+        tail = finetune.image_encoder(spec, spec["finetune_blocks"], device).tail()
+    model = ListingModel(**spec["model"], image_tail=tail)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.to(device).eval()
+
+
+def load_model(uri: str | None, paths: StepPaths, device: torch.device) -> LoadedModel:
+    """`uri` None: the train step's model; else `models:/<name>@<alias>` or
+    `models:/<name>/<version>` from the MLflow registry at `paths.mlflow_uri`.
+
+    Raises:
+        ValueError: a malformed URI, or a registry entry that does not exist.
+        FileNotFoundError: no train step output when `uri` is None.
+    """
+    if uri is None:
+        return _from_train_step(paths, device)
+    match = _REGISTRY_URI.match(uri)
+    if match is None:
+        raise ValueError(
+            f"model {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>"
+        )
+    return _from_registry(uri, match, paths, device)
+
+
+def _from_train_step(paths: StepPaths, device: torch.device) -> LoadedModel:
+    train_dir = paths.step_dir("train")
+    manifest = read_manifest(train_dir)
+    weights = train_dir / WEIGHTS_FILE
+    reference = {
+        "source": str(train_dir),
+        "sha256": sha256_file(weights),
+        **{
+            key: manifest.get("registered_model", {}).get(key)
+            for key in ("name", "version", "alias")
+        },
+        "run_id": manifest.get("mlflow", {}).get("run_id"),
+    }
+    spec = manifest["model"]
+    return LoadedModel(build_model(spec, weights, device), spec, reference)
+
+
+def _from_registry(uri: str, match, paths: StepPaths, device: torch.device) -> LoadedModel:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(paths.mlflow_uri)
+    client = mlflow.MlflowClient()
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            version = client.get_model_version(match["name"], match["version"])
+    except MlflowException as err:
+        raise ValueError(f"model {uri!r} is not in the registry at {paths.mlflow_uri}") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        spec_path = _one(local, SPEC_FILE, uri)
+        weights = _one(local, WEIGHTS_FILE, uri)
+        spec = json.loads(spec_path.read_text())
+        model = build_model(spec, weights, device)
+        reference = {
+            "source": uri,
+            "sha256": sha256_file(weights),
+            "name": match["name"],
+            "version": str(version.version),
+            "alias": match["alias"],
+            "run_id": version.run_id,
+        }
+    return LoadedModel(model, spec, reference)
+
+
+def _one(root: Path, name: str, uri: str) -> Path:
+    found = sorted(root.rglob(name))
+    if not found:
+        raise ValueError(f"model {uri!r} has no {name} among its artifacts")
+    return found[0]
