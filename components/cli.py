@@ -48,6 +48,9 @@ STEPS = {
         Step("validate", "validate listings, quarantine bad rows, write the clean set", "validate"),
         Step("featurize", "encode every view and query with frozen encoders (cached)", "featurize"),
         Step("train", "train the multi-view model on cached features, track in MLflow", "train"),
+        Step("embed", "write one fused embedding per clean listing (streamed)", "embed"),
+        Step("index", "build the FAISS index of the listing embeddings", "index"),
+        Step("evaluate", "recall on the test split, champion comparison, recall gates", "evaluate"),
     )
 }
 
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StepFailed as err:
+        if err.report and _is_rank_zero():
+            print(err.report)
         print(f"error: {args.step} failed: {err}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as err:

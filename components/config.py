@@ -160,6 +160,73 @@ class TrainConfig(Section):
     ks: list[int] = Field([1, 10, 50], description="Recall@K cut-offs reported on val.")
 
 
+class EmbedConfig(Section):
+    model: str | None = Field(
+        None,
+        description="Model to embed with: null takes the train step's output; else a "
+        "registry URI such as models:/listing-encoder@champion or models:/listing-encoder/3.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
+    batch_size: int = Field(1024, ge=1, description="Listings per forward pass.")
+
+
+class IndexConfig(Section):
+    factory: str = Field(
+        "Flat",
+        description="FAISS index_factory string: Flat (exact), IVF{n},PQ{m}, HNSW32, ...",
+    )
+    nprobe: int | None = Field(
+        None, ge=1, description="IVF lists searched per query (null: faiss's default, 1)."
+    )
+    ef_search: int | None = Field(
+        None, ge=1, description="HNSW search breadth (null: faiss's default, 16)."
+    )
+    train_sample: int = Field(
+        100_000, ge=1, description="Most vectors sampled to train IVF/PQ types."
+    )
+    gpu: Literal["auto", "always", "never"] = Field(
+        "auto", description="Build on GPU: auto when faiss sees one; always fails without."
+    )
+
+
+class GatesConfig(Section):
+    min: dict[str, float] = Field(
+        {"query_to_listing/recall@10": 0.3, "view_to_listing/recall@10": 0.3},
+        description="Metric -> lowest allowed value (keys as in metrics.json).",
+    )
+    max_regression: dict[str, float] = Field(
+        {"query_to_listing/recall@10": 0.03, "view_to_listing/recall@10": 0.03},
+        description="Metric -> largest allowed drop below the champion's value.",
+    )
+    max_ann_loss: float | None = Field(
+        0.02,
+        ge=0.0,
+        description="Largest allowed drop of recall@10 through the index vs exact search "
+        "(null: no gate).",
+    )
+
+
+class EvaluateConfig(Section):
+    champion: str | None = Field(
+        "models:/listing-encoder@champion",
+        description="The model to compare with (null: none); absent on a first run.",
+    )
+    ks: list[int] = Field(
+        [1, 10, 50, 100, 500], description="Recall@K cut-offs (capped at the catalog size)."
+    )
+    bootstrap: int = Field(
+        1000, ge=10, description="Bootstrap resamples for the champion comparison's CI."
+    )
+    diagnostics_sample: int = Field(
+        1000, ge=10, description="Views per modality (and listings) sampled for diagnostics."
+    )
+    latency_queries: int = Field(
+        500, ge=1, description="Queries searched one at a time to measure index latency."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
+    gates: GatesConfig = GatesConfig()
+
+
 class Params(Section):
     seed: int = Field(0, description="Seed for every random choice of every step.")
     paths: PathsConfig = PathsConfig()
@@ -168,6 +235,9 @@ class Params(Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     featurize: FeaturizeConfig = FeaturizeConfig()
     train: TrainConfig = TrainConfig()
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
@@ -185,6 +255,9 @@ SECTIONS: dict[str, type[Section]] = {
     "validate": ValidateConfig,
     "featurize": FeaturizeConfig,
     "train": TrainConfig,
+    "embed": EmbedConfig,
+    "index": IndexConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

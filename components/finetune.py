@@ -52,14 +52,14 @@ def with_activations(
 ) -> TrainingData:
     """`data` with every image row (views and held-out views) replaced by the backbone's
     activations at the cut, computed for contents not in the store yet."""
-    store = FeatureStore(store_root, encoder.id, encoder.dim)
-    todo = [(k, r) for k, r in zip(data.image_keys, data.image_refs, strict=True) if k not in store]
-    if todo:
-        _encode(todo, encoder, CatalogRoot(catalog), store, batch_size, workers)
+    store = activation_store(encoder, store_root)
+    computed = ensure_activations(
+        store, encoder, data.image_keys, data.image_refs, catalog, batch_size, workers
+    )
     log.info(
         "train: backbone activations for %d images (%d computed, %d values each)",
         len(data.image_keys),
-        len(todo),
+        computed,
         encoder.dim,
     )
     table = store.get(data.image_keys)
@@ -68,6 +68,28 @@ def with_activations(
         for split, views in data.held_out_views.items()
     }
     return replace(data, image_features=table, held_out_views=held_out)
+
+
+def activation_store(encoder: encoders.ImageEncoder, store_root: Path) -> FeatureStore:
+    """The content-addressed store of `encoder`'s activations under `store_root`."""
+    return FeatureStore(store_root, encoder.id, encoder.dim)
+
+
+def ensure_activations(
+    store: FeatureStore,
+    encoder: encoders.ImageEncoder,
+    keys: list[str],
+    refs: list[str],
+    catalog: str,
+    batch_size: int = 64,
+    workers: int = 8,
+) -> int:
+    """Compute and store the activations of the images (content `keys`, catalog `refs`)
+    not in `store` yet; returns how many were computed."""
+    todo = list({k: r for k, r in zip(keys, refs, strict=True) if k not in store}.items())
+    if todo:
+        _encode(todo, encoder, CatalogRoot(catalog), store, batch_size, workers)
+    return len(todo)
 
 
 def _encode(todo, encoder, root: CatalogRoot, store: FeatureStore, batch_size, workers) -> None:

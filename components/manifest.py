@@ -121,3 +121,24 @@ def read_manifest(step_dir: Path) -> dict[str, Any]:
             f"{step_dir.name})"
         )
     return json.loads(path.read_text())
+
+
+def unchanged_manifest(
+    out_dir: Path, params: BaseModel, inputs: dict[str, Any], outputs: Iterable[str]
+) -> dict[str, Any] | None:
+    """The step's previous manifest when it was made with these params from these inputs
+    and its outputs are still what it wrote; None when the step must run."""
+    try:
+        manifest = read_manifest(out_dir)
+    except FileNotFoundError:
+        return None
+    if manifest.get("params") != params.model_dump(mode="json", by_alias=True):
+        return None
+    if manifest.get("inputs") != inputs:
+        return None
+    names = list(outputs)
+    if not all((out_dir / name).exists() for name in names):
+        return None
+    if describe_files(out_dir, names) != manifest.get("outputs"):
+        return None  # changed or damaged since it was written
+    return manifest

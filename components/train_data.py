@@ -68,8 +68,8 @@ def load_training_data(
 ) -> TrainingData:
     """Group views per listing, gather their features, and apply the splits."""
     views = pq.read_table(featurize_dir / "views.parquet").to_pylist()
-    image_store = _store(featurize_dir, manifest, "image")
-    text_store = _store(featurize_dir, manifest, "text")
+    image_store = modality_store(featurize_dir, manifest, "image")
+    text_store = modality_store(featurize_dir, manifest, "text")
     per_listing: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for view in views:
         per_listing[view["listing_id"]][view["modality"]].append(view)
@@ -139,7 +139,8 @@ def _take(features: np.ndarray, rows: list[int]) -> np.ndarray:
     return features[np.asarray(rows, dtype=np.int64)]
 
 
-def _store(featurize_dir: Path, manifest: dict, modality: str) -> FeatureStore:
+def modality_store(featurize_dir: Path, manifest: dict, modality: str) -> FeatureStore:
+    """The featurize step's feature store of one modality ("image" or "text")."""
     spec = manifest["encoders"][modality]
     return FeatureStore((featurize_dir / spec["store"]).parent, spec["id"], spec["dim"])
 

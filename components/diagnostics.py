@@ -1,0 +1,76 @@
+"""Embedding-space diagnostics. Pure functions over arrays.
+
+- modality gap: the Wasserstein-2 distance between the cloud of image-view embeddings and
+  the cloud of text-view embeddings (exact OT with uniform weights, POT);
+- alignment (mean squared distance of positive pairs) and uniformity (log of the mean
+  Gaussian potential over all pairs), after Wang & Isola (2020);
+- top-k retrieval under cosine, Euclidean or Manhattan scoring, computed chunk by chunk
+  so the score matrix is never whole in memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SCORINGS = ("cosine", "euclidean", "manhattan")
+
+
+def modality_gap(image_views: np.ndarray, text_views: np.ndarray) -> float:
+    """W2 between two point clouds [n, d] and [m, d] with uniform weights."""
+    import ot
+
+    if image_views.ndim != 2 or text_views.ndim != 2 or len(image_views) * len(text_views) == 0:
+        raise ValueError(
+            f"expected two non-empty [n, d] clouds, got {image_views.shape}, {text_views.shape}"
+        )
+    a = np.full(len(image_views), 1.0 / len(image_views))
+    b = np.full(len(text_views), 1.0 / len(text_views))
+    cost = ot.dist(image_views.astype(np.float64), text_views.astype(np.float64))
+    return float(np.sqrt(max(ot.emd2(a, b, cost), 0.0)))
+
+
+def alignment(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean squared Euclidean distance between matched rows of two [n, d] arrays."""
+    if a.shape != b.shape:
+        raise ValueError(f"alignment needs matched pairs, got {a.shape} and {b.shape}")
+    return float(np.mean(np.sum((a - b) ** 2, axis=1)))
+
+
+def uniformity(x: np.ndarray, t: float = 2.0) -> float:
+    """log E[exp(-t ||x_i - x_j||^2)] over distinct pairs (lower is more uniform)."""
+    if len(x) < 2:
+        raise ValueError("uniformity needs at least two points")
+    squared = np.sum((x[:, None, :] - x[None, :, :]) ** 2, axis=-1).astype(np.float64)
+    pairs = squared[np.triu_indices(len(x), k=1)]
+    return float(np.log(np.mean(np.exp(-t * pairs))))
+
+
+def scored_top_k(
+    queries: np.ndarray, items: np.ndarray, k: int, scoring: str = "cosine", chunk: int = 65536
+) -> np.ndarray:
+    """Indices [Q, k] of each query's k best items under `scoring` (dot product for
+    cosine on unit vectors; negative L2 or L1 distance), ties to the lower index."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    k = min(k, len(items))
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    best_scores = torch.full((len(q), 0), float("-inf"))
+    best_items = torch.zeros((len(q), 0), dtype=torch.long)
+    for start in range(0, len(items), chunk):
+        block = torch.from_numpy(np.ascontiguousarray(items[start : start + chunk], np.float32))
+        scores = _scores(q, block, scoring)
+        ids = torch.arange(start, start + len(block)).expand(len(q), -1)
+        best_scores = torch.cat([best_scores, scores], dim=1)
+        best_items = torch.cat([best_items, ids], dim=1)
+        # stable sort on score keeps the lower index first among equal scores
+        order = torch.sort(best_scores, dim=1, descending=True, stable=True).indices[:, :k]
+        best_scores = best_scores.gather(1, order)
+        best_items = best_items.gather(1, order)
+    return best_items.numpy()
+
+
+def _scores(q: torch.Tensor, block: torch.Tensor, scoring: str) -> torch.Tensor:
+    if scoring == "cosine":
+        return q @ block.T
+    return -torch.cdist(q, block, p=2.0 if scoring == "euclidean" else 1.0)

@@ -1,0 +1,104 @@
+"""Recall gates: pure functions from metrics (and the champion's) to pass/fail results.
+
+Three kinds, from `evaluate.gates` in params.yaml:
+- `min`: a metric must be at least the threshold;
+- `max_regression`: a metric may drop at most the threshold below the champion's
+  (passes with a note when there is no champion yet);
+- `max_ann_loss`: for each task, recall@10 through the index may be at most the
+  threshold below recall@10 of exact search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from components.config import GatesConfig
+
+TASKS = ("query_to_listing", "view_to_listing")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str  # e.g. "min:query_to_listing/recall@10"
+    metric: str
+    threshold: float
+    value: float | None  # the compared quantity (the metric, the drop, the loss)
+    passed: bool
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_gates(
+    metrics: dict[str, float], champion: dict[str, float] | None, gates: GatesConfig
+) -> list[GateResult]:
+    """Every configured gate, evaluated. A metric a gate names but `metrics` lacks fails
+    that gate with a note (a typo in params must not pass silently)."""
+    results = [_minimum(metrics, name, floor) for name, floor in gates.min.items()]
+    results += [
+        _regression(metrics, champion, name, limit) for name, limit in gates.max_regression.items()
+    ]
+    if gates.max_ann_loss is not None:
+        results += [_ann_loss(metrics, task, gates.max_ann_loss) for task in TASKS]
+    return results
+
+
+def failed(results: list[GateResult]) -> list[GateResult]:
+    return [result for result in results if not result.passed]
+
+
+def _minimum(metrics: dict, name: str, floor: float) -> GateResult:
+    value = metrics.get(name)
+    if value is None:
+        return GateResult(f"min:{name}", name, floor, None, False, "metric not computed")
+    note = "no test queries for this task" if _no_queries(metrics, name) else ""
+    return GateResult(f"min:{name}", name, floor, value, value >= floor, note)
+
+
+def _no_queries(metrics: dict, name: str) -> bool:
+    return metrics.get(name.split("/")[0] + "/queries") == 0
+
+
+def _regression(metrics: dict, champion: dict | None, name: str, limit: float) -> GateResult:
+    gate = f"max_regression:{name}"
+    value = metrics.get(name)
+    if value is None:
+        return GateResult(gate, name, limit, None, False, "metric not computed")
+    if champion is None:
+        return GateResult(gate, name, limit, None, True, "no champion yet")
+    if name not in champion:
+        return GateResult(gate, name, limit, None, False, "champion lacks the metric")
+    drop = champion[name] - value
+    note = f"champion {champion[name]:.4f}, challenger {value:.4f}"
+    return GateResult(gate, name, limit, drop, drop <= limit, note)
+
+
+def _ann_loss(metrics: dict, task: str, limit: float) -> GateResult:
+    exact, through_index = f"{task}/recall@10", f"{task}/index/recall@10"
+    gate = f"max_ann_loss:{task}"
+    if exact not in metrics or through_index not in metrics:
+        return GateResult(gate, through_index, limit, None, False, "metric not computed")
+    loss = metrics[exact] - metrics[through_index]
+    note = f"exact {metrics[exact]:.4f}, index {metrics[through_index]:.4f}"
+    return GateResult(gate, through_index, limit, loss, loss <= limit, note)
+
+
+def table(results: list[GateResult]) -> str:
+    """A readable table of the gates for logs and the terminal."""
+    lines = [f"{'gate':<48} {'value':>9} {'threshold':>10}  result  note"]
+    for r in results:
+        value = "-" if r.value is None else f"{r.value:.4f}"
+        verdict = "pass" if r.passed else "FAIL"
+        lines.append(f"{r.gate:<48} {value:>9} {r.threshold:>10.4f}  {verdict:<6}  {r.note}")
+    return "\n".join(lines)
+
+
+def failure_message(results: list[GateResult]) -> str:
+    """One line naming each failed gate with its value and threshold."""
+    parts = []
+    for r in failed(results):
+        value = "missing" if r.value is None else f"{r.value:.4f}"
+        bound = ">=" if r.gate.startswith("min:") else "<="
+        parts.append(f"{r.gate} = {value} (needs {bound} {r.threshold:.4f})")
+    return f"{len(parts)} gate(s) failed: " + "; ".join(parts)

@@ -1,0 +1,224 @@
+"""`index` step: a FAISS index over the fused listing embeddings.
+
+The index type is an `index_factory` string (`index.factory`: `Flat` exact; `IVF{n},PQ{m}`,
+`HNSW32`, ... approximate), inner product on unit vectors. Types that need training are
+trained on a seeded sample; vectors are added part by part. Built on a GPU when one is
+visible and faiss has GPU support (IVF and flat types), else on the CPU. Writes to
+`<workdir>/index/`:
+
+    index.faiss     the index; row i is listing i of ids.parquet
+    ids.parquet     the id map: listing_id per index row
+    manifest.json   factory, search params, size, build time, inputs
+
+A factory that does not fit the data (fewer vectors than IVF lists or PQ centroids, PQ
+sub-quantizers not dividing the dimension, a typo) is an error naming `index.factory`
+before any long work.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from components.config import IndexConfig, StepPaths
+from components.manifest import (
+    Timer,
+    describe_files,
+    read_manifest,
+    unchanged_manifest,
+    write_manifest,
+)
+
+STEP = "index"
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.parquet"
+OUTPUTS = (INDEX_FILE, IDS_FILE)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    out_dir: Path
+    summary: str
+
+
+def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
+    """Build the index of `<workdir>/embed` and save it with its id map."""
+    timer = Timer()
+    embed_dir = paths.step_dir("embed")
+    embedded = read_manifest(embed_dir)
+    out = paths.step_dir(STEP)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = {"embed": embedded["outputs"], "seed": paths.seed}
+    if (done := unchanged_manifest(out, config, inputs, OUTPUTS)) is not None:
+        summary = done["summary"] + " (unchanged: nothing rebuilt)"
+        log.info("%s", summary)
+        return IndexResult(out_dir=out, summary=summary)
+    parts = embedding_parts(embed_dir)
+    count, dim = _count_and_dim(parts)
+    index = new_index(config.factory, dim, count)
+    gpu = _maybe_to_gpu(index, config.gpu)
+    build_start = time.perf_counter()
+    if not index.is_trained:
+        sample = _sample(parts, count, config.train_sample, paths.seed)
+        log.info("index: training %s on %d of %d vectors", config.factory, len(sample), count)
+        gpu.train(sample)
+    _add(gpu, parts, count)
+    index = faiss.index_gpu_to_cpu(gpu) if gpu is not index else index
+    build_seconds = time.perf_counter() - build_start
+    apply_search_params(index, config.factory, search_params(config))
+    faiss.write_index(index, str(out / INDEX_FILE))
+    shutil.copyfile(embed_dir / "listing_ids.parquet", out / IDS_FILE)
+    size = (out / INDEX_FILE).stat().st_size
+    summary = (
+        f"index: {config.factory} over {count} x {dim} vectors, {size / 2**20:.1f} MiB, "
+        f"built in {build_seconds:.1f} s on {'GPU' if gpu is not index else 'CPU'}"
+    )
+    write_manifest(
+        out,
+        step=STEP,
+        params=config,
+        timer=timer,
+        inputs=inputs,
+        outputs=describe_files(out, OUTPUTS),
+        counts={"vectors": count, "dim": dim},
+        extra={
+            "summary": summary,
+            "build_seconds": build_seconds,
+            "index_bytes": size,
+            "search_params": search_params(config),
+            "gpu": gpu is not index,
+        },
+    )
+    log.info("%s", summary)
+    return IndexResult(out_dir=out, summary=summary)
+
+
+def embedding_parts(embed_dir: Path) -> list[Path]:
+    parts = sorted((embed_dir / "embeddings").glob("part-*.npy"))
+    if not parts:
+        raise FileNotFoundError(f"{embed_dir / 'embeddings'}: no embeddings; run the embed step")
+    return parts
+
+
+def _count_and_dim(parts: list[Path]) -> tuple[int, int]:
+    shapes = [np.load(part, mmap_mode="r").shape for part in parts]
+    dims = {shape[1] for shape in shapes}
+    if len(dims) != 1:
+        raise ValueError(f"embedding parts disagree on the dimension: {sorted(dims)}")
+    return sum(shape[0] for shape in shapes), dims.pop()
+
+
+def new_index(factory: str, dim: int, count: int) -> faiss.Index:
+    """An empty index of `factory` for `count` vectors of `dim`, checked to fit them.
+
+    Raises:
+        ValueError: naming `index.factory` and why it does not fit.
+    """
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0]
+        raise ValueError(
+            f"index.factory {factory!r} is not valid for dim {dim}: {reason}"
+        ) from None
+    needs = _training_points_needed(index)
+    if count < needs:
+        raise ValueError(
+            f"index.factory {factory!r} needs at least {needs} vectors to train "
+            f"({_needs_what(index)}), there are {count}: use fewer lists/centroids or Flat"
+        )
+    return index
+
+
+def _training_points_needed(index: faiss.Index) -> int:
+    """Training needs a point per IVF list and per PQ centroid (0 for Flat, HNSW)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    quantized = faiss.downcast_index(ivf if ivf is not None else index)
+    pq = getattr(quantized, "pq", None)
+    return max(ivf.nlist if ivf is not None else 0, pq.ksub if pq is not None else 0)
+
+
+def _needs_what(index: faiss.Index) -> str:
+    ivf = faiss.try_extract_index_ivf(index)
+    return f"{ivf.nlist} inverted lists" if ivf is not None else "its PQ centroids"
+
+
+def _maybe_to_gpu(index: faiss.Index, mode: str) -> faiss.Index:
+    """The index on GPU 0 when asked (auto: if faiss sees a GPU) and the type moves."""
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if mode == "never" or gpus == 0:
+        if mode == "always":
+            raise ValueError("index.gpu is 'always' but faiss sees no GPU (faiss-cpu build?)")
+        return index
+    try:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    except (RuntimeError, AttributeError) as err:
+        if mode == "always":
+            raise ValueError(
+                f"index.gpu is 'always' but this index type cannot move: {err}"
+            ) from err
+        log.info("index: building on CPU (%s)", str(err).splitlines()[0])
+        return index
+
+
+def _sample(parts: list[Path], count: int, size: int, seed: int) -> np.ndarray:
+    """A seeded sample of up to `size` vectors, read part by part."""
+    rows = np.sort(np.random.default_rng(seed).choice(count, min(size, count), replace=False))
+    taken, first = [], 0
+    for part in parts:
+        vectors = np.load(part, mmap_mode="r")
+        mine = rows[(rows >= first) & (rows < first + len(vectors))] - first
+        taken.append(np.ascontiguousarray(vectors[mine], dtype=np.float32))
+        first += len(vectors)
+    return np.concatenate(taken)
+
+
+def _add(index: faiss.Index, parts: list[Path], count: int) -> None:
+    with tqdm(total=count, desc="index: adding", unit="vec", mininterval=2) as progress:
+        for part in parts:
+            vectors = np.ascontiguousarray(np.load(part), dtype=np.float32)
+            index.add(vectors)
+            progress.update(len(vectors))
+
+
+def search_params(config: IndexConfig) -> dict[str, int]:
+    """The query-time parameters of the configured index type."""
+    params = {}
+    if config.nprobe is not None:
+        params["nprobe"] = config.nprobe
+    if config.ef_search is not None:
+        params["efSearch"] = config.ef_search
+    return params
+
+
+def apply_search_params(index: faiss.Index, factory: str, params: dict[str, int]) -> None:
+    """Set nprobe / efSearch where the index type has them (others are ignored)."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        if name == "nprobe" and faiss.try_extract_index_ivf(index) is None:
+            continue
+        if name == "efSearch" and "HNSW" not in factory:
+            continue
+        space.set_index_parameter(index, name, value)
+
+
+def load_index(index_dir: Path) -> tuple[faiss.Index, list[str], dict]:
+    """The saved index with its search params applied, its id map and its manifest."""
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(index_dir)
+    index = faiss.read_index(str(index_dir / INDEX_FILE))
+    apply_search_params(index, manifest["params"]["factory"], manifest["search_params"])
+    ids = pq.read_table(index_dir / IDS_FILE).column("listing_id").to_pylist()
+    if len(ids) != index.ntotal:
+        raise ValueError(f"{index_dir}: {index.ntotal} vectors but {len(ids)} ids in {IDS_FILE}")
+    return index, ids, manifest

@@ -1,0 +1,56 @@
+"""Diagnostics: modality gap, alignment, uniformity, and chunked top-k under three scorings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components.diagnostics import alignment, modality_gap, scored_top_k, uniformity
+
+
+def test_modality_gap_is_zero_for_one_cloud_and_the_shift_for_a_translated_one():
+    rng = np.random.default_rng(0)
+    cloud = rng.normal(size=(40, 8))
+    shift = np.full(8, 0.5)
+
+    assert modality_gap(cloud, cloud) == pytest.approx(0.0, abs=1e-6)
+    assert modality_gap(cloud, cloud + shift) == pytest.approx(np.linalg.norm(shift), rel=1e-6)
+    with pytest.raises(ValueError, match="non-empty"):
+        modality_gap(cloud[:0], cloud)
+
+
+def test_alignment_and_uniformity_on_known_points():
+    a = np.array([[1.0, 0.0], [0.0, 1.0]])
+    b = np.array([[0.0, 1.0], [0.0, 1.0]])
+
+    assert alignment(a, a) == 0.0
+    assert alignment(a, b) == pytest.approx(1.0)  # (2 + 0) / 2
+    # one pair at squared distance 2: log exp(-2 * 2)
+    assert uniformity(a) == pytest.approx(-4.0)
+    spread = np.eye(4)
+    bunched = np.tile([[1.0, 0.0, 0.0, 0.0]], (4, 1)) + 0.01 * np.eye(4)
+    assert uniformity(spread) < uniformity(bunched)
+
+
+@pytest.mark.parametrize("scoring", ["cosine", "euclidean", "manhattan"])
+def test_chunked_top_k_equals_a_full_sort(scoring):
+    rng = np.random.default_rng(1)
+    queries, items = rng.normal(size=(9, 6)), rng.normal(size=(50, 6))
+    if scoring == "cosine":
+        full = queries @ items.T
+    else:
+        p = 2 if scoring == "euclidean" else 1
+        full = -(np.sum(np.abs(queries[:, None] - items[None]) ** p, axis=-1) ** (1 / p))
+
+    got = scored_top_k(queries, items, 7, scoring, chunk=8)
+
+    want = np.argsort(-full, axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_ties_go_to_the_lower_index_and_k_is_capped():
+    items = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+
+    got = scored_top_k(np.array([[1.0, 0.0]]), items, 10, chunk=1)
+
+    assert got.tolist() == [[0, 1, 2]]

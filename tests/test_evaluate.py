@@ -1,0 +1,142 @@
+"""embed -> index -> evaluate on the tiny sample catalog, with MLflow on a sqlite file."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from components import embed, evaluate, index, model_io, train
+from components.cli import main
+from components.config import EmbedConfig, EvaluateConfig, GatesConfig, IndexConfig, TrainConfig
+from components.manifest import read_manifest
+from components.train_data import load_training_data
+from tests.conftest import fresh_paths
+
+pytestmark = pytest.mark.integration
+
+TINY = TrainConfig(
+    epochs=6, batch_size=16, hidden=128, dim=64, device="cpu", val_fraction=0.2, test_fraction=0.2
+)
+LENIENT = GatesConfig(
+    min={"query_to_listing/recall@10": 0.2, "view_to_listing/recall@10": 0.2},
+    max_regression={"query_to_listing/recall@10": 0.5, "view_to_listing/recall@10": 0.5},
+    max_ann_loss=0.0,
+)
+NO_CHAMPION = EvaluateConfig(champion=None, ks=[1, 10, 50, 500], bootstrap=200, gates=LENIENT)
+
+
+@pytest.fixture(scope="module")
+def indexed(featurized, tmp_path_factory):
+    paths = fresh_paths(featurized, tmp_path_factory.mktemp("evaluate"), "work")
+    train.run(TINY, paths)
+    embed.run(EmbedConfig(device="cpu", batch_size=7), paths)
+    index.run(IndexConfig(factory="HNSW32", ef_search=64), paths)
+    return paths
+
+
+def test_embed_fuses_every_listing_like_training_does(indexed):
+    out = indexed.step_dir("embed")
+    ids = pq.read_table(out / embed.IDS_FILE).column(0).to_pylist()
+    vectors = np.concatenate([np.load(p) for p in index.embedding_parts(out)])
+    featurize_dir = indexed.step_dir("featurize")
+    data = load_training_data(featurize_dir, read_manifest(featurize_dir), 0.2, 0.2)
+    model = model_io.load_model(None, indexed, torch.device("cpu")).model
+
+    reference = train.embed_all_listings(model, data, torch.device("cpu"))
+
+    assert vectors.dtype == np.float32 and vectors.shape == (len(data.listing_ids), TINY.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    order = [data.listing_ids.index(lid) for lid in ids]
+    np.testing.assert_allclose(vectors, reference[order], atol=1e-5)
+    manifest = read_manifest(out)
+    assert manifest["counts"]["held_out_views"] > 0 and manifest["counts"]["missing"] == 0
+
+
+def test_embedding_again_with_the_same_model_and_features_recomputes_nothing(indexed):
+    part = index.embedding_parts(indexed.step_dir("embed"))[0]
+    stamp = part.stat().st_mtime_ns
+
+    again = embed.run(EmbedConfig(device="cpu", batch_size=7), indexed)
+
+    assert "nothing recomputed" in again.summary
+    assert part.stat().st_mtime_ns == stamp
+
+
+def test_evaluate_writes_metrics_gates_plots_and_logs_to_the_training_run(indexed):
+    result = evaluate.run(NO_CHAMPION, indexed)
+
+    out = indexed.step_dir("evaluate")
+    metrics = json.loads((out / evaluate.METRICS_FILE).read_text())
+    for task in ("query_to_listing", "view_to_listing"):
+        for name in ("recall@1", "recall@10", "recall@500", "mrr", "ndcg@10"):
+            assert 0.0 <= metrics[f"{task}/{name}"] <= 1.0
+            assert f"{task}/index/{name}" in metrics
+        assert metrics[f"{task}/recall@500"] == 1.0  # K capped at the 60 listings
+        assert metrics[f"{task}/recall@10"] > 3 * 10 / 60  # far better than random
+    assert 0.0 <= metrics["index/ann_recall@10"] <= 1.0
+    assert metrics["index/latency_p99_ms"] >= metrics["index/latency_p50_ms"] > 0
+    assert metrics["diagnostics/modality_gap_w2"] > 0
+    assert (
+        metrics["diagnostics/query_to_listing/recall@10_cosine"]
+        == metrics["diagnostics/query_to_listing/recall@10_euclidean"]  # unit vectors
+    )
+    gate_rows = json.loads((out / evaluate.GATES_FILE).read_text())
+    assert {"gate", "metric", "threshold", "value", "passed"} <= set(gate_rows[0])
+    assert [g["passed"] for g in gate_rows if g["gate"].startswith("min:")] == [True, True]
+    assert (out / evaluate.PLOT_FILE).stat().st_size > 0
+    assert "min:query_to_listing/recall@10" in result.summary  # the gate table
+    run_id = read_manifest(indexed.step_dir("train"))["mlflow"]["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=indexed.mlflow_uri)
+    logged = client.get_run(run_id).data.metrics
+    assert logged["test/query_to_listing/recall_at_10"] == pytest.approx(
+        metrics["query_to_listing/recall@10"]
+    )
+    assert "plots/recall_at_k.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
+
+
+def test_the_challenger_is_compared_with_the_champion_on_the_same_split(indexed, tmp_path):
+    client = mlflow.MlflowClient(tracking_uri=indexed.mlflow_uri)
+    client.set_registered_model_alias("listing-encoder", "champion", "1")
+    config = NO_CHAMPION.model_copy(update={"champion": "models:/listing-encoder@champion"})
+
+    evaluate.run(config, indexed)
+
+    metrics = json.loads((indexed.step_dir("evaluate") / evaluate.METRICS_FILE).read_text())
+    for task in ("query_to_listing", "view_to_listing"):
+        # the champion is the same model here: no difference, on the very same queries
+        assert metrics[f"champion/{task}/recall@10"] == pytest.approx(metrics[f"{task}/recall@10"])
+        assert metrics[f"champion/{task}/delta_recall@10"] == 0.0
+        low = metrics[f"champion/{task}/delta_recall@10_ci_low"]
+        assert low <= 0.0 <= metrics[f"champion/{task}/delta_recall@10_ci_high"]
+    curves = json.loads((indexed.step_dir("evaluate") / evaluate.CURVES_FILE).read_text())
+    assert [row["k"] for row in curves] == [1, 10, 50, 500]
+    assert all("view_to_listing/champion" in row for row in curves)
+    client.delete_registered_model_alias("listing-encoder", "champion")
+
+
+def test_a_failing_gate_makes_the_cli_exit_non_zero_naming_the_gate(indexed, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", indexed.mlflow_uri)
+
+    code = main(
+        [
+            "evaluate",
+            "--set",
+            f"paths.workdir={indexed.workdir}",
+            "--set",
+            "evaluate.champion=null",
+            "--set",
+            "evaluate.gates.min.view_to_listing/recall@10=0.999",
+        ]
+    )
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "min:view_to_listing/recall@10" in captured.err and "needs >= 0.9990" in captured.err
+    assert "FAIL" in captured.out  # the gate table, on stdout
+    gate_rows = json.loads((indexed.step_dir("evaluate") / evaluate.GATES_FILE).read_text())
+    assert [g["gate"] for g in gate_rows if not g["passed"]] == ["min:view_to_listing/recall@10"]
