@@ -96,7 +96,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     _write_outputs(out, metrics, results, champion, config.ks, len(listing_ids))
     _log_to_mlflow(paths, challenger.reference, out, metrics)
     report = gates.table(results)
-    summary = _summary(metrics, results, challenger.reference, champion)
+    summary = _summary(metrics, results, champion)
     write_manifest(
         out,
         step=STEP,
@@ -381,7 +381,7 @@ def _log_to_mlflow(paths: StepPaths, reference: dict, out: Path, metrics: dict) 
         mlflow.log_artifact(str(out / GATES_FILE))
 
 
-def _summary(metrics, results, reference, champion) -> str:
+def _summary(metrics, results, champion) -> str:
     verdict = "all gates passed" if not gates.failed(results) else "GATES FAILED"
     against = f"champion v{champion['reference']['version']}" if champion else "no champion yet"
     return (
