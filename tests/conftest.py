@@ -146,10 +146,27 @@ def featurized(tmp_path_factory):
     paths = StepPaths(
         workdir=work, catalog=str(work / "catalog"), tracking_uri=f"sqlite:///{work / 'mlflow.db'}"
     )
-    catalog.run(CatalogConfig(max_listings=LISTINGS), paths)
+    # the same catalog on every machine: no optional Debian data (CI has none)
+    catalog.run(CatalogConfig(max_listings=LISTINGS, optional_data_roots=[]), paths)
+    _add_a_third_photo(work / "catalog")
     validate.run(ValidateConfig(workers=2), paths)
     featurize.run(FeaturizeConfig(device="cpu", image_size=96, workers=2), paths)
     return paths
+
+
+def _add_a_third_photo(root: Path) -> None:
+    """Every listing gets a mirrored copy of its last photo as one more view, so every
+    listing has the 3+ photos that let it hold one out for view-to-listing evaluation."""
+    from PIL import ImageOps
+
+    table = pq.read_table(root / "listings.parquet")
+    rows = table.to_pylist()
+    for row in rows:
+        last = row["image_uris"][-1]
+        mirrored = f"{Path(last).with_suffix('')}-mirrored.png"
+        ImageOps.mirror(Image.open(root / last).convert("RGBA")).save(root / mirrored)
+        row["image_uris"] = [*row["image_uris"], mirrored]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), root / "listings.parquet")
 
 
 def fresh_paths(paths: StepPaths, tmp_path, name: str) -> StepPaths:
