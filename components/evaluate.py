@@ -260,36 +260,30 @@ def _view_sample(model, embedder, held_out, size: int):
     """Unit embeddings of up to `size` image views and text views (all views of the first
     listings of the catalog) and the (primary photo, title) pairs of those listings."""
     image_views, text_views, photos, titles = [], [], [], []
+    for iv, tv in _padded_batches(embedder, held_out):
+        image_emb, text_emb, _, _ = model.modality_means(iv, tv)
+        image_views.append(image_emb[iv.mask].float().cpu().numpy())
+        text_views.append(text_emb[tv.mask].float().cpu().numpy())
+        photos.append(image_emb[:, 0].float().cpu().numpy())
+        titles.append(text_emb[:, 0].float().cpu().numpy())
+        if min(sum(map(len, image_views)), sum(map(len, text_views))) >= size:
+            break
+    pairs = (_first(photos, size), _first(titles, size))
+    return _first(image_views, size), _first(text_views, size), pairs
+
+
+def _padded_batches(embedder, held_out):
+    """(image views, text views) of every listing, BATCH listings at a time."""
     rng = np.random.default_rng(0)  # unused: every view is taken
     for chunk in embedder.chunks(held_out):
         images = embedder.image_features(chunk.image_keys, chunk.image_refs)
         texts = embedder.text_features(chunk.text_keys)
         for start in range(0, len(chunk.listing_ids), BATCH):
             members = slice(start, start + BATCH)
-            iv = pad_views(images, chunk.images[members], None, rng).to(embedder.device)
-            tv = pad_views(texts, chunk.texts[members], None, rng).to(embedder.device)
-            image_emb, text_emb, _, _ = model.modality_means(iv, tv)
-            image_views.append(image_emb[iv.mask].float().cpu().numpy())
-            text_views.append(text_emb[tv.mask].float().cpu().numpy())
-            photos.append(image_emb[:, 0].float().cpu().numpy())
-            titles.append(text_emb[:, 0].float().cpu().numpy())
-            if min(sum(map(len, image_views)), sum(map(len, text_views))) >= size:
-                return (
-                    _first(image_views, size),
-                    _first(text_views, size),
-                    (
-                        _first(photos, size),
-                        _first(titles, size),
-                    ),
-                )
-    return (
-        _first(image_views, size),
-        _first(text_views, size),
-        (
-            _first(photos, size),
-            _first(titles, size),
-        ),
-    )
+            yield (
+                pad_views(images, chunk.images[members], None, rng).to(embedder.device),
+                pad_views(texts, chunk.texts[members], None, rng).to(embedder.device),
+            )
 
 
 def _first(parts: list[np.ndarray], size: int) -> np.ndarray:
