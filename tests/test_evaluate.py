@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from components import embed, evaluate, index, model_io, train
+from components import embed, evaluate, finetune, index, model_io, train
 from components.cli import main
 from components.config import EmbedConfig, EvaluateConfig, GatesConfig, IndexConfig, TrainConfig
 from components.manifest import read_manifest
@@ -140,3 +140,24 @@ def test_a_failing_gate_makes_the_cli_exit_non_zero_naming_the_gate(indexed, mon
     assert "FAIL" in captured.out  # the gate table, on stdout
     gate_rows = json.loads((indexed.step_dir("evaluate") / evaluate.GATES_FILE).read_text())
     assert [g["gate"] for g in gate_rows if not g["passed"]] == ["min:view_to_listing/recall@10"]
+
+
+def test_a_model_with_a_fine_tuned_backbone_is_embedded_through_its_tail(featurized, tmp_path):
+    paths = fresh_paths(featurized, tmp_path, "tuned")
+    train.run(TINY.model_copy(update={"finetune_blocks": 1, "epochs": 2}), paths)
+
+    embed.run(EmbedConfig(device="cpu"), paths)
+
+    out = paths.step_dir("embed")
+    ids = pq.read_table(out / embed.IDS_FILE).column(0).to_pylist()
+    vectors = np.concatenate([np.load(p) for p in index.embedding_parts(out)])
+    loaded = model_io.load_model(None, paths, torch.device("cpu"))
+    featurize_dir = paths.step_dir("featurize")
+    data = load_training_data(featurize_dir, read_manifest(featurize_dir), 0.2, 0.2)
+    encoder = finetune.image_encoder(loaded.spec, 1, torch.device("cpu"))
+    data = finetune.with_activations(
+        data, encoder, paths.catalog, paths.step_dir("train") / finetune.ACTIVATIONS_DIR
+    )
+    reference = train.embed_all_listings(loaded.model, data, torch.device("cpu"))
+    order = [data.listing_ids.index(lid) for lid in ids]
+    np.testing.assert_allclose(vectors, reference[order], atol=1e-5)
