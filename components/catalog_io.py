@@ -23,6 +23,9 @@ LISTINGS_FILE = "listings.parquet"
 QUERIES_FILE = "queries.parquet"
 LISTING_COLUMNS = ("listing_id", "title", "description", "tags", "category", "image_uris")
 QUERY_COLUMNS = ("query_id", "query", "listing_id")
+# After validation: every scheme it allows may appear, and sizes were already checked.
+TRUSTED_SCHEMES = ("file", "s3")
+TRUSTED_MAX_BYTES = 1 << 40
 
 
 class CatalogError(ValueError):
@@ -190,6 +193,17 @@ def decode_image(data: bytes, ref: str) -> Image.Image:
             return _to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageRefError("image_undecodable", f"{ref!r}: {err}") from None
+
+
+def open_trusted_image(root: CatalogRoot, ref: str) -> Image.Image:
+    """Read and decode an image reference that validation already accepted (any allowed
+    scheme, no size cap): for steps after featurize and for serving.
+
+    Raises:
+        ImageRefError: the reference no longer resolves, reads or decodes.
+    """
+    location = root.resolve_image(ref, list(TRUSTED_SCHEMES), None)
+    return decode_image(read_image_bytes(location, TRUSTED_MAX_BYTES), ref)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -28,7 +28,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from components import encoders
-from components.catalog_io import CatalogRoot, ImageRefError, decode_image, read_image_bytes
+from components.catalog_io import (
+    TRUSTED_MAX_BYTES,
+    TRUSTED_SCHEMES,
+    CatalogRoot,
+    ImageRefError,
+    decode_image,
+    read_image_bytes,
+)
 from components.config import FeaturizeConfig, StepPaths
 from components.feature_store import FeatureStore, content_key
 from components.manifest import Timer, describe_files, read_manifest, write_manifest
@@ -38,9 +45,6 @@ VIEWS_FILE = "views.parquet"
 QUERIES_FILE = "queries.parquet"
 SKIPPED_FILE = "skipped.parquet"
 STORE_DIR = "store"
-# Validation already enforced the catalog's scheme and bucket rules on the clean set.
-_ANY_SCHEME = ["file", "s3"]
-_MAX_IMAGE_BYTES = 1 << 40
 
 VIEWS_SCHEMA = pa.schema(
     [
@@ -301,8 +305,9 @@ class _Featurizer:
     def _load(self, job: ImageJob) -> tuple[str | None, Image.Image | None, ImageRefError | None]:
         """Read and hash one image; decode it only if its features are not cached yet."""
         try:
-            location = self.root.resolve_image(job.ref, _ANY_SCHEME, None)
-            data = read_image_bytes(location, _MAX_IMAGE_BYTES)
+            # validation already enforced the scheme, bucket and size rules on the clean set
+            location = self.root.resolve_image(job.ref, list(TRUSTED_SCHEMES), None)
+            data = read_image_bytes(location, TRUSTED_MAX_BYTES)
             key = content_key(data)
             if key in self.image_store:
                 return key, None, None

@@ -24,14 +24,12 @@ import torch
 from tqdm import tqdm
 
 from components import encoders
-from components.catalog_io import CatalogRoot, ImageRefError, decode_image, read_image_bytes
+from components.catalog_io import CatalogRoot, ImageRefError, open_trusted_image
 from components.feature_store import FeatureStore
 from components.train_data import TrainingData
 
 ACTIVATIONS_DIR = "activations"
 POOLED_DIM = 1280  # what the tail of EfficientNet-Lite0 (the one tunable encoder) gives
-_SCHEMES = ["file", "s3"]  # the featurize step read these same references
-_MAX_IMAGE_BYTES = 1 << 40
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +104,7 @@ def _encode(todo, encoder, root: CatalogRoot, store: FeatureStore, batch_size, w
 
 def _read(root: CatalogRoot, ref: str):
     try:
-        location = root.resolve_image(ref, _SCHEMES, None)
-        return decode_image(read_image_bytes(location, _MAX_IMAGE_BYTES), ref)
+        return open_trusted_image(root, ref)
     except (ImageRefError, OSError) as err:
         raise ValueError(
             f"train.finetune_blocks: image {ref!r} was featurized but cannot be read now: {err}"

@@ -120,10 +120,9 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
 
 
 def _load_image(uri: str):
-    from components.catalog_io import CatalogRoot, decode_image, read_image_bytes
+    from components.catalog_io import CatalogRoot, open_trusted_image
 
-    location = CatalogRoot("/").resolve_image(uri, ["file", "s3"], None)
-    return decode_image(read_image_bytes(location, 1 << 40), uri)
+    return open_trusted_image(CatalogRoot("/"), uri)
 
 
 def register(weights: Path, spec: dict, alias: str, work: Path) -> dict:
