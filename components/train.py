@@ -26,7 +26,13 @@ from components import distributed, finetune, model_io, serving, tracking
 from components.batching import pad_views
 from components.config import StepPaths, TrainConfig
 from components.encoders import autocast, pick_device
-from components.manifest import Timer, describe_files, read_manifest, write_manifest
+from components.manifest import (
+    Timer,
+    describe_files,
+    read_manifest,
+    unchanged_manifest,
+    write_manifest,
+)
 from components.metrics import retrieval_metrics
 from components.model import ListingModel
 from components.objectives import Batch, build_objective
@@ -38,6 +44,7 @@ MODEL_FILE = model_io.WEIGHTS_FILE
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"  # the best epoch's validation metrics (DVC metrics)
 CHECKPOINT = "checkpoints/last.pt"
+OUTPUTS = (SPLITS_FILE, MODEL_FILE, HISTORY_FILE, METRICS_FILE)
 EMBED_BATCH = 1024
 CHALLENGER = "challenger"  # alias of a trained version whose gates are pending
 
@@ -126,14 +133,10 @@ def code_hash() -> str:
 
 
 def _already_recorded(out: Path, config: TrainConfig, lineage: dict) -> TrainResult | None:
-    """The result of a finished run with these params and inputs, so that running the step
-    again registers no new model version; None when there is none to reuse."""
-    try:
-        manifest = read_manifest(out)
-    except FileNotFoundError:
-        return None
-    same_params = manifest.get("params") == config.model_dump(mode="json")
-    if not same_params or manifest.get("inputs") != lineage:
+    """The result of a finished run with these params and inputs whose outputs are intact,
+    so that running the step again registers no new model version; else None."""
+    manifest = unchanged_manifest(out, config, lineage, OUTPUTS)
+    if manifest is None:
         return None
     version = manifest["registered_model"]["version"]
     summary = f"{manifest['summary']} (already trained and registered as version {version})"
@@ -165,7 +168,7 @@ def _record(config, paths, data, features_manifest, lineage, history, run_, time
         params=config,
         timer=timer,
         inputs=lineage,
-        outputs=describe_files(out, [SPLITS_FILE, MODEL_FILE, HISTORY_FILE, METRICS_FILE]),
+        outputs=describe_files(out, OUTPUTS),
         counts={
             "listings": len(data.listing_ids),
             "epochs": len(history),
@@ -268,8 +271,8 @@ class Trainer:
         )
 
     def resume(self, checkpoint: Path, lineage: dict) -> int:
-        """Load the last checkpoint if it was made with the same params from the same
-        features and seed; return the epoch to start from."""
+        """Load the last checkpoint if it was made with the same params, features, seed and
+        training code (`lineage`); return the epoch to start from."""
         self.lineage = lineage
         if not checkpoint.is_file():
             return 0
@@ -279,7 +282,9 @@ class Trainer:
             return 0
         if state.get("lineage") != lineage:
             log.info(
-                "train: checkpoint %s is from other features or seed; starting afresh", checkpoint
+                "train: checkpoint %s is from other features, seed or training code; "
+                "starting afresh",
+                checkpoint,
             )
             return 0
         try:
@@ -324,10 +329,11 @@ class Trainer:
                 self.best_state = {
                     k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
                 }
+                if distributed.is_main():
+                    torch.save(self.best_state, out / MODEL_FILE)
             else:
                 stale += 1
             if distributed.is_main():
-                torch.save(self.best_state, out / MODEL_FILE)
                 self._checkpoint(out / CHECKPOINT, epoch)
             log.info(
                 "train: epoch %d loss %.4f val recall@10 %.3f",
