@@ -39,7 +39,13 @@ from components.encoders import pick_device
 from components.errors import StepFailed
 from components.index import embedding_parts, load_index
 from components.manifest import Timer, describe_files, read_manifest, write_manifest
-from components.metrics import bootstrap_mean_ci, per_query_recall, ranks_from_top_k, top_k_metrics
+from components.metrics import (
+    bootstrap_mean_ci,
+    per_query_recall,
+    ranks_from_top_k,
+    recall_at_k,
+    top_k_metrics,
+)
 
 STEP = "evaluate"
 METRICS_FILE = "metrics.json"
@@ -84,12 +90,15 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     held_out = held_out_views(paths.step_dir("train") / "splits.parquet")
     sets = test_sets(paths, embedder, {lid: i for i, lid in enumerate(listing_ids)})
     depth = min(max(config.ks), len(listing_ids))
-    metrics, exact = exact_metrics(challenger.model, sets, listings, config.ks, depth, device)
+    vectors = {s.task: embed_queries(challenger.model, s, device) for s in sets}
+    metrics, exact = exact_metrics(sets, vectors, listings, config.ks, depth)
     index, index_ids, index_manifest = load_index(index_dir)
     if index_ids != listing_ids:
         raise ValueError(f"{index_dir}: the index was built from other embeddings; rebuild it")
-    metrics |= index_metrics(challenger.model, sets, index, exact, config, depth, device)
-    metrics |= diagnostic_metrics(challenger.model, embedder, held_out, listings, sets, config)
+    metrics |= index_metrics(sets, vectors, index, exact, config, depth)
+    metrics |= diagnostic_metrics(
+        challenger.model, embedder, held_out, listings, sets, vectors, config
+    )
     champion = champion_metrics(config, paths, device, sets, held_out, depth, exact)
     metrics |= champion.get("flat", {})
     results = gates.check_gates(metrics, champion.get("metrics"), config.gates)
@@ -183,30 +192,29 @@ def embed_queries(model, queries: QuerySet, device) -> np.ndarray:
     return np.concatenate(out)
 
 
-def exact_metrics(model, sets, listings, ks, depth, device) -> tuple[dict, dict]:
-    """Metrics of exact (brute-force inner product) search, and its top lists per task."""
+def exact_metrics(sets, vectors, listings, ks, depth) -> tuple[dict, dict]:
+    """Metrics of exact (brute-force inner product) search, and its top lists per task;
+    `vectors` holds each task's query embeddings."""
     metrics, tops = {}, {}
     for queries in sets:
-        vectors = embed_queries(model, queries, device)
-        tops[queries.task] = diagnostics.scored_top_k(vectors, listings, depth)
+        tops[queries.task] = diagnostics.scored_top_k(vectors[queries.task], listings, depth)
         found = top_k_metrics(tops[queries.task], queries.relevant, ks)
         metrics |= {f"{queries.task}/{name}": value for name, value in found.items()}
         metrics[f"{queries.task}/queries"] = len(queries.relevant)
     return metrics, tops
 
 
-def index_metrics(model, sets, index, exact, config, depth, device) -> dict:
+def index_metrics(sets, vectors, index, exact, config, depth) -> dict:
     """Metrics through the index, its recall@10 against exact search, and its latency."""
     metrics = {}
     overlaps = []
     for queries in sets:
-        vectors = embed_queries(model, queries, device)
-        _, found = index.search(vectors, depth)
+        _, found = index.search(vectors[queries.task], depth)
         named = top_k_metrics(found, queries.relevant, config.ks)
         metrics |= {f"{queries.task}/index/{name}": value for name, value in named.items()}
         overlaps += _overlap(found[:, :10], exact[queries.task][:, :10])
     metrics["index/ann_recall@10"] = float(np.mean(overlaps)) if overlaps else 1.0
-    text = embed_queries(model, sets[0], device)[: config.latency_queries]
+    text = vectors[sets[0].task][: config.latency_queries]
     metrics |= _latency(index, text, min(10, depth))
     return metrics
 
@@ -231,7 +239,7 @@ def _latency(index, vectors: np.ndarray, k: int) -> dict:
 
 
 @torch.inference_mode()
-def diagnostic_metrics(model, embedder, held_out, listings, sets, config) -> dict:
+def diagnostic_metrics(model, embedder, held_out, listings, sets, vectors, config) -> dict:
     """Modality gap, alignment/uniformity, and recall@10 under three scorings."""
     image_views, text_views, primary_pairs = _view_sample(
         model, embedder, held_out, config.diagnostics_sample
@@ -246,12 +254,11 @@ def diagnostic_metrics(model, embedder, held_out, listings, sets, config) -> dic
         "diagnostics/uniformity": diagnostics.uniformity(sample),
     }
     for queries in sets:
-        vectors = embed_queries(model, queries, embedder.device)[: config.diagnostics_sample]
+        sample = vectors[queries.task][: config.diagnostics_sample]
         relevant = queries.relevant[: config.diagnostics_sample]
         for scoring in diagnostics.SCORINGS:
-            top = diagnostics.scored_top_k(vectors, listings, min(10, len(listings)), scoring)
-            ranks = ranks_from_top_k(top, relevant)
-            recall = float(np.mean(per_query_recall(ranks, 10))) if ranks else 0.0
+            top = diagnostics.scored_top_k(sample, listings, min(10, len(listings)), scoring)
+            recall = recall_at_k(ranks_from_top_k(top, relevant), 10)
             out[f"diagnostics/{queries.task}/recall@10_{scoring}"] = recall
     return out
 
