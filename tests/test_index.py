@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -101,6 +102,9 @@ def test_rebuilding_with_nothing_changed_reuses_the_index(embedded):
     assert (second.out_dir / index.INDEX_FILE).stat().st_mtime_ns == stamp
 
 
+@pytest.mark.skipif(
+    hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0, reason="faiss sees a GPU"
+)
 def test_gpu_always_without_a_gpu_is_a_clear_error(embedded):
     with pytest.raises(ValueError, match="index.gpu is 'always'"):
         index.run(IndexConfig(gpu="always"), embedded)
