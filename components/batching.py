@@ -58,3 +58,29 @@ def pad_views(
     table = torch.as_tensor(features)
     gathered = table[torch.from_numpy(index)]
     return Views(gathered.float(), torch.from_numpy(mask), torch.from_numpy(kind))
+
+
+def fuse_listings(
+    model,
+    image_table: np.ndarray,
+    images: list[ListingViews],
+    text_table: np.ndarray,
+    texts: list[ListingViews],
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Fused unit embeddings [n, dim] float32 of listings given as rows into two feature
+    tables, every view taken, `batch_size` listings per forward pass."""
+    from components.encoders import autocast
+
+    model.eval()
+    rng = np.random.default_rng(0)  # unused: aux=None takes every view
+    out = [np.zeros((0, model.image.out[-1].out_features), np.float32)]
+    with torch.inference_mode(), autocast(device):
+        for start in range(0, len(images), batch_size):
+            stop = start + batch_size
+            image_views = pad_views(image_table, images[start:stop], None, rng)
+            text_views = pad_views(text_table, texts[start:stop], None, rng)
+            fused = model.embed_listings(image_views.to(device), text_views.to(device))
+            out.append(torch.nn.functional.normalize(fused.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out)

@@ -25,13 +25,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from tqdm import tqdm
 
 from components import finetune, model_io
-from components.batching import ListingViews, pad_views
+from components.batching import ListingViews, fuse_listings
 from components.config import EmbedConfig, StepPaths
-from components.encoders import autocast, pick_device
+from components.encoders import pick_device
 from components.manifest import (
     Timer,
     describe_files,
@@ -182,7 +181,7 @@ class ListingEmbedder:
     def embed(self, chunk: Chunk, batch_size: int) -> np.ndarray:
         image_table = self.image_features(chunk.image_keys, chunk.image_refs)
         text_table = self.text_features(chunk.text_keys)
-        return embed_listings(
+        return fuse_listings(
             self.model, image_table, chunk.images, text_table, chunk.texts, batch_size, self.device
         )
 
@@ -210,29 +209,6 @@ class ListingEmbedder:
         rate = progress.format_dict["n"] / max(progress.format_dict["elapsed"], 1e-9)
         progress.close()
         return {"listings": total, "held_out_views": len(held_out), "listings_per_s": rate}
-
-
-def embed_listings(
-    model,
-    image_table: np.ndarray,
-    images: list[ListingViews],
-    text_table: np.ndarray,
-    texts: list[ListingViews],
-    batch_size: int,
-    device: torch.device,
-) -> np.ndarray:
-    """Fused unit embeddings [n, dim] float32 of listings given as rows into two tables."""
-    rng = np.random.default_rng(0)  # unused: every view is taken
-    out = []
-    with torch.inference_mode(), autocast(device):
-        for start in range(0, len(images), batch_size):
-            stop = start + batch_size
-            image_views = pad_views(image_table, images[start:stop], None, rng)
-            text_views = pad_views(text_table, texts[start:stop], None, rng)
-            fused = model.embed_listings(image_views.to(device), text_views.to(device))
-            out.append(torch.nn.functional.normalize(fused.float(), dim=-1).cpu().numpy())
-    dim = model.image.out[-1].out_features
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 
 def _group(rows: list[dict], held_out: set[tuple[str, str]], left_out: dict[str, str]) -> Chunk:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from components import distributed, finetune, model_io, serving, tracking
-from components.batching import pad_views
+from components.batching import fuse_listings, pad_views
 from components.config import StepPaths, TrainConfig
 from components.encoders import autocast, pick_device
 from components.manifest import (
@@ -437,18 +437,11 @@ def _epochs_since_best(history: list[dict]) -> int:
     return len(history) - 1 - scores.index(max(scores))
 
 
-@torch.no_grad()
 def embed_all_listings(model: ListingModel, data: TrainingData, device: torch.device):
     """Fused embeddings of every listing from all its (non-held-out) views."""
-    model.eval()
-    rng = np.random.default_rng(0)  # unused: aux=None takes every view
-    chunks = []
-    for first in range(0, len(data.listing_ids), EMBED_BATCH):
-        members = range(first, min(first + EMBED_BATCH, len(data.listing_ids)))
-        images = pad_views(data.image_features, [data.images[i] for i in members], None, rng)
-        texts = pad_views(data.text_features, [data.texts[i] for i in members], None, rng)
-        chunks.append(model.embed_listings(images.to(device), texts.to(device)).float().cpu())
-    return torch.cat(chunks).numpy()
+    return fuse_listings(
+        model, data.image_features, data.images, data.text_features, data.texts, EMBED_BATCH, device
+    )
 
 
 @torch.no_grad()
