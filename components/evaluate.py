@@ -88,7 +88,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     listings = np.concatenate([np.load(part) for part in embedding_parts(embed_dir)])
     embedder = _embedder(challenger, paths, device)
     held_out = held_out_views(paths.step_dir("train") / "splits.parquet")
-    sets = test_sets(paths, embedder, {lid: i for i, lid in enumerate(listing_ids)})
+    sets = test_split_queries(paths, embedder, {lid: i for i, lid in enumerate(listing_ids)})
     depth = min(max(config.ks), len(listing_ids))
     vectors = {s.task: embed_queries(challenger.model, s, device) for s in sets}
     metrics, exact = exact_metrics(sets, vectors, listings, config.ks, depth)
@@ -141,7 +141,7 @@ def _embedder(loaded: model_io.LoadedModel, paths: StepPaths, device) -> Listing
     return ListingEmbedder(loaded, featurize_dir, read_manifest(featurize_dir), paths, device)
 
 
-def test_sets(
+def test_split_queries(
     paths: StepPaths, embedder: ListingEmbedder, row_of: dict[str, int]
 ) -> list[QuerySet]:
     """The test split's text queries and held-out views, with their relevant listings."""

@@ -130,26 +130,26 @@ def new_index(factory: str, dim: int, count: int) -> faiss.Index:
         raise ValueError(
             f"index.factory {factory!r} is not valid for dim {dim}: {reason}"
         ) from None
-    needs = _training_points_needed(index)
+    needs, what = _training_points_needed(index)
     if count < needs:
         raise ValueError(
             f"index.factory {factory!r} needs at least {needs} vectors to train "
-            f"({_needs_what(index)}), there are {count}: use fewer lists/centroids or Flat"
+            f"({what}), there are {count}: use fewer lists/centroids or Flat"
         )
     return index
 
 
-def _training_points_needed(index: faiss.Index) -> int:
-    """Training needs a point per IVF list and per PQ centroid (0 for Flat, HNSW)."""
+def _training_points_needed(index: faiss.Index) -> tuple[int, str]:
+    """Training needs a point per IVF list and per PQ centroid (none for Flat, HNSW), and
+    which of the two sets that number."""
     ivf = faiss.try_extract_index_ivf(index)
     quantized = faiss.downcast_index(ivf if ivf is not None else index)
     pq = getattr(quantized, "pq", None)
-    return max(ivf.nlist if ivf is not None else 0, pq.ksub if pq is not None else 0)
-
-
-def _needs_what(index: faiss.Index) -> str:
-    ivf = faiss.try_extract_index_ivf(index)
-    return f"{ivf.nlist} inverted lists" if ivf is not None else "its PQ centroids"
+    lists = ivf.nlist if ivf is not None else 0
+    centroids = pq.ksub if pq is not None else 0
+    if centroids > lists:
+        return centroids, f"{centroids} centroids per PQ sub-quantizer"
+    return lists, f"{lists} inverted lists"
 
 
 def _maybe_to_gpu(index: faiss.Index, mode: str) -> faiss.Index:
