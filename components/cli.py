@@ -51,7 +51,13 @@ STEPS = {
         Step("embed", "write one fused embedding per clean listing (streamed)", "embed"),
         Step("index", "build the FAISS index of the listing embeddings", "index"),
         Step("evaluate", "recall on the test split, champion comparison, recall gates", "evaluate"),
+        Step("promote", "publish the gated index and model to production storage", "promote"),
     )
+}
+# Operator commands on the production store (storage.uri) and the MLflow registry.
+COMMANDS = {
+    "versions": "list the versions in the production store, their metrics, the current one",
+    "rollback": "point CURRENT back (default: the version before it) and move the alias",
 }
 
 
@@ -62,29 +68,45 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="shared params:\n" + describe_section(SECTIONS["paths"]) + "\n  seed (int)",
     )
-    sub = parser.add_subparsers(dest="step", metavar="<step>", title="steps")
+    sub = parser.add_subparsers(dest="step", metavar="<step>", title="steps and commands")
     for step in STEPS.values():
-        step_parser = sub.add_parser(
-            step.name,
-            help=step.help,
-            description=f"{step.name}: {step.help}",
+        _common(
+            sub.add_parser(
+                step.name,
+                help=step.help,
+                description=f"{step.name}: {step.help}",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=f"params ({step.section} section, set with --set {step.section}.KEY=VALUE):"
+                "\n" + describe_section(SECTIONS[step.section]),
+            )
+        )
+    for name, help_ in COMMANDS.items():
+        command = sub.add_parser(
+            name,
+            help=help_,
+            description=f"{name}: {help_}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=f"params ({step.section} section, set with --set {step.section}.KEY=VALUE):\n"
-            + describe_section(SECTIONS[step.section]),
+            epilog="params (storage section):\n" + describe_section(SECTIONS["storage"]),
         )
-        step_parser.add_argument(
-            "--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)"
-        )
-        step_parser.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="SECTION.KEY=VALUE",
-            help="override one params key (repeatable); VALUE is YAML",
-        )
-        step_parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        _common(command)
+        if name == "rollback":
+            command.add_argument("--to", metavar="VERSION", help="version to make current")
     return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one params key (repeatable); VALUE is YAML",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         params = load_params(args.params, args.overrides)
+        if args.step in COMMANDS:
+            print(run_command(args.step, params, getattr(args, "to", None)))
+            return 0
         result = run_step(args.step, params)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -123,10 +148,28 @@ def run_step(name: str, params: Params) -> Any:
     if name not in STEPS:
         raise ConfigError(f"unknown step '{name}'; steps are {sorted(STEPS)}")
     step = STEPS[name]
-    paths = StepPaths.from_config(
-        params.paths, seed=params.seed, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")
+    return step.runner()(params.section(step.section), step_paths(params))
+
+
+def run_command(name: str, params: Params, to: str | None = None) -> str:
+    """Run an operator command (`versions`, `rollback`) and return what it prints."""
+    from components import promote
+
+    if name == "versions":
+        return promote.versions(step_paths(params))
+    if name == "rollback":
+        return promote.rollback(step_paths(params), params.promote, to)
+    raise ConfigError(f"unknown command '{name}'; commands are {sorted(COMMANDS)}")
+
+
+def step_paths(params: Params) -> StepPaths:
+    """Where every step reads and writes; MLflow from MLFLOW_TRACKING_URI when set."""
+    return StepPaths.from_config(
+        params.paths,
+        seed=params.seed,
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+        storage=params.storage,
     )
-    return step.runner()(params.section(step.section), paths)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -135,5 +178,5 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("great_expectations", "botocore", "urllib3", "PIL", "fontTools"):
+    for noisy in ("great_expectations", "botocore", "urllib3", "PIL", "fontTools", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -7,6 +7,7 @@ so an override gets exactly the same checks as the file.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,25 @@ class PathsConfig(Section):
         None,
         description="Catalog to read (local dir or s3://bucket/prefix); "
         "null means the sample catalog built by the catalog step.",
+    )
+
+
+class StorageConfig(Section):
+    uri: str | None = Field(
+        None,
+        description="Production store: a path, file:///abs/path or s3://bucket/prefix; "
+        "null: <workdir>/production.",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, ...); null: AWS or AWS_ENDPOINT_URL_S3.",
+    )
+    region: str | None = Field(None, description="S3 region; null: boto3's configuration chain.")
+    multipart_threshold_mb: int = Field(
+        64, ge=5, description="Files from this size (MiB) upload in parallel multipart parts."
+    )
+    max_attempts: int = Field(
+        8, ge=1, description="Tries per S3 request; throttling and 5xx retry with backoff."
     )
 
 
@@ -208,8 +228,9 @@ class GatesConfig(Section):
 
 class EvaluateConfig(Section):
     champion: str | None = Field(
-        "models:/listing-encoder@champion",
-        description="The model to compare with (null: none); absent on a first run.",
+        "current",
+        description="The model to compare with: current (the production store's CURRENT "
+        "version), a models:/ URI, or null (none). No champion before the first promotion.",
     )
     ks: list[int] = Field(
         [1, 10, 50, 100, 500], description="Recall@K cut-offs (capped at the catalog size)."
@@ -227,6 +248,24 @@ class EvaluateConfig(Section):
     gates: GatesConfig = GatesConfig()
 
 
+class PromoteConfig(Section):
+    model_name: str = Field("listing-encoder", description="Registered model in MLflow.")
+    alias: str = Field(
+        "champion", description="Registry alias moved to the promoted model version."
+    )
+    retain: int = Field(
+        10,
+        ge=2,
+        description="Versions kept in the store; older ones are deleted, never the current "
+        "one or the one before it.",
+    )
+    abandoned_after_hours: float = Field(
+        24.0,
+        ge=0.0,
+        description="Incomplete versions (an upload that died) older than this are deleted.",
+    )
+
+
 class Params(Section):
     seed: int = Field(0, description="Seed for every random choice of every step.")
     paths: PathsConfig = PathsConfig()
@@ -238,6 +277,8 @@ class Params(Section):
     embed: EmbedConfig = EmbedConfig()
     index: IndexConfig = IndexConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
+    storage: StorageConfig = StorageConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
@@ -258,6 +299,8 @@ SECTIONS: dict[str, type[Section]] = {
     "embed": EmbedConfig,
     "index": IndexConfig,
     "evaluate": EvaluateConfig,
+    "promote": PromoteConfig,
+    "storage": StorageConfig,
 }
 
 
@@ -270,10 +313,15 @@ class StepPaths:
     catalog: str
     tracking_uri: str | None = None
     seed: int = 0
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     @classmethod
     def from_config(
-        cls, paths: PathsConfig, seed: int = 0, tracking_uri: str | None = None
+        cls,
+        paths: PathsConfig,
+        seed: int = 0,
+        tracking_uri: str | None = None,
+        storage: StorageConfig | None = None,
     ) -> StepPaths:
         workdir = Path(paths.workdir)
         return cls(
@@ -281,6 +329,7 @@ class StepPaths:
             catalog=paths.catalog or str(workdir / "catalog"),
             tracking_uri=tracking_uri,
             seed=seed,
+            storage=storage or StorageConfig(),
         )
 
     @property
@@ -290,6 +339,11 @@ class StepPaths:
 
     def step_dir(self, step: str) -> Path:
         return self.workdir / step
+
+    @property
+    def storage_uri(self) -> str:
+        """`storage.uri`, or the local store `<workdir>/production` when it is null."""
+        return self.storage.uri or str(self.workdir / "production")
 
 
 def load_params(path: Path | str | None = None, overrides: list[str] | None = None) -> Params:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from components import diagnostics, gates, model_io
+from components import diagnostics, gates, model_io, production
 from components.batching import pad_views
 from components.config import EvaluateConfig, StepPaths
 from components.embed import ListingEmbedder, held_out_views
@@ -46,6 +46,7 @@ from components.metrics import (
     recall_at_k,
     top_k_metrics,
 )
+from components.storage import open_storage
 
 STEP = "evaluate"
 METRICS_FILE = "metrics.json"
@@ -53,6 +54,7 @@ GATES_FILE = "gates.json"
 CURVES_FILE = "recall_curves.json"
 PLOT_FILE = "recall_at_k.png"
 TASKS = gates.TASKS
+CURRENT = "current"  # evaluate.champion: the model of the production store's CURRENT
 BATCH = 1024
 
 log = logging.getLogger(__name__)
@@ -302,11 +304,16 @@ def champion_metrics(config, paths, device, sets, held_out, depth, exact_tops) -
     in recall@10 with a bootstrap CI; {} when there is no champion."""
     if config.champion is None:
         return {}
-    try:
-        champion = model_io.load_model(config.champion, paths, device)
-    except ValueError as err:
-        log.info("evaluate: no champion to compare with (%s)", err)
-        return {}
+    if config.champion == CURRENT:
+        champion = _current_champion(paths, device)
+        if champion is None:
+            return {}
+    else:
+        try:
+            champion = model_io.load_model(config.champion, paths, device)
+        except ValueError as err:
+            log.info("evaluate: no champion to compare with (%s)", err)
+            return {}
     ids, listings = _embedder(champion, paths, device).embed_all(held_out, BATCH)
     challenger_ids = pq.read_table(paths.step_dir("embed") / "listing_ids.parquet").column(0)
     if challenger_ids.to_pylist() != ids:
@@ -328,6 +335,26 @@ def champion_metrics(config, paths, device, sets, held_out, depth, exact_tops) -
         flat[f"{key}/delta_recall@10_ci_low"] = low
         flat[f"{key}/delta_recall@10_ci_high"] = high
     return {"metrics": metrics, "flat": flat, "curves": curves, "reference": champion.reference}
+
+
+def _current_champion(paths: StepPaths, device) -> model_io.LoadedModel | None:
+    """The model of the production store's CURRENT version; None before the first
+    promotion. A CURRENT whose model cannot be loaded is an error, not "no champion"."""
+    storage = open_storage(paths.storage, paths.storage_uri)
+    pointer = production.read_pointer(storage)
+    if pointer is None:
+        log.info("evaluate: no champion to compare with (nothing promoted to %s)", storage.uri)
+        return None
+    uri = f"models:/{pointer.model['name']}/{pointer.model['version']}"
+    try:
+        loaded = model_io.load_model(uri, paths, device)
+    except ValueError as err:
+        raise ValueError(
+            f"the champion, {storage.locate(production.POINTER)} = {pointer.version}, names "
+            f"{uri}, which cannot be loaded: {err}"
+        ) from err
+    reference = loaded.reference | {"production_version": pointer.version, "store": storage.uri}
+    return model_io.LoadedModel(loaded.model, loaded.spec, reference)
 
 
 def _write_outputs(out, metrics, results, champion, ks, n_listings) -> None:

@@ -114,3 +114,36 @@ def _one(root: Path, name: str, uri: str) -> Path:
     if not found:
         raise ValueError(f"model {uri!r} has no {name} among its artifacts")
     return found[0]
+
+
+def alias_version(paths: StepPaths, name: str, alias: str) -> str | None:
+    """The registered version `name@alias` points at; None when the alias is not set."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=paths.mlflow_uri)
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def move_alias(paths: StepPaths, name: str, alias: str, version: str, tags: dict) -> None:
+    """Point `name@alias` at `version` and tag that version (e.g. its production version).
+
+    Raises:
+        ValueError: `name` version `version` is not in the registry at `paths.mlflow_uri`.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=paths.mlflow_uri)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ValueError(
+            f"model {name} version {version} is not in the registry at {paths.mlflow_uri}"
+        ) from err
+    client.set_registered_model_alias(name, alias, version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))

@@ -21,19 +21,25 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return parts.netloc, parts.path.lstrip("/")
 
 
-@lru_cache(maxsize=1)
-def s3_client() -> Any:
-    """A shared, thread-safe S3 client with retries and S3-compatible checksum settings."""
+@lru_cache(maxsize=8)
+def s3_client(
+    endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 8
+) -> Any:
+    """A shared, thread-safe S3 client with retries and S3-compatible checksum settings.
+
+    `endpoint_url` / `region` None: boto3's chain decides (AWS_ENDPOINT_URL_S3,
+    AWS_DEFAULT_REGION, config files). Throttling and 5xx answers are retried with
+    exponential backoff up to `max_attempts` (botocore's adaptive mode)."""
     import boto3
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": 8, "mode": "adaptive"},
+        retries={"max_attempts": max_attempts, "mode": "adaptive"},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         max_pool_connections=32,
     )
-    return boto3.client("s3", config=config)
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 def is_missing_key_error(err: Exception) -> bool:

@@ -1,0 +1,411 @@
+"""The production store: versioned, verified index releases and the `CURRENT` pointer.
+
+Layout under the store's root (`storage.uri`):
+
+    indices/<version>/index.faiss, ids.parquet, embeddings/part-*.npy, listing_ids.parquet,
+                      model.json, metrics.json, gates.json
+    indices/<version>/manifest.json   written last: sha256 and size of every file above
+    indices/CURRENT                   {"version", "manifest_sha256", ...}; replaced only by
+                                      a conditional write
+
+A version is `<UTC timestamp to the microsecond>Z-<content hash>`: unique and sortable. A
+version without a manifest is incomplete (an upload that died) and is never pointed at.
+Readers start from `CURRENT` and check every byte against the manifest, and the manifest
+against the pointer, so a reader gets the whole current version or an error naming the
+object that is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from components.errors import StepFailed
+from components.manifest import sha256_file
+from components.storage import MissingObject, PointerConflict, Storage
+
+INDICES = "indices"
+POINTER = f"{INDICES}/CURRENT"
+MANIFEST = "manifest.json"
+_STAMP = "%Y%m%dT%H%M%S%fZ"
+
+log = logging.getLogger(__name__)
+
+
+class CorruptObject(ValueError):
+    """A stored object whose size or sha256 is not what its manifest says."""
+
+
+class PromotionConflict(StepFailed):
+    """`CURRENT` moved while this promotion or rollback ran; it changed nothing."""
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """What `CURRENT` says, and the token its conditional replacement needs."""
+
+    version: str
+    manifest_sha256: str
+    content_sha256: str
+    previous: str | None
+    model: dict
+    updated_at: str
+    reason: str
+    token: str | None = field(default=None, compare=False)
+
+    def to_bytes(self) -> bytes:
+        body = {k: v for k, v in self.__dict__.items() if k != "token"}
+        return (json.dumps(body, indent=2) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    manifest: dict | None  # None: incomplete
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest is not None
+
+
+@dataclass(frozen=True)
+class Published:
+    version: str
+    changed: bool  # False: the content was already current
+    previous: str | None
+    manifest: dict
+
+
+@dataclass(frozen=True)
+class CurrentIndex:
+    version: str
+    index: Any  # faiss.Index
+    ids: list[str]
+    manifest: dict
+    files: Path  # local copies of the version's files
+
+
+def prefix_of(version: str) -> str:
+    return f"{INDICES}/{version}/"
+
+
+def new_version(content_sha256: str, now: datetime | None = None) -> str:
+    return f"{(now or datetime.now(UTC)).strftime(_STAMP)}-{content_sha256[:12]}"
+
+
+def version_time(version: str) -> datetime | None:
+    try:
+        return datetime.strptime(version.split("-", 1)[0], _STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def content_hash(files: dict[str, dict], model: dict) -> str:
+    """sha256 over what a version serves: its files' hashes and the model's weights."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name]['sha256']}\n".encode())
+    digest.update(f"model\0{model.get('sha256')}\n".encode())
+    return digest.hexdigest()
+
+
+def read_pointer(storage: Storage) -> Pointer | None:
+    raw, token = storage.read_pointer(POINTER)
+    if raw is None:
+        return None
+    try:
+        body = json.loads(raw)
+        return Pointer(**body, token=token)
+    except (ValueError, TypeError) as err:
+        raise CorruptObject(f"{storage.locate(POINTER)} is not a valid pointer: {err}") from err
+
+
+def read_manifest(storage: Storage, version: str, expected_sha256: str | None = None) -> dict:
+    """A version's manifest; checked against `expected_sha256` (the pointer's) when given.
+
+    Raises:
+        MissingObject: the version has no manifest (incomplete or deleted).
+        CorruptObject: the manifest's bytes are not the ones the pointer names.
+    """
+    key = prefix_of(version) + MANIFEST
+    raw = storage.get_bytes(key)
+    if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
+        raise CorruptObject(
+            f"{storage.locate(key)}: sha256 {hashlib.sha256(raw).hexdigest()[:16]}... is not "
+            f"{expected_sha256[:16]}... that {POINTER} names; the manifest was changed"
+        )
+    return json.loads(raw)
+
+
+def list_versions(storage: Storage) -> list[VersionInfo]:
+    """Every version folder in the store, oldest first; incomplete ones have no manifest."""
+    found = []
+    for version in storage.list_folders(f"{INDICES}/"):
+        try:
+            found.append(VersionInfo(version, read_manifest(storage, version)))
+        except MissingObject:
+            found.append(VersionInfo(version, None))
+    return found
+
+
+def verify(storage: Storage, version: str, manifest: dict) -> None:
+    """Read every file of `version` back from the store and check size and sha256.
+
+    Raises:
+        CorruptObject: naming the first file that is missing, short or different.
+    """
+    prefix = prefix_of(version)
+    for name, expected in sorted(manifest["files"].items()):
+        key = prefix + name
+        size = storage.size(key)
+        if size is None:
+            raise CorruptObject(f"{storage.locate(key)} is missing from version {version}")
+        if size != expected["bytes"]:
+            raise CorruptObject(
+                f"{storage.locate(key)}: {size} bytes, the manifest says {expected['bytes']}"
+            )
+        digest = storage.sha256(key)
+        if digest != expected["sha256"]:
+            raise CorruptObject(
+                f"{storage.locate(key)}: sha256 {digest[:16]}... is not the manifest's "
+                f"{expected['sha256'][:16]}...; the stored file is corrupted"
+            )
+
+
+def publish(
+    storage: Storage,
+    files: dict[str, Path],
+    manifest: dict,
+    model: dict,
+    progress: Callable[[str], None] = log.info,
+) -> Published:
+    """Upload `files` as a new version, write its manifest last, verify what landed, then
+    point `CURRENT` at it with a conditional write.
+
+    `manifest` holds the extra fields of the version's manifest (lineage, params, metrics);
+    `model` the model reference. The same content as the current version is a no-op.
+
+    Raises:
+        PromotionConflict: `CURRENT` moved since this call read it (a concurrent
+            promotion won); this call's upload is removed and nothing it did is visible.
+        Any storage error: `CURRENT` is unchanged and the partial upload is removed.
+    """
+    current = read_pointer(storage)  # read first: a promotion that lands meanwhile wins
+    described = {
+        name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for name, p in files.items()
+    }
+    content = content_hash(described, model)
+    if current is not None and current.content_sha256 == content:
+        existing = read_manifest(storage, current.version, current.manifest_sha256)
+        return Published(current.version, False, current.previous, existing)
+    version = new_version(content)
+    prefix = prefix_of(version)
+    full = {
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "content_sha256": content,
+        "files": described,
+        "model": model,
+        "previous": current.version if current else None,
+        **manifest,
+    }
+    raw = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode()
+    pointer = Pointer(
+        version=version,
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        content_sha256=content,
+        previous=current.version if current else None,
+        model={k: model.get(k) for k in ("name", "version", "run_id")},
+        updated_at=full["created_at"],
+        reason="promote",
+    )
+    try:
+        total = len(files)
+        for done, (name, path) in enumerate(sorted(files.items()), start=1):
+            storage.put_file(prefix + name, path)
+            progress(f"uploaded {done}/{total} {name} ({path.stat().st_size:,} bytes)")
+        storage.put_bytes(prefix + MANIFEST, raw)
+        read_manifest(storage, version, pointer.manifest_sha256)
+        verify(storage, version, full)
+        progress(f"verified {total} files of {version} (sizes and sha256 read back)")
+        _swap(storage, pointer, current)
+    except BaseException as err:
+        if _points_at(storage, version):  # the pointer write landed despite the error
+            return Published(version, True, pointer.previous, full)
+        removed = _remove_quietly(storage, prefix)
+        if isinstance(err, PointerConflict):
+            now = read_pointer(storage)
+            raise PromotionConflict(
+                f"{storage.locate(POINTER)} moved from {pointer.previous} to "
+                f"{now.version if now else None} while this promotion ran (a concurrent "
+                f"promotion won); {version} was not made current and its {removed} uploaded "
+                "objects were removed. Run promote again to compare with the new champion."
+            ) from err
+        raise
+    return Published(version, True, pointer.previous, full)
+
+
+def _swap(storage: Storage, pointer: Pointer, current: Pointer | None) -> None:
+    storage.write_pointer(POINTER, pointer.to_bytes(), current.token if current else None)
+
+
+def _points_at(storage: Storage, version: str) -> bool:
+    try:
+        now = read_pointer(storage)
+    except Exception:  # the store is unreachable: assume it does not
+        return False
+    return now is not None and now.version == version
+
+
+def _remove_quietly(storage: Storage, prefix: str) -> int:
+    try:
+        return storage.delete_prefix(prefix)
+    except Exception as err:  # the original error matters more; retention cleans up later
+        log.warning("could not remove the partial upload %s: %s", storage.locate(prefix), err)
+        return 0
+
+
+def rollback(storage: Storage, to: str | None = None) -> tuple[Pointer, Pointer]:
+    """Point `CURRENT` at `to` (default: the newest complete version older than the
+    current one) after verifying its files; returns (old pointer, new pointer).
+
+    Raises:
+        ValueError: no current version, no older version, or `to` is unknown/incomplete.
+        CorruptObject: the target's files do not match its manifest.
+        PromotionConflict: `CURRENT` moved meanwhile.
+    """
+    current = read_pointer(storage)
+    if current is None:
+        raise ValueError(f"{storage.locate(POINTER)} does not exist: nothing was promoted yet")
+    complete = [v for v in list_versions(storage) if v.complete]
+    names = [v.version for v in complete]
+    if to is None:
+        older = [v for v in names if v < current.version]
+        if not older:
+            raise ValueError(f"no complete version older than {current.version} to roll back to")
+        to = older[-1]
+    if to not in names:
+        raise ValueError(
+            f"version {to!r} is not a complete version in {storage.uri}; "
+            f"versions: {', '.join(names) or 'none'}"
+        )
+    if to == current.version:
+        raise ValueError(f"{to} is already current")
+    target = complete[names.index(to)].manifest
+    verify(storage, to, target)
+    raw = storage.get_bytes(prefix_of(to) + MANIFEST)
+    pointer = Pointer(
+        version=to,
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        content_sha256=target["content_sha256"],
+        previous=current.version,
+        model={k: target["model"].get(k) for k in ("name", "version", "run_id")},
+        updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        reason="rollback",
+    )
+    try:
+        _swap(storage, pointer, current)
+    except PointerConflict as err:
+        raise PromotionConflict(
+            f"{storage.locate(POINTER)} moved while rolling back; nothing changed"
+        ) from err
+    return current, pointer
+
+
+def apply_retention(
+    storage: Storage, keep: int, abandoned_after: timedelta, now: datetime | None = None
+) -> list[str]:
+    """Delete complete versions beyond the newest `keep` (never the current one, the one
+    before it, or the one it replaced) and incomplete ones older than `abandoned_after`.
+    Returns the deleted versions."""
+    now = now or datetime.now(UTC)
+    current = read_pointer(storage)
+    versions = list_versions(storage)
+    complete = [v.version for v in versions if v.complete]
+    protected = set(complete[-keep:])
+    if current is not None:
+        protected |= {current.version, current.previous}
+        older = [v for v in complete if v < current.version]
+        protected |= set(older[-1:])
+    doomed = [v for v in complete if v not in protected]
+    for info in versions:
+        started = version_time(info.version)
+        stale = started is None or now - started > abandoned_after
+        if not info.complete and stale and (current is None or info.version != current.version):
+            doomed.append(info.version)
+    for version in doomed:
+        storage.delete_prefix(prefix_of(version))
+        log.info("retention: deleted %s", storage.locate(prefix_of(version)))
+    return sorted(doomed)
+
+
+def load_current_index(storage: Storage, cache_dir: Path | None = None) -> CurrentIndex:
+    """The current version's FAISS index, id map and manifest, every byte verified.
+
+    Files are downloaded into `cache_dir/<version>/` (a temporary folder when None); files
+    already there with the right sha256 are not downloaded again.
+
+    Raises:
+        ValueError: nothing was promoted yet.
+        CorruptObject: the manifest or a file does not match (named).
+    """
+    import faiss
+    import pyarrow.parquet as pq
+
+    current = read_pointer(storage)
+    if current is None:
+        raise ValueError(f"{storage.locate(POINTER)} does not exist: nothing was promoted yet")
+    manifest = read_manifest(storage, current.version, current.manifest_sha256)
+    local = Path(cache_dir or tempfile.mkdtemp(prefix="listing-index-")) / current.version
+    for name in ("index.faiss", "ids.parquet"):
+        expected = manifest["files"][name]
+        path = local / name
+        if not (path.is_file() and sha256_file(path) == expected["sha256"]):
+            storage.get_file(prefix_of(current.version) + name, path)
+            digest = sha256_file(path)
+            if digest != expected["sha256"]:
+                path.unlink()
+                raise CorruptObject(
+                    f"{storage.locate(prefix_of(current.version) + name)}: sha256 "
+                    f"{digest[:16]}... is not the manifest's {expected['sha256'][:16]}...; "
+                    "the stored file is corrupted"
+                )
+    index = faiss.read_index(str(local / "index.faiss"))
+    ids = pq.read_table(local / "ids.parquet").column(0).to_pylist()
+    if index.ntotal != len(ids):
+        raise CorruptObject(f"version {current.version}: {index.ntotal} vectors but {len(ids)} ids")
+    return CurrentIndex(current.version, index, ids, manifest, local)
+
+
+def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
+    """One line per version, oldest first: current marker, model version, metrics."""
+    current = read_pointer(storage)
+    rows = [("", "version", "model", *[k.replace("/recall@10", " R@10") for k in metric_keys])]
+    for info in list_versions(storage):
+        mark = "*" if current and info.version == current.version else ""
+        if not info.complete:
+            rows.append((mark, info.version, "(incomplete)", *["" for _ in metric_keys]))
+            continue
+        metrics = info.manifest.get("metrics", {})
+        model = info.manifest.get("model", {})
+        rows.append(
+            (
+                mark,
+                info.version,
+                f"{model.get('name')}/{model.get('version')}",
+                *[f"{metrics[k]:.3f}" if k in metrics else "-" for k in metric_keys],
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    where = f"store: {storage.uri}"
+    if current is None:
+        return "\n".join([where, "no version is current (nothing promoted yet)", *lines])
+    return "\n".join([where, *lines, f"* current ({current.reason} at {current.updated_at})"])
