@@ -243,6 +243,7 @@ class S3Storage(Storage):
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self.client = s3_client(config.endpoint_url, config.region, config.max_attempts)
         self.threshold = config.multipart_threshold_mb * 1024 * 1024
+        self._conditional_ok = False
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -334,6 +335,7 @@ class S3Storage(Storage):
         return answer["Body"].read(), answer["ETag"]
 
     def write_pointer(self, key: str, data: bytes, token: str | None) -> None:
+        self._check_conditional_writes(key)
         condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
@@ -346,3 +348,27 @@ class S3Storage(Storage):
             ):
                 raise PointerConflict(f"{self.locate(key)} changed since it was read") from err
             raise
+
+    def _check_conditional_writes(self, key: str) -> None:
+        """Fail before the first pointer write when the server ignores conditional writes
+        (some S3-compatible servers do): last-writer-wins would lose promotions silently.
+        Probes a key of its own beside the pointer, never the pointer itself."""
+        if self._conditional_ok:
+            return
+        probe = f"{key}.conditional-write-probe"
+        self.put_bytes(probe, b"probe")
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(probe), Body=b"again", IfNoneMatch="*"
+            )
+        except Exception as err:
+            code = getattr(err, "response", {}).get("Error", {}).get("Code")
+            if code not in {"PreconditionFailed", "412"}:
+                raise
+            self._conditional_ok = True
+            return
+        raise ValueError(
+            f"{self.uri}: the S3 endpoint ignored If-None-Match on PutObject, so it cannot "
+            "guard the CURRENT pointer against concurrent promotions; use a server that "
+            "supports conditional writes (If-Match / If-None-Match on PutObject)"
+        )

@@ -1,0 +1,289 @@
+"""The production store on both backends: a local directory and a real S3 protocol server
+(moto_server on 127.0.0.1): publish, load, conflicts, failures, corruption, retention."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from components import production
+from components.config import StorageConfig
+from components.storage import LocalStorage, PointerConflict, S3Storage, open_storage
+
+MODEL = {"name": "listing-encoder", "version": "1", "run_id": "r1", "sha256": "m" * 64}
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return LocalStorage(tmp_path / "store")
+    request.getfixturevalue("s3_env")
+    return _bucket_store()
+
+
+def _bucket_store(**settings) -> S3Storage:
+    from components.s3 import s3_client
+
+    bucket = f"prod-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=bucket)
+    return open_storage(StorageConfig(uri=f"s3://{bucket}/listings", **settings))
+
+
+def release(root: Path, seed: int, n: int = 40, dim: int = 8) -> dict[str, Path]:
+    """The files of one release: a Flat index, its id map and the embeddings."""
+    root.mkdir(parents=True, exist_ok=True)
+    vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(dim)
+    index.add(vectors)
+    faiss.write_index(index, str(root / "index.faiss"))
+    ids = pa.table({"listing_id": [f"L{seed}-{i}" for i in range(n)]})
+    pq.write_table(ids, root / "ids.parquet")
+    np.save(root / "part-000000.npy", vectors)
+    return {
+        "index.faiss": root / "index.faiss",
+        "ids.parquet": root / "ids.parquet",
+        "embeddings/part-000000.npy": root / "part-000000.npy",
+    }
+
+
+def publish(storage, tmp_path, seed: int, **kwargs) -> production.Published:
+    model = MODEL | {"version": str(seed), "sha256": f"{seed:064d}"}
+    extra = {"metrics": {"query_to_listing/recall@10": seed / 10}}
+    return production.publish(storage, release(tmp_path / f"r{seed}", seed), extra, model, **kwargs)
+
+
+def test_a_published_version_loads_back_verified_and_searchable(storage, tmp_path):
+    published = publish(storage, tmp_path, 1)
+
+    loaded = production.load_current_index(storage, tmp_path / "cache")
+
+    assert published.changed and loaded.version == published.version
+    assert loaded.ids == [f"L1-{i}" for i in range(40)] and loaded.index.ntotal == 40
+    vectors = np.load(tmp_path / "r1" / "part-000000.npy")
+    _, found = loaded.index.search(vectors[:5], 1)
+    assert found[:, 0].tolist() == [0, 1, 2, 3, 4]
+    manifest = loaded.manifest
+    assert set(manifest["files"]) == {"index.faiss", "ids.parquet", "embeddings/part-000000.npy"}
+    assert manifest["model"]["version"] == "1" and manifest["previous"] is None
+    assert manifest["metrics"] == {"query_to_listing/recall@10": 0.1}
+    assert production.version_time(published.version) is not None
+
+
+def test_promoting_the_same_content_again_is_a_no_op(storage, tmp_path):
+    first = publish(storage, tmp_path, 1)
+    uploads = []
+
+    again = publish(storage, tmp_path, 1, progress=uploads.append)
+
+    assert not again.changed and again.version == first.version and uploads == []
+    assert [v.version for v in production.list_versions(storage)] == [first.version]
+
+
+def test_two_promotions_then_rollback_and_roll_forward(storage, tmp_path):
+    first = publish(storage, tmp_path, 1)
+    second = publish(storage, tmp_path, 2)
+    assert second.previous == first.version
+    assert production.read_pointer(storage).version == second.version
+
+    old, new = production.rollback(storage)
+
+    assert (old.version, new.version) == (second.version, first.version)
+    assert new.reason == "rollback" and new.model["version"] == "1"
+    assert production.load_current_index(storage).ids[0] == "L1-0"
+    _, forward = production.rollback(storage, to=second.version)
+    assert forward.version == second.version
+    with pytest.raises(ValueError, match="not a complete version"):
+        production.rollback(storage, to="20200101T000000000000Z-nope")
+    with pytest.raises(ValueError, match="already current"):
+        production.rollback(storage, to=second.version)
+
+
+def test_rollback_before_any_promotion_says_so(storage):
+    with pytest.raises(ValueError, match="nothing was promoted yet"):
+        production.rollback(storage)
+    with pytest.raises(ValueError, match="nothing was promoted yet"):
+        production.load_current_index(storage)
+
+
+def test_the_pointer_is_only_replaced_from_the_state_it_was_read_in(storage):
+    storage.write_pointer("p", b"one", None)
+    _, token = storage.read_pointer("p")
+    with pytest.raises(PointerConflict):
+        storage.write_pointer("p", b"two", None)  # "create" when it exists
+    storage.write_pointer("p", b"two", token)
+    with pytest.raises(PointerConflict):
+        storage.write_pointer("p", b"three", token)  # a stale token
+    assert storage.read_pointer("p")[0] == b"two"
+
+
+def test_concurrent_promotions_have_exactly_one_winner_per_pointer_state(storage, tmp_path):
+    base = publish(storage, tmp_path, 1)
+    files = {seed: release(tmp_path / f"r{seed}", seed) for seed in range(2, 8)}
+    start = threading.Barrier(len(files))
+    outcomes: dict[int, object] = {}
+
+    def promote(seed: int) -> None:
+        start.wait()
+        try:
+            model = MODEL | {"version": str(seed), "sha256": f"{seed:064d}"}
+            outcomes[seed] = production.publish(storage, files[seed], {}, model)
+        except production.PromotionConflict as err:
+            outcomes[seed] = err
+
+    threads = [threading.Thread(target=promote, args=(seed,)) for seed in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    winners = [o for o in outcomes.values() if isinstance(o, production.Published)]
+    losers = [o for o in outcomes.values() if isinstance(o, production.PromotionConflict)]
+    assert len(winners) + len(losers) == len(files) and winners
+    previous = [w.previous for w in winners]
+    assert len(set(previous)) == len(previous)  # never two winners over the same state
+    assert previous.count(base.version) == 1
+    assert all("a concurrent promotion won" in str(err) for err in losers)
+    stored = {v.version for v in production.list_versions(storage)}
+    assert stored == {base.version} | {w.version for w in winners}  # losers left nothing
+    current = production.read_pointer(storage)
+    assert current.version in {w.version for w in winners}
+    assert production.load_current_index(storage).version == current.version
+
+
+def test_a_failure_after_some_uploads_leaves_current_alone_and_the_next_run_succeeds(
+    storage, tmp_path, monkeypatch
+):
+    first = publish(storage, tmp_path, 1)
+    real_put = storage.put_file
+    calls = []
+
+    def dies_on_the_second_upload(key, path):
+        calls.append(key)
+        if len(calls) == 2:
+            raise ConnectionError("connection reset by peer")
+        real_put(key, path)
+
+    monkeypatch.setattr(storage, "put_file", dies_on_the_second_upload)
+    with pytest.raises(ConnectionError):
+        publish(storage, tmp_path, 2)
+    monkeypatch.undo()
+
+    assert production.read_pointer(storage).version == first.version
+    assert [v.version for v in production.list_versions(storage)] == [first.version]
+    second = publish(storage, tmp_path, 2)
+    assert production.read_pointer(storage).version == second.version
+    assert production.load_current_index(storage).ids[0] == "L2-0"
+
+
+def test_a_corrupted_object_is_caught_and_named(storage, tmp_path):
+    published = publish(storage, tmp_path, 1)
+    prefix = production.prefix_of(published.version)
+    storage.put_bytes(prefix + "index.faiss", b"not an index")
+
+    with pytest.raises(production.CorruptObject, match="index.faiss"):
+        production.load_current_index(storage, tmp_path / "cache")
+    with pytest.raises(production.CorruptObject, match="index.faiss.*12 bytes"):
+        production.verify(storage, published.version, published.manifest)
+
+    storage.put_bytes(prefix + "manifest.json", b'{"files": {}}')
+    with pytest.raises(production.CorruptObject, match="manifest.json"):
+        production.load_current_index(storage, tmp_path / "cache")
+
+
+def test_a_corrupted_cached_copy_is_downloaded_again(storage, tmp_path):
+    published = publish(storage, tmp_path, 1)
+    cache = tmp_path / "cache"
+    production.load_current_index(storage, cache)
+    (cache / published.version / "ids.parquet").write_bytes(b"garbage")
+
+    assert production.load_current_index(storage, cache).ids[0] == "L1-0"
+
+
+def test_retention_keeps_the_newest_the_current_and_the_previous(storage, tmp_path):
+    versions = [publish(storage, tmp_path, seed).version for seed in range(1, 6)]
+    production.rollback(storage, to=versions[0])  # current: the oldest; previous: the newest
+    stale = "20200101T000000000000Z-deadbeef0000"
+    fresh = production.new_version("f" * 64)
+    storage.put_bytes(production.prefix_of(stale) + "index.faiss", b"half")
+    storage.put_bytes(production.prefix_of(fresh) + "index.faiss", b"in flight")
+
+    deleted = production.apply_retention(storage, keep=2, abandoned_after=timedelta(hours=24))
+
+    assert deleted == sorted([versions[1], versions[2], stale])
+    left = {v.version: v.complete for v in production.list_versions(storage)}
+    assert left == {versions[0]: True, versions[3]: True, versions[4]: True, fresh: False}
+    assert production.load_current_index(storage).version == versions[0]
+
+
+def test_versions_table_marks_the_current_and_incomplete_versions(storage, tmp_path):
+    first = publish(storage, tmp_path, 1)
+    publish(storage, tmp_path, 2)
+    production.rollback(storage)
+    storage.put_bytes(production.prefix_of("20990101T000000000000Z-x") + "a", b"x")
+
+    table = production.versions_table(storage, ("query_to_listing/recall@10",))
+
+    lines = table.splitlines()
+    assert lines[0] == f"store: {storage.uri}"
+    current = [line for line in lines if line.startswith("*  ")]
+    assert len(current) == 1 and first.version in current[0] and "0.100" in current[0]
+    assert any("(incomplete)" in line for line in lines)
+    assert "rollback" in lines[-1]
+
+
+def test_large_files_go_up_in_multipart_parts_and_verify(s3_env, tmp_path):
+    storage = _bucket_store(multipart_threshold_mb=5)
+    big = tmp_path / "big.bin"
+    big.write_bytes(np.random.default_rng(0).bytes(12 << 20))
+
+    storage.put_file("big.bin", big)
+
+    head = storage.client.head_object(Bucket=storage.bucket, Key=storage._key("big.bin"))
+    assert head["ETag"].strip('"').endswith("-3")  # three parts of 5, 5 and 2 MiB
+    from components.manifest import sha256_file
+
+    assert storage.sha256("big.bin") == sha256_file(big)
+
+
+def test_storage_uris(tmp_path):
+    assert isinstance(open_storage(StorageConfig(uri=f"file://{tmp_path}")), LocalStorage)
+    assert open_storage(StorageConfig(), str(tmp_path)).uri == tmp_path.as_posix()
+    with pytest.raises(ValueError, match="unsupported scheme 'gs'"):
+        open_storage(StorageConfig(uri="gs://bucket/x"))
+    with pytest.raises(ValueError, match="file:///abs/path"):
+        open_storage(StorageConfig(uri="file://host/x"))
+    with pytest.raises(ValueError, match="leaves the store"):
+        LocalStorage(tmp_path).put_bytes("../escape", b"x")
+
+
+def test_version_names_sort_by_time():
+    early = production.new_version("b" * 64, datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC))
+    late = production.new_version("a" * 64, datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=UTC))
+    assert early == "20260102T030405000006Z-bbbbbbbbbbbb" and early < late
+    assert production.version_time(early) == datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_before_the_pointer_moves(s3_env):
+    storage = _bucket_store()
+
+    def drop_conditions(request, **_):  # what a server that ignores the headers sees
+        for header in ("If-None-Match", "If-Match"):
+            if header in request.headers:
+                del request.headers[header]
+
+    storage.client.meta.events.register("before-sign.s3.PutObject", drop_conditions)
+    try:
+        with pytest.raises(ValueError, match="ignored If-None-Match"):
+            storage.write_pointer(production.POINTER, b"{}", None)
+    finally:
+        storage.client.meta.events.unregister("before-sign.s3.PutObject", drop_conditions)
+    assert storage.read_pointer(production.POINTER) == (None, None)
