@@ -1,0 +1,201 @@
+"""train -> embed -> index -> evaluate -> promote on the tiny catalog, with MLflow on
+sqlite and the production store on a local dir or on moto_server; versions and rollback
+from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import uuid
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from components import embed, evaluate, index, model_io, production, promote, train
+from components.cli import main
+from components.config import (
+    EmbedConfig,
+    EvaluateConfig,
+    GatesConfig,
+    IndexConfig,
+    PromoteConfig,
+    StorageConfig,
+)
+from components.errors import StepFailed
+from components.manifest import read_manifest
+from components.storage import open_storage
+from tests.conftest import fresh_paths
+from tests.test_evaluate import LENIENT, TINY
+
+pytestmark = pytest.mark.integration
+
+EVALUATE = EvaluateConfig(ks=[1, 10, 50], bootstrap=100, diagnostics_sample=50, gates=LENIENT)
+NAME, ALIAS = "listing-encoder", "champion"
+
+
+@pytest.fixture(scope="module")
+def evaluated(featurized, tmp_path_factory):
+    paths = fresh_paths(featurized, tmp_path_factory.mktemp("promote"), "work")
+    train.run(TINY, paths)
+    embed.run(EmbedConfig(device="cpu"), paths)
+    index.run(IndexConfig(), paths)
+    evaluate.run(EVALUATE, paths)
+    return paths
+
+
+def store(paths):
+    return open_storage(paths.storage, paths.storage_uri)
+
+
+def registered_version(paths) -> str:
+    return read_manifest(paths.step_dir("train"))["registered_model"]["version"]
+
+
+def test_promote_publishes_the_evaluated_release_and_moves_the_champion(evaluated):
+    result = promote.run(PromoteConfig(), evaluated)
+
+    loaded = production.load_current_index(store(evaluated))
+    listing_ids = pq.read_table(evaluated.step_dir("embed") / "listing_ids.parquet")
+    assert result.changed and loaded.version == result.version
+    assert loaded.ids == listing_ids.column(0).to_pylist() and loaded.index.ntotal == 60
+    version = registered_version(evaluated)
+    assert model_io.alias_version(evaluated, NAME, ALIAS) == version
+    manifest = loaded.manifest
+    assert manifest["model"]["version"] == version and manifest["model"]["run_id"]
+    assert manifest["previous_champion"] == {"alias": ALIAS, "model_version": None}
+    assert set(manifest["lineage"]) == {"validate", "featurize", "train", "embed", "index"}
+    assert manifest["params"]["train"]["dim"] == TINY.dim
+    metrics = json.loads((evaluated.step_dir("evaluate") / "metrics.json").read_text())
+    assert manifest["metrics"] == metrics and all(g["passed"] for g in manifest["gates"])
+    assert any(name.startswith("embeddings/part-") for name in manifest["files"])
+    client = mlflow.MlflowClient(tracking_uri=evaluated.mlflow_uri)
+    tags = client.get_model_version(NAME, version).tags
+    assert tags["production_version"] == result.version
+
+    again = promote.run(PromoteConfig(), evaluated)
+
+    assert not again.changed and again.version == result.version
+    assert "already holds this index and model" in again.summary
+
+
+def test_promote_refuses_when_a_gate_failed(evaluated):
+    promote.run(PromoteConfig(), evaluated)
+    before = production.read_pointer(store(evaluated))
+    strict = GatesConfig(min={"query_to_listing/recall@10": 0.99}, max_regression={})
+    try:
+        with pytest.raises(StepFailed):
+            evaluate.run(EVALUATE.model_copy(update={"gates": strict}), evaluated)
+
+        with pytest.raises(StepFailed, match="refusing to promote: 1 gate.*min:query_to_"):
+            promote.run(PromoteConfig(), evaluated)
+    finally:
+        evaluate.run(EVALUATE, evaluated)
+    assert production.read_pointer(store(evaluated)) == before
+
+
+def test_promote_refuses_an_index_that_changed_since_evaluate(evaluated):
+    index.run(IndexConfig(factory="HNSW16"), evaluated)
+    try:
+        with pytest.raises(StepFailed, match="index changed since evaluate ran"):
+            promote.run(PromoteConfig(), evaluated)
+    finally:
+        index.run(IndexConfig(), evaluated)
+        evaluate.run(EVALUATE, evaluated)
+
+
+def test_a_retrain_is_compared_with_the_champion_and_rollback_moves_the_alias_back(
+    evaluated, tmp_path, monkeypatch, capsys
+):
+    first = promote.run(PromoteConfig(), evaluated)
+    first_model = registered_version(evaluated)
+
+    train.run(TINY.model_copy(update={"epochs": 3}), evaluated)  # another model version
+    embed.run(EmbedConfig(device="cpu"), evaluated)
+    index.run(IndexConfig(), evaluated)
+    evaluate.run(EVALUATE, evaluated)
+    second = promote.run(PromoteConfig(), evaluated)
+
+    judged = read_manifest(evaluated.step_dir("evaluate"))
+    assert judged["inputs"]["champion"]["production_version"] == first.version
+    assert judged["inputs"]["champion"]["version"] == first_model
+    metrics = json.loads((evaluated.step_dir("evaluate") / "metrics.json").read_text())
+    assert "champion/query_to_listing/delta_recall@10" in metrics
+    second_model = registered_version(evaluated)
+    assert second.changed and second_model != first_model
+    assert model_io.alias_version(evaluated, NAME, ALIAS) == second_model
+    manifest = production.load_current_index(store(evaluated)).manifest
+    assert manifest["previous_champion"]["model_version"] == first_model
+    assert manifest["previous"] == first.version
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"paths": {"workdir": str(evaluated.workdir)}}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", evaluated.mlflow_uri)
+    assert main(["rollback", "--params", str(params)]) == 0
+    assert f"is now {first.version} (was {second.version})" in capsys.readouterr().out
+    assert model_io.alias_version(evaluated, NAME, ALIAS) == first_model
+    assert production.load_current_index(store(evaluated)).version == first.version
+
+    assert main(["versions", "--params", str(params)]) == 0
+    listed = capsys.readouterr().out
+    assert f"*  {first.version}  {NAME}/{first_model}" in listed
+    assert f"   {second.version}  {NAME}/{second_model}" in listed
+
+    assert main(["rollback", "--params", str(params), "--to", second.version]) == 0
+    assert model_io.alias_version(evaluated, NAME, ALIAS) == second_model
+    assert main(["rollback", "--params", str(params), "--to", "nope"]) == 1
+    assert "'nope' is not a complete version" in capsys.readouterr().err
+
+
+SECRET_ID, SECRET_KEY = "AKIAPROMOTETEST7777", "s3cr3t/promote+Never-Logged"
+
+
+def test_promote_to_s3_keeps_credentials_out_of_logs_manifests_and_mlflow(
+    evaluated, s3_env, monkeypatch, caplog, capsys, tmp_path
+):
+    from components.s3 import s3_client
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SECRET_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", evaluated.mlflow_uri)
+    s3_client.cache_clear()
+    bucket = f"prod-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=bucket)
+    params = tmp_path / "params.yaml"
+    settings = {
+        "paths": {"workdir": str(evaluated.workdir)},
+        "storage": {"uri": f"s3://{bucket}/p"},
+    }
+    params.write_text(yaml.safe_dump(settings))
+    caplog.set_level(logging.DEBUG)
+
+    assert main(["promote", "-v", "--params", str(params)]) == 0
+    assert main(["versions", "--params", str(params)]) == 0
+
+    out = capsys.readouterr()
+    s3 = open_storage(StorageConfig(uri=f"s3://{bucket}/p"))
+    loaded = production.load_current_index(s3)
+    assert loaded.index.ntotal == 60 and f"s3://{bucket}/p" in out.out
+    texts = [caplog.text, out.out, out.err]
+    texts += [s3.get_bytes(key).decode("latin-1") for key in s3.list_keys("")]
+    texts += [p.read_text() for p in evaluated.step_dir("promote").glob("*.json")]
+    client = mlflow.MlflowClient(tracking_uri=evaluated.mlflow_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    assert runs
+    for run in runs:
+        texts.append(json.dumps([run.data.params, run.data.tags]))
+    for version in client.search_model_versions(f"name='{NAME}'"):
+        texts.append(json.dumps(version.tags))
+    assert len(texts) > 10
+    for text in texts:
+        assert SECRET_ID not in text and SECRET_KEY not in text
+    s3_client.cache_clear()
+
+
+def test_storage_paths_default_to_the_workdir(evaluated):
+    assert store(evaluated).uri == (evaluated.workdir / "production").as_posix()
+    other = dataclasses.replace(evaluated, storage=StorageConfig(uri="s3://bucket/x"))
+    assert other.storage_uri == "s3://bucket/x"
