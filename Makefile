@@ -12,7 +12,7 @@ OPTIONAL_DATA := .cache/debian/.fetched
 
 run: $(STAMP) $(OPTIONAL_DATA)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	$(BIN)/python -m components versions
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -62,7 +62,8 @@ def test_dvc_repro_builds_and_validates_a_small_catalog(tmp_path):
     assert (report["total"], report["clean"], report["quarantined"]) == (25, 25, 0)
     assert (tmp_path / "dvc.lock").is_file()
     assert second.returncode == 0, second.stdout + second.stderr
-    for stage in ("catalog", "validate", "featurize", "train", "embed", "index", "evaluate"):
+    stages = ("catalog", "validate", "featurize", "train", "embed", "index", "evaluate", "promote")
+    for stage in stages:
         assert f"Stage '{stage}' didn't change" in second.stdout
     metrics = json.loads(_dvc(["metrics", "show", "--json"], tmp_path).stdout)
     (values,) = [v["data"] for v in metrics.values()]
@@ -71,3 +72,6 @@ def test_dvc_repro_builds_and_validates_a_small_catalog(tmp_path):
     assert 0.0 <= evaluated["query_to_listing/recall@10"] <= 1.0
     gates = json.loads((tmp_path / "artifacts/evaluate/gates.json").read_text())
     assert gates and all(g["passed"] for g in gates)
+    promoted = json.loads((tmp_path / "artifacts/promote/manifest.json").read_text())
+    current = json.loads((tmp_path / "artifacts/production/indices/CURRENT").read_text())
+    assert current["version"] == promoted["version"] and current["model"]["version"] == "1"
