@@ -35,6 +35,7 @@ INDICES = "indices"
 POINTER = f"{INDICES}/CURRENT"
 MANIFEST = "manifest.json"
 _STAMP = "%Y%m%dT%H%M%S%fZ"
+REPORTS = ("metrics.json", "gates.json")  # stored with a version, not part of its content
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,10 @@ def version_time(version: str) -> datetime | None:
 
 
 def content_hash(files: dict[str, dict], model: dict) -> str:
-    """sha256 over what a version serves: its files' hashes and the model's weights."""
+    """sha256 over what a version serves: its files' hashes (not the evaluation's reports,
+    which change with every evaluation, e.g. latency) and the model's weights."""
     digest = hashlib.sha256()
-    for name in sorted(files):
+    for name in sorted(set(files) - set(REPORTS)):
         digest.update(f"{name}\0{files[name]['sha256']}\n".encode())
     digest.update(f"model\0{model.get('sha256')}\n".encode())
     return digest.hexdigest()

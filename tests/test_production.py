@@ -86,6 +86,11 @@ def test_promoting_the_same_content_again_is_a_no_op(storage, tmp_path):
 
     assert not again.changed and again.version == first.version and uploads == []
     assert [v.version for v in production.list_versions(storage)] == [first.version]
+    files = release(tmp_path / "r1", 1)
+    (tmp_path / "metrics.json").write_text('{"index/latency_p50_ms": 0.2}')  # re-evaluated
+    files["metrics.json"] = tmp_path / "metrics.json"
+    model = MODEL | {"sha256": f"{1:064d}"}
+    assert not production.publish(storage, files, {}, model).changed
 
 
 def test_two_promotions_then_rollback_and_roll_forward(storage, tmp_path):
