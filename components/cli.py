@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -106,6 +107,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one params key (repeatable); VALUE is YAML",
     )
+    parser.add_argument(
+        "--set-json",
+        dest="overrides_json",
+        default=None,
+        metavar="JSON",
+        help="more overrides as a JSON list of SECTION.KEY=VALUE strings (for orchestrators)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(args.verbose)
     try:
-        params = load_params(args.params, args.overrides)
+        params = load_params(args.params, args.overrides + _json_overrides(args.overrides_json))
         if args.step in COMMANDS:
             print(run_command(args.step, params, getattr(args, "to", None)))
             return 0
@@ -137,6 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     if _is_rank_zero():  # under torchrun every rank runs the step; one prints its summary
         print(result.summary)
     return 0
+
+
+def _json_overrides(text: str | None) -> list[str]:
+    if not text:
+        return []
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--set-json: not JSON: {err}") from err
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError("--set-json: expected a JSON list of SECTION.KEY=VALUE strings")
+    return overrides
 
 
 def _is_rank_zero() -> bool:

@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -266,6 +266,95 @@ class PromoteConfig(Section):
     )
 
 
+STEP_NAMES = ("catalog", "validate", "featurize", "train", "embed", "index", "evaluate", "promote")
+StepName = Literal[
+    "catalog", "validate", "featurize", "train", "embed", "index", "evaluate", "promote"
+]
+STEP_ORDER: tuple[str, ...] = get_args(StepName)  # the pipeline's steps, in order
+
+
+class AirflowConfig(Section):
+    schedule: str | None = Field(
+        "0 3 * * 0", description="Cron schedule of the retraining DAG (null: manual only)."
+    )
+    retries: int = Field(2, ge=0, description="Retries of a failed task (not of a failed gate).")
+    retry_delay_minutes: float = Field(10.0, ge=0.0, description="Wait before a retry.")
+    timeout_minutes: dict[StepName, float] = Field(
+        {
+            "catalog": 30,
+            "validate": 60,
+            "featurize": 240,
+            "train": 480,
+            "embed": 120,
+            "index": 120,
+            "evaluate": 60,
+            "promote": 30,
+        },
+        description="Execution timeout of each step's task.",
+    )
+    tags: list[str] = Field(["listing-embeddings", "retrain", "ml"], description="DAG tags.")
+    mode: Literal["local", "kubernetes"] = Field(
+        "local",
+        description="local: tasks run the steps in the worker; kubernetes: one pod per step. "
+        "The Airflow Variable listing_embeddings_mode (AIRFLOW_VAR_...) overrides it.",
+    )
+
+
+class Toleration(Section):
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class KubernetesConfig(Section):
+    image: str = Field(
+        "registry.example.com/listing-embeddings:latest",
+        description="The project image (infra/Dockerfile) every step's pod runs.",
+    )
+    namespace: str = Field("listing-embeddings", description="Namespace of the step pods.")
+    service_account: str = Field(
+        "listing-embeddings", description="Pods' service account (its role grants S3 access)."
+    )
+    work_volume_claim: str = Field(
+        "listing-embeddings-work", description="PVC mounted at /work: the steps' workdir."
+    )
+    params_config_map: str = Field(
+        "listing-embeddings-params", description="ConfigMap with params.yaml, mounted read-only."
+    )
+    gpu_steps: list[StepName] = Field(
+        ["featurize", "train", "embed"], description="Steps that request GPUs."
+    )
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource of a GPU.")
+    gpus: int = Field(1, ge=1, description="GPUs per GPU step's pod.")
+    accelerator_type: str = Field(
+        "NVIDIA_H100_80GB", description="Kubeflow accelerator type of the GPU steps."
+    )
+    gpu_node_selector: dict[str, str] = Field(
+        {"node-pool": "gpu"}, description="Node labels of the GPU node pool."
+    )
+    gpu_tolerations: list[Toleration] = Field(
+        [Toleration(key="nvidia.com/gpu")], description="Tolerations for the GPU nodes' taints."
+    )
+    cpu_node_selector: dict[str, str] = Field(
+        {"node-pool": "cpu"}, description="Node labels for the CPU steps."
+    )
+    cpu: dict[str, str] = Field(
+        {"cpu": "2", "memory": "8Gi"}, description="Requests of every step's container."
+    )
+    gpu_step_resources: dict[str, str] = Field(
+        {"cpu": "8", "memory": "48Gi"}, description="Requests of a GPU step's container."
+    )
+    env: dict[str, str] = Field(
+        {}, description="Extra environment (e.g. MLFLOW_TRACKING_URI); never credentials."
+    )
+
+
+class OrchestrationConfig(Section):
+    airflow: AirflowConfig = AirflowConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
+
+
 class Params(Section):
     seed: int = Field(0, description="Seed for every random choice of every step.")
     paths: PathsConfig = PathsConfig()
@@ -279,6 +368,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
     storage: StorageConfig = StorageConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
@@ -301,6 +391,7 @@ SECTIONS: dict[str, type[Section]] = {
     "evaluate": EvaluateConfig,
     "promote": PromoteConfig,
     "storage": StorageConfig,
+    "orchestration": OrchestrationConfig,
 }
 
 

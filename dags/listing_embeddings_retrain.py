@@ -1,0 +1,164 @@
+"""Airflow DAG `listing_embeddings_retrain`: the retraining pipeline, one task per step.
+
+Wiring only: every task runs the same function as `python -m components <step>`.
+Schedule, retries, timeouts, tags and the Kubernetes settings come from the
+`orchestration` section of params.yaml (`LISTING_EMBEDDINGS_PARAMS`, default the
+repository's). Two modes, from the Airflow Variable `listing_embeddings_mode` given in the
+environment (`AIRFLOW_VAR_LISTING_EMBEDDINGS_MODE`; default `orchestration.airflow.mode`):
+
+- `local`: each task runs its step in the worker, in-process;
+- `kubernetes`: each task is a KubernetesPodOperator running the project image; the
+  steps in `orchestration.kubernetes.gpu_steps` request GPUs on the GPU node pool.
+
+Run-time DAG params: `overrides` (a list of `section.key=value`, as `--set`), and
+`params_file` (local mode). A failed gate fails `evaluate` (in local mode without retries)
+with the gate table in its log; `promote` then never runs (Airflow marks it
+`upstream_failed`) and the DAG run is failed, so alerts fire. Every step is idempotent,
+so a retrain can be cleared and re-run.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from airflow.sdk import DAG, Param, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from components.config import STEP_ORDER, OrchestrationConfig, load_params
+
+DAG_ID = "listing_embeddings_retrain"
+PARAMS_FILE = os.environ.get(
+    "LISTING_EMBEDDINGS_PARAMS", str(Path(__file__).resolve().parents[1] / "params.yaml")
+)
+MODE_VARIABLE = "AIRFLOW_VAR_LISTING_EMBEDDINGS_MODE"
+POD_WORKDIR = "/work"
+POD_PARAMS = "/etc/listing-embeddings/params.yaml"
+
+
+def run_local_step(step: str, params_file: str, overrides: list[str]) -> dict:
+    """Run one step in this process; a StepFailed (a failed gate, too many bad rows)
+    fails the task without retries, with its report in the log."""
+    from components.cli import run_step
+    from components.errors import StepFailed
+
+    params = load_params(params_file, overrides)
+    try:
+        result = run_step(step, params)
+    except StepFailed as err:
+        if err.report:
+            print(err.report)
+        raise AirflowFailException(f"{step} failed: {err}") from err
+    print(result.summary)
+    return {"step": step, "summary": result.summary}
+
+
+def _local_task(step: str, defaults: dict):
+    @task(task_id=step, **defaults)
+    def run(params=None) -> dict:
+        return run_local_step(step, params["params_file"], list(params["overrides"]))
+
+    return run()
+
+
+def pod_operator(step: str, config: OrchestrationConfig, defaults: dict):
+    """The KubernetesPodOperator of one step: the project image, the shared workdir volume,
+    params.yaml from a ConfigMap, GPUs and the GPU node pool for GPU steps."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    kube = config.kubernetes
+    gpu = step in kube.gpu_steps
+    requests = dict(kube.gpu_step_resources if gpu else kube.cpu)
+    limits = {kube.gpu_resource: str(kube.gpus)} if gpu else {}
+    tolerations = [k8s.V1Toleration(**t.model_dump()) for t in kube.gpu_tolerations] if gpu else []
+    return KubernetesPodOperator(
+        task_id=step,
+        name=f"listing-embeddings-{step}",
+        namespace=kube.namespace,
+        image=kube.image,
+        cmds=["python", "-m", "components", step],
+        arguments=[
+            "--params",
+            POD_PARAMS,
+            "--set",
+            f"paths.workdir={POD_WORKDIR}/artifacts",
+            "--set-json",
+            "{{ params.overrides | tojson }}",
+        ],
+        env_vars=dict(kube.env),
+        container_resources=k8s.V1ResourceRequirements(requests=requests, limits=limits or None),
+        node_selector=dict(kube.gpu_node_selector if gpu else kube.cpu_node_selector),
+        tolerations=tolerations,
+        service_account_name=kube.service_account,
+        volumes=[
+            k8s.V1Volume(
+                name="work",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+                    claim_name=kube.work_volume_claim
+                ),
+            ),
+            k8s.V1Volume(
+                name="params",
+                config_map=k8s.V1ConfigMapVolumeSource(name=kube.params_config_map),
+            ),
+        ],
+        volume_mounts=[
+            k8s.V1VolumeMount(name="work", mount_path=POD_WORKDIR),
+            k8s.V1VolumeMount(
+                name="params", mount_path=str(Path(POD_PARAMS).parent), read_only=True
+            ),
+        ],
+        labels={"app": "listing-embeddings", "step": step, "gpu": str(gpu).lower()},
+        get_logs=True,
+        on_finish_action="delete_succeeded_pod",
+        **defaults,
+    )
+
+
+def build_dag(params_file: str = PARAMS_FILE, mode: str | None = None) -> DAG:
+    """The DAG for `params_file`'s orchestration settings, in `mode` (default: the
+    Variable from the environment, else `orchestration.airflow.mode`)."""
+    config = load_params(params_file).orchestration
+    mode = mode or os.environ.get(MODE_VARIABLE) or config.airflow.mode
+    if mode not in ("local", "kubernetes"):
+        raise ValueError(f"{MODE_VARIABLE}={mode!r}: expected local or kubernetes")
+    airflow = config.airflow
+    with DAG(
+        dag_id=DAG_ID,
+        description="Retrain multi-view listing embeddings, rebuild the index, gate, promote",
+        doc_md=__doc__,
+        schedule=airflow.schedule,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        max_active_runs=1,  # two retrains would race for the same workdir
+        tags=[*airflow.tags, mode],
+        params={
+            "params_file": Param(params_file, type="string", description="params.yaml to use"),
+            "overrides": Param(
+                [],
+                type="array",
+                items={"type": "string"},
+                description="section.key=value overrides for this run, like --set",
+            ),
+        },
+    ) as dag:
+        previous = None
+        for step in STEP_ORDER:
+            defaults = {
+                "retries": airflow.retries,
+                "retry_delay": timedelta(minutes=airflow.retry_delay_minutes),
+                "execution_timeout": timedelta(minutes=airflow.timeout_minutes[step]),
+            }
+            if mode == "local":
+                current = _local_task(step, defaults)
+            else:
+                current = pod_operator(step, config, defaults)
+            if previous is not None:
+                previous >> current
+            previous = current
+    return dag
+
+
+dag = build_dag()

@@ -1,0 +1,93 @@
+"""Runs Airflow against the repository's DAG in its own process (Airflow reads its
+configuration at import, so tests keep it out of the pytest process).
+
+    python tests/harness/airflow_dag.py integrity
+    python tests/harness/airflow_dag.py test '<overrides JSON list>'
+    python tests/harness/airflow_dag.py render
+
+Prints one JSON document on the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+
+
+def integrity() -> dict:
+    from airflow.dag_processing.dagbag import DagBag
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bag = DagBag(dag_folder=str(DAGS))
+    dag = bag.dags.get("listing_embeddings_retrain")
+    return {
+        "import_errors": {k: str(v) for k, v in bag.import_errors.items()},
+        "warnings": [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught],
+        "dag_ids": sorted(bag.dags),
+        "task_ids": [t.task_id for t in dag.tasks] if dag else [],
+        "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} if dag else {},
+        "tags": sorted(dag.tags) if dag else [],
+        "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
+        "timeouts": {t.task_id: t.execution_timeout.total_seconds() for t in dag.tasks}
+        if dag
+        else {},
+        "schedule": dag.schedule if dag else None,
+        "doc_md": bool(dag and dag.doc_md),
+    }
+
+
+def test(overrides: list[str]) -> dict:
+    sys.path.insert(0, str(DAGS))
+    import listing_embeddings_retrain as module
+
+    run = module.dag.test(run_conf={"overrides": overrides})
+    return {
+        "state": str(run.state),
+        "tasks": {ti.task_id: str(ti.state) for ti in run.get_task_instances()},
+    }
+
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:9"}}]
+users: [{name: none, user: {token: unused}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+"""
+
+
+def render() -> dict:
+    """Every pod request of the kubernetes mode, built without a cluster (the provider reads
+    a kubeconfig to label pods; this one points nowhere and is never contacted)."""
+    import os
+    import tempfile
+
+    config = Path(tempfile.mkdtemp()) / "kubeconfig"
+    config.write_text(KUBECONFIG)
+    os.environ["KUBECONFIG"] = str(config)
+    sys.path.insert(0, str(DAGS))
+    import listing_embeddings_retrain as module
+    from kubernetes.client import ApiClient
+
+    dag = module.build_dag(mode="kubernetes")
+    pods = {}
+    for operator in dag.tasks:
+        pod = operator.build_pod_request_obj()
+        pods[operator.task_id] = ApiClient().sanitize_for_serialization(pod)
+    return {"types": sorted({type(t).__name__ for t in dag.tasks}), "pods": pods}
+
+
+if __name__ == "__main__":
+    command = sys.argv[1]
+    if command == "integrity":
+        result = integrity()
+    elif command == "test":
+        result = test(json.loads(sys.argv[2]))
+    else:
+        result = render()
+    print(json.dumps(result))

@@ -1,0 +1,138 @@
+"""The Airflow DAG: integrity, a whole `dag.test()` run in local mode on a tiny catalog
+(ending with a promoted version), a failed gate that stops promote, and the pod specs of
+the kubernetes mode. Airflow runs in its own process with its own AIRFLOW_HOME."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.config import STEP_ORDER, load_params
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+HARNESS = REPO_ROOT / "tests" / "harness" / "airflow_dag.py"
+CONFIG = load_params(REPO_ROOT / "params.yaml").orchestration
+
+
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("airflow")
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    }
+    env.pop("AIRFLOW_VAR_LISTING_EMBEDDINGS_MODE", None)
+    migrate = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert migrate.returncode == 0, migrate.stdout[-3000:] + migrate.stderr[-3000:]
+    return env
+
+
+def harness(env: dict, *args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(HARNESS), *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return {"result": json.loads(done.stdout.strip().splitlines()[-1]), "log": done.stdout}
+
+
+def test_the_dag_imports_cleanly_with_one_task_per_step(airflow_env):
+    found = harness(airflow_env, "integrity")["result"]
+
+    assert found["import_errors"] == {}
+    assert [w for w in found["warnings"] if "/dags/" in w] == []  # none from our DAG file
+    assert found["dag_ids"] == ["listing_embeddings_retrain"]
+    assert found["task_ids"] == list(STEP_ORDER)
+    assert all(
+        found["upstream"][step] == [previous] for previous, step in itertools.pairwise(STEP_ORDER)
+    )
+    assert set(CONFIG.airflow.tags) | {"local"} == set(found["tags"])
+    assert set(found["retries"].values()) == {CONFIG.airflow.retries}
+    assert found["timeouts"]["train"] == CONFIG.airflow.timeout_minutes["train"] * 60
+    assert found["schedule"] == CONFIG.airflow.schedule and found["doc_md"]
+
+
+def _overrides(work: Path, **gates: str) -> list[str]:
+    return [
+        f"paths.workdir={work}",
+        "catalog.max_listings=25",
+        "featurize.image_size=96",
+        "featurize.workers=2",
+        "validate.workers=2",
+        "train.epochs=8",
+        f"evaluate.gates.min={gates.get('min', '{}')}",
+    ]
+
+
+def test_dag_test_runs_every_step_and_ends_with_a_promoted_version(airflow_env, tmp_path):
+    work = tmp_path / "work"
+    run = harness(airflow_env, "test", json.dumps(_overrides(work)))
+
+    assert run["result"]["state"] == "success", run["log"][-4000:]
+    assert set(run["result"]["tasks"].values()) == {"success"}
+    current = json.loads((work / "production" / "indices" / "CURRENT").read_text())
+    promoted = json.loads((work / "promote" / "manifest.json").read_text())
+    assert current["version"] == promoted["version"]
+
+    # a failed gate: evaluate fails with the gate table in its log, promote never runs
+    strict = '{"query_to_listing/recall@10": 0.99}'
+    failed = harness(airflow_env, "test", json.dumps(_overrides(work, min=strict)))
+
+    tasks = failed["result"]["tasks"]
+    assert failed["result"]["state"] == "failed"
+    assert tasks["evaluate"] == "failed" and tasks["promote"] == "upstream_failed"
+    assert all(tasks[step] == "success" for step in STEP_ORDER[:-2])
+    assert "min:query_to_listing/recall@10" in failed["log"] and "FAIL" in failed["log"]
+    assert json.loads((work / "production" / "indices" / "CURRENT").read_text()) == current
+
+
+def test_kubernetes_mode_renders_pods_with_the_image_gpus_and_tolerations(airflow_env):
+    rendered = harness(airflow_env, "render")["result"]
+    kube = CONFIG.kubernetes
+
+    assert rendered["types"] == ["KubernetesPodOperator"]
+    assert set(rendered["pods"]) == set(STEP_ORDER)
+    for step, pod in rendered["pods"].items():
+        spec = pod["spec"]
+        (container,) = spec["containers"]
+        assert container["image"] == kube.image
+        assert container["command"] == ["python", "-m", "components", step]
+        assert "--params" in container["args"] and "--set-json" in container["args"]
+        assert spec["serviceAccountName"] == kube.service_account
+        assert pod["metadata"]["namespace"] == kube.namespace
+        claims = [
+            v["persistentVolumeClaim"]["claimName"]
+            for v in spec["volumes"]
+            if "persistentVolumeClaim" in v
+        ]
+        assert claims == [kube.work_volume_claim]
+        limits = (container.get("resources") or {}).get("limits") or {}
+        if step in kube.gpu_steps:
+            assert limits == {kube.gpu_resource: str(kube.gpus)}
+            assert spec["nodeSelector"] == kube.gpu_node_selector
+            assert {t["key"] for t in spec["tolerations"]} == {t.key for t in kube.gpu_tolerations}
+        else:
+            assert kube.gpu_resource not in limits
+            assert spec["nodeSelector"] == kube.cpu_node_selector
+            assert not spec.get("tolerations")
