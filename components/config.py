@@ -327,9 +327,6 @@ class KubernetesConfig(Section):
     )
     gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource of a GPU.")
     gpus: int = Field(1, ge=1, description="GPUs per GPU step's pod.")
-    accelerator_type: str = Field(
-        "NVIDIA_H100_80GB", description="Kubeflow accelerator type of the GPU steps."
-    )
     gpu_node_selector: dict[str, str] = Field(
         {"node-pool": "gpu"}, description="Node labels of the GPU node pool."
     )
