@@ -1,0 +1,130 @@
+"""infra/: every manifest parses and agrees with params.yaml's orchestration settings and
+with the DAG and pipeline that use it; the S3 policy is least-privilege."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from components.config import load_params
+from tests.conftest import REPO_ROOT
+
+INFRA = REPO_ROOT / "infra"
+KUBE = load_params(REPO_ROOT / "params.yaml").orchestration.kubernetes
+
+
+def documents() -> dict[str, list[dict]]:
+    found = {}
+    for path in sorted(INFRA.rglob("*.yaml")):
+        found[path.relative_to(INFRA).as_posix()] = [
+            d for d in yaml.safe_load_all(path.read_text()) if d
+        ]
+    return found
+
+
+def by_kind(kind: str) -> list[dict]:
+    return [d for docs in documents().values() for d in docs if d.get("kind") == kind]
+
+
+def test_every_yaml_file_parses_and_every_manifest_names_its_kind():
+    found = documents()
+    assert {"k8s/airflow-values.yaml", "k8s/mlflow.yaml", "k8s/gpu-nodepool.yaml"} <= set(found)
+    for name, docs in found.items():
+        assert docs, f"{name} is empty"
+        if name.startswith("k8s/") and name != "k8s/airflow-values.yaml":
+            for doc in docs:
+                assert doc.get("apiVersion") and doc.get("kind"), name
+
+
+def test_kustomization_lists_files_that_exist():
+    (kustomization,) = by_kind("Kustomization")
+    for resource in kustomization["resources"]:
+        assert (INFRA / "k8s" / resource).is_file(), resource
+
+
+def test_the_step_pods_service_account_volume_and_namespace_exist():
+    (account,) = by_kind("ServiceAccount")
+    assert (account["metadata"]["name"], account["metadata"]["namespace"]) == (
+        KUBE.service_account,
+        KUBE.namespace,
+    )
+    assert "role-arn" in json.dumps(account["metadata"]["annotations"])  # workload identity
+    (claim,) = by_kind("PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == KUBE.work_volume_claim
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert [n["metadata"]["name"] for n in by_kind("Namespace")] == [KUBE.namespace]
+    (role,) = by_kind("Role")
+    pods = [r for r in role["rules"] if "pods" in r["resources"]]
+    assert pods and "create" in pods[0]["verbs"] and "delete" in pods[0]["verbs"]
+
+
+def test_the_gpu_pool_has_the_labels_and_taints_the_gpu_steps_expect():
+    (cluster,) = by_kind("ClusterConfig")
+    pools = {group["name"]: group for group in cluster["managedNodeGroups"]}
+    assert pools["gpu"]["labels"] == KUBE.gpu_node_selector
+    assert pools["cpu"]["labels"] == KUBE.cpu_node_selector
+    taints = {(t["key"], t["effect"]) for t in pools["gpu"]["taints"]}
+    assert taints == {(t.key, t.effect) for t in KUBE.gpu_tolerations}
+    assert pools["gpu"]["minSize"] == 0  # no idle GPUs between retrains
+
+
+def test_mlflow_runs_on_postgres_with_s3_artifacts_and_no_password_in_the_manifest():
+    deployments = {d["metadata"]["name"]: d for d in by_kind("Deployment")}
+    (container,) = deployments["mlflow"]["spec"]["template"]["spec"]["containers"]
+    args = " ".join(container["args"])
+    assert "--backend-store-uri=postgresql://" in args and "$(POSTGRES_PASSWORD)" in args
+    assert "--artifacts-destination=s3://" in args
+    (postgres,) = by_kind("StatefulSet")
+    env = {e["name"]: e for e in postgres["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "secretKeyRef" in env["POSTGRES_PASSWORD"]["valueFrom"]
+    services = {s["metadata"]["name"] for s in by_kind("Service")}
+    assert {"mlflow", "mlflow-postgres"} <= services
+
+
+def test_airflow_uses_the_kubernetes_executor_and_the_kubernetes_mode():
+    values = yaml.safe_load((INFRA / "k8s" / "airflow-values.yaml").read_text())
+    assert values["executor"] == "KubernetesExecutor"
+    env = {e["name"]: e["value"] for e in values["env"]}
+    assert env["AIRFLOW_VAR_LISTING_EMBEDDINGS_MODE"] == "kubernetes"
+    assert values["images"]["airflow"]["repository"] == KUBE.image.rsplit(":", 1)[0]
+    assert values["config"]["core"]["load_examples"] == "False"
+
+
+def test_the_s3_policy_is_least_privilege():
+    policy = json.loads((INFRA / "k8s" / "s3-policy.json").read_text())
+    allowed = {
+        "s3:ListBucket",
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+    }
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        assert set(statement["Action"]) <= allowed
+        resources = statement["Resource"]
+        for resource in [resources] if isinstance(resources, str) else resources:
+            assert resource.startswith("arn:aws:s3:::") and resource != "arn:aws:s3:::*"
+        if "s3:DeleteObject" in statement["Action"]:
+            assert all(r.endswith("/*") and "/catalogs/" not in r for r in resources)
+
+
+def test_the_dockerfile_installs_the_lock_and_puts_params_where_the_pipeline_reads_them():
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert "requirements.lock" in dockerfile and "--index-url" in dockerfile
+    assert "faiss-gpu" in dockerfile and "USER app" in dockerfile
+    sys.path.insert(0, str(INFRA / "kubeflow"))
+    import pipeline
+
+    assert pipeline.IMAGE_PARAMS == "/app/params.yaml" and "WORKDIR /app" in dockerfile
+    assert "COPY params.yaml" in dockerfile
+
+
+@pytest.mark.parametrize("name", ["airflow-values.yaml", "mlflow.yaml", "rbac.yaml"])
+def test_no_credentials_are_committed(name):
+    text = (INFRA / "k8s" / name).read_text().lower()
+    for secret in ("aws_secret_access_key", "aws_access_key_id", "password:"):
+        assert secret not in text
