@@ -75,3 +75,19 @@ def test_dvc_repro_builds_and_validates_a_small_catalog(tmp_path):
     promoted = json.loads((tmp_path / "artifacts/promote/manifest.json").read_text())
     current = json.loads((tmp_path / "artifacts/production/indices/CURRENT").read_text())
     assert current["version"] == promoted["version"] and current["model"]["version"] == "1"
+
+    # an ablation as a DVC experiment, up to evaluate (an experiment never promotes)
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=tmp_path, check=True)
+    ablation = ["-S", "train.objective=single_view", "-S", "evaluate.champion=null"]
+    experiment = _dvc(["exp", "run", "evaluate", *ablation], tmp_path)
+    assert experiment.returncode == 0, experiment.stdout + experiment.stderr
+    assert "Stage 'promote'" not in experiment.stdout
+    diff = _dvc(["metrics", "diff", "--json"], tmp_path)
+    changed = json.loads(diff.stdout)["artifacts/evaluate/metrics.json"]
+    assert "query_to_listing/recall@10" in changed
+    plots = _dvc(["plots", "diff", "--json"], tmp_path)
+    assert plots.returncode == 0 and "recall_curves.json" in plots.stdout
+    current_after = json.loads((tmp_path / "artifacts/production/indices/CURRENT").read_text())
+    assert current_after == current
