@@ -56,6 +56,7 @@ def test_gpu_steps_request_accelerators_on_the_gpu_pool():
 
 # requests, accelerators and placement only mean something on a cluster
 @pytest.mark.filterwarnings("ignore:.*have no effect in the current local runner")
+@pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom")
 def test_the_pipeline_runs_on_the_local_runner_and_promotes(tmp_path):
     from kfp import local
 
