@@ -142,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input named by the step (a broken catalog file, a missing upstream output).
         print(f"error: {args.step}: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        if not _is_storage_error(err):
+            raise
+        # S3 said no (a missing bucket, access denied, an unreachable endpoint): the message
+        # names the operation and the bucket; credentials are never part of it
+        where = f" [storage.uri: {params.storage.uri}]" if args.step in STORE_USERS else ""
+        print(f"error: {args.step}: S3: {err}{where}", file=sys.stderr)
+        return 1
     if _is_rank_zero():  # under torchrun every rank runs the step; one prints its summary
         print(result.summary)
     return 0
@@ -157,6 +165,13 @@ def _json_overrides(text: str | None) -> list[str]:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError("--set-json: expected a JSON list of SECTION.KEY=VALUE strings")
     return overrides
+
+
+STORE_USERS = ("promote", "evaluate", *COMMANDS)
+
+
+def _is_storage_error(err: Exception) -> bool:
+    return type(err).__module__.startswith(("botocore", "boto3"))
 
 
 def _is_rank_zero() -> bool:

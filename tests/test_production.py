@@ -292,3 +292,13 @@ def test_a_server_that_ignores_conditional_writes_is_refused_before_the_pointer_
     finally:
         storage.client.meta.events.unregister("before-sign.s3.PutObject", drop_conditions)
     assert storage.read_pointer(production.POINTER) == (None, None)
+
+
+def test_a_missing_bucket_is_a_one_line_error_naming_it(s3_env, capsys):
+    from components.cli import main
+
+    assert main(["versions", "--set", "storage.uri=s3://no-such-bucket-here/prod"]) == 1
+
+    err = capsys.readouterr().err
+    assert "error: versions: S3:" in err and "NoSuchBucket" in err
+    assert "s3://no-such-bucket-here/prod" in err
