@@ -27,7 +27,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import faiss
+import pyarrow.parquet as pq
+
 from components.errors import StepFailed
+from components.index import IDS_FILE, INDEX_FILE
 from components.manifest import sha256_file
 from components.storage import MissingObject, PointerConflict, Storage
 
@@ -219,15 +223,7 @@ def publish(
         **manifest,
     }
     raw = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode()
-    pointer = Pointer(
-        version=version,
-        manifest_sha256=hashlib.sha256(raw).hexdigest(),
-        content_sha256=content,
-        previous=current.version if current else None,
-        model={k: model.get(k) for k in ("name", "version", "run_id")},
-        updated_at=full["created_at"],
-        reason="promote",
-    )
+    pointer = _pointer_to(full, raw, current, "promote")
     try:
         total = len(files)
         for done, (name, path) in enumerate(sorted(files.items()), start=1):
@@ -252,6 +248,19 @@ def publish(
             ) from err
         raise
     return Published(version, True, pointer.previous, full)
+
+
+def _pointer_to(manifest: dict, raw: bytes, current: Pointer | None, reason: str) -> Pointer:
+    """The pointer that makes the version of `manifest` (whose bytes are `raw`) current."""
+    return Pointer(
+        version=manifest["version"],
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        content_sha256=manifest["content_sha256"],
+        previous=current.version if current else None,
+        model={k: manifest["model"].get(k) for k in ("name", "version", "run_id")},
+        updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        reason=reason,
+    )
 
 
 def _swap(storage: Storage, pointer: Pointer, current: Pointer | None) -> None:
@@ -300,18 +309,10 @@ def rollback(storage: Storage, to: str | None = None) -> tuple[Pointer, Pointer]
         )
     if to == current.version:
         raise ValueError(f"{to} is already current")
-    target = complete[names.index(to)].manifest
-    verify(storage, to, target)
     raw = storage.get_bytes(prefix_of(to) + MANIFEST)
-    pointer = Pointer(
-        version=to,
-        manifest_sha256=hashlib.sha256(raw).hexdigest(),
-        content_sha256=target["content_sha256"],
-        previous=current.version,
-        model={k: target["model"].get(k) for k in ("name", "version", "run_id")},
-        updated_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        reason="rollback",
-    )
+    target = json.loads(raw)
+    verify(storage, to, target)
+    pointer = _pointer_to(target, raw, current, "rollback")
     try:
         _swap(storage, pointer, current)
     except PointerConflict as err:
@@ -358,15 +359,12 @@ def load_current_index(storage: Storage, cache_dir: Path | None = None) -> Curre
         ValueError: nothing was promoted yet.
         CorruptObject: the manifest or a file does not match (named).
     """
-    import faiss
-    import pyarrow.parquet as pq
-
     current = read_pointer(storage)
     if current is None:
         raise ValueError(f"{storage.locate(POINTER)} does not exist: nothing was promoted yet")
     manifest = read_manifest(storage, current.version, current.manifest_sha256)
     local = Path(cache_dir or tempfile.mkdtemp(prefix="listing-index-")) / current.version
-    for name in ("index.faiss", "ids.parquet"):
+    for name in (INDEX_FILE, IDS_FILE):
         expected = manifest["files"][name]
         path = local / name
         if not (path.is_file() and sha256_file(path) == expected["sha256"]):
@@ -379,8 +377,8 @@ def load_current_index(storage: Storage, cache_dir: Path | None = None) -> Curre
                     f"{digest[:16]}... is not the manifest's {expected['sha256'][:16]}...; "
                     "the stored file is corrupted"
                 )
-    index = faiss.read_index(str(local / "index.faiss"))
-    ids = pq.read_table(local / "ids.parquet").column(0).to_pylist()
+    index = faiss.read_index(str(local / INDEX_FILE))
+    ids = pq.read_table(local / IDS_FILE).column(0).to_pylist()
     if index.ntotal != len(ids):
         raise CorruptObject(f"version {current.version}: {index.ntotal} vectors but {len(ids)} ids")
     return CurrentIndex(current.version, index, ids, manifest, local)

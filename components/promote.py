@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from components import gates, model_io, production
+from components import embed, evaluate, gates, index, model_io, production
 from components.config import PromoteConfig, StepPaths
 from components.errors import StepFailed
-from components.index import embedding_parts
 from components.manifest import Timer, describe_files, read_manifest, write_manifest
 from components.storage import open_storage
 
 STEP = "promote"
 MODEL_FILE = "model.json"
 SUMMARY_METRICS = ("query_to_listing/recall@10", "view_to_listing/recall@10")
+UPSTREAM = ("validate", "featurize", "train", "embed", "index", "evaluate")
 
 log = logging.getLogger(__name__)
 
@@ -51,29 +51,28 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     timer = Timer()
     out = paths.step_dir(STEP)
     out.mkdir(parents=True, exist_ok=True)
-    evaluated = _passed_evaluation(paths)
-    embed_dir, index_dir = paths.step_dir("embed"), paths.step_dir("index")
-    embedded, indexed = read_manifest(embed_dir), read_manifest(index_dir)
+    manifests = {step: read_manifest(paths.step_dir(step)) for step in UPSTREAM}
+    gate_rows = _passed_gates(paths, manifests)
+    embedded, indexed = manifests["embed"], manifests["index"]
     model = _registered_model(embedded["model"], config)
     (out / MODEL_FILE).write_text(json.dumps(model, indent=2) + "\n")
     files = release_files(paths, out / MODEL_FILE)
     storage = open_storage(paths.storage, paths.storage_uri)
     previous_alias = model_io.alias_version(paths, config.model_name, config.alias)
-    metrics = json.loads((paths.step_dir("evaluate") / "metrics.json").read_text())
     published = production.publish(
         storage,
         files,
         {
             "previous_champion": {"alias": config.alias, "model_version": previous_alias},
-            "lineage": _lineage(paths),
-            "params": _params(paths, config),
-            "metrics": metrics,
+            "lineage": _lineage(manifests),
+            "params": _params(manifests, config, paths.seed),
+            "metrics": json.loads(files[evaluate.METRICS_FILE].read_text()),
             "index": {
                 "factory": indexed["params"]["factory"],
                 "search_params": indexed.get("search_params"),
                 **indexed["counts"],
             },
-            "gates": evaluated["gates"],
+            "gates": gate_rows,
         },
         model,
         progress=lambda message: log.info("promote: %s", message),
@@ -95,7 +94,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         params=config,
         timer=timer,
         inputs={
-            "evaluate": evaluated["manifest"]["outputs"],
+            "evaluate": manifests["evaluate"]["outputs"],
             "embed": embedded["outputs"],
             "index": indexed["outputs"],
             "model": model,
@@ -114,28 +113,25 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     return PromoteResult(out, published.version, published.changed, deleted, summary)
 
 
-def _passed_evaluation(paths: StepPaths) -> dict:
-    """The evaluate step's manifest and gates, refusing when a gate failed or when the
-    evaluation was of other embeddings or another index than the ones to promote."""
-    evaluate_dir = paths.step_dir("evaluate")
-    manifest = read_manifest(evaluate_dir)
-    results = [
-        gates.GateResult(**row) for row in json.loads((evaluate_dir / "gates.json").read_text())
-    ]
-    if not results:
-        raise StepFailed(f"{evaluate_dir / 'gates.json'} has no gates; refusing to promote")
+def _passed_gates(paths: StepPaths, manifests: dict) -> list[dict]:
+    """The evaluate step's gate rows, refusing when a gate failed or when the evaluation
+    was of other embeddings or another index than the ones to promote."""
+    path = paths.step_dir("evaluate") / evaluate.GATES_FILE
+    rows = json.loads(path.read_text())
+    if not rows:
+        raise StepFailed(f"{path} has no gates; refusing to promote")
+    results = [gates.GateResult(**row) for row in rows]
     if gates.failed(results):
         raise StepFailed(
             f"refusing to promote: {gates.failure_message(results)}", report=gates.table(results)
         )
     for step in ("embed", "index"):
-        now = read_manifest(paths.step_dir(step))["outputs"]
-        if manifest["inputs"].get(step) != now:
+        if manifests["evaluate"]["inputs"].get(step) != manifests[step]["outputs"]:
             raise StepFailed(
                 f"refusing to promote: {paths.step_dir(step)} changed since evaluate ran; "
                 "run evaluate again"
             )
-    return {"manifest": manifest, "gates": [r.as_dict() for r in results]}
+    return rows
 
 
 def _registered_model(reference: dict, config: PromoteConfig) -> dict:
@@ -152,33 +148,30 @@ def release_files(paths: StepPaths, model_file: Path) -> dict[str, Path]:
     embed_dir, index_dir = paths.step_dir("embed"), paths.step_dir("index")
     evaluate_dir = paths.step_dir("evaluate")
     files = {
-        "index.faiss": index_dir / "index.faiss",
-        "ids.parquet": index_dir / "ids.parquet",
-        "listing_ids.parquet": embed_dir / "listing_ids.parquet",
-        "metrics.json": evaluate_dir / "metrics.json",
-        "gates.json": evaluate_dir / "gates.json",
+        index.INDEX_FILE: index_dir / index.INDEX_FILE,
+        index.IDS_FILE: index_dir / index.IDS_FILE,
+        embed.IDS_FILE: embed_dir / embed.IDS_FILE,
+        evaluate.METRICS_FILE: evaluate_dir / evaluate.METRICS_FILE,
+        evaluate.GATES_FILE: evaluate_dir / evaluate.GATES_FILE,
         MODEL_FILE: model_file,
     }
-    for part in embedding_parts(embed_dir):
-        files[f"embeddings/{part.name}"] = part
+    for part in index.embedding_parts(embed_dir):
+        files[f"{embed.PARTS_DIR}/{part.name}"] = part
     return files
 
 
-def _lineage(paths: StepPaths) -> dict:
-    """sha256 of what each upstream step produced: data -> features -> model -> index."""
-    lineage = {}
-    for step in ("validate", "featurize", "train", "embed", "index"):
-        outputs = read_manifest(paths.step_dir(step))["outputs"]
-        lineage[step] = {name: entry["sha256"] for name, entry in outputs.items()}
-    return lineage
+def _lineage(manifests: dict) -> dict:
+    """sha256 of what each step up to the index produced: data -> features -> model -> index."""
+    return {
+        step: {name: entry["sha256"] for name, entry in manifests[step]["outputs"].items()}
+        for step in UPSTREAM
+        if step != "evaluate"
+    }
 
 
-def _params(paths: StepPaths, config: PromoteConfig) -> dict:
-    steps = ("validate", "featurize", "train", "embed", "index", "evaluate")
-    params = {step: read_manifest(paths.step_dir(step))["params"] for step in steps}
-    params[STEP] = config.model_dump(mode="json")
-    params["seed"] = paths.seed
-    return params
+def _params(manifests: dict, config: PromoteConfig, seed: int) -> dict:
+    params = {step: manifest["params"] for step, manifest in manifests.items()}
+    return params | {STEP: config.model_dump(mode="json"), "seed": seed}
 
 
 def _summary(published, uri, model, previous_alias, config, deleted) -> str:

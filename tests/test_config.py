@@ -138,3 +138,10 @@ def test_help_lists_steps_and_their_params(capsys):
     assert "workdir" in top  # the shared paths section
     for key in ValidateConfig.model_fields:
         assert key in validate_help
+
+
+def test_the_orchestrators_step_order_is_the_clis():
+    from components.cli import STEPS
+    from components.config import STEP_ORDER
+
+    assert tuple(STEPS) == STEP_ORDER  # the DAG and the pipeline chain STEP_ORDER
