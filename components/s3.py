@@ -42,6 +42,10 @@ def s3_client(
     return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
+def error_code(err: Exception) -> str | None:
+    """The S3 error code of a botocore ClientError ("NoSuchKey", "412", ...); else None."""
+    return getattr(err, "response", {}).get("Error", {}).get("Code")
+
+
 def is_missing_key_error(err: Exception) -> bool:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code")
-    return code in {"NoSuchKey", "404", "NotFound"}
+    return error_code(err) in {"NoSuchKey", "404", "NotFound"}

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from components.config import StorageConfig
-from components.s3 import is_missing_key_error, s3_client, split_s3_uri
+from components.s3 import error_code, is_missing_key_error, s3_client, split_s3_uri
 
 _CHUNK = 1 << 20
 
@@ -238,25 +238,21 @@ class S3Storage(Storage):
     throttling and 5xx answers are retried with backoff (`storage.max_attempts`)."""
 
     def __init__(self, config: StorageConfig) -> None:
+        from boto3.s3.transfer import TransferConfig
+
         self.uri = config.uri.rstrip("/")
         self.bucket, prefix = split_s3_uri(self.uri)
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self.client = s3_client(config.endpoint_url, config.region, config.max_attempts)
-        self.threshold = config.multipart_threshold_mb * 1024 * 1024
+        threshold = config.multipart_threshold_mb * 1024 * 1024
+        self.transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold)
         self._conditional_ok = False
 
     def _key(self, key: str) -> str:
         return self.prefix + key
 
-    def _transfer(self):
-        from boto3.s3.transfer import TransferConfig
-
-        return TransferConfig(
-            multipart_threshold=self.threshold, multipart_chunksize=max(self.threshold, 5 << 20)
-        )
-
     def put_file(self, key: str, path: Path) -> None:
-        self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer())
+        self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -340,7 +336,7 @@ class S3Storage(Storage):
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
         except Exception as err:
-            code = getattr(err, "response", {}).get("Error", {}).get("Code")
+            code = error_code(err)
             # 412 PreconditionFailed: the ETag moved; 409 ConditionalRequestConflict: a
             # concurrent conditional write is in flight; a missing key for If-Match: deleted.
             if code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"} or (
@@ -362,7 +358,7 @@ class S3Storage(Storage):
                 Bucket=self.bucket, Key=self._key(probe), Body=b"again", IfNoneMatch="*"
             )
         except Exception as err:
-            code = getattr(err, "response", {}).get("Error", {}).get("Code")
+            code = error_code(err)
             if code not in {"PreconditionFailed", "412"}:
                 raise
             self._conditional_ok = True
