@@ -60,6 +60,7 @@ COMMANDS = {
     "versions": "list the versions in the production store, their metrics, the current one",
     "rollback": "point CURRENT back (default: the version before it) and move the alias",
 }
+STORE_USERS = ("promote", "evaluate", *COMMANDS)  # what reads or writes storage.uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,9 +166,6 @@ def _json_overrides(text: str | None) -> list[str]:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError("--set-json: expected a JSON list of SECTION.KEY=VALUE strings")
     return overrides
-
-
-STORE_USERS = ("promote", "evaluate", *COMMANDS)
 
 
 def _is_storage_error(err: Exception) -> bool:

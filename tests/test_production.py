@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -302,3 +303,16 @@ def test_a_missing_bucket_is_a_one_line_error_naming_it(s3_env, capsys):
     err = capsys.readouterr().err
     assert "error: versions: S3:" in err and "NoSuchBucket" in err
     assert "s3://no-such-bucket-here/prod" in err
+
+
+def test_overrides_as_a_json_list_reach_the_params_and_bad_json_is_named(tmp_path, capsys):
+    from components.cli import main
+
+    store = tmp_path / "elsewhere"
+    assert main(["versions", "--set-json", json.dumps([f"storage.uri={store}"])]) == 0
+    assert f"store: {store.as_posix()}" in capsys.readouterr().out
+
+    assert main(["versions", "--set-json", "storage.uri=x"]) == 2
+    assert "--set-json: not JSON" in capsys.readouterr().err
+    assert main(["versions", "--set-json", '{"storage.uri": "x"}']) == 2
+    assert "expected a JSON list" in capsys.readouterr().err
