@@ -101,7 +101,9 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     metrics |= diagnostic_metrics(
         challenger.model, embedder, held_out, listings, sets, vectors, config
     )
-    champion = champion_metrics(config, paths, device, sets, held_out, depth, exact)
+    champion = champion_metrics(
+        config, paths, device, sets, held_out, depth, exact, (listing_ids, listings, challenger)
+    )
     metrics |= champion.get("flat", {})
     results = gates.check_gates(metrics, champion.get("metrics"), config.gates)
     _write_outputs(out, metrics, results, champion, config.ks, len(listing_ids))
@@ -299,9 +301,10 @@ def _first(parts: list[np.ndarray], size: int) -> np.ndarray:
     return np.concatenate(parts)[:size]
 
 
-def champion_metrics(config, paths, device, sets, held_out, depth, exact_tops) -> dict:
+def champion_metrics(config, paths, device, sets, held_out, depth, exact_tops, mine) -> dict:
     """The champion's exact metrics on the same queries, and the challenger's difference
-    in recall@10 with a bootstrap CI; {} when there is no champion."""
+    in recall@10 with a bootstrap CI; {} when there is no champion. `mine` is the
+    challenger's (listing ids, listing embeddings, loaded model)."""
     if config.champion is None:
         return {}
     if config.champion == CURRENT:
@@ -314,9 +317,12 @@ def champion_metrics(config, paths, device, sets, held_out, depth, exact_tops) -
         except ValueError as err:
             log.info("evaluate: no champion to compare with (%s)", err)
             return {}
-    ids, listings = _embedder(champion, paths, device).embed_all(held_out, BATCH)
-    challenger_ids = pq.read_table(paths.step_dir("embed") / "listing_ids.parquet").column(0)
-    if challenger_ids.to_pylist() != ids:
+    challenger_ids, challenger_listings, challenger = mine
+    if champion.reference["sha256"] == challenger.reference["sha256"]:
+        ids, listings = challenger_ids, challenger_listings  # the same weights: embed once
+    else:
+        ids, listings = _embedder(champion, paths, device).embed_all(held_out, BATCH)
+    if challenger_ids != ids:
         raise ValueError("the champion embeds another set of listings; cannot compare")
     metrics, flat, curves = {}, {}, {}
     for queries in sets:
