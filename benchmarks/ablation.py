@@ -26,8 +26,9 @@ import torch
 
 from components import train
 from components.config import StepPaths, load_params
-from components.manifest import read_manifest
-from components.train_data import load_training_data
+from components.contract import MODEL_WEIGHTS
+from components.io.manifest import read_manifest
+from components.io.training_data import load_training_data
 
 OBJECTIVES = ("single_view", "factorized", "pairwise", "sinkhorn")
 COLUMNS = ("recall@1", "recall@10", "recall@50", "mrr")
@@ -60,7 +61,7 @@ def run_one(
         params.train.test_fraction,
     )
     model = train.build_model(params.train, data)
-    model.load_state_dict(torch.load(result.out_dir / train.MODEL_FILE))
+    model.load_state_dict(torch.load(result.out_dir / MODEL_WEIGHTS.name))
     metrics = train.evaluate_split(model, data, split, [1, 10, 50], torch.device("cpu"))
     return {
         "objective": label,

@@ -31,8 +31,8 @@ def build(work: Path, listings: int) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from components.feature_store import FeatureStore
-    from components.model import ListingModel
+    from components.core.model import ListingModel
+    from components.io.feature_store import FeatureStore
 
     rng = np.random.default_rng(0)
     featurize = work / "featurize"

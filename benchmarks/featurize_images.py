@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.encoders import EfficientNetLite0
+from components.core.encoders import EfficientNetLite0
 
 
 def main() -> None:

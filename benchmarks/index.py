@@ -2,7 +2,7 @@
 
 Synthetic data shaped like listing embeddings: N unit vectors in 256-d around a few
 thousand cluster centres (product families), and queries drawn near listings. For each
-configuration, the same code path as the index step (`components.index.new_index`,
+configuration, the same code path as the index step (`components.io.faiss_index.new_index`,
 `apply_search_params`): build seconds, index size, queries/s at k=10 and k=100 (all
 queries in one batch, this machine's threads), and recall@10 against exact search.
 
@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from components.config import IndexConfig
-from components.index import apply_search_params, new_index, search_params
+from components.io.faiss_index import apply_search_params, new_index, search_params
 
 # Each factory is built once and searched with each of its settings.
 CONFIGS = (

@@ -26,10 +26,10 @@ def measure(objective: str, views: int, batch: int, steps: int, device_name: str
     import numpy as np
     import torch
 
-    from components.batching import ListingViews, pad_views
-    from components.encoders import autocast, pick_device
-    from components.model import KIND, ListingModel
-    from components.objectives import Batch, build_objective
+    from components.core.batching import ListingViews, pad_views
+    from components.core.encoders import autocast, pick_device
+    from components.core.model import KIND, ListingModel
+    from components.core.objectives import Batch, build_objective
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

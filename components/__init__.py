@@ -1,1 +1,21 @@
-"""Multi-view listing embeddings: the steps of the retraining workflow and the code they share."""
+"""Multi-view listing embeddings: the retraining workflow's steps and the code below them.
+
+Layers, each importing only the ones below it (tests/test_architecture.py checks this):
+
+    cli, workdir, __main__       entry points: parse params, run a step (any layer)
+    catalog ... promote          the eight steps, one module each, named after the step:
+                                 thin `run(config, paths)` shells; a step never imports
+                                 another step
+    release/                     the production store, S3, the MLflow registry and runs,
+                                 the served model, the champion
+    sample/                      the emoji sample catalog (only the catalog step uses it)
+    io/                          catalogs and images, feature stores, manifests, Great
+                                 Expectations, training data, embedding and index files
+    core/                        model, objectives, batching, views, retrieval, metrics,
+                                 diagnostics, gates, encoders, distributed: no file I/O
+    contract, config, errors     the artifact contract, typed params, shared errors:
+                                 importable from every layer
+
+Nothing here imports Airflow or kfp: dags/ and infra/kubeflow/ import this package,
+never the reverse.
+"""

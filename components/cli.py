@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from components.config import (
@@ -25,36 +23,13 @@ from components.config import (
     describe_section,
     load_params,
 )
+from components.contract import STEPS, StepName
 from components.errors import StepFailed
 
 DEFAULT_PARAMS = "params.yaml"
 log = logging.getLogger("components")
 
 
-@dataclass(frozen=True)
-class Step:
-    name: str
-    help: str
-    section: str
-
-    def runner(self) -> Callable[..., Any]:
-        # Imported on use: `--help` and other steps stay fast and free of heavy imports.
-        return importlib.import_module(f"components.{self.name}").run
-
-
-STEPS = {
-    step.name: step
-    for step in (
-        Step("catalog", "build the sample catalog from packaged emoji artwork", "catalog"),
-        Step("validate", "validate listings, quarantine bad rows, write the clean set", "validate"),
-        Step("featurize", "encode every view and query with frozen encoders (cached)", "featurize"),
-        Step("train", "train the multi-view model on cached features, track in MLflow", "train"),
-        Step("embed", "write one fused embedding per clean listing (streamed)", "embed"),
-        Step("index", "build the FAISS index of the listing embeddings", "index"),
-        Step("evaluate", "recall on the test split, champion comparison, recall gates", "evaluate"),
-        Step("promote", "publish the gated index and model to production storage", "promote"),
-    )
-}
 # Operator commands on the production store (storage.uri) and the MLflow registry.
 COMMANDS = {
     "versions": "list the versions in the production store, their metrics, the current one",
@@ -68,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m components",
         description="Multi-view listing embeddings: run one pipeline step.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="shared params:\n" + describe_section(SECTIONS["paths"]) + "\n  seed (int)",
+        epilog="shared params (paths, registry, seed):\n"
+        + "\n".join(describe_section(SECTIONS[name]) for name in ("paths", "registry"))
+        + "\n  seed (int)",
     )
     sub = parser.add_subparsers(dest="step", metavar="<step>", title="steps and commands")
     for step in STEPS.values():
@@ -76,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_parser(
                 step.name,
                 help=step.help,
-                description=f"{step.name}: {step.help}",
+                description=f"{step.name}: {step.help}\n\nreads: {_listed(step.reads)}"
+                f"\nwrites: {_listed(step.outputs)}",
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=f"params ({step.section} section, set with --set {step.section}.KEY=VALUE):"
-                "\n" + describe_section(SECTIONS[step.section]),
+                epilog=f"params ({step.name} section, set with --set {step.name}.KEY=VALUE):"
+                "\n" + describe_section(SECTIONS[step.name]),
             )
         )
     for name, help_ in COMMANDS.items():
@@ -94,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rollback":
             command.add_argument("--to", metavar="VERSION", help="version to make current")
     return parser
+
+
+def _listed(artifacts) -> str:
+    return ", ".join(f"{a.step}/{a.name}" for a in artifacts) or "nothing"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -128,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params, args.overrides + _json_overrides(args.overrides_json))
         if args.step in COMMANDS:
-            print(run_command(args.step, params, getattr(args, "to", None)))
+            tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+            print(run_command(args.step, params, tracking_uri, getattr(args, "to", None)))
             return 0
-        result = run_step(args.step, params)
+        result = run_step(args.step, params, os.environ.get("MLFLOW_TRACKING_URI"))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -176,33 +159,34 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_step(name: str, params: Params) -> Any:
-    """Run one step with its params section; the function Airflow and KFP shims call too."""
+def run_step(name: str, params: Params, tracking_uri: str | None = None) -> Any:
+    """Run one step with its params section; the function the CLI, the Airflow tasks and
+    the Kubeflow components all call. `tracking_uri`: MLflow's (None: a sqlite file in
+    the work dir)."""
     if name not in STEPS:
-        raise ConfigError(f"unknown step '{name}'; steps are {sorted(STEPS)}")
+        raise ConfigError(f"unknown step '{name}'; steps are {list(STEPS)}")
     step = STEPS[name]
-    return step.runner()(params.section(step.section), step_paths(params))
+    paths = StepPaths.from_params(params, tracking_uri)
+    return _runner(step.name)(params.section(step.name), paths)
 
 
-def run_command(name: str, params: Params, to: str | None = None) -> str:
+def _runner(name: StepName):
+    # Imported on use: `--help` and other steps stay fast and free of heavy imports.
+    return importlib.import_module(f"components.{name}").run
+
+
+def run_command(
+    name: str, params: Params, tracking_uri: str | None = None, to: str | None = None
+) -> str:
     """Run an operator command (`versions`, `rollback`) and return what it prints."""
     from components import promote
 
+    paths = StepPaths.from_params(params, tracking_uri)
     if name == "versions":
-        return promote.versions(step_paths(params))
+        return promote.versions(paths)
     if name == "rollback":
-        return promote.rollback(step_paths(params), params.promote, to)
+        return promote.rollback(paths, to)
     raise ConfigError(f"unknown command '{name}'; commands are {sorted(COMMANDS)}")
-
-
-def step_paths(params: Params) -> StepPaths:
-    """Where every step reads and writes; MLflow from MLFLOW_TRACKING_URI when set."""
-    return StepPaths.from_config(
-        params.paths,
-        seed=params.seed,
-        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
-        storage=params.storage,
-    )
 
 
 def _setup_logging(verbose: bool) -> None:

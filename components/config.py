@@ -11,10 +11,12 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from components.contract import Artifact, StepName
 
 Vendor = Literal["twemoji", "openmoji", "noto"]
 
@@ -248,11 +250,21 @@ class EvaluateConfig(Section):
     gates: GatesConfig = GatesConfig()
 
 
-class PromoteConfig(Section):
-    model_name: str = Field("listing-encoder", description="Registered model in MLflow.")
-    alias: str = Field(
-        "champion", description="Registry alias moved to the promoted model version."
+class RegistryConfig(Section):
+    model_name: str = Field(
+        "listing-encoder",
+        description="Registered model in MLflow: train registers versions of it, promote "
+        "and rollback move its aliases.",
     )
+    challenger_alias: str = Field(
+        "challenger", description="Alias train sets on a new version (gates pending)."
+    )
+    champion_alias: str = Field(
+        "champion", description="Alias promote moves to the promoted version."
+    )
+
+
+class PromoteConfig(Section):
     retain: int = Field(
         10,
         ge=2,
@@ -266,11 +278,17 @@ class PromoteConfig(Section):
     )
 
 
-STEP_NAMES = ("catalog", "validate", "featurize", "train", "embed", "index", "evaluate", "promote")
-StepName = Literal[
-    "catalog", "validate", "featurize", "train", "embed", "index", "evaluate", "promote"
-]
-STEP_ORDER: tuple[str, ...] = get_args(StepName)  # the pipeline's steps, in order
+# minutes a step may run on an orchestrator before it is stopped (the steps never read it)
+STEP_TIMEOUT_MINUTES: dict[str, float] = {
+    "catalog": 30,
+    "validate": 60,
+    "featurize": 240,
+    "train": 480,
+    "embed": 120,
+    "index": 120,
+    "evaluate": 60,
+    "promote": 30,
+}
 
 
 class AirflowConfig(Section):
@@ -280,23 +298,24 @@ class AirflowConfig(Section):
     retries: int = Field(2, ge=0, description="Retries of a failed task (not of a failed gate).")
     retry_delay_minutes: float = Field(10.0, ge=0.0, description="Wait before a retry.")
     timeout_minutes: dict[StepName, float] = Field(
-        {
-            "catalog": 30,
-            "validate": 60,
-            "featurize": 240,
-            "train": 480,
-            "embed": 120,
-            "index": 120,
-            "evaluate": 60,
-            "promote": 30,
-        },
-        description="Execution timeout of each step's task.",
+        STEP_TIMEOUT_MINUTES, description="Execution timeout of each step's task."
     )
     tags: list[str] = Field(["listing-embeddings", "retrain", "ml"], description="DAG tags.")
     mode: Literal["local", "kubernetes"] = Field(
         "local",
         description="local: tasks run the steps in the worker; kubernetes: one pod per step. "
         "The Airflow Variable listing_embeddings_mode (AIRFLOW_VAR_...) overrides it.",
+    )
+
+
+class KubeflowConfig(Section):
+    retries: int = Field(2, ge=0, description="Retries of a failed component.")
+    timeout_minutes: dict[StepName, float] = Field(
+        STEP_TIMEOUT_MINUTES, description="Timeout of each step's component."
+    )
+    uncached_steps: list[StepName] = Field(
+        ["evaluate", "promote"],
+        description="Steps KFP never serves from its cache (they read the production store).",
     )
 
 
@@ -349,6 +368,7 @@ class KubernetesConfig(Section):
 
 class OrchestrationConfig(Section):
     airflow: AirflowConfig = AirflowConfig()
+    kubeflow: KubeflowConfig = KubeflowConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
 
 
@@ -365,6 +385,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
     storage: StorageConfig = StorageConfig()
+    registry: RegistryConfig = RegistryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
@@ -388,36 +409,36 @@ SECTIONS: dict[str, type[Section]] = {
     "evaluate": EvaluateConfig,
     "promote": PromoteConfig,
     "storage": StorageConfig,
+    "registry": RegistryConfig,
     "orchestration": OrchestrationConfig,
 }
 
 
 @dataclass(frozen=True)
 class StepPaths:
-    """Where a step reads and writes (`<workdir>/<step>/`), the catalog it reads, where
-    MLflow is, and the run's shared seed."""
+    """What every step shares: where it reads and writes (`<workdir>/<step>/`), the
+    catalog it reads, where MLflow and the production store are, the registered model's
+    name and aliases, and the run's seed."""
 
     workdir: Path
     catalog: str
     tracking_uri: str | None = None
     seed: int = 0
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    registry: RegistryConfig = dataclasses.field(default_factory=RegistryConfig)
 
     @classmethod
-    def from_config(
-        cls,
-        paths: PathsConfig,
-        seed: int = 0,
-        tracking_uri: str | None = None,
-        storage: StorageConfig | None = None,
-    ) -> StepPaths:
-        workdir = Path(paths.workdir)
+    def from_params(cls, params: Params, tracking_uri: str | None = None) -> StepPaths:
+        """The shared settings of `params`; `tracking_uri` is MLFLOW_TRACKING_URI, read by
+        the caller at the edge (None: a sqlite file in the work dir)."""
+        workdir = Path(params.paths.workdir)
         return cls(
             workdir=workdir,
-            catalog=paths.catalog or str(workdir / "catalog"),
+            catalog=params.paths.catalog or str(workdir / "catalog"),
             tracking_uri=tracking_uri,
-            seed=seed,
-            storage=storage or StorageConfig(),
+            seed=params.seed,
+            storage=params.storage,
+            registry=params.registry,
         )
 
     @property
@@ -425,8 +446,12 @@ class StepPaths:
         """MLFLOW_TRACKING_URI as given, else a sqlite file in the work dir."""
         return self.tracking_uri or f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
 
-    def step_dir(self, step: str) -> Path:
+    def step_dir(self, step: StepName) -> Path:
         return self.workdir / step
+
+    def path(self, artifact: Artifact) -> Path:
+        """Where `artifact` is in this run's work dir."""
+        return artifact.path(self.workdir)
 
     @property
     def storage_uri(self) -> str:

@@ -27,8 +27,19 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from components import encoders
-from components.catalog_io import (
+from components.config import FeaturizeConfig, StepPaths
+from components.contract import (
+    CLEAN,
+    CLEAN_QUERIES,
+    FEATURE_STORE,
+    QUERY_FEATURES,
+    SKIPPED_VIEWS,
+    STEPS,
+    VIEWS,
+)
+from components.core import encoders
+from components.core.views import view_text
+from components.io.catalog_reader import (
     TRUSTED_MAX_BYTES,
     TRUSTED_SCHEMES,
     CatalogRoot,
@@ -36,15 +47,10 @@ from components.catalog_io import (
     decode_image,
     read_image_bytes,
 )
-from components.config import FeaturizeConfig, StepPaths
-from components.feature_store import FeatureStore, content_key
-from components.manifest import Timer, describe_files, read_manifest, write_manifest
+from components.io.feature_store import FeatureStore, content_key
+from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
 
-STEP = "featurize"
-VIEWS_FILE = "views.parquet"
-QUERIES_FILE = "queries.parquet"
-SKIPPED_FILE = "skipped.parquet"
-STORE_DIR = "store"
+STEP = STEPS["featurize"]
 
 VIEWS_SCHEMA = pa.schema(
     [
@@ -98,7 +104,7 @@ def run(config: FeaturizeConfig, paths: StepPaths) -> FeaturizeResult:
     timer = Timer()
     validate_dir = paths.step_dir("validate")
     validated = read_manifest(validate_dir)
-    out = paths.step_dir(STEP)
+    out = paths.step_dir(STEP.name)
     out.mkdir(parents=True, exist_ok=True)
     device = encoders.pick_device(config.device)
     # Built on first use: a run with everything cached never loads a model.
@@ -108,46 +114,45 @@ def run(config: FeaturizeConfig, paths: StepPaths) -> FeaturizeResult:
     )
     log.info("featurize: %s + %s on %s", image_encoder.id, text_encoder.id, device)
     image_store = FeatureStore(
-        out / STORE_DIR, image_encoder.id, image_encoder.dim, config.shard_rows
+        out / FEATURE_STORE.name, image_encoder.id, image_encoder.dim, config.shard_rows
     )
-    text_store = FeatureStore(out / STORE_DIR, text_encoder.id, text_encoder.dim, config.shard_rows)
+    text_store = FeatureStore(
+        out / FEATURE_STORE.name, text_encoder.id, text_encoder.dim, config.shard_rows
+    )
     counts = Counts()
     root = CatalogRoot(paths.catalog)
     featurizer = _Featurizer(
         config, root, image_encoder, text_encoder, image_store, text_store, counts
     )
-    featurizer.listings(validate_dir / "clean.parquet", out)
-    query_count = featurizer.queries(validate_dir / "queries.parquet", out)
+    featurizer.listings(paths.path(CLEAN), out)
+    query_count = featurizer.queries(paths.path(CLEAN_QUERIES), out)
     image_store.flush()
     text_store.flush()
     summary = _summary(counts, query_count, device)
     write_manifest(
         out,
-        step=STEP,
+        step=STEP.name,
         params=config,
         timer=timer,
         inputs={"validate": validated["outputs"], "catalog": paths.catalog},
-        outputs=describe_files(out, [VIEWS_FILE, QUERIES_FILE, SKIPPED_FILE]),
+        outputs=describe_files(out, [VIEWS.name, QUERY_FEATURES.name, SKIPPED_VIEWS.name]),
         counts={**counts.__dict__, "queries": query_count},
         extra={
             "summary": summary,
             "device": str(device),
             "encoders": {
-                "image": {
-                    "id": image_encoder.id,
-                    "dim": image_encoder.dim,
-                    "store": str(image_store.dir.relative_to(out)),
-                },
-                "text": {
-                    "id": text_encoder.id,
-                    "dim": text_encoder.dim,
-                    "store": str(text_store.dir.relative_to(out)),
-                },
+                "image": _store_record(image_encoder, image_store, out),
+                "text": _store_record(text_encoder, text_store, out),
             },
         },
     )
     log.info("%s", summary)
     return FeaturizeResult(out_dir=out, counts=counts.__dict__, summary=summary)
+
+
+def _store_record(encoder: _Lazy, store: FeatureStore, out: Path) -> dict:
+    """What the manifest says of an encoder: the consumers open its store from this."""
+    return {"id": encoder.id, "dim": encoder.dim, "store": str(store.dir.relative_to(out))}
 
 
 class _Lazy:
@@ -194,8 +199,8 @@ class _Featurizer:
             total=total_images, desc="featurize: images", unit="img", mininterval=2
         )
         with (
-            pq.ParquetWriter(out / VIEWS_FILE, VIEWS_SCHEMA) as views,
-            pq.ParquetWriter(out / SKIPPED_FILE, SKIPPED_SCHEMA) as skipped,
+            pq.ParquetWriter(out / VIEWS.name, VIEWS_SCHEMA) as views,
+            pq.ParquetWriter(out / SKIPPED_VIEWS.name, SKIPPED_SCHEMA) as skipped,
             ThreadPoolExecutor(self.config.workers) as pool,
         ):
             for batch in parquet.iter_batches(self.config.listings_per_chunk, columns=columns):
@@ -210,13 +215,15 @@ class _Featurizer:
         if not queries_path.is_file():
             pq.write_table(
                 pa.table({"query_id": pa.array([], pa.string()), "key": pa.array([], pa.string())}),
-                out / QUERIES_FILE,
+                out / QUERY_FEATURES.name,
             )
             return 0
         table = pq.read_table(queries_path)
         texts = table.column("query").to_pylist()
         keys = self._encode_texts(texts)
-        pq.write_table(table.append_column("key", pa.array(keys, pa.string())), out / QUERIES_FILE)
+        pq.write_table(
+            table.append_column("key", pa.array(keys, pa.string())), out / QUERY_FEATURES.name
+        )
         return len(set(table.column("query_id").to_pylist()))
 
     def _text_views(self, rows: list[dict]) -> list[dict]:
@@ -322,15 +329,6 @@ class _Featurizer:
         vectors = encode(items)
         self.counts.encode_seconds += time.perf_counter() - start
         return vectors
-
-
-def view_text(value: object) -> str | None:
-    """A text view's string: lists (tags) are joined; empty or missing gives None."""
-    if isinstance(value, list):
-        value = ", ".join(v for v in value if isinstance(v, str) and v.strip())
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    return None
 
 
 def _summary(counts: Counts, queries: int, device) -> str:

@@ -28,7 +28,10 @@ import numpy as np
 from tqdm import tqdm
 
 from components.config import IndexConfig, StepPaths
-from components.manifest import (
+from components.contract import EMBEDDED_IDS, INDEX, INDEX_IDS, STEPS
+from components.io.embedding_files import embedding_parts
+from components.io.faiss_index import apply_search_params, new_index, search_params
+from components.io.manifest import (
     Timer,
     describe_files,
     read_manifest,
@@ -36,10 +39,8 @@ from components.manifest import (
     write_manifest,
 )
 
-STEP = "index"
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
-OUTPUTS = (INDEX_FILE, IDS_FILE)
+STEP = STEPS["index"]
+OUTPUTS = tuple(artifact.name for artifact in STEP.writes)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     timer = Timer()
     embed_dir = paths.step_dir("embed")
     embedded = read_manifest(embed_dir)
-    out = paths.step_dir(STEP)
+    out = paths.step_dir(STEP.name)
     out.mkdir(parents=True, exist_ok=True)
     inputs = {"embed": embedded["outputs"], "seed": paths.seed}
     if (done := unchanged_manifest(out, config, inputs, OUTPUTS)) is not None:
@@ -75,16 +76,16 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     index = faiss.index_gpu_to_cpu(gpu) if gpu is not index else index
     build_seconds = time.perf_counter() - build_start
     apply_search_params(index, config.factory, search_params(config))
-    faiss.write_index(index, str(out / INDEX_FILE))
-    shutil.copyfile(embed_dir / "listing_ids.parquet", out / IDS_FILE)
-    size = (out / INDEX_FILE).stat().st_size
+    faiss.write_index(index, str(out / INDEX.name))
+    shutil.copyfile(paths.path(EMBEDDED_IDS), out / INDEX_IDS.name)
+    size = (out / INDEX.name).stat().st_size
     summary = (
         f"index: {config.factory} over {count} x {dim} vectors, {size / 2**20:.1f} MiB, "
         f"built in {build_seconds:.1f} s on {'GPU' if gpu is not index else 'CPU'}"
     )
     write_manifest(
         out,
-        step=STEP,
+        step=STEP.name,
         params=config,
         timer=timer,
         inputs=inputs,
@@ -102,54 +103,12 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     return IndexResult(out_dir=out, summary=summary)
 
 
-def embedding_parts(embed_dir: Path) -> list[Path]:
-    parts = sorted((embed_dir / "embeddings").glob("part-*.npy"))
-    if not parts:
-        raise FileNotFoundError(f"{embed_dir / 'embeddings'}: no embeddings; run the embed step")
-    return parts
-
-
 def _count_and_dim(parts: list[Path]) -> tuple[int, int]:
     shapes = [np.load(part, mmap_mode="r").shape for part in parts]
     dims = {shape[1] for shape in shapes}
     if len(dims) != 1:
         raise ValueError(f"embedding parts disagree on the dimension: {sorted(dims)}")
     return sum(shape[0] for shape in shapes), dims.pop()
-
-
-def new_index(factory: str, dim: int, count: int) -> faiss.Index:
-    """An empty index of `factory` for `count` vectors of `dim`, checked to fit them.
-
-    Raises:
-        ValueError: naming `index.factory` and why it does not fit.
-    """
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        reason = str(err).splitlines()[0]
-        raise ValueError(
-            f"index.factory {factory!r} is not valid for dim {dim}: {reason}"
-        ) from None
-    needs, what = _training_points_needed(index)
-    if count < needs:
-        raise ValueError(
-            f"index.factory {factory!r} needs at least {needs} vectors to train "
-            f"({what}), there are {count}: use fewer lists/centroids or Flat"
-        )
-    return index
-
-
-def _training_points_needed(index: faiss.Index) -> tuple[int, str]:
-    """Training needs a point per IVF list and per PQ centroid (none for Flat, HNSW), and
-    which of the two sets that number."""
-    ivf = faiss.try_extract_index_ivf(index)
-    quantized = faiss.downcast_index(ivf if ivf is not None else index)
-    pq = getattr(quantized, "pq", None)
-    lists = ivf.nlist if ivf is not None else 0
-    centroids = pq.ksub if pq is not None else 0
-    if centroids > lists:
-        return centroids, f"{centroids} centroids per PQ sub-quantizer"
-    return lists, f"{lists} inverted lists"
 
 
 def _maybe_to_gpu(index: faiss.Index, mode: str) -> faiss.Index:
@@ -188,37 +147,3 @@ def _add(index: faiss.Index, parts: list[Path], count: int) -> None:
             vectors = np.ascontiguousarray(np.load(part), dtype=np.float32)
             index.add(vectors)
             progress.update(len(vectors))
-
-
-def search_params(config: IndexConfig) -> dict[str, int]:
-    """The query-time parameters of the configured index type."""
-    params = {}
-    if config.nprobe is not None:
-        params["nprobe"] = config.nprobe
-    if config.ef_search is not None:
-        params["efSearch"] = config.ef_search
-    return params
-
-
-def apply_search_params(index: faiss.Index, factory: str, params: dict[str, int]) -> None:
-    """Set nprobe / efSearch where the index type has them (others are ignored)."""
-    space = faiss.ParameterSpace()
-    for name, value in params.items():
-        if name == "nprobe" and faiss.try_extract_index_ivf(index) is None:
-            continue
-        if name == "efSearch" and "HNSW" not in factory:
-            continue
-        space.set_index_parameter(index, name, value)
-
-
-def load_index(index_dir: Path) -> tuple[faiss.Index, list[str], dict]:
-    """The saved index with its search params applied, its id map and its manifest."""
-    import pyarrow.parquet as pq
-
-    manifest = read_manifest(index_dir)
-    index = faiss.read_index(str(index_dir / INDEX_FILE))
-    apply_search_params(index, manifest["params"]["factory"], manifest["search_params"])
-    ids = pq.read_table(index_dir / IDS_FILE).column("listing_id").to_pylist()
-    if len(ids) != index.ntotal:
-        raise ValueError(f"{index_dir}: {index.ntotal} vectors but {len(ids)} ids in {IDS_FILE}")
-    return index, ids, manifest

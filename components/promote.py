@@ -23,16 +23,24 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from components import embed, evaluate, gates, index, model_io, production
 from components.config import PromoteConfig, StepPaths
+from components.contract import (
+    EMBEDDINGS,
+    GATES,
+    METRICS,
+    RELEASE_FILES,
+    RELEASE_MODEL,
+    STEPS,
+)
+from components.core import gates
 from components.errors import StepFailed
-from components.manifest import Timer, describe_files, read_manifest, write_manifest
-from components.storage import open_storage
+from components.io.embedding_files import embedding_parts
+from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
+from components.release import production, registry
+from components.release.storage import open_storage
 
-STEP = "promote"
-MODEL_FILE = "model.json"
+STEP = STEPS["promote"]
 SUMMARY_METRICS = ("query_to_listing/recall@10", "view_to_listing/recall@10")
-UPSTREAM = ("validate", "featurize", "train", "embed", "index", "evaluate")
 
 log = logging.getLogger(__name__)
 
@@ -49,57 +57,50 @@ class PromoteResult:
 def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     """Publish the evaluated index and model as the current production version."""
     timer = Timer()
-    out = paths.step_dir(STEP)
+    out = paths.step_dir(STEP.name)
     out.mkdir(parents=True, exist_ok=True)
-    manifests = {step: read_manifest(paths.step_dir(step)) for step in UPSTREAM}
+    manifests = {step: read_manifest(paths.step_dir(step)) for step in STEP.upstream}
     gate_rows = _passed_gates(paths, manifests)
-    embedded, indexed = manifests["embed"], manifests["index"]
-    model = _registered_model(embedded["model"], config)
-    (out / MODEL_FILE).write_text(json.dumps(model, indent=2) + "\n")
-    files = release_files(paths, out / MODEL_FILE)
+    model = _registered_model(manifests["embed"]["model"], paths.registry.model_name)
+    paths.path(RELEASE_MODEL).write_text(json.dumps(model, indent=2) + "\n")
+    files = release_files(paths)
     storage = open_storage(paths.storage, paths.storage_uri)
-    previous_alias = model_io.alias_version(paths, config.model_name, config.alias)
+    name, alias = paths.registry.model_name, paths.registry.champion_alias
+    previous_alias = registry.alias_version(paths, name, alias)
+    metadata = {
+        "previous_champion": {"alias": alias, "model_version": previous_alias},
+        "lineage": _lineage(manifests),
+        "params": _params(manifests, config, paths),
+        "metrics": json.loads(paths.path(METRICS).read_text()),
+        "index": _index_record(manifests["index"]),
+        "gates": gate_rows,
+    }
     published = production.publish(
-        storage,
-        files,
-        {
-            "previous_champion": {"alias": config.alias, "model_version": previous_alias},
-            "lineage": _lineage(manifests),
-            "params": _params(manifests, config, paths.seed),
-            "metrics": json.loads(files[evaluate.METRICS_FILE].read_text()),
-            "index": {
-                "factory": indexed["params"]["factory"],
-                "search_params": indexed.get("search_params"),
-                **indexed["counts"],
-            },
-            "gates": gate_rows,
-        },
-        model,
-        progress=lambda message: log.info("promote: %s", message),
+        storage, files, metadata, model, progress=lambda message: log.info("promote: %s", message)
     )
-    model_io.move_alias(
+    registry.move_alias(
         paths,
-        config.model_name,
-        config.alias,
+        name,
+        alias,
         model["version"],
         {"production_version": published.version, "production_store": storage.uri},
     )
     deleted = production.apply_retention(
         storage, config.retain, timedelta(hours=config.abandoned_after_hours)
     )
-    summary = _summary(published, storage.uri, model, previous_alias, config, deleted)
+    summary = _summary(published, storage.uri, model, previous_alias, f"{name}@{alias}", deleted)
     write_manifest(
         out,
-        step=STEP,
+        step=STEP.name,
         params=config,
         timer=timer,
         inputs={
             "evaluate": manifests["evaluate"]["outputs"],
-            "embed": embedded["outputs"],
-            "index": indexed["outputs"],
+            "embed": manifests["embed"]["outputs"],
+            "index": manifests["index"]["outputs"],
             "model": model,
         },
-        outputs=describe_files(out, [MODEL_FILE]),
+        outputs=describe_files(out, [RELEASE_MODEL.name]),
         counts={"files": len(files), "deleted_versions": len(deleted)},
         extra={
             "version": published.version,
@@ -116,7 +117,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
 def _passed_gates(paths: StepPaths, manifests: dict) -> list[dict]:
     """The evaluate step's gate rows, refusing when a gate failed or when the evaluation
     was of other embeddings or another index than the ones to promote."""
-    path = paths.step_dir("evaluate") / evaluate.GATES_FILE
+    path = paths.path(GATES)
     rows = json.loads(path.read_text())
     if not rows:
         raise StepFailed(f"{path} has no gates; refusing to promote")
@@ -134,29 +135,20 @@ def _passed_gates(paths: StepPaths, manifests: dict) -> list[dict]:
     return rows
 
 
-def _registered_model(reference: dict, config: PromoteConfig) -> dict:
-    if not reference.get("version") or reference.get("name") != config.model_name:
+def _registered_model(reference: dict, model_name: str) -> dict:
+    if not reference.get("version") or reference.get("name") != model_name:
         raise ValueError(
             f"the embedded model ({reference.get('source')}) is not a registered version of "
-            f"{config.model_name!r}; promote needs one to move @{config.alias}"
+            f"{model_name!r} (registry.model_name); promote needs one to move its alias"
         )
     return {k: reference.get(k) for k in ("name", "version", "run_id", "sha256", "source")}
 
 
-def release_files(paths: StepPaths, model_file: Path) -> dict[str, Path]:
+def release_files(paths: StepPaths) -> dict[str, Path]:
     """Store name -> local file of everything a version holds (its manifest aside)."""
-    embed_dir, index_dir = paths.step_dir("embed"), paths.step_dir("index")
-    evaluate_dir = paths.step_dir("evaluate")
-    files = {
-        index.INDEX_FILE: index_dir / index.INDEX_FILE,
-        index.IDS_FILE: index_dir / index.IDS_FILE,
-        embed.IDS_FILE: embed_dir / embed.IDS_FILE,
-        evaluate.METRICS_FILE: evaluate_dir / evaluate.METRICS_FILE,
-        evaluate.GATES_FILE: evaluate_dir / evaluate.GATES_FILE,
-        MODEL_FILE: model_file,
-    }
-    for part in index.embedding_parts(embed_dir):
-        files[f"{embed.PARTS_DIR}/{part.name}"] = part
+    files = {artifact.name: paths.path(artifact) for artifact in RELEASE_FILES}
+    for part in embedding_parts(paths.step_dir("embed")):
+        files[f"{EMBEDDINGS.name}/{part.name}"] = part
     return files
 
 
@@ -164,18 +156,29 @@ def _lineage(manifests: dict) -> dict:
     """sha256 of what each step up to the index produced: data -> features -> model -> index."""
     return {
         step: {name: entry["sha256"] for name, entry in manifests[step]["outputs"].items()}
-        for step in UPSTREAM
+        for step in STEP.upstream
         if step != "evaluate"
     }
 
 
-def _params(manifests: dict, config: PromoteConfig, seed: int) -> dict:
+def _index_record(indexed: dict) -> dict:
+    return {
+        "factory": indexed["params"]["factory"],
+        "search_params": indexed.get("search_params"),
+        **indexed["counts"],
+    }
+
+
+def _params(manifests: dict, config: PromoteConfig, paths: StepPaths) -> dict:
     params = {step: manifest["params"] for step, manifest in manifests.items()}
-    return params | {STEP: config.model_dump(mode="json"), "seed": seed}
+    return params | {
+        STEP.name: config.model_dump(mode="json"),
+        "registry": paths.registry.model_dump(mode="json"),
+        "seed": paths.seed,
+    }
 
 
-def _summary(published, uri, model, previous_alias, config, deleted) -> str:
-    alias = f"{config.model_name}@{config.alias}"
+def _summary(published, uri, model, previous_alias, alias: str, deleted) -> str:
     if not published.changed:
         return (
             f"promote: {published.version} in {uri} already holds this index and model "
@@ -191,21 +194,22 @@ def _summary(published, uri, model, previous_alias, config, deleted) -> str:
     )
 
 
-def rollback(paths: StepPaths, config: PromoteConfig, to: str | None) -> str:
+def rollback(paths: StepPaths, to: str | None) -> str:
     """Point CURRENT back (to `to`, or the version before the current one) and move the
     champion alias to that version's model. Returns a one-line account."""
     storage = open_storage(paths.storage, paths.storage_uri)
     old, new = production.rollback(storage, to)
-    model_io.move_alias(
+    alias = paths.registry.champion_alias
+    registry.move_alias(
         paths,
-        new.model["name"] or config.model_name,
-        config.alias,
+        new.model["name"] or paths.registry.model_name,
+        alias,
         str(new.model["version"]),
         {"production_version": new.version, "production_store": storage.uri},
     )
     return (
         f"rollback: CURRENT in {storage.uri} is now {new.version} (was {old.version}); "
-        f"{new.model['name']}@{config.alias} -> v{new.model['version']}"
+        f"{new.model['name']}@{alias} -> v{new.model['version']}"
     )
 
 

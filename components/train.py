@@ -22,31 +22,38 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from components import distributed, finetune, model_io, serving, tracking
-from components.batching import fuse_listings, pad_views
 from components.config import StepPaths, TrainConfig
-from components.encoders import autocast, pick_device
-from components.manifest import (
+from components.contract import (
+    ACTIVATIONS,
+    CHECKPOINTS,
+    HISTORY,
+    MODEL_SPEC,
+    MODEL_WEIGHTS,
+    SPLITS,
+    STEPS,
+    TRAIN_METRICS,
+)
+from components.core import distributed
+from components.core.batching import fuse_listings, pad_views
+from components.core.encoders import autocast, pick_device
+from components.core.model import ListingModel
+from components.core.objectives import Batch, build_objective
+from components.core.retrieval import TASKS, evaluate_tasks
+from components.io import activations
+from components.io.manifest import (
     Timer,
     describe_files,
     read_manifest,
     unchanged_manifest,
     write_manifest,
 )
-from components.metrics import retrieval_metrics
-from components.model import ListingModel
-from components.objectives import Batch, build_objective
-from components.train_data import QuerySet, TrainingData, load_training_data
+from components.io.training_data import TrainingData, load_training_data
+from components.release import serving, tracking
 
-STEP = "train"
-SPLITS_FILE = "splits.parquet"
-MODEL_FILE = model_io.WEIGHTS_FILE
-HISTORY_FILE = "history.json"
-METRICS_FILE = "metrics.json"  # the best epoch's validation metrics (DVC metrics)
-CHECKPOINT = "checkpoints/last.pt"
-OUTPUTS = (SPLITS_FILE, MODEL_FILE, HISTORY_FILE, METRICS_FILE)
+STEP = STEPS["train"]
+CHECKPOINT = f"{CHECKPOINTS.name}/last.pt"
+OUTPUTS = tuple(a.name for a in (SPLITS, MODEL_WEIGHTS, MODEL_SPEC, HISTORY, TRAIN_METRICS))
 EMBED_BATCH = 1024
-CHALLENGER = "challenger"  # alias of a trained version whose gates are pending
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +72,25 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     torch.manual_seed(paths.seed)
     featurize_dir = paths.step_dir("featurize")
     features_manifest = read_manifest(featurize_dir)
-    out = paths.step_dir(STEP)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / finetune.ACTIVATIONS_DIR).mkdir(exist_ok=True)
+    out = paths.step_dir(STEP.name)
+    paths.path(CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    paths.path(ACTIVATIONS).mkdir(exist_ok=True)
     data = load_training_data(
         featurize_dir, features_manifest, config.val_fraction, config.test_fraction
     )
     device = distributed.init_if_launched(config.device != "cpu") or pick_device(config.device)
     tail = None
     if config.finetune_blocks:
-        encoder = finetune.image_encoder(
+        encoder = activations.image_encoder(
             encoder_spec(features_manifest), config.finetune_blocks, device
         )
-        data = finetune.with_activations(
-            data, encoder, paths.catalog, out / finetune.ACTIVATIONS_DIR
-        )
+        data = activations.with_activations(data, encoder, paths.catalog, paths.path(ACTIVATIONS))
         tail = encoder.tail()
     main = distributed.is_main()
     if not main:
         logging.getLogger("components").setLevel(logging.WARNING)  # rank 0 speaks
     else:
-        pq.write_table(data.splits, out / SPLITS_FILE)
+        pq.write_table(data.splits, paths.path(SPLITS))
     log.info(
         "train: %d listings, queries train/val/test %d/%d/%d, held-out views val/test %d/%d",
         len(data.listing_ids),
@@ -104,7 +109,7 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     with tracked(paths, config, features_manifest, resumed=start_epoch > 0) as run_:
         history = trainer.fit(start_epoch, out, run_)
         if main:  # also when a resumed run had no epoch left (DVC removes outputs first)
-            torch.save(trainer.best_state, out / MODEL_FILE)
+            torch.save(trainer.best_state, paths.path(MODEL_WEIGHTS))
         best = max(history, key=lambda h: h["val/score"])
         summary = (
             f"train: {config.objective} on {device} x{distributed.world_size()}, best epoch "
@@ -119,16 +124,26 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     return TrainResult(out_dir=out, best=best, summary=summary)
 
 
-TRAINING_CODE = ("train", "train_data", "model", "objectives", "batching", "finetune", "encoders")
+# the modules that decide what training computes: a checkpoint made by other code is not
+# resumed (paths relative to the components package)
+TRAINING_CODE = (
+    "train.py",
+    "io/training_data.py",
+    "io/activations.py",
+    "core/views.py",
+    "core/model.py",
+    "core/objectives.py",
+    "core/batching.py",
+    "core/encoders.py",
+)
 
 
 def code_hash() -> str:
-    """sha256 over the source of the modules that decide what training computes: a
-    checkpoint made by other code is not resumed."""
-    here = Path(__file__).resolve().parent
+    """sha256 over the source of `TRAINING_CODE`."""
+    package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for name in TRAINING_CODE:
-        digest.update((here / f"{name}.py").read_bytes())
+        digest.update((package / name).read_bytes())
     return digest.hexdigest()
 
 
@@ -145,26 +160,29 @@ def _already_recorded(out: Path, config: TrainConfig, lineage: dict) -> TrainRes
 
 def _record(config, paths, data, features_manifest, lineage, history, run_, timer, summary):
     """Rank 0: history, metrics, MLflow summary and registration, the manifest."""
-    out = paths.step_dir(STEP)
+    out = paths.step_dir(STEP.name)
     best = max(history, key=lambda h: h["val/score"])
-    (out / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
-    (out / METRICS_FILE).write_text(json.dumps(best, indent=2) + "\n")
-    run_.log_summary(best, out / HISTORY_FILE, history)
+    paths.path(HISTORY).write_text(json.dumps(history, indent=2) + "\n")
+    paths.path(TRAIN_METRICS).write_text(json.dumps(best, indent=2) + "\n")
+    run_.log_summary(best, paths.path(HISTORY), history)
     spec = {
         "model": model_spec(config, data),
         "finetune_blocks": config.finetune_blocks,
         **encoder_spec(features_manifest),
     }
-    registered = serving.register(out / MODEL_FILE, spec, CHALLENGER, out)
+    alias = paths.registry.challenger_alias
+    registered = serving.register(
+        paths.path(MODEL_WEIGHTS), spec, paths.registry.model_name, alias, paths.path(MODEL_SPEC)
+    )
     log.info(
         "train: registered %s version %s as @%s",
         registered["name"],
         registered["version"],
-        CHALLENGER,
+        alias,
     )
     write_manifest(
         out,
-        step=STEP,
+        step=STEP.name,
         params=config,
         timer=timer,
         inputs=lineage,
@@ -187,7 +205,7 @@ def _record(config, paths, data, features_manifest, lineage, history, run_, time
 def model_spec(config: TrainConfig, data: TrainingData) -> dict:
     """Everything needed to rebuild the model from its state dict (with the encoder's
     tail, when the backbone is fine-tuned: `finetune_blocks` in the serving spec)."""
-    pooled = finetune.POOLED_DIM if config.finetune_blocks else data.image_features.shape[1]
+    pooled = activations.POOLED_DIM if config.finetune_blocks else data.image_features.shape[1]
     return {
         "image_dim": int(pooled),
         "text_dim": int(data.text_features.shape[1]),
@@ -330,7 +348,7 @@ class Trainer:
                     k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
                 }
                 if distributed.is_main():
-                    torch.save(self.best_state, out / MODEL_FILE)
+                    torch.save(self.best_state, out / MODEL_WEIGHTS.name)
             else:
                 stale += 1
             if distributed.is_main():
@@ -448,27 +466,13 @@ def embed_all_listings(model: ListingModel, data: TrainingData, device: torch.de
 def evaluate_split(
     model: ListingModel, data: TrainingData, split: str, ks: list[int], device: torch.device
 ) -> dict:
-    """Query-to-listing and held-out-view-to-listing retrieval on one split (exact search)."""
+    """Query-to-listing and held-out-view-to-listing retrieval on one split (exact search
+    over every listing: the same path as the evaluate step's)."""
     listings = embed_all_listings(model, data, device)
-    out = {}
-    for name, queries, embed in (
-        ("query_to_listing", data.queries[split], model.embed_text_queries),
-        ("view_to_listing", data.held_out_views[split], model.embed_image_queries),
-    ):
-        out.update(
-            {
-                f"{split}/{name}/{k}": v
-                for k, v in _retrieval(queries, embed, listings, ks, device).items()
-            }
-        )
-    out[f"{split}/score"] = np.mean(
-        [out[f"{split}/query_to_listing/recall@10"], out[f"{split}/view_to_listing/recall@10"]]
+    cutoffs = sorted({*ks, 10})
+    metrics, _, _ = evaluate_tasks(
+        model, data.tasks(split), listings, cutoffs, len(listings), device
     )
+    out = {f"{split}/{k}": v for k, v in metrics.items() if not k.endswith("/queries")}
+    out[f"{split}/score"] = np.mean([out[f"{split}/{task}/recall@10"] for task in TASKS])
     return out
-
-
-def _retrieval(queries: QuerySet, embed, listings: np.ndarray, ks: list[int], device) -> dict:
-    if not queries.relevant:
-        return {f"recall@{k}": 0.0 for k in {*ks, 10}} | {"mrr": 0.0}
-    vectors = embed(torch.from_numpy(queries.features).float().to(device)).float().cpu().numpy()
-    return retrieval_metrics(vectors @ listings.T, queries.relevant, sorted({*ks, 10}))

@@ -1,7 +1,7 @@
 """`validate` step: check every listing, quarantine bad rows with reasons, write the clean set.
 
 Two layers of checks: the Great Expectations suite over the table (schema, types,
-uniqueness, lengths; components/expectations.py) and per-row checks GE cannot do (every
+uniqueness, lengths; components/io/expectations.py) and per-row checks GE cannot do (every
 image resolves inside the catalog, is allowed, exists, decodes fully, has a sane size).
 Every input row ends up in exactly one of clean.parquet and quarantine.parquet.
 """
@@ -20,8 +20,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from components import expectations
-from components.catalog_io import (
+from components.config import StepPaths, ValidateConfig
+from components.contract import (
+    CLEAN,
+    CLEAN_QUERIES,
+    QUARANTINE,
+    QUARANTINED_QUERIES,
+    STEPS,
+    VALIDATION_REPORT,
+)
+from components.errors import StepFailed
+from components.io import expectations
+from components.io.catalog_reader import (
     CatalogRoot,
     ImageRefError,
     decode_image,
@@ -29,16 +39,9 @@ from components.catalog_io import (
     read_listings,
     read_queries,
 )
-from components.config import StepPaths, ValidateConfig
-from components.errors import StepFailed
-from components.manifest import Timer, describe_files, write_manifest
+from components.io.manifest import Timer, describe_files, write_manifest
 
-STEP = "validate"
-CLEAN_FILE = "clean.parquet"
-QUARANTINE_FILE = "quarantine.parquet"
-QUERIES_FILE = "queries.parquet"
-QUERIES_QUARANTINE_FILE = "queries_quarantine.parquet"
-REPORT_FILE = "report.json"
+STEP = STEPS["validate"]
 EXAMPLES_PER_REASON = 3
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
             outputs and report are written first).
     """
     timer = Timer()
-    out = paths.step_dir(STEP)
+    out = paths.step_dir(STEP.name)
     out.mkdir(parents=True, exist_ok=True)
     root = CatalogRoot(paths.catalog)
     listings = read_listings(root)
@@ -70,18 +73,20 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     issues = table_issues(listings, config)
     image_issues(listings, root, config, issues)
     clean, quarantine = split_rows(listings, issues)
-    pq.write_table(clean, out / CLEAN_FILE)
-    pq.write_table(quarantine, out / QUARANTINE_FILE)
+    pq.write_table(clean, out / CLEAN.name)
+    pq.write_table(quarantine, out / QUARANTINE.name)
     queries_report = _write_queries(root, clean, out)
     report = build_report(listings, issues, config, queries_report)
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (out / VALIDATION_REPORT.name).write_text(
+        json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    )
     summary = format_summary(report)
-    outputs = [CLEAN_FILE, QUARANTINE_FILE, REPORT_FILE]
+    outputs = [CLEAN.name, QUARANTINE.name, VALIDATION_REPORT.name]
     if queries_report is not None:
-        outputs += [QUERIES_FILE, QUERIES_QUARANTINE_FILE]
+        outputs += [CLEAN_QUERIES.name, QUARANTINED_QUERIES.name]
     write_manifest(
         out,
-        step=STEP,
+        step=STEP.name,
         params=config,
         timer=timer,
         inputs={"catalog": root.uri},
@@ -91,7 +96,7 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     )
     log.info("%s", summary.splitlines()[0])
     if not report["passed"]:
-        raise StepFailed(failure_message(report, out / REPORT_FILE))
+        raise StepFailed(failure_message(report, out / VALIDATION_REPORT.name))
     return ValidateResult(out_dir=out, report=report, summary=summary)
 
 
@@ -192,11 +197,11 @@ def _write_queries(root: CatalogRoot, clean: pa.Table, out: Path) -> dict | None
     ]
     good = pa.array([not found for found in reasons], type=pa.bool_())
     bad_reasons = [found for found in reasons if found]
-    pq.write_table(queries.filter(good), out / QUERIES_FILE)
+    pq.write_table(queries.filter(good), out / CLEAN_QUERIES.name)
     quarantined = queries.filter(pc.invert(good)).append_column(
         "reasons", pa.array(bad_reasons, type=pa.list_(pa.string()))
     )
-    pq.write_table(quarantined, out / QUERIES_QUARANTINE_FILE)
+    pq.write_table(quarantined, out / QUARANTINED_QUERIES.name)
     counts = Counter(reason for found in bad_reasons for reason in found)
     return {
         "total": queries.num_rows,

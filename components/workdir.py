@@ -9,12 +9,12 @@ to where the orchestrator wants it.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from components.config import load_params
+from components.contract import STEPS
 
 log = logging.getLogger(__name__)
 
@@ -25,28 +25,56 @@ def run_isolated(
     overrides: list[str],
     upstream: dict[str, str],
     output: str,
-    storage_uri: str = "",
-    mlflow_uri: str = "",
+    storage_uri: str | None = None,
+    mlflow_uri: str | None = None,
 ) -> str:
     """Run `step` on the `upstream` folders ({step name: path}), copy its output folder to
-    `output`, and return its summary. `storage_uri` / `mlflow_uri`, when not empty, set
-    `storage.uri` and MLFLOW_TRACKING_URI (a temporary workdir cannot hold either)."""
+    `output`, and return its summary. `storage_uri` sets `storage.uri` and `mlflow_uri`
+    the tracking server; a temporary workdir can hold neither, so both are needed for a
+    real run (None keeps params.yaml's store and a sqlite file in the temporary workdir,
+    which is then left in place and logged).
+
+    Raises:
+        ValueError: `upstream` lacks a step that `step` reads, or names an unknown one.
+    """
     from components.cli import run_step
 
+    _check_upstream(step, upstream)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix=f"listing-{step}-"))
-    for name, path in upstream.items():
-        (work / name).symlink_to(Path(path).resolve(), target_is_directory=True)
     settings = [*overrides, f"paths.workdir={work}"]
-    if storage_uri:
+    if storage_uri is not None:
         settings.append(f"storage.uri={storage_uri}")
-    if mlflow_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
-    result = run_step(step, load_params(params_file, settings))
-    shutil.copytree(work / step, output, symlinks=False)
-    shutil.rmtree(work / step)
-    for name in upstream:
-        (work / name).unlink()
-    # anything else (a local MLflow store's artifacts) stays where MLflow recorded it
+    try:
+        for name, path in upstream.items():
+            (work / name).symlink_to(Path(path).resolve(), target_is_directory=True)
+        result = run_step(step, load_params(params_file, settings), mlflow_uri)
+        shutil.copytree(work / step, output, symlinks=False)
+    finally:
+        _clean(work, step, upstream)
     print(result.summary)
     return result.summary
+
+
+def _check_upstream(step: str, upstream: dict[str, str]) -> None:
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; steps are {list(STEPS)}")
+    missing = set(STEPS[step].upstream) - set(upstream)
+    unknown = set(upstream) - set(STEPS)
+    if missing or unknown:
+        raise ValueError(
+            f"{step}: upstream folders missing for {sorted(missing)}, unknown {sorted(unknown)}"
+        )
+
+
+def _clean(work: Path, step: str, upstream: dict[str, str]) -> None:
+    """Remove the links and the step's own folder; what else is there (a local MLflow
+    store when no tracking server was given) stays, and is named in the log."""
+    for name in upstream:
+        (work / name).unlink(missing_ok=True)
+    shutil.rmtree(work / step, ignore_errors=True)
+    left = sorted(path.name for path in work.iterdir())
+    if left:
+        log.warning("%s: left %s in %s (no tracking server or store given)", step, left, work)
+    else:
+        work.rmdir()

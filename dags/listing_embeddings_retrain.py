@@ -1,6 +1,7 @@
 """Airflow DAG `listing_embeddings_retrain`: the retraining pipeline, one task per step.
 
-Wiring only: every task runs the same function as `python -m components <step>`.
+Wiring only: every task runs the same function as `python -m components <step>`, after
+the tasks of the steps whose outputs it reads (`components.contract`).
 Schedule, retries, timeouts, tags and the Kubernetes settings come from the
 `orchestration` section of params.yaml (`LISTING_EMBEDDINGS_PARAMS`, default the
 repository's). Two modes, from the Airflow Variable `listing_embeddings_mode` given in the
@@ -26,7 +27,8 @@ from pathlib import Path
 from airflow.sdk import DAG, Param, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from components.config import STEP_ORDER, OrchestrationConfig, load_params
+from components.config import OrchestrationConfig, load_params
+from components.contract import STEPS
 
 DAG_ID = "listing_embeddings_retrain"
 PARAMS_FILE = os.environ.get(
@@ -45,7 +47,7 @@ def run_local_step(step: str, params_file: str, overrides: list[str]) -> dict:
 
     params = load_params(params_file, overrides)
     try:
-        result = run_step(step, params)
+        result = run_step(step, params, os.environ.get("MLFLOW_TRACKING_URI"))
     except StepFailed as err:
         if err.report:
             print(err.report)
@@ -144,20 +146,19 @@ def build_dag(params_file: str = PARAMS_FILE, mode: str | None = None) -> DAG:
             ),
         },
     ) as dag:
-        previous = None
-        for step in STEP_ORDER:
+        tasks = {}
+        for step in STEPS.values():  # in pipeline order: upstream tasks exist already
             defaults = {
                 "retries": airflow.retries,
                 "retry_delay": timedelta(minutes=airflow.retry_delay_minutes),
-                "execution_timeout": timedelta(minutes=airflow.timeout_minutes[step]),
+                "execution_timeout": timedelta(minutes=airflow.timeout_minutes[step.name]),
             }
             if mode == "local":
-                current = _local_task(step, defaults)
+                tasks[step.name] = _local_task(step.name, defaults)
             else:
-                current = pod_operator(step, config, defaults)
-            if previous is not None:
-                previous >> current
-            previous = current
+                tasks[step.name] = pod_operator(step.name, config, defaults)
+            for upstream in step.upstream:  # the steps whose outputs it reads
+                tasks[upstream] >> tasks[step.name]
     return dag
 
 

@@ -122,7 +122,7 @@ def _wait_until_up(endpoint: str, server: subprocess.Popen, timeout: float = 30.
 @pytest.fixture
 def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Point boto3's standard configuration chain at the local server, with dummy keys."""
-    from components.s3 import s3_client
+    from components.io.s3 import s3_client
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from components import catalog, validate
-from components import emoji_sources as src
 from components.config import CatalogConfig, StepPaths, ValidateConfig
-from components.manifest import sha256_tree
+from components.io.manifest import sha256_tree
+from components.sample import emoji_catalog
+from components.sample import sources as src
 
 SMALL = CatalogConfig(max_listings=40)
 
@@ -60,9 +61,9 @@ def test_queries_never_appear_in_their_listings_text_views(small_catalog):
 
 
 def test_held_out_names_are_not_tags_anywhere():
-    concepts = catalog.select_concepts(src.load_concepts(["en", "es"]), 200)
+    concepts = emoji_catalog.select_concepts(src.load_concepts(["en", "es"]), 200)
 
-    texts, pairs = catalog.plan_texts(concepts, keywords={}, query_fraction=0.5)
+    texts, pairs = emoji_catalog.plan_texts(concepts, keywords={}, query_fraction=0.5)
 
     held_out = {p.text for p in pairs}
     assert {p.language for p in pairs} == {"en", "es"}
@@ -101,8 +102,8 @@ def test_full_catalog_meets_its_size_targets():
     keywords, _ = src.load_cldr_keywords(config.optional_data_roots)
     sources = [src.Twemoji(), src.openmoji_renderer()]  # the vendors every machine has
 
-    views = [catalog.plan_views(c, sources, config) for c in concepts]
-    _, pairs = catalog.plan_texts(concepts, keywords, config.query_fraction)
+    views = [emoji_catalog.plan_views(c, sources, config) for c in concepts]
+    _, pairs = emoji_catalog.plan_texts(concepts, keywords, config.query_fraction)
 
     drawable = [v for v in views if v]
     assert len(drawable) >= 1800
@@ -113,8 +114,8 @@ def test_full_catalog_meets_its_size_targets():
 def test_select_concepts_spreads_over_categories():
     concepts = src.load_concepts(["en"])
 
-    chosen = catalog.select_concepts(concepts, 30)
+    chosen = emoji_catalog.select_concepts(concepts, 30)
 
     assert len(chosen) == 30
     assert len({c.category for c in chosen}) >= 6
-    assert catalog.select_concepts(concepts, None) == concepts
+    assert emoji_catalog.select_concepts(concepts, None) == concepts

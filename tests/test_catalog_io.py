@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from components import validate
-from components.catalog_io import (
+from components.config import ValidateConfig
+from components.io.catalog_reader import (
     CatalogError,
     CatalogRoot,
     ImageRefError,
@@ -16,8 +17,7 @@ from components.catalog_io import (
     read_listings,
     read_queries,
 )
-from components.config import ValidateConfig
-from components.s3 import s3_client
+from components.io.s3 import s3_client
 from tests.conftest import listing, png_bytes
 
 ALLOWED = ["file", "s3"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.cli import STEPS, main, run_step
+from components.cli import main, run_step
 from components.config import (
     SECTIONS,
     ConfigError,
@@ -13,6 +13,7 @@ from components.config import (
     ValidateConfig,
     load_params,
 )
+from components.contract import STEPS
 from tests.conftest import REPO_ROOT
 
 PARAMS = REPO_ROOT / "params.yaml"
@@ -103,7 +104,7 @@ def test_sections_are_frozen():
 
 
 def test_step_paths_default_to_the_sample_catalog():
-    paths = StepPaths.from_config(load_params(PARAMS).paths)
+    paths = StepPaths.from_params(load_params(PARAMS))
 
     assert paths.catalog == "artifacts/catalog"
     assert paths.step_dir("validate").as_posix() == "artifacts/validate"
@@ -138,10 +139,3 @@ def test_help_lists_steps_and_their_params(capsys):
     assert "workdir" in top  # the shared paths section
     for key in ValidateConfig.model_fields:
         assert key in validate_help
-
-
-def test_the_orchestrators_step_order_is_the_clis():
-    from components.cli import STEPS
-    from components.config import STEP_ORDER
-
-    assert tuple(STEPS) == STEP_ORDER  # the DAG and the pipeline chain STEP_ORDER

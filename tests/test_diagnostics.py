@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.diagnostics import alignment, modality_gap, scored_top_k, uniformity
+from components.core.diagnostics import alignment, modality_gap, scored_top_k, uniformity
 
 
 def test_modality_gap_is_zero_for_one_cloud_and_the_shift_for_a_translated_one():

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from components import distributed
-from components.model import KIND, ListingModel, Views
-from components.objectives import Batch, build_objective
+from components.core import distributed
+from components.core.model import KIND, ListingModel, Views
+from components.core.objectives import Batch, build_objective
 
 pytestmark = pytest.mark.integration
 GLOBAL_BATCH = 8

@@ -10,11 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from components import embed, evaluate, finetune, index, model_io, train
+from components import contract, embed, evaluate, index, train
 from components.cli import main
 from components.config import EmbedConfig, EvaluateConfig, GatesConfig, IndexConfig, TrainConfig
-from components.manifest import read_manifest
-from components.train_data import load_training_data
+from components.io import activations, embedding_files
+from components.io.manifest import read_manifest
+from components.io.training_data import load_training_data
+from components.release import registry
 from tests.conftest import fresh_paths
 
 pytestmark = pytest.mark.integration
@@ -41,11 +43,11 @@ def indexed(featurized, tmp_path_factory):
 
 def test_embed_fuses_every_listing_like_training_does(indexed):
     out = indexed.step_dir("embed")
-    ids = pq.read_table(out / embed.IDS_FILE).column(0).to_pylist()
-    vectors = np.concatenate([np.load(p) for p in index.embedding_parts(out)])
+    ids = pq.read_table(out / contract.EMBEDDED_IDS.name).column(0).to_pylist()
+    vectors = np.concatenate([np.load(p) for p in embedding_files.embedding_parts(out)])
     featurize_dir = indexed.step_dir("featurize")
     data = load_training_data(featurize_dir, read_manifest(featurize_dir), 0.2, 0.2)
-    model = model_io.load_model(None, indexed, torch.device("cpu")).model
+    model = registry.load_model(None, indexed, torch.device("cpu")).model
 
     reference = train.embed_all_listings(model, data, torch.device("cpu"))
 
@@ -58,7 +60,7 @@ def test_embed_fuses_every_listing_like_training_does(indexed):
 
 
 def test_embedding_again_with_the_same_model_and_features_recomputes_nothing(indexed):
-    part = index.embedding_parts(indexed.step_dir("embed"))[0]
+    part = embedding_files.embedding_parts(indexed.step_dir("embed"))[0]
     stamp = part.stat().st_mtime_ns
 
     again = embed.run(EmbedConfig(device="cpu", batch_size=7), indexed)
@@ -71,7 +73,7 @@ def test_evaluate_writes_metrics_gates_plots_and_logs_to_the_training_run(indexe
     result = evaluate.run(NO_CHAMPION, indexed)
 
     out = indexed.step_dir("evaluate")
-    metrics = json.loads((out / evaluate.METRICS_FILE).read_text())
+    metrics = json.loads((out / contract.METRICS.name).read_text())
     for task in ("query_to_listing", "view_to_listing"):
         for name in ("recall@1", "recall@10", "recall@500", "mrr", "ndcg@10"):
             assert 0.0 <= metrics[f"{task}/{name}"] <= 1.0
@@ -85,10 +87,10 @@ def test_evaluate_writes_metrics_gates_plots_and_logs_to_the_training_run(indexe
         metrics["diagnostics/query_to_listing/recall@10_cosine"]
         == metrics["diagnostics/query_to_listing/recall@10_euclidean"]  # unit vectors
     )
-    gate_rows = json.loads((out / evaluate.GATES_FILE).read_text())
+    gate_rows = json.loads((out / contract.GATES.name).read_text())
     assert {"gate", "metric", "threshold", "value", "passed"} <= set(gate_rows[0])
     assert [g["passed"] for g in gate_rows if g["gate"].startswith("min:")] == [True, True]
-    assert (out / evaluate.PLOT_FILE).stat().st_size > 0
+    assert (out / contract.RECALL_PLOT.name).stat().st_size > 0
     assert "min:query_to_listing/recall@10" in result.summary  # the gate table
     run_id = read_manifest(indexed.step_dir("train"))["mlflow"]["run_id"]
     client = mlflow.MlflowClient(tracking_uri=indexed.mlflow_uri)
@@ -106,14 +108,14 @@ def test_the_challenger_is_compared_with_the_champion_on_the_same_split(indexed,
 
     evaluate.run(config, indexed)
 
-    metrics = json.loads((indexed.step_dir("evaluate") / evaluate.METRICS_FILE).read_text())
+    metrics = json.loads((indexed.step_dir("evaluate") / contract.METRICS.name).read_text())
     for task in ("query_to_listing", "view_to_listing"):
         # the champion is the same model here: no difference, on the very same queries
         assert metrics[f"champion/{task}/recall@10"] == pytest.approx(metrics[f"{task}/recall@10"])
         assert metrics[f"champion/{task}/delta_recall@10"] == 0.0
         low = metrics[f"champion/{task}/delta_recall@10_ci_low"]
         assert low <= 0.0 <= metrics[f"champion/{task}/delta_recall@10_ci_high"]
-    curves = json.loads((indexed.step_dir("evaluate") / evaluate.CURVES_FILE).read_text())
+    curves = json.loads((indexed.step_dir("evaluate") / contract.CURVES.name).read_text())
     assert [row["k"] for row in curves] == [1, 10, 50, 500]
     assert all("view_to_listing/champion" in row for row in curves)
     client.delete_registered_model_alias("listing-encoder", "champion")
@@ -138,7 +140,7 @@ def test_a_failing_gate_makes_the_cli_exit_non_zero_naming_the_gate(indexed, mon
     assert code == 1
     assert "min:view_to_listing/recall@10" in captured.err and "needs >= 0.9990" in captured.err
     assert "FAIL" in captured.out  # the gate table, on stdout
-    gate_rows = json.loads((indexed.step_dir("evaluate") / evaluate.GATES_FILE).read_text())
+    gate_rows = json.loads((indexed.step_dir("evaluate") / contract.GATES.name).read_text())
     assert [g["gate"] for g in gate_rows if not g["passed"]] == ["min:view_to_listing/recall@10"]
 
 
@@ -149,14 +151,14 @@ def test_a_model_with_a_fine_tuned_backbone_is_embedded_through_its_tail(featuri
     embed.run(EmbedConfig(device="cpu"), paths)
 
     out = paths.step_dir("embed")
-    ids = pq.read_table(out / embed.IDS_FILE).column(0).to_pylist()
-    vectors = np.concatenate([np.load(p) for p in index.embedding_parts(out)])
-    loaded = model_io.load_model(None, paths, torch.device("cpu"))
+    ids = pq.read_table(out / contract.EMBEDDED_IDS.name).column(0).to_pylist()
+    vectors = np.concatenate([np.load(p) for p in embedding_files.embedding_parts(out)])
+    loaded = registry.load_model(None, paths, torch.device("cpu"))
     featurize_dir = paths.step_dir("featurize")
     data = load_training_data(featurize_dir, read_manifest(featurize_dir), 0.2, 0.2)
-    encoder = finetune.image_encoder(loaded.spec, 1, torch.device("cpu"))
-    data = finetune.with_activations(
-        data, encoder, paths.catalog, paths.step_dir("train") / finetune.ACTIVATIONS_DIR
+    encoder = activations.image_encoder(loaded.spec, 1, torch.device("cpu"))
+    data = activations.with_activations(
+        data, encoder, paths.catalog, paths.step_dir("train") / contract.ACTIVATIONS.name
     )
     reference = train.embed_all_listings(loaded.model, data, torch.device("cpu"))
     order = [data.listing_ids.index(lid) for lid in ids]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.feature_store import FeatureStore, content_key
+from components.io.feature_store import FeatureStore, content_key
 
 
 def test_round_trip_across_shards_and_reopen(tmp_path):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from components import featurize, validate
+from components import contract, featurize, validate
 from components.config import FeaturizeConfig, ValidateConfig
-from components.encoders import EfficientNetLite0
-from components.feature_store import FeatureStore
+from components.core.encoders import EfficientNetLite0
+from components.io.feature_store import FeatureStore
 from tests.conftest import listing, png_bytes
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def _colour_catalog(make_catalog, ids, **kwargs):
 
 
 def _views(result):
-    return pq.read_table(result.out_dir / featurize.VIEWS_FILE).to_pylist()
+    return pq.read_table(result.out_dir / contract.VIEWS.name).to_pylist()
 
 
 def test_featurize_caches_by_content_and_only_encodes_new_views(make_catalog, step_paths):
@@ -75,7 +75,7 @@ def test_features_equal_the_encoder_applied_directly(make_catalog, step_paths):
     with Image.open(root / "images" / "a.png") as image:
         expected = encoder.encode([image.convert("RGB")])
     np.testing.assert_allclose(store.get([view["key"]]), expected, rtol=1e-4, atol=1e-5)
-    queries = pq.read_table(result.out_dir / featurize.QUERIES_FILE).to_pylist()
+    queries = pq.read_table(result.out_dir / contract.QUERY_FEATURES.name).to_pylist()
     assert [q["query_id"] for q in queries] == ["q1"] and len(queries[0]["key"]) == 64
 
 
@@ -87,7 +87,7 @@ def test_a_view_that_went_bad_after_validation_is_skipped_and_named(make_catalog
 
     result = featurize.run(CONFIG, paths)
 
-    skipped = pq.read_table(result.out_dir / featurize.SKIPPED_FILE).to_pylist()
+    skipped = pq.read_table(result.out_dir / contract.SKIPPED_VIEWS.name).to_pylist()
     assert [(s["listing_id"], s["ref"], s["reason"]) for s in skipped] == [
         ("b", "images/b-b.png", "image_undecodable")
     ]

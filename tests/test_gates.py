@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from components.config import GatesConfig
-from components.gates import check_gates, failed, failure_message, table
+from components.core.gates import check_gates, failed, failure_message, table
 
 GATES = GatesConfig(
     min={"query_to_listing/recall@10": 0.4},

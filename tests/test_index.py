@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components import index
+from components import contract, index
 from components.config import IndexConfig, StepPaths
-from components.diagnostics import scored_top_k
+from components.core.diagnostics import scored_top_k
+from components.io import embedding_files, faiss_index
 
 pytestmark = pytest.mark.integration
 N, DIM = 3000, 32
@@ -54,11 +55,11 @@ def test_index_finds_what_brute_force_finds(embedded, factory, params, min_recal
     config = IndexConfig(factory=factory, **params)
 
     index.run(config, embedded)
-    loaded, ids, manifest = index.load_index(embedded.step_dir("index"))
+    loaded, ids, manifest = faiss_index.load_index(embedded.step_dir("index"))
 
     queries = _clustered(200, seed=2)
     vectors = np.concatenate(
-        [np.load(p) for p in index.embedding_parts(embedded.step_dir("embed"))]
+        [np.load(p) for p in embedding_files.embedding_parts(embedded.step_dir("embed"))]
     )
     _, found = loaded.search(queries, 10)
     exact = scored_top_k(queries, vectors, 10)
@@ -89,17 +90,17 @@ def test_a_factory_that_does_not_fit_is_named_before_any_work(embedded, factory,
         index.run(IndexConfig(factory=factory), embedded)
 
     assert "index.factory" in str(error.value) and factory in str(error.value)
-    assert not (embedded.step_dir("index") / index.INDEX_FILE).exists()
+    assert not (embedded.step_dir("index") / contract.INDEX.name).exists()
 
 
 def test_rebuilding_with_nothing_changed_reuses_the_index(embedded):
     first = index.run(IndexConfig(factory="HNSW32"), embedded)
-    stamp = (first.out_dir / index.INDEX_FILE).stat().st_mtime_ns
+    stamp = (first.out_dir / contract.INDEX.name).stat().st_mtime_ns
 
     second = index.run(IndexConfig(factory="HNSW32"), embedded)
 
     assert "nothing rebuilt" in second.summary
-    assert (second.out_dir / index.INDEX_FILE).stat().st_mtime_ns == stamp
+    assert (second.out_dir / contract.INDEX.name).stat().st_mtime_ns == stamp
 
 
 @pytest.mark.skipif(

@@ -10,7 +10,8 @@ import sys
 import pytest
 import yaml
 
-from components.config import STEP_ORDER, load_params
+from components.config import load_params
+from components.contract import STEP_ORDER
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from components.metrics import (
+from components.core.metrics import (
     bootstrap_mean_ci,
     ranks_from_top_k,
     ranks_of_relevant,

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.batching import ListingViews, choose_views, pad_views
-from components.model import KIND, ListingModel, Views, marginal_weights, weighted_mean
-from components.objectives import Batch, Pairwise, build_objective, entropic_ot_cost
+from components.core.batching import ListingViews, choose_views, pad_views
+from components.core.model import KIND, ListingModel, Views, marginal_weights, weighted_mean
+from components.core.objectives import Batch, Pairwise, build_objective, entropic_ot_cost
 
 IMAGE_DIM, TEXT_DIM = 12, 8
 

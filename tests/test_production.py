@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components import production
 from components.config import StorageConfig
-from components.storage import LocalStorage, PointerConflict, S3Storage, open_storage
+from components.release import production
+from components.release.storage import LocalStorage, PointerConflict, S3Storage, open_storage
 
 MODEL = {"name": "listing-encoder", "version": "1", "run_id": "r1", "sha256": "m" * 64}
 
@@ -31,7 +31,7 @@ def storage(request, tmp_path):
 
 
 def _bucket_store(**settings) -> S3Storage:
-    from components.s3 import s3_client
+    from components.io.s3 import s3_client
 
     bucket = f"prod-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=bucket)
@@ -255,7 +255,7 @@ def test_large_files_go_up_in_multipart_parts_and_verify(s3_env, tmp_path):
 
     head = storage.client.head_object(Bucket=storage.bucket, Key=storage._key("big.bin"))
     assert head["ETag"].strip('"').endswith("-3")  # three parts of 5, 5 and 2 MiB
-    from components.manifest import sha256_file
+    from components.io.manifest import sha256_file
 
     assert storage.sha256("big.bin") == sha256_file(big)
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from components import embed, evaluate, index, model_io, production, promote, train
+from components import embed, evaluate, index, promote, train
 from components.cli import main
 from components.config import (
     EmbedConfig,
@@ -22,11 +22,13 @@ from components.config import (
     GatesConfig,
     IndexConfig,
     PromoteConfig,
+    RegistryConfig,
     StorageConfig,
 )
 from components.errors import StepFailed
-from components.manifest import read_manifest
-from components.storage import open_storage
+from components.io.manifest import read_manifest
+from components.release import production, registry
+from components.release.storage import open_storage
 from tests.conftest import fresh_paths
 from tests.test_evaluate import LENIENT, TINY
 
@@ -62,7 +64,7 @@ def test_promote_publishes_the_evaluated_release_and_moves_the_champion(evaluate
     assert result.changed and loaded.version == result.version
     assert loaded.ids == listing_ids.column(0).to_pylist() and loaded.index.ntotal == 60
     version = registered_version(evaluated)
-    assert model_io.alias_version(evaluated, NAME, ALIAS) == version
+    assert registry.alias_version(evaluated, NAME, ALIAS) == version
     manifest = loaded.manifest
     assert manifest["model"]["version"] == version and manifest["model"]["run_id"]
     assert manifest["previous_champion"] == {"alias": ALIAS, "model_version": None}
@@ -125,7 +127,7 @@ def test_a_retrain_is_compared_with_the_champion_and_rollback_moves_the_alias_ba
     assert "champion/query_to_listing/delta_recall@10" in metrics
     second_model = registered_version(evaluated)
     assert second.changed and second_model != first_model
-    assert model_io.alias_version(evaluated, NAME, ALIAS) == second_model
+    assert registry.alias_version(evaluated, NAME, ALIAS) == second_model
     manifest = production.load_current_index(store(evaluated)).manifest
     assert manifest["previous_champion"]["model_version"] == first_model
     assert manifest["previous"] == first.version
@@ -135,7 +137,7 @@ def test_a_retrain_is_compared_with_the_champion_and_rollback_moves_the_alias_ba
     monkeypatch.setenv("MLFLOW_TRACKING_URI", evaluated.mlflow_uri)
     assert main(["rollback", "--params", str(params)]) == 0
     assert f"is now {first.version} (was {second.version})" in capsys.readouterr().out
-    assert model_io.alias_version(evaluated, NAME, ALIAS) == first_model
+    assert registry.alias_version(evaluated, NAME, ALIAS) == first_model
     assert production.load_current_index(store(evaluated)).version == first.version
 
     assert main(["versions", "--params", str(params)]) == 0
@@ -144,7 +146,7 @@ def test_a_retrain_is_compared_with_the_champion_and_rollback_moves_the_alias_ba
     assert f"   {second.version}  {NAME}/{second_model}" in listed
 
     assert main(["rollback", "--params", str(params), "--to", second.version]) == 0
-    assert model_io.alias_version(evaluated, NAME, ALIAS) == second_model
+    assert registry.alias_version(evaluated, NAME, ALIAS) == second_model
     assert main(["rollback", "--params", str(params), "--to", "nope"]) == 1
     assert "'nope' is not a complete version" in capsys.readouterr().err
 
@@ -155,7 +157,7 @@ SECRET_ID, SECRET_KEY = "AKIAPROMOTETEST7777", "s3cr3t/promote+Never-Logged"
 def test_promote_to_s3_keeps_credentials_out_of_logs_manifests_and_mlflow(
     evaluated, s3_env, monkeypatch, caplog, capsys, tmp_path
 ):
-    from components.s3 import s3_client
+    from components.io.s3 import s3_client
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", SECRET_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
@@ -199,3 +201,26 @@ def test_storage_paths_default_to_the_workdir(evaluated):
     assert store(evaluated).uri == (evaluated.workdir / "production").as_posix()
     other = dataclasses.replace(evaluated, storage=StorageConfig(uri="s3://bucket/x"))
     assert other.storage_uri == "s3://bucket/x"
+
+
+def test_a_renamed_registered_model_is_registered_promoted_and_aliased_under_its_name(
+    featurized, tmp_path
+):
+    """registry.model_name is the one name train registers under and promote checks."""
+    renamed = RegistryConfig(
+        model_name="shop-encoder", challenger_alias="candidate", champion_alias="live"
+    )
+    paths = dataclasses.replace(fresh_paths(featurized, tmp_path, "renamed"), registry=renamed)
+    train.run(TINY, paths)
+    embed.run(EmbedConfig(device="cpu"), paths)
+    index.run(IndexConfig(), paths)
+    evaluate.run(EVALUATE, paths)
+
+    result = promote.run(PromoteConfig(), paths)
+
+    version = registered_version(paths)
+    assert registry.alias_version(paths, "shop-encoder", "candidate") == version
+    assert registry.alias_version(paths, "shop-encoder", "live") == version
+    assert production.load_current_index(store(paths)).manifest["model"]["name"] == "shop-encoder"
+    names = [m.name for m in mlflow.MlflowClient(paths.mlflow_uri).search_registered_models()]
+    assert names == ["shop-encoder"] and result.changed

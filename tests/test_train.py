@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from components import finetune, train, train_data
-from components.catalog_io import decode_image
+from components import contract, train
 from components.config import StepPaths, TrainConfig
-from components.manifest import read_manifest
+from components.io import activations, training_data
+from components.io.catalog_reader import decode_image
+from components.io.manifest import read_manifest
 from tests.conftest import LISTINGS
 from tests.conftest import fresh_paths as _fresh
 
@@ -122,11 +123,11 @@ def test_challenger_loads_from_the_registry_and_embeds_raw_listings_and_queries(
 
     assert embeddings.shape == (4, TINY.dim)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
-    data = train_data.load_training_data(
+    data = training_data.load_training_data(
         paths.step_dir("featurize"), read_manifest(paths.step_dir("featurize")), 0.2, 0.2
     )
     trained = train.build_model(TINY, data)
-    trained.load_state_dict(torch.load(paths.step_dir("train") / train.MODEL_FILE))
+    trained.load_state_dict(torch.load(paths.step_dir("train") / contract.MODEL_WEIGHTS.name))
     reference = train.embed_all_listings(trained, data, torch.device("cpu"))
     for row, embedding in zip(listings, embeddings[:2], strict=True):
         index = data.listing_ids.index(row["listing_id"])
@@ -195,9 +196,9 @@ def test_fine_tuning_the_backbone_tail_trains_it_and_the_served_model_uses_it(fe
 
     result = train.run(config, paths)
 
-    state = torch.load(result.out_dir / train.MODEL_FILE, weights_only=True)
+    state = torch.load(result.out_dir / contract.MODEL_WEIGHTS.name, weights_only=True)
     spec = read_manifest(result.out_dir)["model"]
-    encoder = finetune.image_encoder(spec, 1, torch.device("cpu"))
+    encoder = activations.image_encoder(spec, 1, torch.device("cpu"))
     pretrained = encoder.tail().state_dict()
     tail_keys = [k for k in state if k.startswith("image_tail.")]
     assert tail_keys and spec["finetune_blocks"] == 1
@@ -218,17 +219,15 @@ def test_fine_tuning_the_backbone_tail_trains_it_and_the_served_model_uses_it(fe
     model.load_state_dict(state)
     model.eval()
     image = decode_image((catalog_dir / photo).read_bytes(), photo)
-    activations = torch.from_numpy(encoder.encode([image]))
-    expected = model.embed_image_queries(activations).detach().numpy()
+    cut = torch.from_numpy(encoder.encode([image]))
+    expected = model.embed_image_queries(cut).detach().numpy()
     np.testing.assert_allclose(embedding, expected, atol=1e-4)
     untuned = train.ListingModel(**spec["model"], image_tail=encoder.tail())
     untuned.load_state_dict(
         {k: v for k, v in state.items() if not k.startswith("image_tail.")}, strict=False
     )
     untuned.eval()
-    assert not np.allclose(
-        untuned.embed_image_queries(activations).detach().numpy(), expected, atol=1e-4
-    )
+    assert not np.allclose(untuned.embed_image_queries(cut).detach().numpy(), expected, atol=1e-4)
 
 
 def test_torchrun_with_two_processes_trains_and_rank_zero_alone_records(featurized, tmp_path):
@@ -269,13 +268,13 @@ def test_a_finished_run_whose_outputs_were_removed_writes_them_again(featurized,
     # DVC removes a stage's outputs before running it; the persisted checkpoint stays
     paths = _fresh(featurized, tmp_path, "outs-removed")
     first = train.run(TINY, paths)
-    weights = torch.load(first.out_dir / train.MODEL_FILE, weights_only=True)
-    for name in (train.MODEL_FILE, "manifest.json", "history.json"):
+    weights = torch.load(first.out_dir / contract.MODEL_WEIGHTS.name, weights_only=True)
+    for name in (contract.MODEL_WEIGHTS.name, "manifest.json", "history.json"):
         (first.out_dir / name).unlink()
 
     second = train.run(TINY, paths)
 
-    again = torch.load(second.out_dir / train.MODEL_FILE, weights_only=True)
+    again = torch.load(second.out_dir / contract.MODEL_WEIGHTS.name, weights_only=True)
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert second.best == first.best
     assert read_manifest(second.out_dir)["registered_model"]["version"] == "2"

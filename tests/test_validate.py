@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components import validate
-from components.catalog_io import CatalogError
+from components import contract, validate
 from components.cli import main
 from components.config import ValidateConfig
 from components.errors import StepFailed
+from components.io.catalog_reader import CatalogError
 from tests.conftest import REPO_ROOT, listing, png_bytes
 
 pytestmark = pytest.mark.integration  # runs the real Great Expectations suite
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.integration  # runs the real Great Expectations suite
 def run_and_read(root: Path, paths_factory, config: ValidateConfig):
     result = validate.run(config, paths_factory(root))
     out = result.out_dir
-    clean = pq.read_table(out / validate.CLEAN_FILE).to_pylist()
-    quarantine = pq.read_table(out / validate.QUARANTINE_FILE).to_pylist()
-    report = json.loads((out / validate.REPORT_FILE).read_text())
+    clean = pq.read_table(out / contract.CLEAN.name).to_pylist()
+    quarantine = pq.read_table(out / contract.QUARANTINE.name).to_pylist()
+    report = json.loads((out / contract.VALIDATION_REPORT.name).read_text())
     assert report["clean"] + report["quarantined"] == report["total"]
     assert len(clean) == report["clean"] and len(quarantine) == report["quarantined"]
     return clean, quarantine, report
@@ -273,8 +273,8 @@ def test_queries_pointing_at_quarantined_listings_are_quarantined(
 
     result = validate.run(lenient, step_paths(root))
 
-    kept = pq.read_table(result.out_dir / validate.QUERIES_FILE).to_pylist()
-    dropped = pq.read_table(result.out_dir / validate.QUERIES_QUARANTINE_FILE).to_pylist()
+    kept = pq.read_table(result.out_dir / contract.CLEAN_QUERIES.name).to_pylist()
+    dropped = pq.read_table(result.out_dir / contract.QUARANTINED_QUERIES.name).to_pylist()
     assert [q["query_id"] for q in kept] == ["q1"]
     assert {q["query_id"]: q["reasons"] for q in dropped} == {
         "q2": ["listing_not_clean"],

@@ -1,10 +1,13 @@
 """Kubeflow Pipelines (kfp 2.17) definition of the retraining pipeline.
 
-One component per step, each calling the same function as `python -m components <step>`
-(through `components.workdir.run_isolated`); every step's output folder is a KFP artifact
-that the next steps receive. GPU steps (`orchestration.kubernetes.gpu_steps`) get the
-accelerator type and limit, the GPU node pool's node selector and tolerations. The image,
-accelerator and pool settings come from params.yaml's `orchestration.kubernetes`.
+One component per step, generated from the artifact contract (`components.contract`):
+each takes the output artifacts of the steps it reads and calls the same function as
+`python -m components <step>` (through `components.workdir.run_isolated`); its own output
+folder is the artifact the next steps receive. GPU steps
+(`orchestration.kubernetes.gpu_steps`) get the accelerator type and limit, the GPU node
+pool's node selector and tolerations. The image, accelerator and pool settings come from
+params.yaml's `orchestration.kubernetes`, retries and timeouts from
+`orchestration.kubeflow`.
 
     python infra/kubeflow/pipeline.py    # rewrites infra/kubeflow/listing_embeddings_retrain.yaml
 
@@ -13,177 +16,59 @@ Run-time pipeline parameters: `params_file` (inside the image), `overrides`
 `mlflow_uri` (the tracking server).
 """
 
+import linecache
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Input, Output
 
 from components.config import load_params
+from components.contract import STEPS, Step
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = Path(__file__).with_name("listing_embeddings_retrain.yaml")
 ORCHESTRATION = load_params(ROOT / "params.yaml").orchestration
 KUBE = ORCHESTRATION.kubernetes
-TIMEOUTS = ORCHESTRATION.airflow.timeout_minutes
+KUBEFLOW = ORCHESTRATION.kubeflow
 IMAGE = KUBE.image
 IMAGE_PARAMS = "/app/params.yaml"  # where infra/Dockerfile puts params.yaml
 
-
-@dsl.component(base_image=IMAGE)
-def catalog(
+# KFP ships a lightweight component as the source of one function, run in the image. The
+# function of each step is written from the contract: its inputs are the steps it reads.
+_TEMPLATE = """\
+def {name}(
     params_file: str,
     overrides: list,
     storage_uri: str,
     mlflow_uri: str,
-    out: Output[Artifact],
+{inputs}    out: Output[Artifact],
 ) -> str:
     from components.workdir import run_isolated
 
-    return run_isolated("catalog", params_file, overrides, {}, out.path, storage_uri, mlflow_uri)
+    upstream = {{{upstream}}}
+    # an empty string is how a KFP parameter says "not set"
+    storage, tracking = storage_uri or None, mlflow_uri or None
+    return run_isolated("{name}", params_file, overrides, upstream, out.path, storage, tracking)
+"""
 
 
-@dsl.component(base_image=IMAGE)
-def validate(
-    params_file: str,
-    overrides: list,
-    storage_uri: str,
-    mlflow_uri: str,
-    catalog: Input[Artifact],
-    out: Output[Artifact],
-) -> str:
-    from components.workdir import run_isolated
-
-    upstream = {"catalog": catalog.path}
-    return run_isolated(
-        "validate", params_file, overrides, upstream, out.path, storage_uri, mlflow_uri
+def step_function(step: Step):
+    """The component function of `step`, with source KFP can read (`inspect.getsource`)."""
+    source = _TEMPLATE.format(
+        name=step.name,
+        inputs="".join(f"    {name}: Input[Artifact],\n" for name in step.upstream),
+        upstream=", ".join(f'"{name}": {name}.path' for name in step.upstream),
     )
+    filename = f"<kubeflow component {step.name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"Input": Input, "Output": Output, "Artifact": Artifact}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace[step.name]
 
 
-@dsl.component(base_image=IMAGE)
-def featurize(
-    params_file: str,
-    overrides: list,
-    storage_uri: str,
-    mlflow_uri: str,
-    catalog: Input[Artifact],
-    validate: Input[Artifact],
-    out: Output[Artifact],
-) -> str:
-    from components.workdir import run_isolated
-
-    upstream = {"catalog": catalog.path, "validate": validate.path}
-    return run_isolated(
-        "featurize", params_file, overrides, upstream, out.path, storage_uri, mlflow_uri
-    )
-
-
-@dsl.component(base_image=IMAGE)
-def train(
-    params_file: str,
-    overrides: list,
-    storage_uri: str,
-    mlflow_uri: str,
-    featurize: Input[Artifact],
-    out: Output[Artifact],
-) -> str:
-    from components.workdir import run_isolated
-
-    upstream = {"featurize": featurize.path}
-    return run_isolated(
-        "train", params_file, overrides, upstream, out.path, storage_uri, mlflow_uri
-    )
-
-
-@dsl.component(base_image=IMAGE)
-def embed(
-    params_file: str,
-    overrides: list,
-    storage_uri: str,
-    mlflow_uri: str,
-    validate: Input[Artifact],
-    featurize: Input[Artifact],
-    train: Input[Artifact],
-    out: Output[Artifact],
-) -> str:
-    from components.workdir import run_isolated
-
-    upstream = {"validate": validate.path, "featurize": featurize.path, "train": train.path}
-    return run_isolated(
-        "embed", params_file, overrides, upstream, out.path, storage_uri, mlflow_uri
-    )
-
-
-@dsl.component(base_image=IMAGE)
-def index(
-    params_file: str,
-    overrides: list,
-    storage_uri: str,
-    mlflow_uri: str,
-    embed: Input[Artifact],
-    out: Output[Artifact],
-) -> str:
-    from components.workdir import run_isolated
-
-    upstream = {"embed": embed.path}
-    return run_isolated(
-        "index", params_file, overrides, upstream, out.path, storage_uri, mlflow_uri
-    )
-
-
-@dsl.component(base_image=IMAGE)
-def evaluate(
-    params_file: str,
-    overrides: list,
-    storage_uri: str,
-    mlflow_uri: str,
-    validate: Input[Artifact],
-    featurize: Input[Artifact],
-    train: Input[Artifact],
-    embed: Input[Artifact],
-    index: Input[Artifact],
-    out: Output[Artifact],
-) -> str:
-    from components.workdir import run_isolated
-
-    upstream = {
-        "validate": validate.path,
-        "featurize": featurize.path,
-        "train": train.path,
-        "embed": embed.path,
-        "index": index.path,
-    }
-    return run_isolated(
-        "evaluate", params_file, overrides, upstream, out.path, storage_uri, mlflow_uri
-    )
-
-
-@dsl.component(base_image=IMAGE)
-def promote(
-    params_file: str,
-    overrides: list,
-    storage_uri: str,
-    mlflow_uri: str,
-    validate: Input[Artifact],
-    featurize: Input[Artifact],
-    train: Input[Artifact],
-    embed: Input[Artifact],
-    index: Input[Artifact],
-    evaluate: Input[Artifact],
-    out: Output[Artifact],
-) -> str:
-    from components.workdir import run_isolated
-
-    upstream = {
-        "validate": validate.path,
-        "featurize": featurize.path,
-        "train": train.path,
-        "embed": embed.path,
-        "index": index.path,
-        "evaluate": evaluate.path,
-    }
-    return run_isolated(
-        "promote", params_file, overrides, upstream, out.path, storage_uri, mlflow_uri
-    )
+COMPONENTS = {
+    name: dsl.component(step_function(step), base_image=IMAGE) for name, step in STEPS.items()
+}
 
 
 def _on_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -208,7 +93,7 @@ def _placed(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
     task.set_cpu_request(resources["cpu"]).set_memory_request(resources["memory"])
     kubernetes.add_pod_label(task, "app", "listing-embeddings")
     kubernetes.add_pod_label(task, "step", step)
-    kubernetes.set_timeout(task, int(TIMEOUTS[step] * 60))
+    kubernetes.set_timeout(task, int(KUBEFLOW.timeout_minutes[step] * 60))
     if step in KUBE.gpu_steps:
         return _on_gpu(task)
     for key, value in KUBE.cpu_node_selector.items():
@@ -232,27 +117,16 @@ def retrain(
         "storage_uri": storage_uri,
         "mlflow_uri": mlflow_uri,
     }
-    tasks = {}
-    tasks["catalog"] = catalog(**common)
-    tasks["validate"] = validate(**common, catalog=tasks["catalog"].outputs["out"])
-    tasks["featurize"] = featurize(
-        **common, catalog=tasks["catalog"].outputs["out"], validate=tasks["validate"].outputs["out"]
-    )
-    tasks["train"] = train(**common, featurize=tasks["featurize"].outputs["out"])
-    outs = {name: task.outputs["out"] for name, task in tasks.items() if name != "catalog"}
-    tasks["embed"] = embed(
-        **common, validate=outs["validate"], featurize=outs["featurize"], train=outs["train"]
-    )
-    tasks["index"] = index(**common, embed=tasks["embed"].outputs["out"])
-    outs |= {"embed": tasks["embed"].outputs["out"], "index": tasks["index"].outputs["out"]}
-    tasks["evaluate"] = evaluate(**common, **outs)
-    tasks["promote"] = promote(**common, **outs, evaluate=tasks["evaluate"].outputs["out"])
-    for step, task in tasks.items():
-        task.set_display_name(step)
-        _placed(task, step)
-        task.set_retry(num_retries=ORCHESTRATION.airflow.retries)
-        if step in ("evaluate", "promote"):
-            task.set_caching_options(False)  # they read the production store's CURRENT
+    tasks: dict[str, dsl.PipelineTask] = {}
+    for name, step in STEPS.items():  # in pipeline order: upstream tasks exist already
+        upstream = {up: tasks[up].outputs["out"] for up in step.upstream}
+        task = COMPONENTS[name](**common, **upstream)
+        task.set_display_name(name)
+        _placed(task, name)
+        task.set_retry(num_retries=KUBEFLOW.retries)
+        if name in KUBEFLOW.uncached_steps:
+            task.set_caching_options(False)
+        tasks[name] = task
 
 
 def compile_pipeline(path: Path = COMPILED) -> Path:

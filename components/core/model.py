@@ -117,6 +117,7 @@ class ListingModel(nn.Module):
                 f"alpha must be in (0, 1] and image_share in [0, 1], got {alpha}, {image_share}"
             )
         self.image_tail = image_tail
+        self.dim = dim  # of the shared space: every embedding the model returns
         self.image = Adapter(image_dim, dim, hidden, dropout)
         self.text = Adapter(text_dim, dim, hidden, dropout)
         self.alpha = alpha

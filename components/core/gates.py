@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from components.config import GatesConfig
-
-TASKS = ("query_to_listing", "view_to_listing")
+from components.core.retrieval import TASKS
 
 
 @dataclass(frozen=True)

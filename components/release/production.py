@@ -30,16 +30,15 @@ from typing import Any
 import faiss
 import pyarrow.parquet as pq
 
+from components.contract import INDEX, INDEX_IDS, MANIFEST, RELEASE_REPORTS
 from components.errors import StepFailed
-from components.index import IDS_FILE, INDEX_FILE
-from components.manifest import sha256_file
-from components.storage import MissingObject, PointerConflict, Storage
+from components.io.manifest import sha256_file
+from components.release.storage import MissingObject, PointerConflict, Storage
 
 INDICES = "indices"
 POINTER = f"{INDICES}/CURRENT"
-MANIFEST = "manifest.json"
 _STAMP = "%Y%m%dT%H%M%S%fZ"
-REPORTS = ("metrics.json", "gates.json")  # stored with a version, not part of its content
+REPORTS = tuple(a.name for a in RELEASE_REPORTS)  # stored with a version, not its content
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +363,7 @@ def load_current_index(storage: Storage, cache_dir: Path | None = None) -> Curre
         raise ValueError(f"{storage.locate(POINTER)} does not exist: nothing was promoted yet")
     manifest = read_manifest(storage, current.version, current.manifest_sha256)
     local = Path(cache_dir or tempfile.mkdtemp(prefix="listing-index-")) / current.version
-    for name in (INDEX_FILE, IDS_FILE):
+    for name in (INDEX.name, INDEX_IDS.name):
         expected = manifest["files"][name]
         path = local / name
         if not (path.is_file() and sha256_file(path) == expected["sha256"]):
@@ -377,8 +376,8 @@ def load_current_index(storage: Storage, cache_dir: Path | None = None) -> Curre
                     f"{digest[:16]}... is not the manifest's {expected['sha256'][:16]}...; "
                     "the stored file is corrupted"
                 )
-    index = faiss.read_index(str(local / INDEX_FILE))
-    ids = pq.read_table(local / IDS_FILE).column(0).to_pylist()
+    index = faiss.read_index(str(local / INDEX.name))
+    ids = pq.read_table(local / INDEX_IDS.name).column(0).to_pylist()
     if index.ntotal != len(ids):
         raise CorruptObject(f"version {current.version}: {index.ntotal} vectors but {len(ids)} ids")
     return CurrentIndex(current.version, index, ids, manifest, local)

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from components.config import StepPaths
-from components.manifest import read_manifest, sha256_file
-from components.model import ListingModel
+from components.contract import MODEL_SPEC, MODEL_WEIGHTS
+from components.core.model import ListingModel
+from components.io import activations
+from components.io.manifest import read_manifest, sha256_file
 
-SPEC_FILE = "model_spec.json"
-WEIGHTS_FILE = "model.pt"
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -36,9 +36,7 @@ def build_model(spec: dict, weights: Path, device: torch.device) -> ListingModel
     """The model of `spec` with the weights in `weights`, in eval mode on `device`."""
     tail = None
     if spec.get("finetune_blocks", 0):
-        from components import finetune
-
-        tail = finetune.image_encoder(spec, spec["finetune_blocks"], device).tail()
+        tail = activations.image_encoder(spec, spec["finetune_blocks"], device).tail()
     model = ListingModel(**spec["model"], image_tail=tail)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval()
@@ -65,7 +63,7 @@ def load_model(uri: str | None, paths: StepPaths, device: torch.device) -> Loade
 def _from_train_step(paths: StepPaths, device: torch.device) -> LoadedModel:
     train_dir = paths.step_dir("train")
     manifest = read_manifest(train_dir)
-    weights = train_dir / WEIGHTS_FILE
+    weights = paths.path(MODEL_WEIGHTS)
     reference = {
         "source": str(train_dir),
         "sha256": sha256_file(weights),
@@ -94,8 +92,8 @@ def _from_registry(uri: str, match, paths: StepPaths, device: torch.device) -> L
         raise ValueError(f"model {uri!r} is not in the registry at {paths.mlflow_uri}") from err
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        spec_path = _one(local, SPEC_FILE, uri)
-        weights = _one(local, WEIGHTS_FILE, uri)
+        spec_path = _one(local, MODEL_SPEC.name, uri)
+        weights = _one(local, MODEL_WEIGHTS.name, uri)
         spec = json.loads(spec_path.read_text())
         model = build_model(spec, weights, device)
         reference = {

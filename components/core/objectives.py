@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.distributed import gather_with_grad, global_sum, rank, world_size
-from components.model import Outputs, Views, marginal_weights
+from components.core.distributed import gather_with_grad, global_sum, rank, world_size
+from components.core.model import Outputs, Views, marginal_weights
 
 
 @dataclass

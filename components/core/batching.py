@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from components.model import Views
+from components.core.model import Views
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,11 @@ def fuse_listings(
 ) -> np.ndarray:
     """Fused unit embeddings [n, dim] float32 of listings given as rows into two feature
     tables, every view taken, `batch_size` listings per forward pass."""
-    from components.encoders import autocast
+    from components.core.encoders import autocast
 
     model.eval()
     rng = np.random.default_rng(0)  # unused: aux=None takes every view
-    out = [np.zeros((0, model.image.out[-1].out_features), np.float32)]
+    out = [np.zeros((0, model.dim), np.float32)]
     with torch.inference_mode(), autocast(device):
         for start in range(0, len(images), batch_size):
             stop = start + batch_size

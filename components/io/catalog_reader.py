@@ -17,10 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from components.s3 import is_missing_key_error, s3_client, split_s3_uri
+from components.contract import LISTINGS, QUERIES
+from components.io.s3 import is_missing_key_error, s3_client, split_s3_uri
 
-LISTINGS_FILE = "listings.parquet"
-QUERIES_FILE = "queries.parquet"
 LISTING_COLUMNS = ("listing_id", "title", "description", "tags", "category", "image_uris")
 QUERY_COLUMNS = ("query_id", "query", "listing_id")
 # After validation: every scheme it allows may appear, and sizes were already checked.
@@ -218,17 +217,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def read_listings(root: CatalogRoot) -> pa.Table:
     """Read `listings.parquet`; raise CatalogError if it is missing, not Parquet, or lacks
     a required column. Column *types* are checked per row by the validate step."""
-    table = _read_parquet(root, LISTINGS_FILE)
-    _require_columns(table, LISTING_COLUMNS, root, LISTINGS_FILE)
+    table = _read_parquet(root, LISTINGS.name)
+    _require_columns(table, LISTING_COLUMNS, root, LISTINGS.name)
     return table
 
 
 def read_queries(root: CatalogRoot) -> pa.Table | None:
     """Read `queries.parquet` if the catalog has one (it is optional)."""
-    if not root.exists(QUERIES_FILE):
+    if not root.exists(QUERIES.name):
         return None
-    table = _read_parquet(root, QUERIES_FILE)
-    _require_columns(table, QUERY_COLUMNS, root, QUERIES_FILE)
+    table = _read_parquet(root, QUERIES.name)
+    _require_columns(table, QUERY_COLUMNS, root, QUERIES.name)
     return table
 
 

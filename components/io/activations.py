@@ -2,10 +2,11 @@
 
 The frozen part of the backbone runs once per image content: its activations at the cut
 (the input of the last N blocks) are kept in a content-addressed store under
-`<workdir>/train/activations/`, so a rerun, a resumed run or a run with other params
-recomputes nothing. Training then runs only the tail (the last N blocks and the head)
-on those activations, with its own learning rate, and the tail's weights are saved with
-the model: the serving model and the embed step run the same frozen part and tail.
+`<workdir>/train/activations/` (`contract.ACTIVATIONS`), so a rerun, a resumed run or a
+run with other params recomputes nothing. Training then runs only the tail (the last N
+blocks and the head) on those activations, with its own learning rate, and the tail's
+weights are saved with the model: the serving model and the embed step run the same
+frozen part and tail.
 
 Memory is one activation row per distinct image (C*H*W floats; 192*7*7 at 224 px for
 N <= 4 on EfficientNet-Lite0), held in RAM for the run: fine for catalogs of up to about
@@ -23,12 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from components import encoders
-from components.catalog_io import CatalogRoot, ImageRefError, open_trusted_image
-from components.feature_store import FeatureStore
-from components.train_data import TrainingData
+from components.core import encoders
+from components.io.catalog_reader import CatalogRoot, ImageRefError, open_trusted_image
+from components.io.feature_store import FeatureStore
+from components.io.training_data import TrainingData
 
-ACTIVATIONS_DIR = "activations"
 POOLED_DIM = 1280  # what the tail of EfficientNet-Lite0 (the one tunable encoder) gives
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.batching import ListingViews
-from components.feature_store import FeatureStore, unit_hash
-from components.model import KIND, TEXT_VIEW_KINDS
+from components.contract import QUERY_FEATURES, VIEWS
+from components.core.batching import ListingViews
+from components.core.retrieval import QUERY_TO_LISTING, VIEW_TO_LISTING, QuerySet
+from components.core.views import GroupedViews, group_queries, group_views
+from components.io.feature_store import FeatureStore, unit_hash
 
 SPLITS = ("train", "val", "test")
 
@@ -29,16 +31,6 @@ SPLITS = ("train", "val", "test")
 def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
     u = unit_hash(key)
     return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
-
-
-@dataclass
-class QuerySet:
-    """Queries of one split: feature rows and the listing indices relevant to each."""
-
-    features: np.ndarray  # [Q, F]
-    relevant: list[set[int]]
-    ids: list[str] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)  # rows of the features in their table
 
 
 @dataclass
@@ -62,77 +54,85 @@ class TrainingData:
                 by_listing[item].append(q)
         return by_listing
 
+    def tasks(self, split: str) -> list[QuerySet]:
+        """The retrieval tasks of a split (val or test)."""
+        return [self.queries[split], self.held_out_views[split]]
+
+
+@dataclass(frozen=True)
+class HeldOutView:
+    listing_id: str
+    ref: str
+    key: str
+    split: str
+
 
 def load_training_data(
     featurize_dir: Path, manifest: dict, val_fraction: float, test_fraction: float
 ) -> TrainingData:
-    """Group views per listing, gather their features, and apply the splits."""
-    views = pq.read_table(featurize_dir / "views.parquet").to_pylist()
-    image_store = modality_store(featurize_dir, manifest, "image")
-    text_store = modality_store(featurize_dir, manifest, "text")
-    per_listing: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for view in views:
-        per_listing[view["listing_id"]][view["modality"]].append(view)
-    listing_ids = sorted(lid for lid, v in per_listing.items() if v["image"] and v["text"])
-    index = {lid: i for i, lid in enumerate(listing_ids)}
-
-    image_keys: dict[str, int] = {}
-    text_keys: dict[str, int] = {}
-    images, texts, held_rows, split_rows = [], [], defaultdict(list), []
-    for lid in listing_ids:
-        listing_images = sorted(per_listing[lid]["image"], key=lambda v: v["position"])
-        held = _held_out_slot(lid, len(listing_images))
-        kept = [v for slot, v in enumerate(listing_images) if slot != held]
-        images.append(_listing_views(kept, image_keys, _image_kind))
-        texts.append(
-            _listing_views(
-                sorted(per_listing[lid]["text"], key=lambda v: v["position"]),
-                text_keys,
-                lambda v, slot: TEXT_VIEW_KINDS[v["view"]],
-            )
-        )
-        if held is not None:
-            split = "val" if unit_hash("view:" + lid) < 0.5 else "test"
-            row = _row(listing_images[held]["key"], image_keys)
-            held_rows[split].append((row, index[lid]))
-            split_rows.append(
-                {
-                    "kind": "held_out_view",
-                    "id": listing_images[held]["ref"],
-                    "listing_id": lid,
-                    "split": split,
-                }
-            )
-
-    queries, query_split_rows = _query_sets(
-        featurize_dir, index, text_keys, val_fraction, test_fraction
+    """Group views per listing (by listing id), gather their features, apply the splits."""
+    views = sorted(
+        pq.read_table(featurize_dir / VIEWS.name).to_pylist(), key=lambda v: v["listing_id"]
     )
-    image_features = image_store.get(list(image_keys))
-    text_features = text_store.get(list(text_keys))
+    held = held_out_views(views)
+    grouped = group_views(views, {(h.listing_id, h.ref) for h in held})
+    index = {lid: i for i, lid in enumerate(grouped.listing_ids)}
+    held_rows: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for view in held:
+        held_rows[view.split].append(
+            (grouped.image_row(view.key, view.ref), index[view.listing_id])
+        )
+    queries, query_split_rows = _query_sets(
+        featurize_dir, index, grouped, val_fraction, test_fraction
+    )
+    image_features = modality_store(featurize_dir, manifest, "image").get(grouped.image_keys)
+    text_features = modality_store(featurize_dir, manifest, "text").get(grouped.text_keys)
     held_out = {
         split: QuerySet(
+            VIEW_TO_LISTING,
             _take(image_features, [r for r, _ in held_rows[split]]),
             [{i} for _, i in held_rows[split]],
             rows=[r for r, _ in held_rows[split]],
         )
         for split in ("val", "test")
     }
-    ref_of = {view["key"]: view["ref"] for view in views if view["modality"] == "image"}
+    split_rows = [
+        {"kind": "held_out_view", "id": h.ref, "listing_id": h.listing_id, "split": h.split}
+        for h in held
+    ]
     return TrainingData(
-        listing_ids=listing_ids,
+        listing_ids=grouped.listing_ids,
         image_features=image_features,
         text_features=text_features,
-        images=images,
-        texts=texts,
+        images=grouped.images,
+        texts=grouped.texts,
         queries={
-            split: QuerySet(_take(text_features, rows), relevant, ids)
+            split: QuerySet(QUERY_TO_LISTING, _take(text_features, rows), relevant, ids)
             for split, (rows, relevant, ids) in queries.items()
         },
         held_out_views=held_out,
         splits=pa.Table.from_pylist(split_rows + query_split_rows),
-        image_keys=list(image_keys),
-        image_refs=[ref_of[key] for key in image_keys],
+        image_keys=grouped.image_keys,
+        image_refs=grouped.image_refs,
     )
+
+
+def held_out_views(views: list[dict]) -> list[HeldOutView]:
+    """Per listing with views of both modalities and >= 3 image views (in `views`' listing
+    order): the one non-primary image view, chosen by hash, that is held out of training
+    and embedding, and whether it is a val or a test query."""
+    per_listing: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for view in views:
+        per_listing[view["listing_id"]][view["modality"]].append(view)
+    held = []
+    for listing_id, modalities in per_listing.items():
+        images = sorted(modalities["image"], key=lambda v: v["position"])
+        slot = _held_out_slot(listing_id, len(images))
+        if slot is None or not modalities["text"]:
+            continue
+        split = "val" if unit_hash("view:" + listing_id) < 0.5 else "test"
+        held.append(HeldOutView(listing_id, images[slot]["ref"], images[slot]["key"], split))
+    return held
 
 
 def _take(features: np.ndarray, rows: list[int]) -> np.ndarray:
@@ -152,43 +152,23 @@ def _held_out_slot(listing_id: str, n_images: int) -> int | None:
     return 1 + int(unit_hash("slot:" + listing_id) * (n_images - 1))
 
 
-def _image_kind(view: dict, slot: int) -> int:
-    return KIND["primary_image"] if slot == 0 else KIND["image"]
-
-
-def _row(key: str, rows: dict[str, int]) -> int:
-    return rows.setdefault(key, len(rows))
-
-
-def _listing_views(views: list[dict], rows: dict[str, int], kind) -> ListingViews:
-    return ListingViews(
-        tuple(_row(v["key"], rows) for v in views),
-        tuple(kind(v, slot) for slot, v in enumerate(views)),
-    )
-
-
 def _query_sets(
     featurize_dir: Path,
     index: dict[str, int],
-    text_keys: dict[str, int],
+    grouped: GroupedViews,
     val_fraction: float,
     test_fraction: float,
 ):
     """Per split: the text-feature row of each query, its relevant listings and its id."""
-    table = pq.read_table(featurize_dir / "queries.parquet")
-    grouped: dict[str, dict] = {}
-    for row in table.to_pylist():
-        if row["listing_id"] not in index:
-            continue
-        entry = grouped.setdefault(row["query_id"], {"key": row["key"], "relevant": set()})
-        entry["relevant"].add(index[row["listing_id"]])
+    table = pq.read_table(featurize_dir / QUERY_FEATURES.name)
+    grouped_queries = group_queries(table.to_pylist(), index)
     sets: dict[str, tuple[list[int], list[set[int]], list[str]]] = {s: ([], [], []) for s in SPLITS}
     split_rows = []
-    for query_id in sorted(grouped):
+    for query_id in sorted(grouped_queries):
         split = split_of("query:" + query_id, val_fraction, test_fraction)
         rows, relevant, ids = sets[split]
-        rows.append(_row(grouped[query_id]["key"], text_keys))
-        relevant.append(grouped[query_id]["relevant"])
+        rows.append(grouped.text_row(grouped_queries[query_id]["key"]))
+        relevant.append(grouped_queries[query_id]["relevant"])
         ids.append(query_id)
         split_rows.append({"kind": "query", "id": query_id, "listing_id": None, "split": split})
     return sets, split_rows

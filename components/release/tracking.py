@@ -16,7 +16,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from components.config import StepPaths
-from components.manifest import sha256_file
+from components.contract import manifest_of
+from components.io.manifest import sha256_file
 
 EXPERIMENT = "listing-embeddings"
 log = logging.getLogger(__name__)
@@ -91,6 +92,28 @@ def loss_figure(history: list[dict]):
     return figure
 
 
+def recall_figure(curves: list[dict], tasks: tuple[str, ...], n_listings: int):
+    """Recall@K curves per task, challenger against champion (K capped at the catalog):
+    `curves` has a row per K with `<task>/challenger` and `<task>/champion` values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(tasks), figsize=(10, 4), squeeze=False)
+    ks = [min(row["k"], n_listings) for row in curves]
+    for axis, task in zip(axes[0], tasks, strict=True):
+        for who, marker in (("challenger", "o"), ("champion", "s")):
+            if f"{task}/{who}" in curves[0]:
+                values = [row[f"{task}/{who}"] for row in curves]
+                axis.plot(ks, values, marker=marker, label=who)
+        axis.set(xscale="log", xlabel="K", ylabel="recall@K", title=task, ylim=(0, 1))
+        axis.legend()
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
 @contextmanager
 def training_run(
     paths: StepPaths, config: BaseModel, features_manifest: dict, resumed: bool
@@ -103,8 +126,8 @@ def training_run(
         artifacts = (paths.workdir / "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
     mlflow.set_experiment(EXPERIMENT)
-    featurize_manifest = paths.step_dir("featurize") / "manifest.json"
-    catalog_manifest = paths.step_dir("catalog") / "manifest.json"
+    featurize_manifest = paths.path(manifest_of("featurize"))
+    catalog_manifest = paths.path(manifest_of("catalog"))
     tags = {
         "step": "train",
         "resumed": str(resumed),
@@ -142,3 +165,18 @@ class _NoRun:
 @contextmanager
 def no_run(*_args, **_kwargs) -> Iterator[_NoRun]:
     yield _NoRun()
+
+
+def log_evaluation(paths: StepPaths, reference: dict, files: list[Path], metrics: dict) -> None:
+    """Test metrics (`test/...`) and report `files` onto the model's training run (when it
+    has one)."""
+    if not reference.get("run_id"):
+        log.info("evaluate: the model has no MLflow run; its metrics are on disk only")
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(paths.mlflow_uri)
+    with mlflow.start_run(run_id=reference["run_id"]):
+        mlflow.log_metrics({f"test/{metric_name(k)}": float(v) for k, v in metrics.items()})
+        for path in files:
+            mlflow.log_artifact(str(path), "plots" if path.suffix == ".png" else None)

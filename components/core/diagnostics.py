@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from components.core.metrics import ranks_from_top_k, recall_at_k
+
 SCORINGS = ("cosine", "euclidean", "manhattan")
 
 
@@ -74,3 +76,32 @@ def _scores(q: torch.Tensor, block: torch.Tensor, scoring: str) -> torch.Tensor:
     if scoring == "cosine":
         return q @ block.T
     return -torch.cdist(q, block, p=2.0 if scoring == "euclidean" else 1.0)
+
+
+def embedding_diagnostics(
+    image_views: np.ndarray,
+    text_views: np.ndarray,
+    primary_pairs: tuple[np.ndarray, np.ndarray],
+    listings: np.ndarray,
+    sets: list,
+    vectors: dict[str, np.ndarray],
+    sample_size: int,
+) -> dict[str, float]:
+    """Modality gap, alignment of (primary photo, title) pairs, uniformity of a seeded
+    sample of listings, and recall@10 of each task's first `sample_size` queries (`sets`,
+    embedded as `vectors[task]`) under every scoring."""
+    rng = np.random.default_rng(0)
+    sample = listings[rng.choice(len(listings), min(sample_size, len(listings)), replace=False)]
+    out = {
+        "diagnostics/modality_gap_w2": modality_gap(image_views, text_views),
+        "diagnostics/alignment": alignment(*primary_pairs),
+        "diagnostics/uniformity": uniformity(sample),
+    }
+    for queries in sets:
+        embedded = vectors[queries.task][:sample_size]
+        relevant = queries.relevant[:sample_size]
+        for scoring in SCORINGS:
+            top = scored_top_k(embedded, listings, min(10, len(listings)), scoring)
+            recall = recall_at_k(ranks_from_top_k(top, relevant), 10)
+            out[f"diagnostics/{queries.task}/recall@10_{scoring}"] = recall
+    return out

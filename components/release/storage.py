@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from components.config import StorageConfig
-from components.s3 import error_code, is_missing_key_error, s3_client, split_s3_uri
+from components.io.s3 import error_code, is_missing_key_error, s3_client, split_s3_uri
 
 _CHUNK = 1 << 20
 

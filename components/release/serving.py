@@ -23,6 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from components.core.batching import pad_views
+from components.core.views import group_views, view_text
+
 REGISTERED_MODEL = "listing-encoder"
 _REQUIREMENTS = (
     "torch",
@@ -46,11 +49,12 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
     """Frozen encoders + trained adapters: raw listing/query rows in, embeddings out."""
 
     def load_context(self, context) -> None:
-        from components import encoders, model_io
+        from components.core import encoders
+        from components.release import registry
 
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         self.device = encoders.pick_device("auto")
-        self.model = model_io.build_model(spec, Path(context.artifacts["weights"]), self.device)
+        self.model = registry.build_model(spec, Path(context.artifacts["weights"]), self.device)
         # with a fine-tuned backbone, the encoder stops where the model's own tail begins
         self.image_encoder = encoders.IMAGE_ENCODERS[spec["image_encoder"]](
             self.device, spec["image_size"], tuned_blocks=spec.get("finetune_blocks", 0)
@@ -64,7 +68,7 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
         unknown = set(model_input["kind"]) - {"listing", "query", "image_query"}
         if unknown:
             raise ValueError(f"unknown kind(s) {sorted(unknown)}: use listing, query, image_query")
-        out = np.zeros((len(model_input), self.model.image.out[-1].out_features), np.float32)
+        out = np.zeros((len(model_input), self.model.dim), np.float32)
         for kind, embed in (
             ("listing", self._listings),
             ("query", self._queries),
@@ -88,66 +92,74 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
 
     @torch.no_grad()
     def _listings(self, frame: pd.DataFrame) -> np.ndarray:
-        from components.batching import ListingViews, pad_views
-        from components.featurize import view_text
-        from components.model import KIND, TEXT_VIEW_KINDS
-
-        texts, text_items, images, image_items = [], [], [], []
-        for row in frame.to_dict("records"):
-            views = [(v, t) for v in self.text_views if (t := view_text(row.get(v)))]
-            text_items.append(
-                ListingViews(
-                    tuple(range(len(texts), len(texts) + len(views))),
-                    tuple(TEXT_VIEW_KINDS[v] for v, _ in views),
-                )
+        grouped = group_views(_view_rows(frame, self.text_views))
+        if grouped.left_out:
+            row, why = next(iter(grouped.left_out.items()))
+            raise ValueError(
+                f"listing row {row}: {why} ({len(grouped.left_out)} row(s) without a title "
+                "or an image); a listing needs a text view and an image"
             )
-            texts.extend(t for _, t in views)
-            uris = list(row["image_uris"])
-            image_items.append(
-                ListingViews(
-                    tuple(range(len(images), len(images) + len(uris))),
-                    tuple(
-                        KIND["primary_image"] if i == 0 else KIND["image"] for i in range(len(uris))
-                    ),
-                )
-            )
-            images.extend(_load_image(uri) for uri in uris)
-        rng = np.random.default_rng(0)
-        image_views = pad_views(self.image_encoder.encode(images), image_items, None, rng)
-        text_views = pad_views(self.text_encoder.encode(texts), text_items, None, rng)
+        images = [_load_image(uri) for uri in grouped.image_refs]
+        texts = grouped.text_keys  # a text view's key is its text
+        rng = np.random.default_rng(0)  # unused: every view is taken
+        image_views = pad_views(self.image_encoder.encode(images), grouped.images, None, rng)
+        text_views = pad_views(self.text_encoder.encode(texts), grouped.texts, None, rng)
         fused = self.model.embed_listings(image_views.to(self.device), text_views.to(self.device))
         return fused.cpu().numpy()
 
 
+def _view_rows(frame: pd.DataFrame, text_views: list[str]) -> list[dict]:
+    """The view rows (as the featurize step writes them) of raw listing rows, keyed by
+    their text or image URI; a row's position in `frame` is its listing id."""
+    rows = []
+    for number, listing in enumerate(frame.to_dict("records")):
+        for position, view in enumerate(text_views):
+            text = view_text(listing.get(view))
+            if text:
+                rows.append(_view_row(number, "text", view, position, text))
+        for position, uri in enumerate(listing["image_uris"]):
+            rows.append(_view_row(number, "image", "image", position, uri))
+    return rows
+
+
+def _view_row(number: int, modality: str, view: str, position: int, ref: str) -> dict:
+    return {
+        "listing_id": str(number),
+        "modality": modality,
+        "view": view,
+        "position": position,
+        "ref": ref,
+        "key": ref,
+    }
+
+
 def _load_image(uri: str):
-    from components.catalog_io import CatalogRoot, open_trusted_image
+    from components.io.catalog_reader import CatalogRoot, open_trusted_image
 
     return open_trusted_image(CatalogRoot("/"), uri)
 
 
-def register(weights: Path, spec: dict, alias: str, work: Path) -> dict:
-    """Log the pyfunc in the active MLflow run, register a new version of
-    `listing-encoder`, and point `alias` at it. Returns name, version and URI."""
-    from components.model_io import SPEC_FILE
-
-    spec_path = work / SPEC_FILE
+def register(weights: Path, spec: dict, name: str, alias: str, spec_path: Path) -> dict:
+    """Log the pyfunc in the active MLflow run, register a new version of model `name`,
+    and point `alias` at it. `spec` is written to `spec_path` and logged with the
+    weights. Returns name, version, alias and URIs."""
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=ListingEncoder(),
         artifacts={"weights": str(weights), "spec": str(spec_path)},
-        code_paths=[str(Path(__file__).resolve().parent)],
-        pip_requirements=[_pinned(name) for name in _REQUIREMENTS],
-        registered_model_name=REGISTERED_MODEL,
+        code_paths=[str(Path(__file__).resolve().parents[1])],
+        pip_requirements=[_pinned(package) for package in _REQUIREMENTS],
+        registered_model_name=name,
     )
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(REGISTERED_MODEL, alias, version)
+    client.set_registered_model_alias(name, alias, version)
     return {
-        "name": REGISTERED_MODEL,
+        "name": name,
         "version": version,
         "alias": alias,
-        "uri": f"models:/{REGISTERED_MODEL}@{alias}",
+        "uri": f"models:/{name}@{alias}",
         "model_uri": info.model_uri,
     }
 

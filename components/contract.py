@@ -1,0 +1,199 @@
+"""The artifact contract: the pipeline's steps in order, and every file each step writes
+and reads.
+
+A step writes under `<workdir>/<step>/` and reads only what its upstream steps wrote
+there. This module is the one place where those names are written: the steps, the CLI,
+the production store, the Airflow DAG, the Kubeflow pipeline and the tests all read it,
+and `tests/test_dvc.py` checks that `dvc.yaml` declares the same deps and outs.
+
+It imports nothing from the project: every layer may import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+StepName = Literal[
+    "catalog", "validate", "featurize", "train", "embed", "index", "evaluate", "promote"
+]
+STEP_ORDER: tuple[StepName, ...] = get_args(StepName)  # the pipeline's steps, in order
+
+MANIFEST = "manifest.json"  # every step writes one beside its outputs
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file (or folder) a step writes: `<workdir>/<step>/<name>`."""
+
+    step: StepName
+    name: str
+    what: str
+    folder: bool = False
+    persistent: bool = False  # kept between runs (a cache), never deleted by a rerun
+
+    def path(self, workdir: Path | str) -> Path:
+        return Path(workdir) / self.step / self.name
+
+
+def manifest_of(step: StepName) -> Artifact:
+    return Artifact(step, MANIFEST, f"the {step} step's manifest: params, hashes, counts")
+
+
+# catalog: the sample catalog (the data contract of any catalog: DESIGN.md section 3)
+LISTINGS = Artifact("catalog", "listings.parquet", "one row per listing")
+QUERIES = Artifact("catalog", "queries.parquet", "search queries and their relevant listings")
+IMAGES = Artifact("catalog", "images", "image files the listings refer to", folder=True)
+
+# validate
+CLEAN = Artifact("validate", "clean.parquet", "rows that passed, every original column")
+QUARANTINE = Artifact("validate", "quarantine.parquet", "rows that failed, with reasons")
+CLEAN_QUERIES = Artifact("validate", "queries.parquet", "queries of clean listings")
+QUARANTINED_QUERIES = Artifact("validate", "queries_quarantine.parquet", "bad query rows")
+VALIDATION_REPORT = Artifact("validate", "report.json", "counts per reason, examples")
+
+# featurize
+VIEWS = Artifact("featurize", "views.parquet", "one row per usable view, its content key")
+QUERY_FEATURES = Artifact("featurize", "queries.parquet", "clean queries with content keys")
+SKIPPED_VIEWS = Artifact("featurize", "skipped.parquet", "views that could not be read")
+FEATURE_STORE = Artifact(
+    "featurize", "store", "feature vectors by content key, per encoder", True, True
+)
+
+# train
+SPLITS = Artifact("train", "splits.parquet", "train/val/test split of queries and views")
+MODEL_WEIGHTS = Artifact("train", "model.pt", "the best epoch's weights")
+MODEL_SPEC = Artifact("train", "model_spec.json", "how to rebuild the model from its weights")
+HISTORY = Artifact("train", "history.json", "per-epoch losses and validation metrics")
+TRAIN_METRICS = Artifact("train", "metrics.json", "the best epoch's validation metrics")
+CHECKPOINTS = Artifact("train", "checkpoints", "the last epoch's state, to resume", True, True)
+ACTIVATIONS = Artifact(
+    "train", "activations", "backbone activations by image content (fine-tuning)", True, True
+)
+
+# embed
+EMBEDDINGS = Artifact("embed", "embeddings", "float32 unit rows, part-NNNNNN.npy", folder=True)
+EMBEDDED_IDS = Artifact("embed", "listing_ids.parquet", "listing_id of each embedding row")
+MISSING = Artifact("embed", "missing.parquet", "clean listings without an embedding, why")
+
+# index
+INDEX = Artifact("index", "index.faiss", "the FAISS index; row i is listing i of ids")
+INDEX_IDS = Artifact("index", "ids.parquet", "listing_id of each index row")
+
+# evaluate
+METRICS = Artifact("evaluate", "metrics.json", "flat metrics of the test split")
+GATES = Artifact("evaluate", "gates.json", "each gate: metric, threshold, value, passed")
+CURVES = Artifact("evaluate", "recall_curves.json", "recall@K per task, challenger and champion")
+RECALL_PLOT = Artifact("evaluate", "recall_at_k.png", "the recall curves as a figure")
+
+# promote
+RELEASE_MODEL = Artifact("promote", "model.json", "the promoted model's registry reference")
+
+
+# What a consumer of a step's output reads together (the manifest says how it was made).
+FEATURES = (VIEWS, FEATURE_STORE, manifest_of("featurize"))
+TRAINED_MODEL = (SPLITS, MODEL_WEIGHTS, ACTIVATIONS, manifest_of("train"))
+EMBEDDED = (EMBEDDINGS, EMBEDDED_IDS, manifest_of("embed"))
+INDEXED = (INDEX, INDEX_IDS, manifest_of("index"))
+
+
+@dataclass(frozen=True)
+class Step:
+    """A step: its CLI help, what it writes and reads. Its name is also its module, CLI
+    command, params section, DVC stage, Airflow task, KFP component and output folder."""
+
+    name: StepName
+    help: str
+    writes: tuple[Artifact, ...]
+    reads: tuple[Artifact, ...] = ()
+
+    @property
+    def upstream(self) -> tuple[StepName, ...]:
+        """The steps whose outputs this one reads, in pipeline order."""
+        return tuple(step for step in STEP_ORDER if any(a.step == step for a in self.reads))
+
+    @property
+    def outputs(self) -> tuple[Artifact, ...]:
+        """Everything it writes, its manifest included."""
+        return (*self.writes, manifest_of(self.name))
+
+    def reads_from(self, step: StepName) -> tuple[Artifact, ...]:
+        return tuple(artifact for artifact in self.reads if artifact.step == step)
+
+
+_STEPS = (
+    Step(
+        "catalog",
+        "build the sample catalog from packaged emoji artwork",
+        writes=(LISTINGS, QUERIES, IMAGES),
+    ),
+    Step(
+        "validate",
+        "validate listings, quarantine bad rows, write the clean set",
+        writes=(CLEAN, QUARANTINE, CLEAN_QUERIES, QUARANTINED_QUERIES, VALIDATION_REPORT),
+        reads=(LISTINGS, QUERIES, IMAGES),
+    ),
+    Step(
+        "featurize",
+        "encode every view and query with frozen encoders (cached)",
+        writes=(VIEWS, QUERY_FEATURES, SKIPPED_VIEWS, FEATURE_STORE),
+        reads=(IMAGES, CLEAN, CLEAN_QUERIES, manifest_of("validate")),
+    ),
+    Step(
+        "train",
+        "train the multi-view model on cached features, track in MLflow",
+        writes=(
+            SPLITS,
+            MODEL_WEIGHTS,
+            MODEL_SPEC,
+            HISTORY,
+            TRAIN_METRICS,
+            CHECKPOINTS,
+            ACTIVATIONS,
+        ),
+        # the catalog's images only when fine-tuning the image backbone
+        reads=(IMAGES, QUERY_FEATURES, *FEATURES),
+    ),
+    Step(
+        "embed",
+        "write one fused embedding per clean listing (streamed)",
+        writes=(EMBEDDINGS, EMBEDDED_IDS, MISSING),
+        reads=(IMAGES, CLEAN, *FEATURES, *TRAINED_MODEL),
+    ),
+    Step(
+        "index",
+        "build the FAISS index of the listing embeddings",
+        writes=(INDEX, INDEX_IDS),
+        reads=EMBEDDED,
+    ),
+    Step(
+        "evaluate",
+        "recall on the test split, champion comparison, recall gates",
+        writes=(METRICS, GATES, CURVES, RECALL_PLOT),
+        reads=(IMAGES, QUERY_FEATURES, *FEATURES, *TRAINED_MODEL, *EMBEDDED, *INDEXED),
+    ),
+    Step(
+        "promote",
+        "publish the gated index and model to production storage",
+        writes=(RELEASE_MODEL,),
+        reads=(
+            manifest_of("validate"),
+            manifest_of("featurize"),
+            manifest_of("train"),
+            *EMBEDDED,
+            *INDEXED,
+            METRICS,
+            GATES,
+            manifest_of("evaluate"),
+        ),
+    ),
+)
+STEPS: dict[StepName, Step] = {step.name: step for step in _STEPS}
+if tuple(STEPS) != STEP_ORDER:  # pragma: no cover - a mistake in this file
+    raise RuntimeError(f"contract: steps {tuple(STEPS)} are not in STEP_ORDER {STEP_ORDER}")
+
+# What a production version holds (besides its own manifest): store name -> artifact.
+# `embeddings/part-*.npy` are added part by part by the promote step.
+RELEASE_FILES = (INDEX, INDEX_IDS, EMBEDDED_IDS, METRICS, GATES, RELEASE_MODEL)
+RELEASE_REPORTS = (METRICS, GATES)  # stored with a version, not part of its content

@@ -1,0 +1,127 @@
+"""Fused listing embeddings from the featurize step's cached features, chunk by chunk.
+
+The featurize step writes `views.parquet` one row group per chunk of whole listings, so
+embedding row group by row group keeps memory bounded at any catalog size. Used by the
+embed step (every listing, written to disk), evaluate (a champion's embeddings, and the
+diagnostics' view sample) and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from components.config import StepPaths
+from components.contract import ACTIVATIONS, SPLITS, VIEWS
+from components.core.batching import fuse_listings, pad_views
+from components.core.model import ListingModel
+from components.core.views import GroupedViews, group_views
+from components.io import activations
+from components.io.manifest import read_manifest
+from components.io.training_data import modality_store
+
+
+def held_out_refs(paths: StepPaths) -> set[tuple[str, str]]:
+    """(listing_id, image ref) of every view the train step held out for evaluation."""
+    table = pq.read_table(paths.path(SPLITS), columns=["kind", "id", "listing_id"]).to_pylist()
+    return {(r["listing_id"], r["id"]) for r in table if r["kind"] == "held_out_view"}
+
+
+class ListingEmbedder:
+    """A model's fused listing embeddings from the featurize step's outputs."""
+
+    def __init__(self, model: ListingModel, spec: dict, paths: StepPaths, device: torch.device):
+        featurize_dir = paths.step_dir("featurize")
+        manifest = read_manifest(featurize_dir)
+        self.model = model
+        self.device = device
+        self.views_path = paths.path(VIEWS)
+        self.text_store = modality_store(featurize_dir, manifest, "text")
+        self.image_store = modality_store(featurize_dir, manifest, "image")
+        self.left_out: dict[str, str] = {}  # listing_id -> why it has no embedding
+        self.encoder = None
+        tuned = spec.get("finetune_blocks", 0)
+        if tuned:  # the model's tail takes backbone activations, not pooled features
+            self.encoder = activations.image_encoder(spec, tuned, device)
+            self.image_store = activations.activation_store(self.encoder, paths.path(ACTIVATIONS))
+        self.catalog = paths.catalog
+
+    def chunks(self, held_out: set[tuple[str, str]]) -> Iterator[GroupedViews]:
+        """The listings of each row group of views.parquet (featurize writes whole
+        listings per group); a listing without a usable view of each modality goes to
+        `left_out`."""
+        parquet = pq.ParquetFile(self.views_path)
+        finished: set[str] = set()
+        for group in range(parquet.num_row_groups):
+            chunk = group_views(parquet.read_row_group(group).to_pylist(), held_out)
+            self.left_out.update(chunk.left_out)
+            repeated = finished.intersection(chunk.listing_ids)
+            if repeated:
+                raise ValueError(
+                    f"{self.views_path}: listing {sorted(repeated)[0]!r} has views in more "
+                    "than one row group; re-run featurize"
+                )
+            finished.update(chunk.listing_ids)
+            yield chunk
+
+    def image_features(self, keys: list[str], refs: list[str]) -> np.ndarray:
+        """The model's image inputs for these contents: cached features, or backbone
+        activations (computed if missing) when the model fine-tuned its backbone."""
+        if self.encoder is not None:
+            activations.ensure_activations(self.image_store, self.encoder, keys, refs, self.catalog)
+        return self.image_store.get(keys)
+
+    def text_features(self, keys: list[str]) -> np.ndarray:
+        return self.text_store.get(keys)
+
+    def embed(self, chunk: GroupedViews, batch_size: int) -> np.ndarray:
+        image_table = self.image_features(chunk.image_keys, chunk.image_refs)
+        text_table = self.text_features(chunk.text_keys)
+        return fuse_listings(
+            self.model, image_table, chunk.images, text_table, chunk.texts, batch_size, self.device
+        )
+
+    @torch.inference_mode()
+    def view_sample(self, held_out: set[tuple[str, str]], size: int):
+        """Unit embeddings of up to `size` image views and text views (all views of the
+        first listings of the catalog), and the (primary photo, title) pairs of those
+        listings: the diagnostics' sample."""
+        image_views, text_views, photos, titles = [], [], [], []
+        for iv, tv in self._padded_batches(held_out):
+            image_emb, text_emb, _, _ = self.model.modality_means(iv, tv)
+            image_views.append(image_emb[iv.mask].float().cpu().numpy())
+            text_views.append(text_emb[tv.mask].float().cpu().numpy())
+            photos.append(image_emb[:, 0].float().cpu().numpy())
+            titles.append(text_emb[:, 0].float().cpu().numpy())
+            if min(sum(map(len, image_views)), sum(map(len, text_views))) >= size:
+                break
+        pairs = (_first(photos, size), _first(titles, size))
+        return _first(image_views, size), _first(text_views, size), pairs
+
+    def _padded_batches(self, held_out: set[tuple[str, str]], batch_size: int = 1024):
+        """(image views, text views) of every listing, `batch_size` listings at a time."""
+        rng = np.random.default_rng(0)  # unused: every view is taken
+        for chunk in self.chunks(held_out):
+            images = self.image_features(chunk.image_keys, chunk.image_refs)
+            texts = self.text_features(chunk.text_keys)
+            for start in range(0, len(chunk.listing_ids), batch_size):
+                members = slice(start, start + batch_size)
+                yield (
+                    pad_views(images, chunk.images[members], None, rng).to(self.device),
+                    pad_views(texts, chunk.texts[members], None, rng).to(self.device),
+                )
+
+    def embed_all(self, held_out: set[tuple[str, str]], batch_size: int):
+        """Every listing's embedding in memory: (listing ids, [n, dim] array)."""
+        ids, parts = [], []
+        for chunk in self.chunks(held_out):
+            ids += chunk.listing_ids
+            parts.append(self.embed(chunk, batch_size))
+        return ids, np.concatenate(parts)
+
+
+def _first(parts: list[np.ndarray], size: int) -> np.ndarray:
+    return np.concatenate(parts)[:size]
