@@ -18,8 +18,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check components tests dags infra
-	$(BIN)/ruff format --check components tests dags infra
+	$(BIN)/ruff check components tests dags infra benchmarks
+	$(BIN)/ruff format --check components tests dags infra benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_architecture.py tests/test_dvc_stages.py
 
 venv: $(STAMP)
 
