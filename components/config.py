@@ -220,6 +220,11 @@ class GatesConfig(Section):
         {"query_to_listing/recall@10": 0.03, "view_to_listing/recall@10": 0.03},
         description="Metric -> largest allowed drop below the champion's value.",
     )
+    min_gain_over_frozen: dict[str, float] = Field(
+        {"query_to_listing": 0.10, "view_to_listing": 0.10},
+        description="Task -> smallest relative gain of recall@10 over the frozen encoders' "
+        "best no-training baseline (0.1: at least 10% better).",
+    )
     max_ann_loss: float | None = Field(
         0.02,
         ge=0.0,

@@ -38,6 +38,7 @@ from components.core.retrieval import (
     QuerySet,
     champion_comparison,
     evaluate_tasks,
+    frozen_metrics,
     index_metrics,
 )
 from components.errors import StepFailed
@@ -88,6 +89,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     depth = min(max(config.ks), len(listing_ids))
     metrics, vectors, tops = evaluate_tasks(loaded.model, sets, listings, config.ks, depth, device)
     challenger = Challenger(loaded, listing_ids, listings, tops)
+    metrics |= _frozen_baseline(paths, device, held_out, listing_ids, config.ks, depth)
     index, index_ids, index_manifest = load_index(paths.step_dir("index"))
     if index_ids != listing_ids:
         raise ValueError(f"{paths.step_dir('index')}: built from other embeddings; rebuild it")
@@ -132,6 +134,25 @@ def _embed_model(embedded: dict, paths: StepPaths, device) -> registry.LoadedMod
     return loaded
 
 
+def _frozen_baseline(paths, device, held_out, listing_ids, ks, depth) -> dict:
+    """The frozen encoders' own metrics on the same test queries and listings."""
+    frozen = ListingEmbedder.frozen(paths, device)
+    sets = test_split_queries(paths, frozen, {lid: i for i, lid in enumerate(listing_ids)})
+    batches = _in_listing_order(frozen.padded_batches(held_out), listing_ids)
+    metrics, _ = frozen_metrics(sets, batches, ks, depth)
+    return metrics
+
+
+def _in_listing_order(batches, listing_ids: list[str]):
+    """The (image views, text views) of `batches`, checked to follow the embed step's rows."""
+    first = 0
+    for ids, images, texts in batches:
+        if ids != listing_ids[first : first + len(ids)]:
+            raise ValueError("the featurize step's views changed since embed ran; run embed again")
+        first += len(ids)
+        yield images, texts
+
+
 def _compare_with_champion(
     config: EvaluateConfig,
     paths: StepPaths,
@@ -170,25 +191,35 @@ def _write_outputs(out, metrics, results, champion, ks, n_listings) -> None:
     (out / METRICS.name).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     (out / GATES.name).write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     curves = []  # one row per K: what DVC plots and the figure draw
+    tasks = [task for task in TASKS if metrics[f"{task}/queries"]]
     for k in ks:
         row = {"k": k}
-        for task in TASKS:
+        for task in tasks:
             row[f"{task}/challenger"] = metrics[f"{task}/recall@{k}"]
             if champion.get("curves"):
                 row[f"{task}/champion"] = champion["curves"][task][f"recall@{k}"]
         curves.append(row)
     (out / CURVES.name).write_text(json.dumps(curves, indent=2) + "\n")
-    figure = tracking.recall_figure(curves, TASKS, n_listings)
+    figure = tracking.recall_figure(curves, tuple(tasks), n_listings)
     figure.savefig(out / RECALL_PLOT.name, dpi=100)
 
 
 def _summary(metrics, results, champion) -> str:
     verdict = "all gates passed" if not gates.failed(results) else "GATES FAILED"
     against = f"champion v{champion['reference']['version']}" if champion else "no champion yet"
+    tasks = "; ".join(_task_summary(metrics, task) for task in TASKS)
     return (
-        f"evaluate: query->listing recall@10 {metrics['query_to_listing/recall@10']:.3f}, "
-        f"view->listing {metrics['view_to_listing/recall@10']:.3f} (index "
-        f"{metrics['query_to_listing/index/recall@10']:.3f} / "
-        f"{metrics['view_to_listing/index/recall@10']:.3f}, ANN recall@10 "
-        f"{metrics['index/ann_recall@10']:.3f}); vs {against}; {verdict}"
+        f"evaluate: {tasks}; ANN recall@10 {metrics['index/ann_recall@10']:.3f}; "
+        f"vs {against}; {verdict}"
+    )
+
+
+def _task_summary(metrics: dict, task: str) -> str:
+    name = task.replace("_to_", "->")
+    if not metrics[f"{task}/queries"]:
+        return f"{name}: no test queries"
+    frozen = max(metrics[f"{task}/frozen/recall@10"], metrics[f"{task}/frozen_max/recall@10"])
+    return (
+        f"{name} recall@10 {metrics[f'{task}/recall@10']:.3f} (index "
+        f"{metrics[f'{task}/index/recall@10']:.3f}, frozen encoders {frozen:.3f})"
     )

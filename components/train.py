@@ -38,7 +38,7 @@ from components.core.batching import fuse_listings, pad_views
 from components.core.encoders import autocast, pick_device
 from components.core.model import ListingModel
 from components.core.objectives import Batch, build_objective
-from components.core.retrieval import TASKS, evaluate_tasks
+from components.core.retrieval import TASKS, evaluate_tasks, present
 from components.io import activations
 from components.io.manifest import (
     Timer,
@@ -86,6 +86,12 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
         )
         data = activations.with_activations(data, encoder, paths.catalog, paths.path(ACTIVATIONS))
         tail = encoder.tail()
+    if not present(data.tasks("val")):
+        raise ValueError(
+            "train: the validation split has no queries and no held-out photos, so no model "
+            "can be selected: add queries.parquet to the catalog, photos (3+ per listing), or "
+            "raise train.val_fraction"
+        )
     main = distributed.is_main()
     if not main:
         logging.getLogger("components").setLevel(logging.WARNING)  # rank 0 speaks
@@ -114,9 +120,7 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
         summary = (
             f"train: {config.objective} on {device} x{distributed.world_size()}, best epoch "
             f"{best['epoch']} of {len(history)}: val recall@10 {best['val/score']:.3f} "
-            f"({best['val/query_to_listing/recall@10']:.3f} query, "
-            f"{best['val/view_to_listing/recall@10']:.3f} view), "
-            f"{trainer.seconds_per_step * 1000:.0f} ms/step"
+            f"({_per_task(best)}), {trainer.seconds_per_step * 1000:.0f} ms/step"
         )
         if main:
             _record(config, paths, data, features_manifest, lineage, history, run_, timer, summary)
@@ -145,6 +149,14 @@ def code_hash() -> str:
     for name in TRAINING_CODE:
         digest.update((package / name).read_bytes())
     return digest.hexdigest()
+
+
+def _per_task(record: dict) -> str:
+    return ", ".join(
+        f"{record[key]:.3f} {task.split('_')[0]}"
+        for task in TASKS
+        if (key := f"val/{task}/recall@10") in record
+    )
 
 
 def _already_recorded(out: Path, config: TrainConfig, lineage: dict) -> TrainResult | None:
@@ -474,5 +486,7 @@ def evaluate_split(
         model, data.tasks(split), listings, cutoffs, len(listings), device
     )
     out = {f"{split}/{k}": v for k, v in metrics.items() if not k.endswith("/queries")}
-    out[f"{split}/score"] = np.mean([out[f"{split}/{task}/recall@10"] for task in TASKS])
+    # model selection: mean recall@10 over the tasks that have queries (absent ones: none)
+    found = [out[key] for task in TASKS if (key := f"{split}/{task}/recall@10") in out]
+    out[f"{split}/score"] = float(np.mean(found)) if found else 0.0
     return out

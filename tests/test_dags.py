@@ -83,6 +83,7 @@ def _overrides(work: Path, **gates: str) -> list[str]:
         "validate.workers=2",
         "train.epochs=8",
         f"evaluate.gates.min={gates.get('min', '{}')}",
+        "evaluate.gates.min_gain_over_frozen={}",
     ]
 
 

@@ -52,6 +52,7 @@ def test_dvc_repro_builds_and_validates_a_small_catalog(tmp_path):
     params["featurize"]["image_size"] = 96
     # 25 listings leave almost no test queries: recall gates mean nothing at this size
     params["evaluate"]["gates"]["min"] = {}
+    params["evaluate"]["gates"]["min_gain_over_frozen"] = {}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
     first = _dvc(["repro"], tmp_path)

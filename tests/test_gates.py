@@ -1,4 +1,5 @@
-"""The recall gates as pure functions: pass, absolute fail, regression fail, no champion."""
+"""The recall gates as pure functions: pass, absolute fail, regression fail, no champion,
+the gain over the frozen encoders, and tasks without test queries."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from components.core.gates import check_gates, failed, failure_message, table
 GATES = GatesConfig(
     min={"query_to_listing/recall@10": 0.4},
     max_regression={"query_to_listing/recall@10": 0.02},
+    min_gain_over_frozen={},
     max_ann_loss=0.05,
 )
 
@@ -72,7 +74,10 @@ def test_ann_loss_fails_when_the_index_loses_too_much_recall():
 
 def test_a_gate_on_a_metric_that_was_not_computed_fails():
     gates = GatesConfig(
-        min={"query_to_listing/recal@10": 0.1}, max_regression={}, max_ann_loss=None
+        min={"query_to_listing/recal@10": 0.1},
+        max_regression={},
+        min_gain_over_frozen={},
+        max_ann_loss=None,
     )
 
     results = check_gates(_metrics(), None, gates)
@@ -80,3 +85,50 @@ def test_a_gate_on_a_metric_that_was_not_computed_fails():
     (bad,) = failed(results)
     assert bad.note == "metric not computed" and "missing" in failure_message(results)
     assert "FAIL" in table(results)
+
+
+FROZEN_GATE = GatesConfig(
+    min={}, max_regression={}, min_gain_over_frozen={"query_to_listing": 0.1}, max_ann_loss=None
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "frozen", "frozen_max", "passed"),
+    [(0.55, 0.5, 0.4, True), (0.54, 0.5, 0.4, False), (0.55, 0.3, 0.51, False)],
+)
+def test_a_model_must_beat_the_best_frozen_baseline_by_the_relative_gain(
+    model, frozen, frozen_max, passed
+):
+    metrics = {
+        "query_to_listing/recall@10": model,
+        "query_to_listing/frozen/recall@10": frozen,
+        "query_to_listing/frozen_max/recall@10": frozen_max,
+    }
+
+    (result,) = check_gates(metrics, None, FROZEN_GATE)
+
+    assert result.passed is passed
+    assert result.value == pytest.approx(model / max(frozen, frozen_max) - 1)
+    if not passed:
+        assert "min_gain_over_frozen:query_to_listing" in failure_message([result])
+
+
+def test_gates_on_a_task_without_test_queries_are_skipped_not_failed():
+    metrics = _metrics(0.5) | {
+        "query_to_listing/frozen/recall@10": 0.1,
+        "query_to_listing/frozen_max/recall@10": 0.1,
+        "view_to_listing/queries": 0,
+    }
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("view_to_listing/recall")}
+    metrics.pop("view_to_listing/index/recall@10")
+    gates = GatesConfig(
+        min={"view_to_listing/recall@10": 0.3, "query_to_listing/recall@10": 0.3},
+        min_gain_over_frozen={"query_to_listing": 0.1, "view_to_listing": 0.1},
+    )
+
+    results = check_gates(metrics, None, gates)
+
+    assert not failed(results)
+    skipped = [r for r in results if r.metric.startswith("view_to_listing")]
+    assert len(skipped) == 4 and all(r.value is None for r in skipped)
+    assert all(r.note == "skipped: no test queries for this task" for r in skipped)

@@ -70,6 +70,7 @@ def test_the_pipeline_runs_on_the_local_runner_and_promotes(tmp_path):
         "validate.workers=2",
         "train.epochs=8",
         "evaluate.gates.min={}",
+        "evaluate.gates.min_gain_over_frozen={}",
     ]
 
     pipeline.retrain(

@@ -86,7 +86,9 @@ def test_promote_publishes_the_evaluated_release_and_moves_the_champion(evaluate
 def test_promote_refuses_when_a_gate_failed(evaluated):
     promote.run(PromoteConfig(), evaluated)
     before = production.read_pointer(store(evaluated))
-    strict = GatesConfig(min={"query_to_listing/recall@10": 0.99}, max_regression={})
+    strict = GatesConfig(
+        min={"query_to_listing/recall@10": 0.99}, max_regression={}, min_gain_over_frozen={}
+    )
     try:
         with pytest.raises(StepFailed):
             evaluate.run(EVALUATE.model_copy(update={"gates": strict}), evaluated)

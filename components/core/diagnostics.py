@@ -48,6 +48,31 @@ def uniformity(x: np.ndarray, t: float = 2.0) -> float:
     return float(np.log(np.mean(np.exp(-t * pairs))))
 
 
+class TopK:
+    """The k best items per query over blocks of scored items, ties to the lower index
+    (blocks must come in item order). Bounds memory to [Q, k + block]."""
+
+    def __init__(self, n_queries: int, k: int) -> None:
+        self.k = k
+        self.scores = torch.full((n_queries, 0), float("-inf"))
+        self.items = torch.zeros((n_queries, 0), dtype=torch.long)
+
+    def add(self, scores: torch.Tensor, first: int) -> None:
+        """Merge the scores [Q, n] of items first .. first + n - 1."""
+        ids = torch.arange(first, first + scores.shape[1]).expand(scores.shape[0], -1)
+        merged_scores = torch.cat([self.scores, scores.float().cpu()], dim=1)
+        merged_items = torch.cat([self.items, ids], dim=1)
+        # stable sort on score keeps the lower index first among equal scores
+        order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices
+        order = order[:, : self.k]
+        self.scores = merged_scores.gather(1, order)
+        self.items = merged_items.gather(1, order)
+
+    def result(self) -> np.ndarray:
+        """Item indices [Q, min(k, items seen)], best first."""
+        return self.items.numpy()
+
+
 def scored_top_k(
     queries: np.ndarray, items: np.ndarray, k: int, scoring: str = "cosine", chunk: int = 65536
 ) -> np.ndarray:
@@ -55,21 +80,12 @@ def scored_top_k(
     cosine on unit vectors; negative L2 or L1 distance), ties to the lower index."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    k = min(k, len(items))
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    best_scores = torch.full((len(q), 0), float("-inf"))
-    best_items = torch.zeros((len(q), 0), dtype=torch.long)
+    best = TopK(len(q), min(k, len(items)))
     for start in range(0, len(items), chunk):
         block = torch.from_numpy(np.ascontiguousarray(items[start : start + chunk], np.float32))
-        scores = _scores(q, block, scoring)
-        ids = torch.arange(start, start + len(block)).expand(len(q), -1)
-        best_scores = torch.cat([best_scores, scores], dim=1)
-        best_items = torch.cat([best_items, ids], dim=1)
-        # stable sort on score keeps the lower index first among equal scores
-        order = torch.sort(best_scores, dim=1, descending=True, stable=True).indices[:, :k]
-        best_scores = best_scores.gather(1, order)
-        best_items = best_items.gather(1, order)
-    return best_items.numpy()
+        best.add(_scores(q, block, scoring), start)
+    return best.result()
 
 
 def _scores(q: torch.Tensor, block: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -97,7 +113,7 @@ def embedding_diagnostics(
         "diagnostics/alignment": alignment(*primary_pairs),
         "diagnostics/uniformity": uniformity(sample),
     }
-    for queries in sets:
+    for queries in (q for q in sets if q.relevant):
         embedded = vectors[queries.task][:sample_size]
         relevant = queries.relevant[:sample_size]
         for scoring in SCORINGS:

@@ -4,8 +4,14 @@ Three kinds, from `evaluate.gates` in params.yaml:
 - `min`: a metric must be at least the threshold;
 - `max_regression`: a metric may drop at most the threshold below the champion's
   (passes with a note when there is no champion yet);
+- `min_gain_over_frozen`: a task's recall@10 must beat the frozen encoders' best
+  no-training baseline (`<task>/frozen/...`, `<task>/frozen_max/...`) by at least the
+  threshold, relative (0.1: 10% better);
 - `max_ann_loss`: for each task, recall@10 through the index may be at most the
   threshold below recall@10 of exact search.
+
+A gate on a task without test queries (absent: `<task>/queries` is 0) is skipped: it
+passes with a note, since there is nothing to measure.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from components.config import GatesConfig
-from components.core.retrieval import TASKS
+from components.core.retrieval import FROZEN, TASKS
 
 
 @dataclass(frozen=True)
@@ -34,13 +40,34 @@ def check_gates(
 ) -> list[GateResult]:
     """Every configured gate, evaluated. A metric a gate names but `metrics` lacks fails
     that gate with a note (a typo in params must not pass silently)."""
-    results = [_minimum(metrics, name, floor) for name, floor in gates.min.items()]
-    results += [
-        _regression(metrics, champion, name, limit) for name, limit in gates.max_regression.items()
+    results = [
+        _skipped(metrics, f"min:{name}", name, floor) or _minimum(metrics, name, floor)
+        for name, floor in gates.min.items()
     ]
-    if gates.max_ann_loss is not None:
-        results += [_ann_loss(metrics, task, gates.max_ann_loss) for task in TASKS]
+    results += [
+        _skipped(metrics, f"max_regression:{name}", name, limit)
+        or _regression(metrics, champion, name, limit)
+        for name, limit in gates.max_regression.items()
+    ]
+    results += [
+        _skipped(metrics, f"min_gain_over_frozen:{task}", f"{task}/recall@10", gain)
+        or _gain_over_frozen(metrics, task, gain)
+        for task, gain in gates.min_gain_over_frozen.items()
+    ]
+    if (limit := gates.max_ann_loss) is not None:
+        results += [
+            _skipped(metrics, f"max_ann_loss:{task}", f"{task}/index/recall@10", limit)
+            or _ann_loss(metrics, task, limit)
+            for task in TASKS
+        ]
     return results
+
+
+def _skipped(metrics: dict, gate: str, name: str, threshold: float) -> GateResult | None:
+    """A passed result with a note when the gate's task has no test queries; else None."""
+    if metrics.get(name.split("/")[0] + "/queries") != 0:
+        return None
+    return GateResult(gate, name, threshold, None, True, "skipped: no test queries for this task")
 
 
 def failed(results: list[GateResult]) -> list[GateResult]:
@@ -51,12 +78,7 @@ def _minimum(metrics: dict, name: str, floor: float) -> GateResult:
     value = metrics.get(name)
     if value is None:
         return GateResult(f"min:{name}", name, floor, None, False, "metric not computed")
-    note = "no test queries for this task" if _no_queries(metrics, name) else ""
-    return GateResult(f"min:{name}", name, floor, value, value >= floor, note)
-
-
-def _no_queries(metrics: dict, name: str) -> bool:
-    return metrics.get(name.split("/")[0] + "/queries") == 0
+    return GateResult(f"min:{name}", name, floor, value, value >= floor)
 
 
 def _regression(metrics: dict, champion: dict | None, name: str, limit: float) -> GateResult:
@@ -71,6 +93,17 @@ def _regression(metrics: dict, champion: dict | None, name: str, limit: float) -
     drop = champion[name] - value
     note = f"champion {champion[name]:.4f}, challenger {value:.4f}"
     return GateResult(gate, name, limit, drop, drop <= limit, note)
+
+
+def _gain_over_frozen(metrics: dict, task: str, gain: float) -> GateResult:
+    name, gate = f"{task}/recall@10", f"min_gain_over_frozen:{task}"
+    baselines = [metrics.get(f"{task}/{baseline}/recall@10") for baseline in FROZEN]
+    if name not in metrics or None in baselines:
+        return GateResult(gate, name, gain, None, False, "metric not computed")
+    frozen = max(baselines)
+    value = metrics[name] / frozen - 1 if frozen > 0 else (float("inf") if metrics[name] else 0)
+    note = f"model {metrics[name]:.4f}, frozen best {frozen:.4f}"
+    return GateResult(gate, name, gain, value, value >= gain, note)
 
 
 def _ann_loss(metrics: dict, task: str, limit: float) -> GateResult:
@@ -98,6 +131,6 @@ def failure_message(results: list[GateResult]) -> str:
     parts = []
     for r in failed(results):
         value = "missing" if r.value is None else f"{r.value:.4f}"
-        bound = ">=" if r.gate.startswith("min:") else "<="
+        bound = ">=" if r.gate.startswith("min") else "<="
         parts.append(f"{r.gate} = {value} (needs {bound} {r.threshold:.4f})")
     return f"{len(parts)} gate(s) failed: " + "; ".join(parts)

@@ -6,27 +6,40 @@ Two tasks, each a set of queries with the listings relevant to each:
 
 Queries are embedded by the model, listings are its fused unit embeddings, and exact
 search is the inner product (`diagnostics.scored_top_k`, chunked over listings).
+
+A task without queries (a catalog with one photo per listing has no held-out photos) is
+absent: its only metric is `<task>/queries` = 0, and gates on it are skipped.
+
+The frozen encoders alone are the baseline every model must beat (`frozen_metrics`): a
+text query's feature against each listing's text-view features, a held-out photo's
+feature against the listing's other photos, scored by cosine with the mean of the unit
+view features (`<task>/frozen/...`) and with the best single view (`<task>/frozen_max/...`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from components.core.diagnostics import scored_top_k
+from components.core.diagnostics import TopK, scored_top_k
 from components.core.metrics import (
     bootstrap_mean_ci,
     per_query_recall,
     ranks_from_top_k,
+    recall_at_k,
     top_k_metrics,
 )
+from components.core.model import Views
 
 QUERY_TO_LISTING = "query_to_listing"
 VIEW_TO_LISTING = "view_to_listing"
 TASKS = (QUERY_TO_LISTING, VIEW_TO_LISTING)
+FROZEN = ("frozen", "frozen_max")  # the no-training baselines: mean of the views, best view
 BATCH = 1024  # queries per forward pass
 
 
@@ -39,6 +52,12 @@ class QuerySet:
     relevant: list[set[int]]
     ids: list[str] = field(default_factory=list)  # query ids (text queries)
     rows: list[int] = field(default_factory=list)  # rows of `features` in their table
+    languages: list[str | None] = field(default_factory=list)  # per query, when known
+
+
+def present(sets: list[QuerySet]) -> list[QuerySet]:
+    """The tasks that have queries."""
+    return [queries for queries in sets if queries.relevant]
 
 
 @torch.inference_mode()
@@ -75,15 +94,74 @@ def evaluate_tasks(
     device: torch.device,
 ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Exact retrieval for every task: flat metrics (`<task>/recall@10`, ...), and per
-    task the query embeddings and the top-`depth` lists."""
-    metrics, vectors, tops = {}, {}, {}
-    for queries in sets:
+    task with queries the query embeddings and the top-`depth` lists."""
+    metrics = {f"{queries.task}/queries": 0 for queries in sets}
+    vectors, tops = {}, {}
+    for queries in present(sets):
         vectors[queries.task] = embed_queries(model, queries, device)
         found, tops[queries.task] = exact_metrics(
             queries, vectors[queries.task], listings, ks, depth
         )
         metrics |= {f"{queries.task}/{name}": value for name, value in found.items()}
+        metrics |= language_metrics(queries, tops[queries.task], queries.task)
     return metrics, vectors, tops
+
+
+def language_metrics(queries: QuerySet, top: np.ndarray, prefix: str) -> dict[str, float]:
+    """Recall@10 and the number of queries per query language (`<prefix>/lang/<xx>/...`),
+    when the queries' languages are known."""
+    out: dict[str, float] = {}
+    for language in sorted({lang for lang in queries.languages if lang}):
+        rows = [i for i, lang in enumerate(queries.languages) if lang == language]
+        ranks = ranks_from_top_k(top[rows], [queries.relevant[i] for i in rows])
+        out[f"{prefix}/lang/{language}/recall@10"] = recall_at_k(ranks, min(10, top.shape[1]))
+        out[f"{prefix}/lang/{language}/queries"] = len(rows)
+    return out
+
+
+def frozen_view_scores(queries: torch.Tensor, views: Views) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine of each unit query [Q, F] with the mean of each listing's unit view features
+    of the same modality, and with its best view: two [Q, B] score matrices."""
+    if queries.shape[1] != views.features.shape[2]:
+        raise ValueError(
+            f"queries of {queries.shape[1]} features against views of {views.features.shape[2]}"
+        )
+    features = F.normalize(views.features.float(), dim=-1) * views.mask[..., None]
+    mean = F.normalize(features.sum(dim=1), dim=-1)
+    per_view = torch.einsum("qf,bvf->qbv", queries, features)
+    per_view = per_view.masked_fill(~views.mask[None], float("-inf"))
+    return queries @ mean.T, per_view.amax(dim=-1)
+
+
+def frozen_metrics(
+    sets: list[QuerySet],
+    listings: Iterable[tuple[Views, Views]],
+    ks: list[int],
+    depth: int,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The frozen encoders' own retrieval for every task with queries: `sets` hold the
+    queries' frozen features, `listings` yields (image views, text views) of frozen
+    features for consecutive listings, in listing-row order. Returns flat metrics
+    (`<task>/frozen/recall@10`, `<task>/frozen_max/...`) and the top lists per key."""
+    tasks = present(sets)
+    queries = {s.task: F.normalize(torch.from_numpy(s.features).float(), dim=-1) for s in tasks}
+    best = {(s.task, b): TopK(len(s.relevant), depth) for s in tasks for b in FROZEN}
+    first = 0
+    for images, texts in listings:
+        for task, vectors in queries.items():
+            views = texts if task == QUERY_TO_LISTING else images
+            for baseline, scores in zip(FROZEN, frozen_view_scores(vectors, views), strict=True):
+                best[task, baseline].add(scores, first)
+        first += images.features.shape[0]
+    metrics, tops = {}, {}
+    for s in tasks:
+        for baseline in FROZEN:
+            key = f"{s.task}/{baseline}"
+            tops[key] = best[s.task, baseline].result()
+            found = top_k_metrics(tops[key], s.relevant, ks)
+            metrics |= {f"{key}/{name}": value for name, value in found.items()}
+            metrics |= language_metrics(s, tops[key], key)
+    return metrics, tops
 
 
 def index_metrics(
@@ -97,16 +175,18 @@ def index_metrics(
 ) -> dict[str, float]:
     """Metrics through an ANN `index` (anything with faiss's `search`), its recall@10
     against exact search (`exact_tops`), and the p50/p99 latency of one-query searches
-    of the first task's first `latency_queries` queries."""
+    of the first task's first `latency_queries` queries (tasks without queries skipped)."""
     metrics = {}
     overlaps = []
-    for queries in sets:
+    for queries in present(sets):
         _, found = index.search(vectors[queries.task], depth)
         named = top_k_metrics(found, queries.relevant, ks)
         metrics |= {f"{queries.task}/index/{name}": value for name, value in named.items()}
         overlaps += _overlap(found[:, :10], exact_tops[queries.task][:, :10])
     metrics["index/ann_recall@10"] = float(np.mean(overlaps)) if overlaps else 1.0
-    first = vectors[sets[0].task][:latency_queries]
+    if not present(sets):
+        return metrics
+    first = vectors[present(sets)[0].task][:latency_queries]
     return metrics | _latency(index, first, min(10, depth))
 
 
@@ -140,7 +220,7 @@ def champion_comparison(
     """Per task: the champion's recall@10, and the challenger's mean per-query
     difference in recall@10 with a percentile-bootstrap 95% CI (same queries)."""
     flat = {}
-    for queries in sets:
+    for queries in present(sets):
         task = queries.task
         mine = per_query_recall(ranks_from_top_k(challenger_tops[task], queries.relevant), 10)
         theirs = per_query_recall(ranks_from_top_k(champion_tops[task], queries.relevant), 10)

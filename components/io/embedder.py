@@ -31,9 +31,12 @@ def held_out_refs(paths: StepPaths) -> set[tuple[str, str]]:
 
 
 class ListingEmbedder:
-    """A model's fused listing embeddings from the featurize step's outputs."""
+    """A model's fused listing embeddings from the featurize step's outputs. Without a
+    model (`frozen`), the frozen encoders' own features of the same listings and views."""
 
-    def __init__(self, model: ListingModel, spec: dict, paths: StepPaths, device: torch.device):
+    def __init__(
+        self, model: ListingModel | None, spec: dict, paths: StepPaths, device: torch.device
+    ):
         featurize_dir = paths.step_dir("featurize")
         manifest = read_manifest(featurize_dir)
         self.model = model
@@ -48,6 +51,11 @@ class ListingEmbedder:
             self.encoder = activations.image_encoder(spec, tuned, device)
             self.image_store = activations.activation_store(self.encoder, paths.path(ACTIVATIONS))
         self.catalog = paths.catalog
+
+    @classmethod
+    def frozen(cls, paths: StepPaths, device: torch.device) -> ListingEmbedder:
+        """The featurize step's features as they are: the no-training baseline's inputs."""
+        return cls(None, {}, paths, device)
 
     def chunks(self, held_out: set[tuple[str, str]]) -> Iterator[GroupedViews]:
         """The listings of each row group of views.parquet (featurize writes whole
@@ -90,7 +98,7 @@ class ListingEmbedder:
         first listings of the catalog), and the (primary photo, title) pairs of those
         listings: the diagnostics' sample."""
         image_views, text_views, photos, titles = [], [], [], []
-        for iv, tv in self._padded_batches(held_out):
+        for _, iv, tv in self.padded_batches(held_out):
             image_emb, text_emb, _, _ = self.model.modality_means(iv, tv)
             image_views.append(image_emb[iv.mask].float().cpu().numpy())
             text_views.append(text_emb[tv.mask].float().cpu().numpy())
@@ -101,8 +109,9 @@ class ListingEmbedder:
         pairs = (_first(photos, size), _first(titles, size))
         return _first(image_views, size), _first(text_views, size), pairs
 
-    def _padded_batches(self, held_out: set[tuple[str, str]], batch_size: int = 1024):
-        """(image views, text views) of every listing, `batch_size` listings at a time."""
+    def padded_batches(self, held_out: set[tuple[str, str]], batch_size: int = 1024):
+        """(listing ids, image views, text views) of the model's inputs for every listing,
+        in listing order, `batch_size` listings at a time."""
         rng = np.random.default_rng(0)  # unused: every view is taken
         for chunk in self.chunks(held_out):
             images = self.image_features(chunk.image_keys, chunk.image_refs)
@@ -110,6 +119,7 @@ class ListingEmbedder:
             for start in range(0, len(chunk.listing_ids), batch_size):
                 members = slice(start, start + batch_size)
                 yield (
+                    chunk.listing_ids[members],
                     pad_views(images, chunk.images[members], None, rng).to(self.device),
                     pad_views(texts, chunk.texts[members], None, rng).to(self.device),
                 )

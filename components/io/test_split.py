@@ -21,17 +21,20 @@ def test_split_queries(
 ) -> list[QuerySet]:
     """The test split's text queries and held-out views, with their relevant listings
     (`row_of`: listing id -> row of the listing embeddings); inputs for `embedder`'s
-    model."""
+    model. Text queries carry their language when the catalog's queries have one."""
     splits = pq.read_table(paths.path(SPLITS)).to_pylist()
     test = [s for s in splits if s["split"] == "test"]
     query_ids = {s["id"] for s in test if s["kind"] == "query"}
     queries = pq.read_table(paths.path(QUERY_FEATURES)).to_pylist()
     grouped = group_queries(queries, row_of, query_ids)
     ordered = sorted(grouped)
+    language = {row["query_id"]: row.get("language") for row in queries}
     text = QuerySet(
         QUERY_TO_LISTING,
         embedder.text_features([grouped[q]["key"] for q in ordered]),
         [grouped[q]["relevant"] for q in ordered],
+        ids=ordered,
+        languages=[language[q] for q in ordered],
     )
     views = [(s["listing_id"], s["id"]) for s in test if s["kind"] == "held_out_view"]
     views = [(lid, ref) for lid, ref in views if lid in row_of]

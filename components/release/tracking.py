@@ -84,7 +84,8 @@ def loss_figure(history: list[dict]):
     losses.set(xlabel="epoch", ylabel="loss", title="training loss terms")
     losses.legend()
     for key in ("val/query_to_listing/recall@10", "val/view_to_listing/recall@10"):
-        recall.plot(epochs, [h[key] for h in history], label=key.removeprefix("val/"))
+        if key in history[0]:  # a task without queries is absent
+            recall.plot(epochs, [h[key] for h in history], label=key.removeprefix("val/"))
     recall.set(xlabel="epoch", ylabel="recall@10", title="validation")
     recall.legend()
     figure.tight_layout()
