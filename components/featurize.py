@@ -156,8 +156,8 @@ def _store_record(encoder: _Lazy, store: FeatureStore, out: Path) -> dict:
 
 
 class _Lazy:
-    """An encoder whose `id` and `dim` are known up front and whose model loads on the
-    first `encode` call."""
+    """An encoder whose `id`, `dim` (and `query_prefix`) are known up front and whose
+    model loads on the first encode call."""
 
     def __init__(self, factory, *args) -> None:
         self._factory = factory
@@ -165,11 +165,18 @@ class _Lazy:
         self._encoder = None
         self.id = factory.cache_id(*args)
         self.dim = factory.dim
+        self.query_prefix = getattr(factory, "query_prefix", "")
 
-    def encode(self, items: list) -> np.ndarray:
+    def _loaded(self):
         if self._encoder is None:
             self._encoder = self._factory(*self._args)
-        return self._encoder.encode(items)
+        return self._encoder
+
+    def encode(self, items: list) -> np.ndarray:
+        return self._loaded().encode(items)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self._loaded().encode_queries(texts)
 
 
 class _Featurizer:
@@ -220,7 +227,7 @@ class _Featurizer:
             return 0
         table = pq.read_table(queries_path)
         texts = table.column("query").to_pylist()
-        keys = self._encode_texts(texts)
+        keys = self._encode_texts(texts, queries=True)
         pq.write_table(
             table.append_column("key", pa.array(keys, pa.string())), out / QUERY_FEATURES.name
         )
@@ -247,13 +254,17 @@ class _Featurizer:
         self.counts.text_views += len(found)
         return found
 
-    def _encode_texts(self, texts: list[str]) -> list[str]:
-        keys = [content_key(text) for text in texts]
+    def _encode_texts(self, texts: list[str], queries: bool = False) -> list[str]:
+        """Content keys of `texts`, encoding those not in the store yet. A query of an
+        asymmetric encoder is keyed with its instruction: it is a different vector."""
+        prefix = self.text_encoder.query_prefix if queries else ""
+        encode = self.text_encoder.encode_queries if queries else self.text_encoder.encode
+        keys = [content_key(prefix + text) for text in texts]
         todo = dict(zip(keys, texts, strict=True))
         todo = {k: t for k, t in todo.items() if k not in self.text_store}
         for start in range(0, len(todo), self.config.text_batch_size):
             chunk = list(todo.items())[start : start + self.config.text_batch_size]
-            vectors = self._timed(self.text_encoder.encode, [t for _, t in chunk])
+            vectors = self._timed(encode, [t for _, t in chunk])
             self.text_store.add([k for k, _ in chunk], vectors)
             self.counts.texts_encoded += len(chunk)
         return keys

