@@ -1,6 +1,7 @@
-"""`catalog` step: build the sample catalog from emoji artwork and names shipped in packages.
+"""`catalog` step: build a sample catalog from artwork and names shipped in packages.
 
-One listing per emoji concept (components/sample/emoji_catalog.py). Writes the data
+`catalog.source`: one listing per emoji concept (components/sample/emoji_catalog.py), or
+per Font Awesome icon (components/sample/icons_catalog.py). Writes the data
 contract of any catalog under `<workdir>/catalog/`: `listings.parquet`,
 `queries.parquet`, `images/`, and the manifest (with the sources' versions and
 licences). Deterministic: same params, same bytes.
@@ -15,7 +16,7 @@ from pathlib import Path
 from components.config import CatalogConfig, StepPaths
 from components.contract import STEPS
 from components.io.manifest import Timer, describe_files, write_manifest
-from components.sample import emoji_catalog
+from components.sample import emoji_catalog, icons_catalog
 
 STEP = STEPS["catalog"]
 
@@ -33,7 +34,8 @@ def run(config: CatalogConfig, paths: StepPaths) -> CatalogResult:
     """Build the sample catalog under `<workdir>/catalog/`."""
     timer = Timer()
     out = paths.step_dir(STEP.name)
-    built = emoji_catalog.build(config, out)
+    builder = icons_catalog if config.source == "icons" else emoji_catalog
+    built = builder.build(config, out)
     write_manifest(
         out,
         step=STEP.name,
