@@ -60,6 +60,12 @@ class StorageConfig(Section):
 
 
 class CatalogConfig(Section):
+    source: Literal["emoji", "icons"] = Field(
+        "emoji",
+        description="Sample catalog to build: emoji (several drawings per concept, queries "
+        "in several languages) or icons (Font Awesome Free: mostly one drawing per icon, "
+        "English search terms as queries; the emoji-only keys are ignored).",
+    )
     max_listings: int | None = Field(
         None, ge=1, description="Keep at most this many listings (null: all); for tests."
     )
@@ -111,11 +117,11 @@ class ValidateConfig(Section):
 
 
 class FeaturizeConfig(Section):
-    image_encoder: Literal["efficientnet-lite0"] = Field(
-        "efficientnet-lite0", description="Frozen image encoder (components/encoders.py)."
+    image_encoder: Literal["efficientnet-lite0", "efficientnet-lite2"] = Field(
+        "efficientnet-lite0", description="Frozen image encoder (components/core/encoders.py)."
     )
-    text_encoder: Literal["all-minilm-l6-v2"] = Field(
-        "all-minilm-l6-v2", description="Frozen text encoder (components/encoders.py)."
+    text_encoder: Literal["all-minilm-l6-v2", "use-multilingual-v3", "multilingual-e5-small"] = (
+        Field("all-minilm-l6-v2", description="Frozen text encoder (components/core/encoders.py).")
     )
     image_size: int = Field(224, ge=32, le=1024, description="Encoder input side in pixels.")
     text_views: list[Literal["title", "description", "tags", "category"]] = Field(
@@ -139,6 +145,12 @@ class TrainConfig(Section):
         "factorized", description="Alignment objective (components/objectives.py)."
     )
     dim: int = Field(256, ge=2, description="Dimension of the shared embedding space.")
+    adapter: Literal["mlp", "residual"] = Field(
+        "mlp",
+        description="mlp: adapters from scratch; residual: a linear skip started from the "
+        "frozen encoders' geometry (text principal directions, photos regressed onto titles) "
+        "plus an MLP that starts at zero.",
+    )
     hidden: int = Field(1024, ge=1, description="Hidden width of each adapter MLP.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Adapter dropout.")
     alpha: float = Field(
@@ -224,6 +236,12 @@ class GatesConfig(Section):
         {"query_to_listing": 0.10, "view_to_listing": 0.10},
         description="Task -> smallest relative gain of recall@10 over the frozen encoders' "
         "best no-training baseline (0.1: at least 10% better).",
+    )
+    min_queries: int = Field(
+        30,
+        ge=1,
+        description="A gate on a task with fewer test queries than this is skipped: too few "
+        "to judge (the metrics are still reported).",
     )
     max_ann_loss: float | None = Field(
         0.02,

@@ -33,10 +33,10 @@ from components.contract import (
     STEPS,
     TRAIN_METRICS,
 )
-from components.core import distributed
+from components.core import distributed, encoders
 from components.core.batching import fuse_listings, pad_views
 from components.core.encoders import autocast, pick_device
-from components.core.model import ListingModel
+from components.core.model import ListingModel, init_residual
 from components.core.objectives import Batch, build_objective
 from components.core.retrieval import TASKS, evaluate_tasks, present
 from components.io import activations
@@ -217,7 +217,7 @@ def _record(config, paths, data, features_manifest, lineage, history, run_, time
 def model_spec(config: TrainConfig, data: TrainingData) -> dict:
     """Everything needed to rebuild the model from its state dict (with the encoder's
     tail, when the backbone is fine-tuned: `finetune_blocks` in the serving spec)."""
-    pooled = activations.POOLED_DIM if config.finetune_blocks else data.image_features.shape[1]
+    pooled = encoders.POOLED_DIM if config.finetune_blocks else data.image_features.shape[1]
     return {
         "image_dim": int(pooled),
         "text_dim": int(data.text_features.shape[1]),
@@ -228,6 +228,7 @@ def model_spec(config: TrainConfig, data: TrainingData) -> dict:
         "image_share": config.image_share,
         "temperature": config.temperature,
         "learn_temperature": config.learn_temperature,
+        "residual": config.adapter == "residual",
     }
 
 
@@ -242,7 +243,23 @@ def encoder_spec(features_manifest: dict) -> dict:
 def build_model(
     config: TrainConfig, data: TrainingData, tail: torch.nn.Module | None = None
 ) -> ListingModel:
-    return ListingModel(**model_spec(config, data), image_tail=tail)
+    """The model to train; residual adapters start from the frozen features' geometry."""
+    model = ListingModel(**model_spec(config, data), image_tail=tail)
+    if config.adapter == "residual":
+        view_rows = sorted({row for texts in data.texts for row in texts.rows})
+        # listing text views and training queries only: never a val or test query
+        corpus = np.concatenate([data.text_features[view_rows], data.queries["train"].features])
+        titles = data.text_features[[views.rows[0] for views in data.texts]]  # primary view
+        photos = None
+        if tail is None:  # a fine-tuned backbone's photos are not features yet
+            photos = data.image_features[[images.rows[0] for images in data.images]]
+        init_residual(
+            model,
+            torch.from_numpy(corpus),
+            None if photos is None else torch.from_numpy(photos),
+            torch.from_numpy(titles),
+        )
+    return model
 
 
 class Trainer:

@@ -29,6 +29,7 @@ LENIENT = GatesConfig(
     max_regression={"query_to_listing/recall@10": 0.5, "view_to_listing/recall@10": 0.5},
     # a 2-epoch model on 60 listings need not beat the encoders; the gate is still computed
     min_gain_over_frozen={"query_to_listing": -1.0, "view_to_listing": -1.0},
+    min_queries=1,  # the tiny catalog has a few dozen test queries per task
     max_ann_loss=0.0,
 )
 NO_CHAMPION = EvaluateConfig(champion=None, ks=[1, 10, 50, 500], bootstrap=200, gates=LENIENT)
@@ -137,6 +138,8 @@ def test_a_failing_gate_makes_the_cli_exit_non_zero_naming_the_gate(indexed, mon
             "evaluate.gates.min.view_to_listing/recall@10=0.999",
             "--set",
             "evaluate.gates.min_gain_over_frozen={}",
+            "--set",
+            "evaluate.gates.min_queries=1",
         ]
     )
 

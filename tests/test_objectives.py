@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from components.core.batching import ListingViews, choose_views, pad_views
-from components.core.model import KIND, ListingModel, Views, marginal_weights, weighted_mean
+from components.core.model import (
+    KIND,
+    ListingModel,
+    Views,
+    init_residual,
+    marginal_weights,
+    weighted_mean,
+)
 from components.core.objectives import Batch, Pairwise, build_objective, entropic_ot_cost
 
 IMAGE_DIM, TEXT_DIM = 12, 8
@@ -141,3 +148,23 @@ def test_pairwise_loss_matches_a_plain_loop():
                     target = (columns == i).nonzero().item()
                     losses.append(F.cross_entropy(logits[None], torch.tensor([target])))
     torch.testing.assert_close(ours, torch.stack(losses).mean())
+
+
+def test_residual_adapters_start_from_the_frozen_geometry():
+    """At init the text tower is a projection onto the text's principal directions (text
+    cosines kept, queries where their text is), and a photo lands by its own title."""
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(24, 24)).Q[:6]  # texts live in a 6-d subspace
+    titles = torch.randn(200, 6) @ basis
+    photos = titles @ torch.randn(24, 40)  # a photo is a view of its title
+    model = ListingModel(image_dim=40, text_dim=24, dim=8, hidden=16, dropout=0.0, residual=True)
+    model.eval()
+
+    init_residual(model, titles, photos, titles, ridge=1e-3)
+
+    embedded = model.text(titles, torch.full((200,), KIND["title"]))
+    unit = torch.nn.functional.normalize(titles, dim=-1)
+    torch.testing.assert_close(embedded @ embedded.T, unit @ unit.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.embed_text_queries(titles[:5]), embedded[:5])
+    nearest = (model.embed_image_queries(photos) @ embedded.T).argmax(dim=1)
+    assert (nearest == torch.arange(200)).float().mean() > 0.9

@@ -10,8 +10,8 @@ Three kinds, from `evaluate.gates` in params.yaml:
 - `max_ann_loss`: for each task, recall@10 through the index may be at most the
   threshold below recall@10 of exact search.
 
-A gate on a task without test queries (absent: `<task>/queries` is 0) is skipped: it
-passes with a note, since there is nothing to measure.
+A gate on a task with fewer than `min_queries` test queries (absent: `<task>/queries` is
+0) is skipped: it passes with a note, since there is too little to measure.
 """
 
 from __future__ import annotations
@@ -40,34 +40,39 @@ def check_gates(
 ) -> list[GateResult]:
     """Every configured gate, evaluated. A metric a gate names but `metrics` lacks fails
     that gate with a note (a typo in params must not pass silently)."""
+    n = gates.min_queries
     results = [
-        _skipped(metrics, f"min:{name}", name, floor) or _minimum(metrics, name, floor)
+        _skipped(metrics, f"min:{name}", name, floor, n) or _minimum(metrics, name, floor)
         for name, floor in gates.min.items()
     ]
     results += [
-        _skipped(metrics, f"max_regression:{name}", name, limit)
+        _skipped(metrics, f"max_regression:{name}", name, limit, n)
         or _regression(metrics, champion, name, limit)
         for name, limit in gates.max_regression.items()
     ]
     results += [
-        _skipped(metrics, f"min_gain_over_frozen:{task}", f"{task}/recall@10", gain)
+        _skipped(metrics, f"min_gain_over_frozen:{task}", f"{task}/recall@10", gain, n)
         or _gain_over_frozen(metrics, task, gain)
         for task, gain in gates.min_gain_over_frozen.items()
     ]
     if (limit := gates.max_ann_loss) is not None:
         results += [
-            _skipped(metrics, f"max_ann_loss:{task}", f"{task}/index/recall@10", limit)
+            _skipped(metrics, f"max_ann_loss:{task}", f"{task}/index/recall@10", limit, n)
             or _ann_loss(metrics, task, limit)
             for task in TASKS
         ]
     return results
 
 
-def _skipped(metrics: dict, gate: str, name: str, threshold: float) -> GateResult | None:
-    """A passed result with a note when the gate's task has no test queries; else None."""
-    if metrics.get(name.split("/")[0] + "/queries") != 0:
+def _skipped(
+    metrics: dict, gate: str, name: str, threshold: float, min_queries: int
+) -> GateResult | None:
+    """A passed result with a note when the gate's task has too few test queries."""
+    queries = metrics.get(name.split("/")[0] + "/queries")
+    if queries is None or queries >= min_queries:
         return None
-    return GateResult(gate, name, threshold, None, True, "skipped: no test queries for this task")
+    why = "no test queries" if queries == 0 else f"only {queries} test queries (< {min_queries})"
+    return GateResult(gate, name, threshold, None, True, f"skipped: {why} for this task")
 
 
 def failed(results: list[GateResult]) -> list[GateResult]:

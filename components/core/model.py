@@ -62,18 +62,30 @@ class Outputs:
 
 class Adapter(nn.Module):
     """MLP from one modality's frozen features to the shared d-dim space, plus a learned
-    embedding of the view type (title vs tags, primary vs other photo, query)."""
+    embedding of the view type (title vs tags, primary vs other photo, query).
 
-    def __init__(self, in_dim: int, dim: int, hidden: int, dropout: float) -> None:
+    `residual`: a linear map of the unit features (`skip`, set by `init_residual`) plus
+    the MLP, whose last layer starts at zero, so that training starts from the frozen
+    encoder's own geometry instead of a random space."""
+
+    def __init__(
+        self, in_dim: int, dim: int, hidden: int, dropout: float, residual: bool = False
+    ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
         self.inp = nn.Linear(in_dim, hidden)
         self.kind = nn.Embedding(len(VIEW_KINDS), hidden)
         self.out = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.skip = nn.Linear(in_dim, dim, bias=False) if residual else None
+        if residual:
+            nn.init.zeros_(self.out[-1].weight)
+            nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, features: torch.Tensor, kinds: torch.Tensor, normalize: bool = True):
         hidden = self.inp(self.norm(features)) + self.kind(kinds)
         out = self.out(hidden)
+        if self.skip is not None:
+            out = out + self.skip(F.normalize(features, dim=-1))
         return F.normalize(out, dim=-1) if normalize else out
 
 
@@ -107,6 +119,7 @@ class ListingModel(nn.Module):
         image_share: float = 0.5,
         temperature: float = 0.07,
         learn_temperature: bool = True,
+        residual: bool = False,
         image_tail: nn.Module | None = None,
     ) -> None:
         """`image_tail`, when given, is the trainable end of the image backbone: image
@@ -118,8 +131,8 @@ class ListingModel(nn.Module):
             )
         self.image_tail = image_tail
         self.dim = dim  # of the shared space: every embedding the model returns
-        self.image = Adapter(image_dim, dim, hidden, dropout)
-        self.text = Adapter(text_dim, dim, hidden, dropout)
+        self.image = Adapter(image_dim, dim, hidden, dropout, residual)
+        self.text = Adapter(text_dim, dim, hidden, dropout, residual)
         self.alpha = alpha
         self.image_share = image_share
         self.log_scale = nn.Parameter(
@@ -182,3 +195,37 @@ class ListingModel(nn.Module):
             self.image_features(features),
             torch.full(features.shape[:1], KIND["primary_image"], device=features.device),
         )
+
+
+@torch.no_grad()
+def init_residual(
+    model: ListingModel,
+    texts: torch.Tensor,
+    photos: torch.Tensor | None,
+    titles: torch.Tensor,
+    ridge: float = 1.0,
+) -> None:
+    """Start residual adapters from the frozen encoders' geometry: the text skip is the
+    projection onto the `dim` principal directions of the unit text features `texts`
+    (views and queries), so that text-to-text cosines start where the encoder has them;
+    the image skip is the ridge regression of each listing's projected unit title from
+    its unit primary photo (`photos[i]`, `titles[i]`), so photos start in the text space
+    (None: the image skip keeps its random start).
+
+    Raises:
+        ValueError: the model's adapters are not residual.
+    """
+    if model.text.skip is None or model.image.skip is None:
+        raise ValueError("init_residual needs a model built with residual=True")
+    dim, text_dim = model.text.skip.weight.shape
+    unit = F.normalize(texts.float(), dim=-1)
+    directions = torch.linalg.svd(unit, full_matrices=False).Vh[:dim]  # [<=dim, text_dim]
+    projection = torch.zeros(dim, text_dim)
+    projection[: len(directions)] = directions
+    model.text.skip.weight.copy_(projection)
+    if photos is None:
+        return
+    x = F.normalize(photos.float(), dim=-1)
+    y = F.normalize(titles.float(), dim=-1) @ projection.T
+    gram = x.T @ x + ridge * torch.eye(x.shape[1])
+    model.image.skip.weight.copy_(torch.linalg.solve(gram, x.T @ y).T)
