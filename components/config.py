@@ -121,7 +121,9 @@ class FeaturizeConfig(Section):
         "efficientnet-lite0", description="Frozen image encoder (components/core/encoders.py)."
     )
     text_encoder: Literal["all-minilm-l6-v2", "use-multilingual-v3", "multilingual-e5-small"] = (
-        Field("all-minilm-l6-v2", description="Frozen text encoder (components/core/encoders.py).")
+        Field(
+            "use-multilingual-v3", description="Frozen text encoder (components/core/encoders.py)."
+        )
     )
     image_size: int = Field(224, ge=32, le=1024, description="Encoder input side in pixels.")
     text_views: list[Literal["title", "description", "tags", "category"]] = Field(
@@ -146,7 +148,7 @@ class TrainConfig(Section):
     )
     dim: int = Field(256, ge=2, description="Dimension of the shared embedding space.")
     adapter: Literal["mlp", "residual"] = Field(
-        "mlp",
+        "residual",
         description="mlp: adapters from scratch; residual: a linear skip started from the "
         "frozen encoders' geometry (text principal directions, photos regressed onto titles) "
         "plus an MLP that starts at zero.",
@@ -171,7 +173,7 @@ class TrainConfig(Section):
     )
     batch_size: int = Field(256, ge=2, description="Listings per step (per process).")
     epochs: int = Field(40, ge=1, description="Most epochs to train.")
-    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up, then cosine decay.")
     grad_clip: float | None = Field(1.0, gt=0.0, description="Max gradient norm (null: off).")

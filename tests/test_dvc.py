@@ -53,6 +53,7 @@ def test_dvc_repro_builds_and_validates_a_small_catalog(tmp_path):
     # 25 listings leave almost no test queries: recall gates mean nothing at this size
     params["evaluate"]["gates"]["min"] = {}
     params["evaluate"]["gates"]["min_gain_over_frozen"] = {}
+    params["evaluate"]["gates"]["min_queries"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
     first = _dvc(["repro"], tmp_path)

@@ -135,7 +135,7 @@ def test_a_failing_gate_makes_the_cli_exit_non_zero_naming_the_gate(indexed, mon
             "--set",
             "evaluate.champion=null",
             "--set",
-            "evaluate.gates.min.view_to_listing/recall@10=0.999",
+            "evaluate.gates.min.view_to_listing/recall@10=1.01",
             "--set",
             "evaluate.gates.min_gain_over_frozen={}",
             "--set",
@@ -145,7 +145,7 @@ def test_a_failing_gate_makes_the_cli_exit_non_zero_naming_the_gate(indexed, mon
 
     captured = capsys.readouterr()
     assert code == 1
-    assert "min:view_to_listing/recall@10" in captured.err and "needs >= 0.9990" in captured.err
+    assert "min:view_to_listing/recall@10" in captured.err and "needs >= 1.0100" in captured.err
     assert "FAIL" in captured.out  # the gate table, on stdout
     gate_rows = json.loads((indexed.step_dir("evaluate") / contract.GATES.name).read_text())
     assert [g["gate"] for g in gate_rows if not g["passed"]] == ["min:view_to_listing/recall@10"]

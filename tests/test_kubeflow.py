@@ -71,6 +71,7 @@ def test_the_pipeline_runs_on_the_local_runner_and_promotes(tmp_path):
         "train.epochs=8",
         "evaluate.gates.min={}",
         "evaluate.gates.min_gain_over_frozen={}",
+        "evaluate.gates.min_queries=1",  # 25 listings: a handful of test queries
     ]
 
     pipeline.retrain(

@@ -87,7 +87,10 @@ def test_promote_refuses_when_a_gate_failed(evaluated):
     promote.run(PromoteConfig(), evaluated)
     before = production.read_pointer(store(evaluated))
     strict = GatesConfig(
-        min={"query_to_listing/recall@10": 0.99}, max_regression={}, min_gain_over_frozen={}
+        min={"query_to_listing/recall@10": 1.01},
+        max_regression={},
+        min_gain_over_frozen={},
+        min_queries=1,
     )
     try:
         with pytest.raises(StepFailed):
