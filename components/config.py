@@ -144,7 +144,7 @@ class FeaturizeConfig(Section):
 
 class TrainConfig(Section):
     objective: Literal["factorized", "single_view", "pairwise", "sinkhorn"] = Field(
-        "factorized", description="Alignment objective (components/objectives.py)."
+        "factorized", description="Alignment objective (components/core/objectives.py)."
     )
     dim: int = Field(256, ge=2, description="Dimension of the shared embedding space.")
     adapter: Literal["mlp", "residual"] = Field(

@@ -2,8 +2,8 @@
 
 The featurize step writes `views.parquet` one row group per chunk of whole listings, so
 embedding row group by row group keeps memory bounded at any catalog size. Used by the
-embed step (every listing, written to disk), evaluate (a champion's embeddings, and the
-diagnostics' view sample) and nothing else.
+embed step (every listing, written to disk) and evaluate (a champion's embeddings, the
+frozen encoders' features for the no-training baseline, the diagnostics' view sample).
 """
 
 from __future__ import annotations
