@@ -26,20 +26,6 @@ def recall_at_k(ranks: list[np.ndarray], k: int) -> float:
     return float(np.mean([np.mean(r <= k) for r in ranks])) if ranks else 0.0
 
 
-def mrr(ranks: list[np.ndarray]) -> float:
-    """Mean reciprocal rank of each query's best-ranked relevant item."""
-    return float(np.mean([1.0 / r.min() for r in ranks])) if ranks else 0.0
-
-
-def retrieval_metrics(scores: np.ndarray, relevant: list[set[int]], ks: list[int]) -> dict:
-    """Recall@K for each K (capped at the number of items) and MRR."""
-    ranks = ranks_of_relevant(scores, relevant)
-    n_items = scores.shape[1]
-    out = {f"recall@{k}": recall_at_k(ranks, min(k, n_items)) for k in ks}
-    out["mrr"] = mrr(ranks)
-    return out
-
-
 def ranks_from_top_k(top_k: np.ndarray, relevant: list[set[int]]) -> list[np.ndarray]:
     """1-based rank of every relevant item from ranked result lists `top_k[q]` (item
     indices, -1 for an empty slot); a relevant item not in the list gets rank inf."""
