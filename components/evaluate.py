@@ -85,11 +85,12 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     listing_ids, listings = read_embeddings(paths)
     embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
     held_out = held_out_refs(paths)
-    sets = test_split_queries(paths, embedder, {lid: i for i, lid in enumerate(listing_ids)})
+    row_of = {lid: i for i, lid in enumerate(listing_ids)}
+    sets = test_split_queries(paths, embedder, row_of)
     depth = min(max(config.ks), len(listing_ids))
     metrics, vectors, tops = evaluate_tasks(loaded.model, sets, listings, config.ks, depth, device)
     challenger = Challenger(loaded, listing_ids, listings, tops)
-    metrics |= _frozen_baseline(paths, device, held_out, listing_ids, config.ks, depth)
+    metrics |= _frozen_baseline(paths, device, held_out, sets, challenger, config.ks, depth)
     index, index_ids, index_manifest = load_index(paths.step_dir("index"))
     if index_ids != listing_ids:
         raise ValueError(f"{paths.step_dir('index')}: built from other embeddings; rebuild it")
@@ -134,11 +135,15 @@ def _embed_model(embedded: dict, paths: StepPaths, device) -> registry.LoadedMod
     return loaded
 
 
-def _frozen_baseline(paths, device, held_out, listing_ids, ks, depth) -> dict:
-    """The frozen encoders' own metrics on the same test queries and listings."""
+def _frozen_baseline(paths, device, held_out, sets, challenger, ks, depth) -> dict:
+    """The frozen encoders' own metrics on the same test queries and listings. The
+    model's query inputs are the frozen features, unless it fine-tuned its backbone
+    (its photo inputs are then activations): only then are they read again."""
     frozen = ListingEmbedder.frozen(paths, device)
-    sets = test_split_queries(paths, frozen, {lid: i for i, lid in enumerate(listing_ids)})
-    batches = _in_listing_order(frozen.padded_batches(held_out), listing_ids)
+    if challenger.loaded.spec.get("finetune_blocks", 0):
+        row_of = {lid: i for i, lid in enumerate(challenger.listing_ids)}
+        sets = test_split_queries(paths, frozen, row_of)
+    batches = _in_listing_order(frozen.padded_batches(held_out), challenger.listing_ids)
     metrics, _ = frozen_metrics(sets, batches, ks, depth)
     return metrics
 

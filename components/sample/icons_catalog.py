@@ -13,6 +13,7 @@ Deterministic: same params, same bytes.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import shutil
@@ -168,17 +169,17 @@ def _draw_views(icon: Icon, root: Path, side: int, images: Path) -> list[str]:
     return uris
 
 
-_FONTS: dict[tuple[Path, int], ImageFont.FreeTypeFont] = {}
+@functools.cache
+def _font(font_path: Path, side: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(font_path), int(side * 0.7))
 
 
 def _draw(font_path: Path, char: str, side: int) -> bytes | None:
     """The glyph, black on white, centred in a `side` px square PNG; None if the font
     has no drawing for it."""
-    key = (font_path, side)
-    if key not in _FONTS:
-        _FONTS[key] = ImageFont.truetype(str(font_path), int(side * 0.7))
     image = Image.new("RGB", (side, side), (255, 255, 255))
-    ImageDraw.Draw(image).text((side / 2, side / 2), char, font=_FONTS[key], fill=0, anchor="mm")
+    font = _font(font_path, side)
+    ImageDraw.Draw(image).text((side / 2, side / 2), char, font=font, fill=0, anchor="mm")
     if image.getextrema() == ((255, 255),) * 3:
         return None
     buffer = io.BytesIO()
