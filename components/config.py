@@ -106,6 +106,15 @@ class ValidateConfig(Section):
     min_image_side: int = Field(16, ge=1, description="Smallest allowed image width/height.")
     max_image_side: int = Field(8192, ge=1, description="Largest allowed image width/height.")
     max_image_bytes: int = Field(20_000_000, ge=1, description="Largest allowed image file.")
+    max_image_frames: int = Field(
+        1000, ge=1, description="Most frames an (animated) image may declare; the first is used."
+    )
+    decode_memory_mb: int = Field(
+        512,
+        ge=1,
+        description="Cap on decoded pixels held at once by all image threads together: bounds "
+        "memory whatever size the images claim (an image needing more is image_too_large).",
+    )
     max_images: int = Field(64, ge=1, description="Most image views a listing may have.")
     max_listing_id_chars: int = Field(256, ge=1, description="Longest allowed listing_id.")
     max_title_chars: int = Field(500, ge=1, description="Longest allowed title.")
@@ -140,6 +149,11 @@ class FeaturizeConfig(Section):
     )
     shard_rows: int = Field(8192, ge=1, description="Vectors per feature-store shard file.")
     workers: int = Field(4, ge=1, description="Threads that read and decode images.")
+    decode_memory_mb: int = Field(
+        512,
+        ge=1,
+        description="Cap on decoded pixels held at once by the image threads (see validate).",
+    )
 
 
 class TrainConfig(Section):

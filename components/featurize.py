@@ -43,11 +43,10 @@ from components.io.catalog_reader import (
     TRUSTED_MAX_BYTES,
     TRUSTED_SCHEMES,
     CatalogRoot,
-    ImageRefError,
-    decode_image,
     read_image_bytes,
 )
 from components.io.feature_store import FeatureStore, content_key
+from components.io.images import DecodeBudget, ImageRefError, decode_image
 from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
 
 STEP = STEPS["featurize"]
@@ -193,6 +192,7 @@ class _Featurizer:
         self.text_store = text_store
         self.counts = counts
         self.progress: tqdm | None = None  # counts images while listings() runs
+        self.decode_budget = DecodeBudget(config.decode_memory_mb << 20)
 
     def listings(self, clean_path: Path, out: Path) -> None:
         parquet = pq.ParquetFile(clean_path)
@@ -329,7 +329,10 @@ class _Featurizer:
             key = content_key(data)
             if key in self.image_store:
                 return key, None, None
-            return key, decode_image(data, job.ref), None
+            image = decode_image(
+                data, job.ref, budget=self.decode_budget, fit=self.config.image_size
+            )
+            return key, image, None
         except ImageRefError as err:
             return None, None, err
         except OSError as err:

@@ -33,12 +33,11 @@ from components.errors import StepFailed
 from components.io import expectations
 from components.io.catalog_reader import (
     CatalogRoot,
-    ImageRefError,
-    decode_image,
     read_image_bytes,
     read_listings,
     read_queries,
 )
+from components.io.images import DecodeBudget, ImageBounds, ImageRefError, verify_image
 from components.io.manifest import Timer, describe_files, write_manifest
 
 STEP = STEPS["validate"]
@@ -116,15 +115,17 @@ def table_issues(listings: pa.Table, config: ValidateConfig) -> Issues:
 def image_issues(
     listings: pa.Table, root: CatalogRoot, config: ValidateConfig, issues: Issues
 ) -> None:
-    """Open and decode every image of every row whose image_uris is a list of strings."""
+    """Judge every image of every row whose image_uris is a list of strings: its header
+    against the bounds, then a full decode within the shared decode budget."""
     uris = listings.column("image_uris").to_pylist()
     rows = [
         row
         for row, value in enumerate(uris)
         if expectations.type_name(value) == expectations.STRING_LIST and value
     ]
+    checker = ImageChecker(root, config)
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
-        checked = pool.map(lambda row: check_images(uris[row], root, config), rows)
+        checked = pool.map(lambda row: checker.listing(uris[row]), rows)
         for row, found in tqdm(
             zip(rows, checked, strict=True),
             total=len(rows),
@@ -135,33 +136,37 @@ def image_issues(
             issues[row].extend(found)
 
 
-def check_images(refs: list[str], root: CatalogRoot, config: ValidateConfig) -> list[tuple]:
-    """All problems with one listing's images, as (reason, detail) pairs naming the index."""
-    found = []
-    for index, ref in enumerate(refs):
+class ImageChecker:
+    """The image rules of `validate`, shared by every worker thread (one decode budget)."""
+
+    def __init__(self, root: CatalogRoot, config: ValidateConfig) -> None:
+        self.root = root
+        self.config = config
+        self.bounds = ImageBounds(
+            config.min_image_side, config.max_image_side, config.max_image_frames
+        )
+        self.budget = DecodeBudget(config.decode_memory_mb << 20)
+
+    def listing(self, refs: list[str]) -> list[tuple]:
+        """All problems with one listing's images, as (reason, detail) pairs naming the
+        index."""
+        found = []
+        for index, ref in enumerate(refs):
+            try:
+                self.image(ref)
+            except ImageRefError as err:
+                found.append((err.code, f"image_uris[{index}]: {err.detail}"))
+        return found
+
+    def image(self, ref: str) -> None:
+        """Raise ImageRefError if one image reference is not a usable image."""
+        config = self.config
+        location = self.root.resolve_image(ref, config.allowed_schemes, config.allowed_buckets)
         try:
-            check_image(ref, root, config)
-        except ImageRefError as err:
-            found.append((err.code, f"image_uris[{index}]: {err.detail}"))
-    return found
-
-
-def check_image(ref: str, root: CatalogRoot, config: ValidateConfig) -> None:
-    """Raise ImageRefError if one image reference is not a usable image."""
-    location = root.resolve_image(ref, config.allowed_schemes, config.allowed_buckets)
-    try:
-        data = read_image_bytes(location, config.max_image_bytes)
-    except OSError as err:  # permissions, a directory, an I/O error: this row's problem
-        raise ImageRefError("image_unreadable", f"{ref!r}: {err}") from None
-    width, height = decode_image(data, ref).size
-    if min(width, height) < config.min_image_side:
-        raise ImageRefError(
-            "image_too_small", f"{ref!r}: {width}x{height} < min_image_side {config.min_image_side}"
-        )
-    if max(width, height) > config.max_image_side:
-        raise ImageRefError(
-            "image_too_large", f"{ref!r}: {width}x{height} > max_image_side {config.max_image_side}"
-        )
+            data = read_image_bytes(location, config.max_image_bytes)
+        except OSError as err:  # permissions, a directory, an I/O error: this row's problem
+            raise ImageRefError("image_unreadable", f"{ref!r}: {err}") from None
+        verify_image(data, ref, self.bounds, self.budget)
 
 
 def split_rows(listings: pa.Table, issues: Issues) -> tuple[pa.Table, pa.Table]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,17 @@ def png_bytes(
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` (a decompression-bomb header):
+    the IHDR fields are rewritten and its CRC recomputed, the pixel data stays 1x1."""
+    data = bytearray(png_bytes((1, 1)))
+    ihdr = 8 + 4  # after the signature and the chunk length: b"IHDR" + 13 bytes + CRC
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
 
 
 def listing(listing_id: str, **overrides: Any) -> dict[str, Any]:

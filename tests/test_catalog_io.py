@@ -11,12 +11,11 @@ from components.config import ValidateConfig
 from components.io.catalog_reader import (
     CatalogError,
     CatalogRoot,
-    ImageRefError,
-    decode_image,
     read_image_bytes,
     read_listings,
     read_queries,
 )
+from components.io.images import ImageRefError, decode_image
 from components.io.s3 import s3_client
 from tests.conftest import listing, png_bytes
 

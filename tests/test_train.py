@@ -17,7 +17,7 @@ import torch
 from components import contract, train
 from components.config import StepPaths, TrainConfig
 from components.io import activations, training_data
-from components.io.catalog_reader import decode_image
+from components.io.images import decode_image
 from components.io.manifest import read_manifest
 from tests.conftest import LISTINGS
 from tests.conftest import fresh_paths as _fresh

@@ -15,7 +15,7 @@ from components.cli import main
 from components.config import ValidateConfig
 from components.errors import StepFailed
 from components.io.catalog_reader import CatalogError
-from tests.conftest import REPO_ROOT, listing, png_bytes
+from tests.conftest import REPO_ROOT, listing, png_bytes, png_claiming
 
 pytestmark = pytest.mark.integration  # runs the real Great Expectations suite
 
@@ -118,6 +118,30 @@ def test_bad_auxiliary_image_quarantines_the_row(make_catalog, step_paths, lenie
 
     assert reasons_by_id(quarantine) == {"bad": ["image_undecodable"]}
     assert quarantine[0]["reason_details"][0].startswith("image_uris[1]")
+
+
+def test_hostile_headers_are_quarantined_with_reasons_not_a_traceback(
+    make_catalog, step_paths, lenient
+):
+    rows = [listing("good"), listing("bomb"), listing("huge"), listing("wide")]
+    root = make_catalog(rows)
+    (root / "images" / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (root / "images" / "huge.png").write_bytes(png_claiming(12_000, 12_000))
+    (root / "images" / "wide.png").write_bytes(png_claiming(9_000, 100))
+
+    clean, quarantine, _ = run_and_read(root, step_paths, lenient)
+
+    assert [r["listing_id"] for r in clean] == ["good"]
+    assert reasons_by_id(quarantine) == {
+        "bomb": ["image_bomb"],
+        "huge": ["image_bomb"],  # 144M pixels: past Pillow's limit before max_image_side
+        "wide": ["image_too_large"],
+    }
+    assert "9000x100 > max_image_side 8192" in reasons_by_id_details(quarantine)["wide"][0]
+
+
+def reasons_by_id_details(quarantine: list[dict]) -> dict[str, list[str]]:
+    return {row["listing_id"]: row["reason_details"] for row in quarantine}
 
 
 def test_image_too_small(make_catalog, step_paths, lenient):

@@ -29,6 +29,7 @@ class ImageEncoder(Protocol):
 
     id: str  # names the weights and the preprocessing: the feature cache is per id
     dim: int
+    image_size: int  # input side: images are decoded no smaller than twice this
 
     @classmethod
     def cache_id(cls, device: torch.device, image_size: int, tuned_blocks: int = 0) -> str: ...

@@ -93,16 +93,16 @@ def _encode(todo, encoder, root: CatalogRoot, store: FeatureStore, batch_size, w
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            images = list(pool.map(lambda item: _read(root, item[1]), chunk))
+            images = list(pool.map(lambda item: _read(root, item[1], encoder.image_size), chunk))
             store.add([key for key, _ in chunk], encoder.encode(images))
             progress.update(len(chunk))
     progress.close()
     store.flush()
 
 
-def _read(root: CatalogRoot, ref: str):
+def _read(root: CatalogRoot, ref: str, fit: int):
     try:
-        return open_trusted_image(root, ref)
+        return open_trusted_image(root, ref, fit)
     except (ImageRefError, OSError) as err:
         raise ValueError(
             f"train.finetune_blocks: image {ref!r} was featurized but cannot be read now: {err}"

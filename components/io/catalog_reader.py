@@ -7,7 +7,6 @@ absolute `file://` / `s3://` URIs whose scheme (and bucket) the caller allows.
 
 from __future__ import annotations
 
-import io
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,10 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from components.contract import LISTINGS, QUERIES
+from components.io.images import ImageRefError, decode_image
 from components.io.s3 import is_missing_key_error, s3_client, split_s3_uri
 
 # the data contract's listing columns (DESIGN.md section 3); a catalog may add more
@@ -40,15 +40,6 @@ TRUSTED_MAX_BYTES = 1 << 40
 
 class CatalogError(ValueError):
     """The catalog as a whole is unusable (missing file, not Parquet, missing column)."""
-
-
-class ImageRefError(ValueError):
-    """One image reference is bad; `code` is the quarantine reason."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -191,38 +182,16 @@ def _check_size(location: ImageLocation, size: int, max_bytes: int) -> None:
         )
 
 
-def decode_image(data: bytes, ref: str) -> Image.Image:
-    """Fully decode image bytes into an RGB image (catches truncated files, not just headers).
-
-    Raises:
-        ImageRefError: `image_undecodable`, with the decoder's reason.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return _to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageRefError("image_undecodable", f"{ref!r}: {err}") from None
-
-
-def open_trusted_image(root: CatalogRoot, ref: str) -> Image.Image:
+def open_trusted_image(root: CatalogRoot, ref: str, fit: int | None = None) -> Image.Image:
     """Read and decode an image reference that validation already accepted (any allowed
-    scheme, no size cap): for steps after featurize and for serving.
+    scheme, no size cap; memory still bounded, see components/io/images.py): for steps
+    after featurize and for serving. `fit`: as in `decode_image`.
 
     Raises:
         ImageRefError: the reference no longer resolves, reads or decodes.
     """
     location = root.resolve_image(ref, list(TRUSTED_SCHEMES), None)
-    return decode_image(read_image_bytes(location, TRUSTED_MAX_BYTES), ref)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Flatten transparency onto white: emoji and product shots are drawn on white."""
-    if image.mode in ("RGBA", "LA", "P"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return decode_image(read_image_bytes(location, TRUSTED_MAX_BYTES), ref, fit=fit)
 
 
 def read_listings(root: CatalogRoot) -> pa.Table:

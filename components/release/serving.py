@@ -73,6 +73,16 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
                 out[rows] = embed(model_input.iloc[rows])
         return out
 
+    def _load_image(self, uri: str):
+        """A photo by path or URI, judged by its header (the validate defaults) and
+        decoded within the process's decode budget, no smaller than the encoder needs."""
+        from components.io.catalog_reader import TRUSTED_MAX_BYTES, CatalogRoot, read_image_bytes
+        from components.io.images import ImageBounds, decode_image
+
+        location = CatalogRoot("/").resolve_image(uri, ["file", "s3"], None)
+        data = read_image_bytes(location, TRUSTED_MAX_BYTES)
+        return decode_image(data, uri, ImageBounds(), fit=self.image_encoder.image_size)
+
     @torch.no_grad()
     def _queries(self, frame: pd.DataFrame) -> np.ndarray:
         features = torch.from_numpy(self.text_encoder.encode_queries(frame["query"].tolist()))
@@ -80,7 +90,7 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
 
     @torch.no_grad()
     def _image_queries(self, frame: pd.DataFrame) -> np.ndarray:
-        images = [_load_image(uri) for uri in frame["image_uri"]]
+        images = [self._load_image(uri) for uri in frame["image_uri"]]
         features = torch.from_numpy(self.image_encoder.encode(images))
         return self.model.embed_image_queries(features.to(self.device)).cpu().numpy()
 
@@ -93,7 +103,7 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
                 f"listing row {row}: {why} ({len(grouped.left_out)} row(s) without a title "
                 "or an image); a listing needs a text view and an image"
             )
-        images = [_load_image(uri) for uri in grouped.image_refs]
+        images = [self._load_image(uri) for uri in grouped.image_refs]
         texts = grouped.text_keys  # a text view's key is its text
         rng = np.random.default_rng(0)  # unused: every view is taken
         image_views = pad_views(self.image_encoder.encode(images), grouped.images, None, rng)
@@ -125,12 +135,6 @@ def _view_row(number: int, modality: str, view: str, position: int, ref: str) ->
         "ref": ref,
         "key": ref,
     }
-
-
-def _load_image(uri: str):
-    from components.io.catalog_reader import CatalogRoot, open_trusted_image
-
-    return open_trusted_image(CatalogRoot("/"), uri)
 
 
 def register(weights: Path, spec: dict, name: str, alias: str, spec_path: Path) -> dict:
