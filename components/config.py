@@ -315,6 +315,16 @@ class PromoteConfig(Section):
         ge=0.0,
         description="Incomplete versions (an upload that died) older than this are deleted.",
     )
+    max_shrink: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Refuse a release with this fraction fewer listings than the current "
+        "one (a truncated upstream export is not a release).",
+    )
+    allow_shrink: bool = Field(
+        False, description="Promote a planned shrink beyond max_shrink (recorded as such)."
+    )
 
 
 # minutes a step may run on an orchestrator before it is stopped (the steps never read it)

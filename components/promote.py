@@ -65,6 +65,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     paths.path(RELEASE_MODEL).write_text(json.dumps(model, indent=2) + "\n")
     files = release_files(paths)
     storage = open_storage(paths.storage, paths.storage_uri)
+    listings = _listing_gate(storage, manifests, config)
     name, alias = paths.registry.model_name, paths.registry.champion_alias
     previous_alias = registry.alias_version(paths, name, alias)
     metadata = {
@@ -73,6 +74,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         "params": _params(manifests, config, paths),
         "metrics": json.loads(paths.path(METRICS).read_text()),
         "index": _index_record(manifests["index"]),
+        "listings": listings,
         "gates": gate_rows,
     }
     published = production.publish(
@@ -133,6 +135,44 @@ def _passed_gates(paths: StepPaths, manifests: dict) -> list[dict]:
                 "run evaluate again"
             )
     return rows
+
+
+def _listing_gate(storage, manifests: dict, config: PromoteConfig) -> dict:
+    """The release's listing counts, refusing one that has shrunk more than
+    `max_shrink` below the current release (unless `allow_shrink`): on a truncated
+    catalog every recall gate is easy, so the count itself is the gate.
+
+    Raises:
+        StepFailed: naming both counts and the override.
+    """
+    record = {
+        "indexed": manifests["index"]["counts"]["vectors"],
+        "clean": manifests["validate"]["counts"]["clean"],
+        "current": None,
+        "shrink_allowed": config.allow_shrink,
+    }
+    current = production.read_pointer(storage)
+    if current is None:
+        return record
+    before = production.listing_count(
+        production.read_manifest(storage, current.version, current.manifest_sha256)
+    )
+    record["current"] = {"version": current.version, "indexed": before}
+    if not before or record["indexed"] >= (1 - config.max_shrink) * before:
+        return record
+    shrink = 1 - record["indexed"] / before
+    message = (
+        f"the release has {record['indexed']:,} listings, {shrink:.0%} fewer than the "
+        f"current release {current.version} ({before:,}); promote.max_shrink allows "
+        f"{config.max_shrink:.0%}"
+    )
+    if not config.allow_shrink:
+        raise StepFailed(
+            f"refusing to promote: {message}. A truncated upstream export? For a planned "
+            "shrink, run promote with --set promote.allow_shrink=true"
+        )
+    log.warning("promote: %s; promoting anyway (promote.allow_shrink)", message)
+    return record
 
 
 def _registered_model(reference: dict, model_name: str) -> dict:

@@ -229,3 +229,29 @@ def test_a_renamed_registered_model_is_registered_promoted_and_aliased_under_its
     assert production.load_current_index(store(paths)).manifest["model"]["name"] == "shop-encoder"
     names = [m.name for m in mlflow.MlflowClient(paths.mlflow_uri).search_registered_models()]
     assert names == ["shop-encoder"] and result.changed
+
+
+def test_a_release_that_shrank_past_max_shrink_is_refused_unless_allowed(evaluated, tmp_path):
+    """The tiny release serves 60 listings; the store's current release claims 1,000."""
+    paths = dataclasses.replace(evaluated, storage=StorageConfig(uri=str(tmp_path / "store")))
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"a release of 1,000 listings")
+    model = {"name": NAME, "version": "0", "sha256": "0" * 64}
+    earlier = production.publish(
+        store(paths), {"big.bin": big}, {"index": {"vectors": 1000}}, model
+    )
+
+    with pytest.raises(
+        StepFailed, match=r"60 listings, 94% fewer than the current release .*1,000"
+    ):
+        promote.run(PromoteConfig(), paths)
+    assert production.read_pointer(store(paths)).version == earlier.version
+
+    result = promote.run(PromoteConfig(allow_shrink=True), paths)
+
+    listings = production.load_current_index(store(paths)).manifest["listings"]
+    assert result.changed and listings["indexed"] == 60 and listings["clean"] == 60
+    assert listings["current"] == {"version": earlier.version, "indexed": 1000}
+    assert listings["shrink_allowed"] is True
+    table = promote.versions(paths)
+    assert "1,000" in table and " 60 " in table

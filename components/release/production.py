@@ -383,22 +383,31 @@ def load_current_index(storage: Storage, cache_dir: Path | None = None) -> Curre
     return CurrentIndex(current.version, index, ids, manifest, local)
 
 
+def listing_count(manifest: dict) -> int | None:
+    """Listings a version serves: the vectors of its index."""
+    return manifest.get("index", {}).get("vectors")
+
+
 def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
-    """One line per version, oldest first: current marker, model version, metrics."""
+    """One line per version, oldest first: current marker, model version, listings,
+    metrics."""
     current = read_pointer(storage)
-    rows = [("", "version", "model", *[k.replace("/recall@10", " R@10") for k in metric_keys])]
+    metric_names = [k.replace("/recall@10", " R@10") for k in metric_keys]
+    rows = [("", "version", "model", "listings", *metric_names)]
     for info in list_versions(storage):
         mark = "*" if current and info.version == current.version else ""
         if not info.complete:
-            rows.append((mark, info.version, "(incomplete)", *["" for _ in metric_keys]))
+            rows.append((mark, info.version, "(incomplete)", "", *["" for _ in metric_keys]))
             continue
         metrics = info.manifest.get("metrics", {})
         model = info.manifest.get("model", {})
+        count = listing_count(info.manifest)
         rows.append(
             (
                 mark,
                 info.version,
                 f"{model.get('name')}/{model.get('version')}",
+                "-" if count is None else f"{count:,}",
                 *[f"{metrics[k]:.3f}" if k in metrics else "-" for k in metric_keys],
             )
         )
