@@ -25,6 +25,7 @@ from components.config import (
 )
 from components.contract import STEPS, StepName
 from components.errors import StepFailed
+from components.io.workdir_lock import holding
 
 DEFAULT_PARAMS = "params.yaml"
 log = logging.getLogger("components")
@@ -161,13 +162,16 @@ def _is_rank_zero() -> bool:
 
 def run_step(name: str, params: Params, tracking_uri: str | None = None) -> Any:
     """Run one step with its params section; the function the CLI, the Airflow tasks and
-    the Kubeflow components all call. `tracking_uri`: MLflow's (None: a sqlite file in
-    the work dir)."""
+    the Kubeflow components all call, holding the workdir's lock (one step at a time per
+    workdir). `tracking_uri`: MLflow's (None: a sqlite file in the work dir)."""
     if name not in STEPS:
         raise ConfigError(f"unknown step '{name}'; steps are {list(STEPS)}")
     step = STEPS[name]
     paths = StepPaths.from_params(params, tracking_uri)
-    return _runner(step.name)(params.section(step.name), paths)
+    if not _is_rank_zero():  # under torchrun every rank runs the step: rank 0 holds the lock
+        return _runner(step.name)(params.section(step.name), paths)
+    with holding(paths.workdir, step.name):
+        return _runner(step.name)(params.section(step.name), paths)
 
 
 def _runner(name: StepName):

@@ -57,6 +57,12 @@ class StorageConfig(Section):
     max_attempts: int = Field(
         8, ge=1, description="Tries per S3 request; throttling and 5xx retry with backoff."
     )
+    timeout_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="Seconds an S3 request may wait for the server before it is retried "
+        "(connecting: at most 10).",
+    )
 
 
 class CatalogConfig(Section):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from components.config import IndexConfig, StepPaths
 from components.contract import EMBEDDED_IDS, INDEX, INDEX_IDS, STEPS
-from components.io.embedding_files import embedding_parts
+from components.io.embedding_files import embedding_parts, verify_embeddings
 from components.io.faiss_index import apply_search_params, new_index, search_params
 from components.io.manifest import (
     Timer,
@@ -63,6 +63,7 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
         summary = done["summary"] + " (unchanged: nothing rebuilt)"
         log.info("%s", summary)
         return IndexResult(out_dir=out, summary=summary)
+    verify_embeddings(embed_dir, embedded)
     parts = embedding_parts(embed_dir)
     count, dim = _count_and_dim(parts)
     index = new_index(config.factory, dim, count)

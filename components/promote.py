@@ -35,7 +35,13 @@ from components.contract import (
 from components.core import gates
 from components.errors import StepFailed
 from components.io.embedding_files import embedding_parts
-from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
+from components.io.manifest import (
+    Timer,
+    describe_files,
+    read_manifest,
+    verify_outputs,
+    write_manifest,
+)
 from components.release import production, registry
 from components.release.storage import open_storage
 
@@ -61,6 +67,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     out.mkdir(parents=True, exist_ok=True)
     manifests = {step: read_manifest(paths.step_dir(step)) for step in STEP.upstream}
     gate_rows = _passed_gates(paths, manifests)
+    _verify_release_files(paths, manifests)
     model = _registered_model(manifests["embed"]["model"], paths.registry.model_name)
     paths.path(RELEASE_MODEL).write_text(json.dumps(model, indent=2) + "\n")
     files = release_files(paths)
@@ -173,6 +180,17 @@ def _listing_gate(storage, manifests: dict, config: PromoteConfig) -> dict:
         )
     log.warning("promote: %s; promoting anyway (promote.allow_shrink)", message)
     return record
+
+
+def _verify_release_files(paths: StepPaths, manifests: dict) -> None:
+    """Every file to upload still has the sha256 its step recorded (AlteredFile if not):
+    what is published is what was evaluated."""
+    by_step: dict[str, list[str]] = {}
+    for artifact in (*RELEASE_FILES, EMBEDDINGS):
+        if artifact.step in manifests:  # not the model reference promote itself writes
+            by_step.setdefault(artifact.step, []).append(artifact.name)
+    for step, names in by_step.items():
+        verify_outputs(paths.step_dir(step), names, manifests[step])
 
 
 def _registered_model(reference: dict, model_name: str) -> dict:

@@ -1,7 +1,7 @@
 """`train` step: fit the multi-view model on cached features with the chosen objective.
 
 Deterministic given `seed` (on CPU). Writes to `<workdir>/train/`: `splits.parquet` (before
-any training), `checkpoints/last.pt` every epoch (a rerun resumes from it),
+any training), `checkpoints/` every epoch (a rerun resumes from it; components/io/checkpoints.py),
 `model.pt` (the best epoch by validation recall), `history.json`, and the manifest.
 Early stopping and model selection use the validation split only, never the test split.
 """
@@ -39,7 +39,7 @@ from components.core.encoders import autocast, pick_device
 from components.core.model import ListingModel, init_residual
 from components.core.objectives import Batch, build_objective
 from components.core.retrieval import TASKS, evaluate_tasks, present
-from components.io import activations
+from components.io import activations, checkpoints
 from components.io.manifest import (
     Timer,
     describe_files,
@@ -51,7 +51,6 @@ from components.io.training_data import TrainingData, load_training_data
 from components.release import serving, tracking
 
 STEP = STEPS["train"]
-CHECKPOINT = f"{CHECKPOINTS.name}/last.pt"
 OUTPUTS = tuple(a.name for a in (SPLITS, MODEL_WEIGHTS, MODEL_SPEC, HISTORY, TRAIN_METRICS))
 EMBED_BATCH = 1024
 
@@ -107,7 +106,7 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     model = build_model(config, data, tail).to(device)
     lineage = {"featurize": features_manifest["outputs"], "seed": paths.seed, "code": code_hash()}
     trainer = Trainer(config, data, model, device, paths.seed)
-    start_epoch = trainer.resume(out / CHECKPOINT, lineage)
+    start_epoch = trainer.resume(paths.path(CHECKPOINTS), lineage)
     if trainer.finished and (done := _already_recorded(out, config, lineage)) is not None:
         log.info("%s", done.summary)
         return done
@@ -317,29 +316,33 @@ class Trainer:
             bool(self.history) and _epochs_since_best(self.history) >= self.config.patience
         )
 
-    def resume(self, checkpoint: Path, lineage: dict) -> int:
-        """Load the last checkpoint if it was made with the same params, features, seed and
-        training code (`lineage`); return the epoch to start from."""
+    def resume(self, directory: Path, lineage: dict) -> int:
+        """Load the last checkpoint in `directory` if it was made with the same params,
+        features, seed and training code (`lineage`); return the epoch to start from.
+
+        Raises:
+            AlteredFile: the checkpoint is not the file that was written.
+        """
         self.lineage = lineage
-        if not checkpoint.is_file():
+        state = checkpoints.load(directory, self.device)
+        if state is None:
             return 0
-        state = torch.load(checkpoint, map_location=self.device, weights_only=False)
         if state["config"] != self.config.model_dump():
-            log.info("train: checkpoint %s has other params; starting afresh", checkpoint)
+            log.info("train: checkpoint in %s has other params; starting afresh", directory)
             return 0
         if state.get("lineage") != lineage:
             log.info(
-                "train: checkpoint %s is from other features, seed or training code; "
+                "train: checkpoint in %s is from other features, seed or training code; "
                 "starting afresh",
-                checkpoint,
+                directory,
             )
             return 0
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as err:  # the model code changed since the checkpoint
             log.info(
-                "train: checkpoint %s does not fit the current model (%s); starting afresh",
-                checkpoint,
+                "train: checkpoint in %s does not fit the current model (%s); starting afresh",
+                directory,
                 str(err).splitlines()[0],
             )
             return 0
@@ -349,7 +352,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
         self.best_state = state["best_model"]
-        log.info("train: resumed from %s after epoch %d", checkpoint, state["epoch"])
+        log.info("train: resumed from %s after epoch %d", directory, state["epoch"])
         return state["epoch"] + 1
 
     def fit(self, start_epoch: int, out: Path, run_) -> list[dict]:
@@ -381,7 +384,7 @@ class Trainer:
             else:
                 stale += 1
             if distributed.is_main():
-                self._checkpoint(out / CHECKPOINT, epoch)
+                self._checkpoint(out / CHECKPOINTS.name, epoch)
             log.info(
                 "train: epoch %d loss %.4f val recall@10 %.3f",
                 epoch,
@@ -458,7 +461,7 @@ class Trainer:
     def validate(self, split: str = "val") -> dict:
         return evaluate_split(self.model, self.data, split, self.config.ks, self.device)
 
-    def _checkpoint(self, path: Path, epoch: int) -> None:
+    def _checkpoint(self, directory: Path, epoch: int) -> None:
         state = {
             "epoch": epoch,
             "config": self.config.model_dump(),
@@ -471,9 +474,7 @@ class Trainer:
             "history": self.history,
             "best_model": self.best_state,
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        checkpoints.save(directory, state, epoch)
 
 
 def _epochs_since_best(history: list[dict]) -> int:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from components.io.feature_store import FeatureStore, content_key
+from components.io.manifest import AlteredFile
 
 
 def test_round_trip_across_shards_and_reopen(tmp_path):
@@ -45,3 +46,15 @@ def test_bad_shapes_and_repeated_keys_are_refused(tmp_path):
         store.add(["a", "b"], np.ones((2, 4), np.float32))
     with pytest.raises(ValueError, match="distinct"):
         store.add(["a", "a"], np.ones((2, 3), np.float32))
+
+
+def test_an_altered_shard_is_named_not_read(tmp_path):
+    store = FeatureStore(tmp_path, "enc", dim=4, shard_rows=2)
+    store.add(["a", "b"], np.ones((2, 4), np.float32))
+    shard = next(tmp_path.glob("enc/shard-*.npy"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the last vector
+    shard.write_bytes(bytes(data))
+
+    with pytest.raises(AlteredFile, match=r"shard-000000\.npy: sha256 .* run featurize again"):
+        FeatureStore(tmp_path, "enc", dim=4).get(["a"])

@@ -14,6 +14,7 @@ from components import contract, index
 from components.config import IndexConfig, StepPaths
 from components.core.diagnostics import scored_top_k
 from components.io import embedding_files, faiss_index
+from components.io.manifest import describe_files
 
 pytestmark = pytest.mark.integration
 N, DIM = 3000, 32
@@ -38,7 +39,8 @@ def embedded(tmp_path) -> StepPaths:
     pq.write_table(
         pa.table({"listing_id": [f"L{i}" for i in range(N)]}), out / "listing_ids.parquet"
     )
-    (out / "manifest.json").write_text(json.dumps({"outputs": {"parts": "x"}}))
+    outputs = describe_files(out, ["embeddings", "listing_ids.parquet"])
+    (out / "manifest.json").write_text(json.dumps({"step": "embed", "outputs": outputs}))
     return paths
 
 

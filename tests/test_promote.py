@@ -26,7 +26,7 @@ from components.config import (
     StorageConfig,
 )
 from components.errors import StepFailed
-from components.io.manifest import read_manifest
+from components.io.manifest import AlteredFile, read_manifest
 from components.release import production, registry
 from components.release.storage import open_storage
 from tests.conftest import fresh_paths
@@ -255,3 +255,42 @@ def test_a_release_that_shrank_past_max_shrink_is_refused_unless_allowed(evaluat
     assert listings["shrink_allowed"] is True
     table = promote.versions(paths)
     assert "1,000" in table and " 60 " in table
+
+
+@pytest.mark.parametrize(
+    ("step", "name", "consumer"),
+    [
+        ("train", "model.pt", lambda paths: embed.run(EmbedConfig(device="cpu"), paths)),
+        (
+            "embed",
+            "embeddings/part-000000.npy",
+            lambda paths: index.run(IndexConfig(factory="HNSW16"), paths),  # a rebuild
+        ),
+        ("embed", "embeddings/part-000000.npy", lambda paths: evaluate.run(EVALUATE, paths)),
+        ("index", "index.faiss", lambda paths: evaluate.run(EVALUATE, paths)),
+        ("index", "ids.parquet", lambda paths: promote.run(PromoteConfig(), paths)),
+        ("evaluate", "metrics.json", lambda paths: promote.run(PromoteConfig(), paths)),
+    ],
+    ids=[
+        "weights->embed",
+        "embeddings->index",
+        "embeddings->evaluate",
+        "index->evaluate",
+        "ids->promote",
+        "metrics->promote",
+    ],
+)
+def test_an_output_altered_on_disk_is_named_by_the_next_step_not_used(
+    evaluated, step, name, consumer
+):
+    path = evaluated.step_dir(step) / name
+    original = path.read_bytes()
+    before = production.read_pointer(store(evaluated))
+    path.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    try:
+        output = name.split("/")[0]  # a folder output is named as a whole
+        with pytest.raises(AlteredFile, match=rf"{output}: sha256 .* run that step again"):
+            consumer(evaluated)
+    finally:
+        path.write_bytes(original)
+    assert production.read_pointer(store(evaluated)) == before

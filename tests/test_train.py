@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -16,9 +17,9 @@ import torch
 
 from components import contract, train
 from components.config import StepPaths, TrainConfig
-from components.io import activations, training_data
+from components.io import activations, checkpoints, training_data
 from components.io.images import decode_image
-from components.io.manifest import read_manifest
+from components.io.manifest import AlteredFile, read_manifest
 from tests.conftest import LISTINGS
 from tests.conftest import fresh_paths as _fresh
 
@@ -66,7 +67,7 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_the_same(
     with pytest.raises(KeyboardInterrupt):
         train.run(TINY, paths)
     monkeypatch.setattr(train.Trainer, "_train_epoch", original)
-    checkpoint = torch.load(paths.step_dir("train") / train.CHECKPOINT, weights_only=False)
+    checkpoint = checkpoints.load(paths.path(contract.CHECKPOINTS))
     resumed = train.run(TINY, paths)
 
     assert checkpoint["epoch"] == 2
@@ -138,9 +139,8 @@ def test_challenger_loads_from_the_registry_and_embeds_raw_listings_and_queries(
 
 def test_a_checkpoint_that_no_longer_fits_the_model_is_not_resumed(featurized, tmp_path):
     paths = _fresh(featurized, tmp_path, "stale")
-    checkpoint = paths.step_dir("train") / train.CHECKPOINT
-    checkpoint.parent.mkdir(parents=True)
-    torch.save(
+    checkpoints.save(
+        paths.path(contract.CHECKPOINTS),
         {
             "epoch": 4,
             "config": TINY.model_dump(),
@@ -151,7 +151,7 @@ def test_a_checkpoint_that_no_longer_fits_the_model_is_not_resumed(featurized, t
             },
             "model": {"image.kind.weight": torch.zeros(99, 3)},
         },
-        checkpoint,
+        epoch=4,
     )
 
     result = train.run(TINY, paths)
@@ -278,3 +278,32 @@ def test_a_finished_run_whose_outputs_were_removed_writes_them_again(featurized,
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert second.best == first.best
     assert read_manifest(second.out_dir)["registered_model"]["version"] == "2"
+
+
+def test_an_altered_checkpoint_is_named_and_never_loaded(featurized, tmp_path):
+    paths = _fresh(featurized, tmp_path, "altered")
+    directory = paths.path(contract.CHECKPOINTS)
+    written = checkpoints.save(directory, {"epoch": 0, "weights": torch.ones(3)}, epoch=0)
+    assert checkpoints.load(directory)["weights"].tolist() == [1.0, 1.0, 1.0]
+    written.write_bytes(written.read_bytes()[:-8] + b"tampered")
+
+    with pytest.raises(AlteredFile, match=r"epoch-000000\.pt: sha256 .* altered or damaged"):
+        train.run(TINY, paths)
+
+
+def test_a_checkpoint_holding_arbitrary_objects_is_refused(tmp_path):
+    """weights_only: unpickling a checkpoint builds tensors and plain containers only."""
+    checkpoints.save(tmp_path, {"epoch": 0, "hook": Path("/etc/passwd")}, epoch=0)
+
+    with pytest.raises(Exception, match="Weights only load failed"):
+        checkpoints.load(tmp_path)
+
+
+def test_a_killed_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
+    checkpoints.save(tmp_path, {"epoch": 0}, epoch=0)
+    (tmp_path / "epoch-000001.pt.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
+
+    assert checkpoints.load(tmp_path) == {"epoch": 0}
+    checkpoints.save(tmp_path, {"epoch": 1}, epoch=1)
+    assert checkpoints.load(tmp_path) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch-000001.pt"]

@@ -10,6 +10,9 @@ import pyarrow.parquet as pq
 
 from components.config import StepPaths
 from components.contract import EMBEDDED_IDS, EMBEDDINGS
+from components.io.manifest import verify_outputs
+
+EMBED_OUTPUTS = (EMBEDDINGS.name, EMBEDDED_IDS.name)
 
 
 def embedding_parts(embed_dir: Path) -> list[Path]:
@@ -20,8 +23,16 @@ def embedding_parts(embed_dir: Path) -> list[Path]:
     return parts
 
 
+def verify_embeddings(embed_dir: Path, manifest: dict | None = None) -> dict:
+    """Check the embeddings and their ids against the embed step's manifest (sha256);
+    returns the manifest. Raises AlteredFile naming what changed."""
+    return verify_outputs(embed_dir, EMBED_OUTPUTS, manifest)
+
+
 def read_embeddings(paths: StepPaths) -> tuple[list[str], np.ndarray]:
-    """The embed step's listing ids and their embeddings [n, dim], in memory."""
+    """The embed step's listing ids and their embeddings [n, dim], in memory, checked
+    against its manifest first."""
+    verify_embeddings(paths.step_dir("embed"))
     ids = pq.read_table(paths.path(EMBEDDED_IDS)).column("listing_id").to_pylist()
     parts = embedding_parts(paths.step_dir("embed"))
     return ids, np.concatenate([np.load(part) for part in parts])

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from components.config import IndexConfig
 from components.contract import INDEX, INDEX_IDS
-from components.io.manifest import read_manifest
+from components.io.manifest import verify_outputs
 
 
 def new_index(factory: str, dim: int, count: int) -> faiss.Index:
@@ -73,8 +73,9 @@ def apply_search_params(index: faiss.Index, factory: str, params: dict[str, int]
 
 
 def load_index(index_dir: Path) -> tuple[faiss.Index, list[str], dict]:
-    """The saved index with its search params applied, its id map and its manifest."""
-    manifest = read_manifest(index_dir)
+    """The saved index with its search params applied, its id map and its manifest; both
+    files are checked against the manifest's sha256 first (AlteredFile)."""
+    manifest = verify_outputs(index_dir, (INDEX.name, INDEX_IDS.name))
     index = faiss.read_index(str(index_dir / INDEX.name))
     apply_search_params(index, manifest["params"]["factory"], manifest["search_params"])
     ids = pq.read_table(index_dir / INDEX_IDS.name).column("listing_id").to_pylist()

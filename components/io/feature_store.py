@@ -4,7 +4,9 @@ Keys are sha256 digests of what was encoded (image bytes, text), one store per e
 id, so an unchanged view is never encoded twice and a catalog that grows only encodes
 its new views. Vectors are buffered up to `shard_rows` and written as one `.npy` shard
 plus its keys; a shard becomes visible only once both files are renamed into place,
-so an interrupted run loses at most its unflushed buffer, never the store.
+so an interrupted run loses at most its unflushed buffer, never the store. The keys file
+records the sha256 of its vectors, checked when a process first reads the shard: a shard
+altered on disk is an error naming it, never read silently.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from components.io.manifest import AlteredFile, sha256_file
+
+_DIGEST = b"vectors_sha256"  # keys-file metadata: sha256 of the shard's .npy
 
 
 def unit_hash(text: str) -> float:
@@ -38,6 +44,7 @@ class FeatureStore:
         self.shard_rows = shard_rows
         self._where: dict[str, tuple[int, int]] = {}
         self._shards: dict[int, np.ndarray] = {}
+        self._digests: dict[int, str | None] = {}  # None: a shard written before digests
         self._pending_keys: dict[str, None] = {}  # insertion-ordered set
         self._pending: list[np.ndarray] = []
         self._next_shard = 0
@@ -48,7 +55,10 @@ class FeatureStore:
             shard = int(keys_file.name.split("-")[1].split(".")[0])
             if not self._vectors_path(shard).is_file():
                 continue  # keys without vectors: an interrupted write; ignore it
-            for row, key in enumerate(pq.read_table(keys_file).column("key").to_pylist()):
+            table = pq.read_table(keys_file)
+            digest = (table.schema.metadata or {}).get(_DIGEST)
+            self._digests[shard] = digest.decode() if digest else None
+            for row, key in enumerate(table.column("key").to_pylist()):
                 self._where.setdefault(key, (shard, row))
             self._next_shard = max(self._next_shard, shard + 1)
 
@@ -83,13 +93,16 @@ class FeatureStore:
         tmp = self.dir / f".shard-{shard:06d}.npy.tmp"
         with tmp.open("wb") as handle:
             np.save(handle, vectors)
+        digest = sha256_file(tmp)
         os.replace(tmp, self._vectors_path(shard))
         keys_tmp = self.dir / f".shard-{shard:06d}.keys.tmp"
-        pq.write_table(pa.table({"key": list(self._pending_keys)}), keys_tmp)
+        keys = pa.table({"key": list(self._pending_keys)})
+        pq.write_table(keys.replace_schema_metadata({_DIGEST: digest}), keys_tmp)
         os.replace(keys_tmp, self.dir / f"shard-{shard:06d}.keys.parquet")
         for row, key in enumerate(self._pending_keys):
             self._where.setdefault(key, (shard, row))
         self._pending_keys, self._pending = {}, []
+        self._digests[shard] = digest
         self._next_shard += 1
 
     def get(self, keys: list[str]) -> np.ndarray:
@@ -103,5 +116,14 @@ class FeatureStore:
 
     def _shard(self, shard: int) -> np.ndarray:
         if shard not in self._shards:
-            self._shards[shard] = np.load(self._vectors_path(shard), mmap_mode="r")
+            path = self._vectors_path(shard)
+            expected = self._digests.get(shard)
+            if expected is not None and (actual := sha256_file(path)) != expected:
+                raise AlteredFile(
+                    f"{path}: sha256 {actual[:16]}... is not the {expected[:16]}... its keys "
+                    "file recorded; the feature shard was altered or damaged: delete "
+                    f"{path.name} and its .keys.parquet, then run featurize again to encode "
+                    "its views anew"
+                )
+            self._shards[shard] = np.load(path, mmap_mode="r")
         return self._shards[shard]

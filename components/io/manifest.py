@@ -60,6 +60,38 @@ def describe_files(root: Path, names: Iterable[str]) -> dict[str, dict[str, Any]
     return described
 
 
+class AlteredFile(ValueError):
+    """A step's output whose bytes are not the ones its manifest recorded."""
+
+
+def verify_outputs(step_dir: Path, names: Iterable[str], manifest: dict | None = None) -> dict:
+    """Check that each named output in `step_dir` still has the sha256 its step's manifest
+    recorded (a folder: its tree hash, so the folder is what gets named) before it is
+    used; returns the manifest.
+
+    Raises:
+        AlteredFile: naming the first output that is missing or changed.
+    """
+    manifest = manifest if manifest is not None else read_manifest(step_dir)
+    recorded = manifest.get("outputs", {})
+    step = manifest.get("step", step_dir.name)
+    for name in names:
+        path = step_dir / name
+        if name not in recorded or not path.exists():
+            raise AlteredFile(
+                f"{path}: {'missing' if name in recorded else 'not recorded in the manifest'}; "
+                f"run the '{step}' step again"
+            )
+        actual = describe_files(step_dir, [name])[name]["sha256"]
+        if actual != recorded[name]["sha256"]:
+            raise AlteredFile(
+                f"{path}: sha256 {actual[:16]}... is not the {recorded[name]['sha256'][:16]}... "
+                f"that {step_dir / MANIFEST_NAME} recorded; it was altered or damaged after "
+                f"the '{step}' step wrote it: run that step again"
+            )
+    return manifest
+
+
 def package_versions(names: Iterable[str]) -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
     for name in names:

@@ -23,13 +23,17 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 @lru_cache(maxsize=8)
 def s3_client(
-    endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 8
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    max_attempts: int = 8,
+    timeout_s: float = 60.0,
 ) -> Any:
     """A shared, thread-safe S3 client with retries and S3-compatible checksum settings.
 
     `endpoint_url` / `region` None: boto3's chain decides (AWS_ENDPOINT_URL_S3,
-    AWS_DEFAULT_REGION, config files). Throttling and 5xx answers are retried with
-    exponential backoff up to `max_attempts` (botocore's adaptive mode)."""
+    AWS_DEFAULT_REGION, config files). Throttling, 5xx answers, connection resets and
+    requests without an answer in `timeout_s` are retried with exponential backoff up
+    to `max_attempts` (botocore's adaptive mode)."""
     import boto3
     from botocore.config import Config
 
@@ -38,6 +42,8 @@ def s3_client(
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         max_pool_connections=32,
+        connect_timeout=min(10.0, timeout_s),
+        read_timeout=timeout_s,
     )
     return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 

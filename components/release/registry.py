@@ -20,7 +20,7 @@ from components.config import StepPaths
 from components.contract import MODEL_SPEC, MODEL_WEIGHTS
 from components.core.model import ListingModel
 from components.io import activations
-from components.io.manifest import read_manifest, sha256_file
+from components.io.manifest import sha256_file, verify_outputs
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -62,7 +62,7 @@ def load_model(uri: str | None, paths: StepPaths, device: torch.device) -> Loade
 
 def _from_train_step(paths: StepPaths, device: torch.device) -> LoadedModel:
     train_dir = paths.step_dir("train")
-    manifest = read_manifest(train_dir)
+    manifest = verify_outputs(train_dir, [MODEL_WEIGHTS.name])
     weights = paths.path(MODEL_WEIGHTS)
     reference = {
         "source": str(train_dir),

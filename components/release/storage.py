@@ -243,7 +243,9 @@ class S3Storage(Storage):
         self.uri = config.uri.rstrip("/")
         self.bucket, prefix = split_s3_uri(self.uri)
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-        self.client = s3_client(config.endpoint_url, config.region, config.max_attempts)
+        self.client = s3_client(
+            config.endpoint_url, config.region, config.max_attempts, config.timeout_s
+        )
         threshold = config.multipart_threshold_mb * 1024 * 1024
         self.transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold)
         self._conditional_ok = False
