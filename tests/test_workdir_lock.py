@@ -47,9 +47,8 @@ def test_a_holder_killed_with_sigkill_leaves_the_workdir_free(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == b"held"
-        with pytest.raises(WorkdirBusy, match=r"step train, pid \d+"):
-            with holding(tmp_path, "embed"):
-                pass
+        with pytest.raises(WorkdirBusy, match=r"step train, pid \d+"), holding(tmp_path, "embed"):
+            pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
