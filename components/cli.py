@@ -128,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.step}: {err}", file=sys.stderr)
         return 1
     except Exception as err:
+        if _is_tracking_error(err):
+            # the tracking server is down or refused: which server, and what it said
+            where = _tracking_location(params, os.environ.get("MLFLOW_TRACKING_URI"))
+            print(f"error: {args.step}: MLflow at {where}: {_first_line(err)}", file=sys.stderr)
+            return 1
         if not _is_storage_error(err):
             raise
         # S3 said no (a missing bucket, access denied, an unreachable endpoint): the message
@@ -150,6 +155,26 @@ def _json_overrides(text: str | None) -> list[str]:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError("--set-json: expected a JSON list of SECTION.KEY=VALUE strings")
     return overrides
+
+
+def _is_tracking_error(err: Exception) -> bool:
+    return type(err).__module__.startswith("mlflow")
+
+
+def _tracking_location(params: Params, tracking_uri: str | None) -> str:
+    """The tracking URI without credentials (user:password@ is dropped)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = StepPaths.from_params(params, tracking_uri).mlflow_uri
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urlunsplit(parts)
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _is_storage_error(err: Exception) -> bool:

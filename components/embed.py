@@ -29,6 +29,7 @@ from tqdm import tqdm
 from components.config import EmbedConfig, StepPaths
 from components.contract import CLEAN, EMBEDDED_IDS, EMBEDDINGS, MISSING, SPLITS, STEPS
 from components.core.encoders import pick_device
+from components.io import atomic
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.manifest import (
     Timer,
@@ -118,10 +119,14 @@ def _write(
     total = 0
     progress = tqdm(desc="embed: listings", unit="listing", mininterval=2)
     schema = pa.schema([("listing_id", pa.string())])
-    with pq.ParquetWriter(out / EMBEDDED_IDS.name, schema) as ids:
+    with (
+        atomic.writing(out / EMBEDDED_IDS.name) as ids_path,
+        pq.ParquetWriter(ids_path, schema) as ids,
+    ):
         for part, chunk in enumerate(embedder.chunks(held_out)):
             vectors = embedder.embed(chunk, batch_size)
-            np.save(parts / f"part-{part:06d}.npy", vectors)
+            with atomic.writing(parts / f"part-{part:06d}.npy") as tmp, tmp.open("wb") as handle:
+                np.save(handle, vectors)
             ids.write_table(pa.table({"listing_id": chunk.listing_ids}))
             total += len(chunk.listing_ids)
             progress.update(len(chunk.listing_ids))
@@ -140,5 +145,5 @@ def _write_missing(clean: Path, out: Path, left_out: dict[str, str]) -> int:
         if listing_id not in embedded
     ]
     schema = pa.schema([("listing_id", pa.string()), ("reason", pa.string())])
-    pq.write_table(pa.Table.from_pylist(missing, schema=schema), out / MISSING.name)
+    atomic.write_table(pa.Table.from_pylist(missing, schema=schema), out / MISSING.name)
     return len(missing)

@@ -42,6 +42,7 @@ from components.core.retrieval import (
     index_metrics,
 )
 from components.errors import StepFailed
+from components.io import atomic
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import read_embeddings
 from components.io.faiss_index import load_index
@@ -193,8 +194,8 @@ def _compare_with_champion(
 
 
 def _write_outputs(out, metrics, results, champion, ks, n_listings) -> None:
-    (out / METRICS.name).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    (out / GATES.name).write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+    atomic.write_text(out / METRICS.name, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    atomic.write_text(out / GATES.name, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     curves = []  # one row per K: what DVC plots and the figure draw
     tasks = [task for task in TASKS if metrics[f"{task}/queries"]]
     for k in ks:
@@ -204,9 +205,10 @@ def _write_outputs(out, metrics, results, champion, ks, n_listings) -> None:
             if champion.get("curves"):
                 row[f"{task}/champion"] = champion["curves"][task][f"recall@{k}"]
         curves.append(row)
-    (out / CURVES.name).write_text(json.dumps(curves, indent=2) + "\n")
+    atomic.write_text(out / CURVES.name, json.dumps(curves, indent=2) + "\n")
     figure = tracking.recall_figure(curves, tuple(tasks), n_listings)
-    figure.savefig(out / RECALL_PLOT.name, dpi=100)
+    with atomic.writing(out / RECALL_PLOT.name) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
 
 
 def _summary(metrics, results, champion) -> str:

@@ -39,6 +39,7 @@ from components.contract import (
 )
 from components.core import encoders
 from components.core.views import view_text
+from components.io.atomic import writing
 from components.io.catalog_reader import (
     TRUSTED_MAX_BYTES,
     TRUSTED_SCHEMES,
@@ -206,8 +207,10 @@ class _Featurizer:
             total=total_images, desc="featurize: images", unit="img", mininterval=2
         )
         with (
-            pq.ParquetWriter(out / VIEWS.name, VIEWS_SCHEMA) as views,
-            pq.ParquetWriter(out / SKIPPED_VIEWS.name, SKIPPED_SCHEMA) as skipped,
+            writing(out / VIEWS.name) as views_path,
+            writing(out / SKIPPED_VIEWS.name) as skipped_path,
+            pq.ParquetWriter(views_path, VIEWS_SCHEMA) as views,
+            pq.ParquetWriter(skipped_path, SKIPPED_SCHEMA) as skipped,
             ThreadPoolExecutor(self.config.workers) as pool,
         ):
             for batch in parquet.iter_batches(self.config.listings_per_chunk, columns=columns):
@@ -220,17 +223,15 @@ class _Featurizer:
 
     def queries(self, queries_path: Path, out: Path) -> int:
         if not queries_path.is_file():
-            pq.write_table(
-                pa.table({"query_id": pa.array([], pa.string()), "key": pa.array([], pa.string())}),
-                out / QUERY_FEATURES.name,
-            )
+            empty = {"query_id": pa.array([], pa.string()), "key": pa.array([], pa.string())}
+            with writing(out / QUERY_FEATURES.name) as tmp:
+                pq.write_table(pa.table(empty), tmp)
             return 0
         table = pq.read_table(queries_path)
         texts = table.column("query").to_pylist()
         keys = self._encode_texts(texts, queries=True)
-        pq.write_table(
-            table.append_column("key", pa.array(keys, pa.string())), out / QUERY_FEATURES.name
-        )
+        with writing(out / QUERY_FEATURES.name) as tmp:
+            pq.write_table(table.append_column("key", pa.array(keys, pa.string())), tmp)
         return len(set(table.column("query_id").to_pylist()))
 
     def _text_views(self, rows: list[dict]) -> list[dict]:

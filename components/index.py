@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from components.config import IndexConfig, StepPaths
 from components.contract import EMBEDDED_IDS, INDEX, INDEX_IDS, STEPS
+from components.io import atomic
 from components.io.embedding_files import embedding_parts, verify_embeddings
 from components.io.faiss_index import apply_search_params, new_index, search_params
 from components.io.manifest import (
@@ -77,7 +78,8 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     index = faiss.index_gpu_to_cpu(gpu) if gpu is not index else index
     build_seconds = time.perf_counter() - build_start
     apply_search_params(index, config.factory, search_params(config))
-    faiss.write_index(index, str(out / INDEX.name))
+    with atomic.writing(out / INDEX.name) as tmp:
+        faiss.write_index(index, str(tmp))
     shutil.copyfile(paths.path(EMBEDDED_IDS), out / INDEX_IDS.name)
     size = (out / INDEX.name).stat().st_size
     summary = (

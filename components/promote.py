@@ -34,6 +34,7 @@ from components.contract import (
 )
 from components.core import gates
 from components.errors import StepFailed
+from components.io import atomic
 from components.io.embedding_files import embedding_parts
 from components.io.manifest import (
     Timer,
@@ -69,7 +70,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     gate_rows = _passed_gates(paths, manifests)
     _verify_release_files(paths, manifests)
     model = _registered_model(manifests["embed"]["model"], paths.registry.model_name)
-    paths.path(RELEASE_MODEL).write_text(json.dumps(model, indent=2) + "\n")
+    atomic.write_text(paths.path(RELEASE_MODEL), json.dumps(model, indent=2) + "\n")
     files = release_files(paths)
     storage = open_storage(paths.storage, paths.storage_uri)
     listings = _listing_gate(storage, manifests, config)

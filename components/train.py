@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -39,7 +38,7 @@ from components.core.encoders import autocast, pick_device
 from components.core.model import ListingModel, init_residual
 from components.core.objectives import Batch, build_objective
 from components.core.retrieval import TASKS, evaluate_tasks, present
-from components.io import activations, checkpoints
+from components.io import activations, atomic, checkpoints
 from components.io.manifest import (
     Timer,
     describe_files,
@@ -95,7 +94,7 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     if not main:
         logging.getLogger("components").setLevel(logging.WARNING)  # rank 0 speaks
     else:
-        pq.write_table(data.splits, paths.path(SPLITS))
+        atomic.write_table(data.splits, paths.path(SPLITS))
     log.info(
         "train: %d listings, queries train/val/test %d/%d/%d, held-out views val/test %d/%d",
         len(data.listing_ids),
@@ -114,7 +113,7 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     with tracked(paths, config, features_manifest, resumed=start_epoch > 0) as run_:
         history = trainer.fit(start_epoch, out, run_)
         if main:  # also when a resumed run had no epoch left (DVC removes outputs first)
-            torch.save(trainer.best_state, paths.path(MODEL_WEIGHTS))
+            _save_weights(trainer.best_state, paths.path(MODEL_WEIGHTS))
         best = max(history, key=lambda h: h["val/score"])
         summary = (
             f"train: {config.objective} on {device} x{distributed.world_size()}, best epoch "
@@ -173,8 +172,8 @@ def _record(config, paths, data, features_manifest, lineage, history, run_, time
     """Rank 0: history, metrics, MLflow summary and registration, the manifest."""
     out = paths.step_dir(STEP.name)
     best = max(history, key=lambda h: h["val/score"])
-    paths.path(HISTORY).write_text(json.dumps(history, indent=2) + "\n")
-    paths.path(TRAIN_METRICS).write_text(json.dumps(best, indent=2) + "\n")
+    atomic.write_text(paths.path(HISTORY), json.dumps(history, indent=2) + "\n")
+    atomic.write_text(paths.path(TRAIN_METRICS), json.dumps(best, indent=2) + "\n")
     run_.log_summary(best, paths.path(HISTORY), history)
     spec = {
         "model": model_spec(config, data),
@@ -380,7 +379,7 @@ class Trainer:
                     k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
                 }
                 if distributed.is_main():
-                    torch.save(self.best_state, out / MODEL_WEIGHTS.name)
+                    _save_weights(self.best_state, out / MODEL_WEIGHTS.name)
             else:
                 stale += 1
             if distributed.is_main():
@@ -475,6 +474,11 @@ class Trainer:
             "best_model": self.best_state,
         }
         checkpoints.save(directory, state, epoch)
+
+
+def _save_weights(state: dict, path: Path) -> None:
+    with atomic.writing(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _epochs_since_best(history: list[dict]) -> int:

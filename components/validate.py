@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from components.config import StepPaths, ValidateConfig
@@ -30,7 +29,7 @@ from components.contract import (
     VALIDATION_REPORT,
 )
 from components.errors import StepFailed
-from components.io import expectations
+from components.io import atomic, expectations
 from components.io.catalog_reader import (
     CatalogRoot,
     read_image_bytes,
@@ -72,12 +71,12 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     issues = table_issues(listings, config)
     image_issues(listings, root, config, issues)
     clean, quarantine = split_rows(listings, issues)
-    pq.write_table(clean, out / CLEAN.name)
-    pq.write_table(quarantine, out / QUARANTINE.name)
+    atomic.write_table(clean, out / CLEAN.name)
+    atomic.write_table(quarantine, out / QUARANTINE.name)
     queries_report = _write_queries(root, clean, out)
     report = build_report(listings, issues, config, queries_report)
-    (out / VALIDATION_REPORT.name).write_text(
-        json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    atomic.write_text(
+        out / VALIDATION_REPORT.name, json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     )
     summary = format_summary(report)
     outputs = [CLEAN.name, QUARANTINE.name, VALIDATION_REPORT.name]
@@ -202,11 +201,11 @@ def _write_queries(root: CatalogRoot, clean: pa.Table, out: Path) -> dict | None
     ]
     good = pa.array([not found for found in reasons], type=pa.bool_())
     bad_reasons = [found for found in reasons if found]
-    pq.write_table(queries.filter(good), out / CLEAN_QUERIES.name)
+    atomic.write_table(queries.filter(good), out / CLEAN_QUERIES.name)
     quarantined = queries.filter(pc.invert(good)).append_column(
         "reasons", pa.array(bad_reasons, type=pa.list_(pa.string()))
     )
-    pq.write_table(quarantined, out / QUARANTINED_QUERIES.name)
+    atomic.write_table(quarantined, out / QUARANTINED_QUERIES.name)
     counts = Counter(reason for found in bad_reasons for reason in found)
     return {
         "total": queries.num_rows,

@@ -89,6 +89,8 @@ def _from_registry(uri: str, match, paths: StepPaths, device: torch.device) -> L
         else:
             version = client.get_model_version(match["name"], match["version"])
     except MlflowException as err:
+        if not _is_absent(err):
+            raise
         raise ValueError(f"model {uri!r} is not in the registry at {paths.mlflow_uri}") from err
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
@@ -115,15 +117,19 @@ def _one(root: Path, name: str, uri: str) -> Path:
 
 
 def alias_version(paths: StepPaths, name: str, alias: str) -> str | None:
-    """The registered version `name@alias` points at; None when the alias is not set."""
+    """The registered version `name@alias` points at; None when the model or the alias
+    does not exist. Any other registry error (an unreachable server) is raised: "no
+    champion" must never be concluded from a registry that did not answer."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(tracking_uri=paths.mlflow_uri)
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if _is_absent(err):
+            return None
+        raise
 
 
 def move_alias(paths: StepPaths, name: str, alias: str, version: str, tags: dict) -> None:
@@ -139,9 +145,17 @@ def move_alias(paths: StepPaths, name: str, alias: str, version: str, tags: dict
     try:
         client.get_model_version(name, version)
     except MlflowException as err:
+        if not _is_absent(err):
+            raise
         raise ValueError(
             f"model {name} version {version} is not in the registry at {paths.mlflow_uri}"
         ) from err
     client.set_registered_model_alias(name, alias, version)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
+
+
+def _is_absent(err) -> bool:
+    """The registry answered that the model, version or alias does not exist (a missing
+    alias is INVALID_PARAMETER_VALUE), as opposed to not answering at all."""
+    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")

@@ -25,6 +25,7 @@ import torch
 
 from components.core.batching import pad_views
 from components.core.views import group_views, view_text
+from components.io import atomic
 
 _REQUIREMENTS = (
     "torch",
@@ -141,7 +142,7 @@ def register(weights: Path, spec: dict, name: str, alias: str, spec_path: Path) 
     """Log the pyfunc in the active MLflow run, register a new version of model `name`,
     and point `alias` at it. `spec` is written to `spec_path` and logged with the
     weights. Returns name, version, alias and URIs."""
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    atomic.write_text(spec_path, json.dumps(spec, indent=2) + "\n")
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=ListingEncoder(),
