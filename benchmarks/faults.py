@@ -128,12 +128,28 @@ def compare(step: str, ref: Path, got: Path) -> str:
         return _compare_releases(ref, got)
     a, b = read_manifest(ref / step)["outputs"], read_manifest(got / step)["outputs"]
     differ = sorted(name for name in a if a[name]["sha256"] != b.get(name, {}).get("sha256"))
-    if not differ:
-        return "identical"
-    notes = []
-    for name in differ:
-        notes.append(f"{name}: {_by_value(step, name, ref / step, got / step)}")
-    return "; ".join(notes)
+    notes = [f"{name}: {_by_value(step, name, ref / step, got / step)}" for name in differ]
+    if step == "featurize":
+        notes.append(_compare_stores(ref / step, got / step))
+    return "; ".join(notes) or "identical"
+
+
+def _compare_stores(ref: Path, got: Path) -> str:
+    """The feature store's vectors of every view and query key, run against run."""
+    import pyarrow.parquet as pq
+
+    from components.io.feature_store import FeatureStore
+    from components.io.manifest import read_manifest
+
+    keys = pq.read_table(ref / "views.parquet").column("key").to_pylist()
+    keys += pq.read_table(ref / "queries.parquet").column("key").to_pylist()
+    worst, count = 0.0, 0
+    for encoder in read_manifest(ref)["encoders"].values():
+        stores = [FeatureStore(r / "store", encoder["id"], encoder["dim"]) for r in (ref, got)]
+        mine = sorted({k for k in keys if k in stores[0]})
+        vectors = [store.get(mine) for store in stores]
+        worst, count = max(worst, float(np.abs(vectors[0] - vectors[1]).max())), count + len(mine)
+    return f"feature store: {count} vectors, equal to within {worst:.1e}"
 
 
 def _by_value(step: str, name: str, ref: Path, got: Path) -> str:
@@ -242,7 +258,8 @@ def storage_suite() -> None:
 
     print()
     print("storage faults (tests/test_storage_faults.py through the fault proxy):")
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(REPO / "tests/test_storage_faults.py")])
+    test = str(REPO / "tests/test_storage_faults.py")
+    code = pytest.main(["-v", "--no-header", "-p", "no:cacheprovider", "-p", "no:warnings", test])
     print(f"pytest exit code {code}")
 
 
