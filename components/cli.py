@@ -35,6 +35,7 @@ log = logging.getLogger("components")
 COMMANDS = {
     "versions": "list the versions in the production store, their metrics, the current one",
     "rollback": "point CURRENT back (default: the version before it) and move the alias",
+    "serve": "serve the store's CURRENT release: search API and page (params: serve)",
 }
 STORE_USERS = ("promote", "evaluate", *COMMANDS)  # what reads or writes storage.uri
 
@@ -110,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         params = load_params(args.params, args.overrides + _json_overrides(args.overrides_json))
+        if args.step == "serve":
+            from components.service.server import serve
+
+            serve(params, os.environ.get("MLFLOW_TRACKING_URI"))  # until interrupted
+            return 0
         if args.step in COMMANDS:
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
             print(run_command(args.step, params, tracking_uri, getattr(args, "to", None)))

@@ -333,6 +333,26 @@ class PromoteConfig(Section):
     )
 
 
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description="Address the search service listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Its port.")
+    poll_s: float = Field(
+        10.0, gt=0.0, description="Seconds between checks of the store's CURRENT pointer."
+    )
+    catalog: str | None = Field(
+        None,
+        description="Catalog whose titles and photos the results show (a local dir or "
+        "s3://...); null: paths.catalog.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Query encoders' device.")
+    max_k: int = Field(100, ge=1, description="Most results one request may ask for.")
+    max_query_chars: int = Field(500, ge=1, description="Longest text query accepted.")
+    max_upload_mb: float = Field(10.0, gt=0.0, description="Largest photo upload accepted.")
+    decode_memory_mb: int = Field(
+        256, ge=1, description="Decoded pixels of uploads held at once (see validate)."
+    )
+
+
 # minutes a step may run on an orchestrator before it is stopped (the steps never read it)
 STEP_TIMEOUT_MINUTES: dict[str, float] = {
     "catalog": 30,
@@ -442,6 +462,7 @@ class Params(Section):
     storage: StorageConfig = StorageConfig()
     registry: RegistryConfig = RegistryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    serve: ServeConfig = ServeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
@@ -466,6 +487,7 @@ SECTIONS: dict[str, type[Section]] = {
     "storage": StorageConfig,
     "registry": RegistryConfig,
     "orchestration": OrchestrationConfig,
+    "serve": ServeConfig,
 }
 
 

@@ -19,8 +19,9 @@ ALLOWED = {
     "io": {"base", "core", "io"},
     "sample": {"base", "core", "io", "sample"},
     "release": {"base", "core", "io", "release"},
+    "service": {"base", "core", "io", "release", "service"},
     "step": {"base", "core", "io", "sample", "release"},
-    "entry": {"base", "core", "io", "sample", "release", "step", "entry"},
+    "entry": {"base", "core", "io", "sample", "release", "service", "step", "entry"},
 }
 ORCHESTRATORS = {"airflow", "kfp"}
 

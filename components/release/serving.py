@@ -40,6 +40,31 @@ _REQUIREMENTS = (
 )
 
 
+class QueryEmbedder:
+    """A trained model with the frozen encoders of its spec: text and photo queries in,
+    unit embeddings out (the pyfunc below and the search service both use it)."""
+
+    def __init__(self, model, spec: dict, device: torch.device) -> None:
+        from components.core import encoders
+
+        self.model, self.spec, self.device = model, spec, device
+        # with a fine-tuned backbone, the encoder stops where the model's own tail begins
+        self.image_encoder = encoders.IMAGE_ENCODERS[spec["image_encoder"]](
+            device, spec["image_size"], tuned_blocks=spec.get("finetune_blocks", 0)
+        )
+        self.text_encoder = encoders.TEXT_ENCODERS[spec["text_encoder"]](device)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> np.ndarray:
+        features = torch.from_numpy(self.text_encoder.encode_queries(texts))
+        return self.model.embed_text_queries(features.to(self.device)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def images(self, images: list) -> np.ndarray:
+        features = torch.from_numpy(self.image_encoder.encode(images))
+        return self.model.embed_image_queries(features.to(self.device)).float().cpu().numpy()
+
+
 class ListingEncoder(mlflow.pyfunc.PythonModel):
     """Frozen encoders + trained adapters: raw listing/query rows in, embeddings out."""
 
@@ -50,12 +75,10 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
         self.device = encoders.pick_device("auto")
         self.model = registry.build_model(spec, Path(context.artifacts["weights"]), self.device)
-        # with a fine-tuned backbone, the encoder stops where the model's own tail begins
-        self.image_encoder = encoders.IMAGE_ENCODERS[spec["image_encoder"]](
-            self.device, spec["image_size"], tuned_blocks=spec.get("finetune_blocks", 0)
-        )
+        self.embedder = QueryEmbedder(self.model, spec, self.device)
+        self.image_encoder = self.embedder.image_encoder
+        self.text_encoder = self.embedder.text_encoder
         self.text_views = spec["text_views"]
-        self.text_encoder = encoders.TEXT_ENCODERS[spec["text_encoder"]](self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         if "kind" not in model_input.columns:
@@ -84,16 +107,11 @@ class ListingEncoder(mlflow.pyfunc.PythonModel):
         data = read_image_bytes(location, TRUSTED_MAX_BYTES)
         return decode_image(data, uri, ImageBounds(), fit=self.image_encoder.image_size)
 
-    @torch.no_grad()
     def _queries(self, frame: pd.DataFrame) -> np.ndarray:
-        features = torch.from_numpy(self.text_encoder.encode_queries(frame["query"].tolist()))
-        return self.model.embed_text_queries(features.to(self.device)).cpu().numpy()
+        return self.embedder.texts(frame["query"].tolist())
 
-    @torch.no_grad()
     def _image_queries(self, frame: pd.DataFrame) -> np.ndarray:
-        images = [self._load_image(uri) for uri in frame["image_uri"]]
-        features = torch.from_numpy(self.image_encoder.encode(images))
-        return self.model.embed_image_queries(features.to(self.device)).cpu().numpy()
+        return self.embedder.images([self._load_image(uri) for uri in frame["image_uri"]])
 
     @torch.no_grad()
     def _listings(self, frame: pd.DataFrame) -> np.ndarray:

@@ -1,0 +1,217 @@
+"""The search service's HTTP API and page (FastAPI).
+
+    GET  /search?q=...&k=...      text search
+    POST /search/image            photo upload (multipart field `photo`)
+    GET  /listings/{id}/similar   listings near one listing
+    GET  /photos/{ref}            a photo of the catalog, only from inside its root
+    GET  /healthz, /readyz        alive; ready once a release is loaded
+    GET  /version                 release, model version, its test metrics
+    GET  /metrics                 Prometheus: requests, latency, errors, release served
+    GET  /                        the search page (static/)
+
+Bad requests are a 4xx with a message that names the problem, never a 500.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import time
+from importlib import resources
+
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from components.config import ServeConfig
+from components.io.catalog_reader import read_image_bytes
+from components.io.images import DecodeBudget, ImageBounds, ImageRefError, decode_image
+from components.service.releases import ReleaseKeeper, ServedRelease
+
+STATIC = resources.files("components.service") / "static"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "search_requests_total",
+            "Requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "search_request_seconds",
+            "Request latency by endpoint",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "search_errors_total",
+            "Responses with a 5xx status",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.release = Gauge(
+            "search_release_info",
+            "1 for the release being served",
+            ["version", "model_version"],
+            registry=self.registry,
+        )
+        self.loads = Counter(
+            "search_release_loads_total",
+            "Release loads by outcome (loaded, failed)",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def served(self, release: ServedRelease) -> None:
+        self.release.clear()
+        self.release.labels(release.version, str(release.model.get("version"))).set(1)
+
+
+def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> FastAPI:
+    app = FastAPI(title="Listing search", docs_url="/docs", redoc_url=None)
+    catalog = keeper.catalog
+    bounds = ImageBounds()  # validate's defaults
+    budget = DecodeBudget(config.decode_memory_mb << 20)
+    max_upload = int(config.max_upload_mb * 2**20)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        if response.status_code >= 500:
+            metrics.errors.labels(endpoint).inc()
+        return response
+
+    def release() -> ServedRelease:
+        served = keeper.current
+        if served is None:
+            raise HTTPException(503, f"no release loaded yet: {keeper.last_error or 'loading'}")
+        return served
+
+    def results(served: ServedRelease, hits: list[tuple[str, float]]) -> list[dict]:
+        out = []
+        for listing_id, score in hits:
+            listing = served.listings.get(listing_id)
+            photo = listing.photo if listing else None
+            out.append(
+                {
+                    "listing_id": listing_id,
+                    "score": round(score, 6),
+                    "title": listing.title if listing else None,
+                    "photo_url": f"/photos/{photo}" if photo and "://" not in photo else None,
+                }
+            )
+        return out
+
+    def answer(served: ServedRelease, hits, **extra) -> dict:
+        return {"release": served.version, **extra, "results": results(served, hits)}
+
+    k_param = Query(10, ge=1, le=config.max_k, description=f"results, 1..{config.max_k}")
+    photo_param = File(..., description="the photo to search by")
+
+    @app.get("/search")
+    def search(
+        q: str = Query(..., min_length=1, max_length=config.max_query_chars), k: int = k_param
+    ) -> dict:
+        if not q.strip():
+            raise HTTPException(422, "q is blank")
+        served = release()
+        hits = served.search(served.embedder.texts([q]), k)[0]
+        return answer(served, hits, query=q)
+
+    @app.post("/search/image")
+    def search_image(photo: UploadFile = photo_param, k: int = k_param) -> dict:
+        data = photo.file.read(max_upload + 1)
+        if len(data) > max_upload:
+            raise HTTPException(413, f"photo larger than {config.max_upload_mb} MB")
+        name = photo.filename or "upload"
+        try:
+            image = decode_image(data, name, bounds, budget, fit=_fit(keeper))
+        except ImageRefError as err:
+            status = 413 if err.code in ("image_too_large", "image_bomb") else 422
+            raise HTTPException(status, f"{err.code}: {err.detail}") from None
+        served = release()
+        hits = served.search(served.embedder.images([image]), k)[0]
+        return answer(served, hits, photo=name)
+
+    @app.get("/listings/{listing_id}/similar")
+    def similar(listing_id: str, k: int = k_param) -> dict:
+        served = release()
+        vector = served.vector_of(listing_id)
+        if vector is None:
+            raise HTTPException(404, f"listing {listing_id!r} is not in release {served.version}")
+        hits = [hit for hit in served.search(vector, k + 1)[0] if hit[0] != listing_id][:k]
+        return answer(served, hits, listing_id=listing_id)
+
+    @app.get("/photos/{ref:path}")
+    def photo(ref: str) -> Response:
+        try:
+            location = catalog.resolve_image(ref, [], None)  # relative refs inside the root
+            data = read_image_bytes(location, max_upload * 4)
+        except ImageRefError as err:
+            status = 404 if err.code == "image_missing" else 400
+            raise HTTPException(status, f"{err.code}: {err.detail}") from None
+        except OSError as err:
+            raise HTTPException(404, f"{ref!r}: {err.strerror or err}") from None
+        media = mimetypes.guess_type(ref)[0] or "application/octet-stream"
+        if not media.startswith("image/"):
+            raise HTTPException(400, f"{ref!r} is not an image")
+        return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        served = keeper.current
+        if served is None:
+            return JSONResponse({"ready": False, "reason": keeper.last_error}, status_code=503)
+        return JSONResponse({"ready": True, "release": served.version})
+
+    @app.get("/version")
+    def version() -> dict:
+        served = release()
+        metrics_ = served.manifest.get("metrics", {})
+        return {
+            "release": served.version,
+            "model": {k: served.model.get(k) for k in ("name", "version", "run_id")},
+            "listings": len(served.ids),
+            "metrics": {k: v for k, v in metrics_.items() if "recall@10" in k},
+            "loaded_at": served.loaded_at,
+            "last_error": keeper.last_error,
+        }
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return (STATIC / "index.html").read_text()
+
+    app.mount("/static", StaticFiles(packages=[("components.service", "static")]), name="static")
+    return app
+
+
+def _fit(keeper: ReleaseKeeper) -> int:
+    served = keeper.current
+    return served.embedder.image_encoder.image_size if served else 224

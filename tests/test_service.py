@@ -1,0 +1,196 @@
+"""The search service over a small promoted release: the API, hostile requests, and
+releases that swap (a promotion, a rollback, a broken release) while it serves."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+from fastapi.testclient import TestClient
+
+from components import evaluate, index, promote
+from components.config import IndexConfig, PromoteConfig, load_params
+from components.release import production
+from components.release.storage import open_storage
+from components.service.server import build
+from tests.conftest import REPO_ROOT, png_claiming
+from tests.test_promote import EVALUATE, evaluated  # noqa: F401  (the module's fixture)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def service(evaluated, tmp_path_factory):  # noqa: F811
+    promote.run(PromoteConfig(), evaluated)
+    params = load_params(
+        REPO_ROOT / "params.yaml",
+        [
+            f"paths.workdir={evaluated.workdir}",
+            f"paths.catalog={evaluated.catalog}",
+            "serve.device=cpu",
+            "serve.max_upload_mb=1",
+        ],
+    )
+    app, keeper = build(params, evaluated.mlflow_uri, tmp_path_factory.mktemp("releases"))
+    with TestClient(app) as client:
+        yield client, keeper, evaluated
+
+
+def _catalog_rows(paths) -> list[dict]:
+    return pq.read_table(f"{paths.catalog}/listings.parquet").to_pylist()
+
+
+def test_text_search_finds_a_listing_by_its_title(service):
+    client, keeper, paths = service
+    row = _catalog_rows(paths)[7]
+
+    answer = client.get("/search", params={"q": row["title"], "k": 10})
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["release"] == keeper.current.version and len(body["results"]) == 10
+    assert row["listing_id"] in [hit["listing_id"] for hit in body["results"]]
+    scores = [hit["score"] for hit in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    first = body["results"][0]
+    assert first["title"] and first["photo_url"].startswith("/photos/")
+    assert client.get(first["photo_url"]).status_code == 200
+
+
+def test_photo_search_finds_the_listing_of_the_photo(service):
+    client, _, paths = service
+    row = _catalog_rows(paths)[3]
+    data = (REPO_ROOT / paths.catalog / row["image_uris"][0]).read_bytes()
+
+    answer = client.post("/search/image", files={"photo": ("mine.png", data, "image/png")})
+
+    assert answer.status_code == 200, answer.text
+    assert row["listing_id"] in [hit["listing_id"] for hit in answer.json()["results"][:5]]
+
+
+def test_similar_listings_leave_out_the_listing_itself(service):
+    client, _, paths = service
+    listing_id = _catalog_rows(paths)[0]["listing_id"]
+
+    answer = client.get(f"/listings/{listing_id}/similar", params={"k": 5})
+
+    hits = [hit["listing_id"] for hit in answer.json()["results"]]
+    assert answer.status_code == 200 and len(hits) == 5 and listing_id not in hits
+    missing = client.get("/listings/no-such-listing/similar")
+    assert missing.status_code == 404 and "no-such-listing" in missing.json()["detail"]
+
+
+def test_photos_are_served_from_the_catalog_root_only(service):
+    client, _, paths = service
+    ref = _catalog_rows(paths)[0]["image_uris"][0]
+
+    photo = client.get(f"/photos/{ref}")
+
+    assert photo.status_code == 200 and photo.headers["content-type"] == "image/png"
+    assert "max-age" in photo.headers["cache-control"]
+    for bad in ("../../../../etc/passwd", "..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"):
+        refused = client.get(f"/photos/{bad}")
+        assert refused.status_code in (400, 404), bad
+        assert "passwd" not in refused.text or "outside" in refused.text
+    assert client.get("/photos/images/none.png").status_code == 404
+
+
+def test_health_version_and_metrics(service):
+    client, keeper, _ = service
+    client.get("/search", params={"q": "heart"})
+
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"ready": True, "release": keeper.current.version}
+    version = client.get("/version").json()
+    assert version["release"] == keeper.current.version and version["model"]["version"] == "1"
+    assert "query_to_listing/recall@10" in version["metrics"]
+    metrics = client.get("/metrics").text
+    assert 'search_requests_total{endpoint="/search",status="200"}' in metrics
+    assert f'search_release_info{{model_version="1",version="{keeper.current.version}"}} 1.0' in (
+        metrics
+    )
+    assert "search_request_seconds_bucket" in metrics
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "says"),
+    [
+        (("get", "/search", {"params": {"q": "x" * 60_000}}), 422, "500 characters"),
+        (("get", "/search", {"params": {"q": "heart", "k": 0}}), 422, "greater than or equal"),
+        (("get", "/search", {"params": {"q": "heart", "k": -1}}), 422, "greater than or equal"),
+        (("get", "/search", {"params": {"q": "heart", "k": 10**9}}), 422, "less than or equal"),
+        (("get", "/search", {"params": {"q": "   "}}), 422, "blank"),
+        (("get", "/search", {}), 422, "Field required"),
+        (
+            (
+                "post",
+                "/search/image",
+                {"files": {"photo": ("a.png", b"not an image", "image/png")}},
+            ),
+            422,
+            "image_undecodable",
+        ),
+        (
+            ("post", "/search/image", {"files": {"photo": ("b.png", png_claiming(10**5, 10**5))}}),
+            413,
+            "image_bomb",
+        ),
+        (
+            ("post", "/search/image", {"files": {"photo": ("c.png", b"\0" * (2 << 20))}}),
+            413,
+            "larger than 1.0 MB",
+        ),
+        (("post", "/search/image", {}), 422, "Field required"),
+    ],
+    ids=[
+        "1MB-query",
+        "k0",
+        "k-1",
+        "k1e9",
+        "blank",
+        "no-q",
+        "not-image",
+        "bomb",
+        "oversize",
+        "none",
+    ],
+)
+def test_hostile_requests_are_a_4xx_with_a_message(service, request_, status, says):
+    client, _, _ = service
+    method, url, kwargs = request_
+
+    answer = getattr(client, method)(url, **kwargs)
+
+    assert answer.status_code == status, answer.text[:300]
+    assert says in answer.text
+
+
+def test_releases_swap_on_promotion_and_rollback_and_a_broken_one_is_not_served(service):
+    client, keeper, paths = service
+    first = keeper.current.version
+    store = open_storage(paths.storage, paths.storage_uri)
+    try:
+        index.run(IndexConfig(factory="HNSW16"), paths)  # other content: a new release
+        evaluate.run(EVALUATE, paths)
+        second = promote.run(PromoteConfig(), paths).version
+
+        assert keeper.refresh() is True
+        assert client.get("/version").json()["release"] == second != first
+        assert client.get("/search", params={"q": "heart"}).json()["release"] == second
+
+        promote.rollback(paths, None)
+        assert keeper.refresh() is True and keeper.current.version == first
+
+        promote.rollback(paths, second)  # forward again, but its index is damaged in the store
+        key = production.prefix_of(second) + "index.faiss"
+        store.put_bytes(key, store.get_bytes(key)[:-4] + b"XXXX")
+        for leftover in (keeper.cache_dir / second).glob("*"):
+            leftover.unlink()  # no clean local copy either
+
+        assert keeper.refresh() is False
+        assert keeper.current.version == first  # still serving the previous release
+        assert "corrupted" in keeper.last_error
+        assert client.get("/readyz").status_code == 200
+        assert 'search_release_loads_total{outcome="failed"}' in client.get("/metrics").text
+    finally:
+        index.run(IndexConfig(), paths)
+        evaluate.run(EVALUATE, paths)
