@@ -8,14 +8,28 @@ STAMP := $(VENV)/.installed
 PIP_VERSION := 26.3
 OPTIONAL_DATA := .cache/debian/.fetched
 
-.PHONY: run test lint lock clean-artifacts venv
+.PHONY: run test lint lock clean-artifacts venv serve browser
 
 run: $(STAMP) $(OPTIONAL_DATA)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/python -m components versions
+	@echo "Search the current release: make serve, then open http://127.0.0.1:8000/"
 
-test: $(STAMP)
+# The search service over the production store's CURRENT release (params: serve).
+serve: $(STAMP)
+	$(BIN)/python -m components serve
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# Debian's chromium and its driver for the search page's browser test, when missing and
+# apt-get works (as root); otherwise that one test skips and says why.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver; } >/dev/null 2>&1 \
+	  || echo "make: chromium could not be installed here; the browser test will skip"; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check components tests dags infra benchmarks

@@ -2,10 +2,12 @@
 
 Layers, each importing only the ones below it (tests/test_architecture.py checks this):
 
-    cli, workdir, __main__       entry points: parse params, run a step (any layer)
+    cli, workdir, __main__       entry points: parse params, run a step or the service
     catalog ... promote          the eight steps, one module each, named after the step:
                                  thin `run(config, paths)` shells; a step never imports
                                  another step
+    service/                     the search service over the store's CURRENT release
+                                 (FastAPI app, release swapping, the page)
     release/                     the production store, S3, the MLflow registry and runs,
                                  the served model, the champion
     sample/                      the emoji sample catalog (only the catalog step uses it)

@@ -46,11 +46,10 @@ def test_kustomization_lists_files_that_exist():
 
 
 def test_the_step_pods_service_account_volume_and_namespace_exist():
-    (account,) = by_kind("ServiceAccount")
-    assert (account["metadata"]["name"], account["metadata"]["namespace"]) == (
-        KUBE.service_account,
-        KUBE.namespace,
-    )
+    accounts = {a["metadata"]["name"]: a for a in by_kind("ServiceAccount")}
+    assert set(accounts) == {KUBE.service_account, "search-reader"}
+    account = accounts[KUBE.service_account]
+    assert account["metadata"]["namespace"] == KUBE.namespace
     assert "role-arn" in json.dumps(account["metadata"]["annotations"])  # workload identity
     (claim,) = by_kind("PersistentVolumeClaim")
     assert claim["metadata"]["name"] == KUBE.work_volume_claim
@@ -128,3 +127,17 @@ def test_no_credentials_are_committed(name):
     text = (INFRA / "k8s" / name).read_text().lower()
     for secret in ("aws_secret_access_key", "aws_access_key_id", "password:"):
         assert secret not in text
+
+
+def test_the_search_service_is_ready_on_a_loaded_release_and_scales():
+    (deployment,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "listing-search"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"][:4] == ["python", "-m", "components", "serve"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["serviceAccountName"] == "search-reader"
+    (autoscaler,) = by_kind("HorizontalPodAutoscaler")
+    assert autoscaler["spec"]["scaleTargetRef"]["name"] == "listing-search"
+    services = [s["metadata"]["name"] for s in by_kind("Service")]
+    assert "listing-search" in services

@@ -3,6 +3,12 @@ releases that swap (a promotion, a rollback, a broken release) while it serves."
 
 from __future__ import annotations
 
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
@@ -194,3 +200,81 @@ def test_releases_swap_on_promotion_and_rollback_and_a_broken_one_is_not_served(
     finally:
         index.run(IndexConfig(), paths)
         evaluate.run(EVALUATE, paths)
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture
+def live_url(service):
+    """The service's app behind a real uvicorn server on 127.0.0.1, in a thread."""
+    import uvicorn
+
+    client, _, _ = service
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
+    "chromium-driver; .ci/run installs them where apt-get works)",
+)
+def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(service, live_url):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, keeper, paths = service
+    rows = _catalog_rows(paths)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,900",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    wait = WebDriverWait(driver, 60)
+    loaded_photos = (
+        "return Array.from(document.querySelectorAll('#results img'))"
+        ".filter(img => img.complete && img.naturalWidth > 0).length"
+    )
+    try:
+        driver.get(live_url)
+        wait.until(lambda d: keeper.current.version in d.find_element(By.ID, "release").text)
+
+        driver.find_element(By.ID, "q").send_keys(rows[7]["title"])
+        wait.until(lambda d: d.execute_script(loaded_photos) >= 5)
+        shown = [
+            e.get_attribute("data-listing-id")
+            for e in driver.find_elements(By.CSS_SELECTOR, ".result")
+        ]
+        assert rows[7]["listing_id"] in shown
+        driver.save_screenshot(str(REPO_ROOT / "docs" / "search-page.png"))
+
+        upload = driver.find_element(By.ID, "photo")
+        driver.execute_script("arguments[0].hidden = false", upload)
+        upload.send_keys(str(Path(paths.catalog) / rows[3]["image_uris"][0]))
+        wait.until(lambda d: "results for photo" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: d.execute_script(loaded_photos) >= 5)
+        shown = [
+            e.get_attribute("data-listing-id")
+            for e in driver.find_elements(By.CSS_SELECTOR, ".result")
+        ]
+        assert rows[3]["listing_id"] in shown[:5]
+    finally:
+        driver.quit()

@@ -10,9 +10,19 @@ const release = document.getElementById("release");
 const K = 24;
 let latest = 0; // answers to older requests are dropped
 
+let shownRelease = null;
+
+function showRelease() {
+  fetch("/version").then((r) => r.json()).then((v) => {
+    if (!v.release) return;
+    shownRelease = v.release;
+    release.textContent = "release: " + v.release + " · model v" + v.model.version;
+  }).catch(() => {});
+}
+
 function show(answer, what) {
   list.replaceChildren();
-  release.textContent = "release: " + answer.release;
+  if (answer.release !== shownRelease) showRelease(); // a new release was swapped in
   statusLine.textContent = answer.results.length + " results for " + what;
   for (const hit of answer.results) {
     const item = document.createElement("li");
@@ -84,6 +94,4 @@ drop.addEventListener("drop", (event) => {
   searchPhoto(event.dataTransfer.files[0]);
 });
 
-fetch("/version").then((r) => r.json()).then((v) => {
-  if (v.release) release.textContent = "release: " + v.release + " · model v" + v.model.version;
-}).catch(() => {});
+showRelease();

@@ -1,0 +1,235 @@
+"""Load on the search service: requests/s and latency at several client counts, and a
+promotion plus a rollback under load.
+
+Starts `python -m components serve` on 127.0.0.1 over the promoted release of `--workdir`
+(default `artifacts/`, after `make run`), then for each client count runs that many
+concurrent clients (asyncio + httpx, keep-alive) sending text searches drawn from the
+catalog's queries for `--seconds`. With `--swap` (the default), a last run at 16 clients
+rebuilds the index as another type, promotes it, waits until the service answers with it,
+and rolls back, counting failed requests and the time until each release is served.
+127.0.0.1 only; every run is bounded in time.
+
+    .venv/bin/python benchmarks/serve_load.py [--clients 1 4 16 64] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def queries(workdir: Path) -> list[str]:
+    table = pq.read_table(workdir / "featurize" / "queries.parquet", columns=["query"])
+    found = sorted(set(table.column(0).to_pylist()))
+    random.Random(0).shuffle(found)
+    return found
+
+
+async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    failures: list[str] = []
+    versions: dict[str, int] = {}
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(offset: int, http: httpx.AsyncClient) -> None:
+        i = offset
+        while time.perf_counter() < deadline:
+            text = texts[i % len(texts)]
+            i += clients
+            start = time.perf_counter()
+            try:
+                answer = await http.get("/search", params={"q": text, "k": 10})
+                if answer.status_code != 200:
+                    failures.append(f"{answer.status_code}: {answer.text[:100]}")
+                    continue
+                release = answer.json()["release"]
+                versions[release] = versions.get(release, 0) + 1
+            except httpx.HTTPError as err:
+                failures.append(f"{type(err).__name__}: {err}")
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(n, http) for n in range(clients)))
+        elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "failed": len(failures),
+        "qps": len(latencies) / elapsed,
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "versions": versions,
+        "failures": failures[:3],
+    }
+
+
+def step(name: str, workdir: Path, *overrides: str) -> None:
+    argv = [sys.executable, "-m", "components", name, "--set", f"paths.workdir={workdir}"]
+    for override in overrides:
+        argv += ["--set", override]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+
+
+def wait_for_release(url: str, version: str, timeout: float = 120.0) -> float:
+    """Seconds until /version answers with `version`."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        try:
+            if httpx.get(f"{url}/version", timeout=5).json().get("release") == version:
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"the service did not serve {version} within {timeout}s")
+
+
+def current_version(workdir: Path) -> str:
+    from components.config import StorageConfig
+    from components.release import production
+    from components.release.storage import open_storage
+
+    store = open_storage(StorageConfig(uri=str(workdir / "production")))
+    return production.read_pointer(store).version
+
+
+def swap_under_load(url: str, workdir: Path, texts: list[str], seconds: float, pid: int) -> None:
+    """16 clients while a new release is promoted and rolled back."""
+    first = current_version(workdir)
+    timings: dict[str, float] = {}
+    peak = {"rss": rss_mb(pid)}
+    stop = threading.Event()
+
+    def watch_memory() -> None:
+        while not stop.is_set():
+            peak["rss"] = max(peak["rss"], rss_mb(pid))
+            time.sleep(0.05)
+
+    def operator() -> None:
+        time.sleep(1)
+        step("index", workdir, "index.factory=HNSW32", "index.ef_search=256")
+        step("evaluate", workdir, "evaluate.champion=null")
+        step("promote", workdir)
+        second = current_version(workdir)
+        timings["promote -> served s"] = wait_for_release(url, second)
+        step("rollback", workdir)
+        timings["rollback -> served s"] = wait_for_release(url, first)
+
+    watcher = threading.Thread(target=watch_memory, daemon=True)
+    worker = threading.Thread(target=operator)
+    before = rss_mb(pid)
+    watcher.start()
+    worker.start()
+    result = asyncio.run(load(url, texts, 16, seconds))
+    worker.join()
+    stop.set()
+    print()
+    print(
+        f"promotion and rollback under load (16 clients, {seconds:.0f} s): "
+        f"{result['requests']} requests, {result['failed']} failed, "
+        f"{result['qps']:.0f} req/s, p99 {result['p99']:.0f} ms; answers by release "
+        f"{result['versions']}; "
+        + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+        + f"; server RSS {before:.0f} MB before, {peak['rss']:.0f} MB peak, "
+        f"{rss_mb(pid):.0f} MB after"
+    )
+    if result["failures"]:
+        print("failures:", result["failures"])
+    step("index", workdir)  # the workdir as it was: the default index, evaluated again
+    step("evaluate", workdir, "evaluate.champion=null")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "artifacts")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--no-swap", action="store_true")
+    args = parser.parse_args()
+    workdir = args.workdir.resolve()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "components",
+            "serve",
+            "--set",
+            f"paths.workdir={workdir}",
+            "--set",
+            f"serve.port={port}",
+            "--set",
+            "serve.poll_s=0.5",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        start = time.perf_counter()
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.perf_counter() - start > 300:
+                raise SystemExit("the service did not become ready")
+            time.sleep(0.2)
+        texts = queries(workdir)
+        version = httpx.get(f"{url}/version").json()
+        print(
+            f"release {version['release']} ({version['listings']} listings, model "
+            f"v{version['model']['version']}), ready after {time.perf_counter() - start:.1f} s; "
+            f"{len(texts)} distinct queries; {args.seconds:.0f} s per row; server RSS "
+            f"{rss_mb(server.pid):.0f} MB"
+        )
+        print("| clients | requests | failed | req/s | p50 ms | p99 ms |")
+        print("|---|---|---|---|---|---|")
+        for clients in args.clients:
+            row = asyncio.run(load(url, texts, clients, args.seconds))
+            print(
+                f"| {clients} | {row['requests']} | {row['failed']} | {row['qps']:.0f} | "
+                f"{row['p50']:.1f} | {row['p99']:.1f} |"
+            )
+        if not args.no_swap:
+            swap_under_load(url, workdir, texts, max(args.seconds, 40.0), server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
