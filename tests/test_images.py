@@ -6,6 +6,7 @@ import io
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -83,6 +84,23 @@ def test_large_images_decode_reduced_to_twice_the_fit_with_their_aspect():
         assert image.mode == "RGB"
         assert 448 <= min(image.size) < 3000
         assert image.size[0] / image.size[1] == pytest.approx(4 / 3, rel=0.02)
+
+
+def test_a_large_palette_image_is_reduced_in_colour_not_in_palette_indices():
+    """Black (index 0) and white (index 2) stripes: averaged as colours they are grey;
+    averaged as indices they would be index 1, green."""
+    stripes = np.zeros((900, 1200), np.uint8)
+    stripes[:, 1::2] = 2
+    image = Image.fromarray(stripes, mode="P")
+    image.putpalette([0, 0, 0, 0, 255, 0, 255, 255, 255])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+
+    decoded = decode_image(buffer.getvalue(), "p.png", BOUNDS, fit=224)
+
+    assert min(decoded.size) < 900
+    red, green, blue = decoded.getpixel((10, 10))
+    assert abs(red - green) < 20 and abs(green - blue) < 20  # grey, not green
 
 
 def test_small_images_decode_at_full_size():

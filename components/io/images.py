@@ -30,6 +30,8 @@ warnings.simplefilter("error", Image.DecompressionBombWarning)
 BYTES_PER_PIXEL = 4
 # Full-size copies that flattening transparency onto white makes at most (_to_rgb).
 CONVERSION_COPIES = 4
+# Modes whose pixel values can be averaged as they are (Image.reduce).
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
 class ImageRefError(ValueError):
@@ -166,10 +168,17 @@ def decode_image(
             image.draft(image.mode, _reduced_size(image.size, fit))  # keeps >= that size
         factor = 1 if fit is None else min(image.size) // (2 * fit)
         factor = factor if factor >= 2 else 1
+        # reduce() averages pixel values: a palette or bilevel image is converted first
+        convert_first = factor > 1 and image.mode not in REDUCIBLE_MODES
         full = _pixel_bytes(image.size)
-        with budget.reserve(full + CONVERSION_COPIES * full // factor**2, ref):
+        nbytes = full * (2 if convert_first else 1) + CONVERSION_COPIES * full // factor**2
+        with budget.reserve(nbytes, ref):
             image.load()  # decoder errors surface in _opened
-            rgb = _to_rgb(image.reduce(factor) if factor > 1 else image)
+            if factor > 1:
+                source = image.convert("RGBA") if convert_first else image
+                rgb = _to_rgb(source.reduce(factor))
+            else:
+                rgb = _to_rgb(image)
             image.close()  # the full-size pixels go before the budget is given back
             return rgb
 
