@@ -3,7 +3,7 @@ promotion plus a rollback under load.
 
 Starts `python -m components serve` on 127.0.0.1 over the promoted release of `--workdir`
 (default `artifacts/`, after `make run`), then for each client count runs that many
-concurrent clients (asyncio + httpx, keep-alive) sending text searches drawn from the
+concurrent clients (asyncio, keep-alive HTTP/1.1) sending text searches drawn from the
 catalog's queries for `--seconds`. With `--swap` (the default), a last run at 16 clients
 rebuilds the index as another type, promotes it, waits until the service answers with it,
 and rolls back, counting failed requests and the time until each release is served.
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -51,35 +53,67 @@ def queries(workdir: Path) -> list[str]:
     return found
 
 
+class Connection:
+    """A minimal keep-alive HTTP/1.1 GET client on asyncio streams: the load generator
+    shares the 2 cores with the service, so it must cost little (httpx cost about as
+    much CPU per request as the service itself)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, target: str) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict:
     latencies: list[float] = []
     failures: list[str] = []
     versions: dict[str, int] = {}
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    parts = urllib.parse.urlsplit(url)
 
-    async def client(offset: int, http: httpx.AsyncClient) -> None:
+    async def client(offset: int) -> None:
         i = offset
-        while time.perf_counter() < deadline:
-            text = texts[i % len(texts)]
-            i += clients
-            start = time.perf_counter()
-            try:
-                answer = await http.get("/search", params={"q": text, "k": 10})
-                if answer.status_code != 200:
-                    failures.append(f"{answer.status_code}: {answer.text[:100]}")
+        connection = Connection(parts.hostname, parts.port)
+        try:
+            while time.perf_counter() < deadline:
+                target = "/search?" + urllib.parse.urlencode({"q": texts[i % len(texts)], "k": 10})
+                i += clients
+                start = time.perf_counter()
+                try:
+                    status, body = await connection.get(target)
+                except (OSError, asyncio.IncompleteReadError, ValueError) as err:
+                    failures.append(f"{type(err).__name__}: {err}")
+                    connection.close()
+                    connection = Connection(parts.hostname, parts.port)
                     continue
-                release = answer.json()["release"]
+                if status != 200:
+                    failures.append(f"{status}: {body[:100]!r}")
+                    continue
+                latencies.append(time.perf_counter() - start)
+                release = json.loads(body)["release"]
                 versions[release] = versions.get(release, 0) + 1
-            except httpx.HTTPError as err:
-                failures.append(f"{type(err).__name__}: {err}")
-                continue
-            latencies.append(time.perf_counter() - start)
+        finally:
+            connection.close()
 
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(n, http) for n in range(clients)))
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    elapsed = time.perf_counter() - started
     ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
     return {
         "clients": clients,
@@ -93,8 +127,8 @@ async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict
     }
 
 
-def step(name: str, workdir: Path, *overrides: str) -> None:
-    argv = [sys.executable, "-m", "components", name, "--set", f"paths.workdir={workdir}"]
+def step(name: str, workdir: Path, *overrides: str, args: tuple[str, ...] = ()) -> None:
+    argv = [sys.executable, "-m", "components", name, *args, "--set", f"paths.workdir={workdir}"]
     for override in overrides:
         argv += ["--set", override]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
@@ -143,11 +177,18 @@ def swap_under_load(url: str, workdir: Path, texts: list[str], seconds: float, p
         step("promote", workdir)
         second = current_version(workdir)
         timings["promote -> served s"] = wait_for_release(url, second)
-        step("rollback", workdir)
+        step("rollback", workdir, args=("--to", first))
         timings["rollback -> served s"] = wait_for_release(url, first)
 
+    def operate() -> None:
+        try:
+            operator()
+        except BaseException as err:  # a failed step ends the benchmark, loudly
+            timings["operator failed"] = float("nan")
+            print(f"operator failed: {err}", file=sys.stderr)
+
     watcher = threading.Thread(target=watch_memory, daemon=True)
-    worker = threading.Thread(target=operator)
+    worker = threading.Thread(target=operate)
     before = rss_mb(pid)
     watcher.start()
     worker.start()

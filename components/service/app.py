@@ -14,6 +14,8 @@ Bad requests are a 4xx with a message that names the problem, never a 500.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import mimetypes
 import time
 from importlib import resources
@@ -33,6 +35,7 @@ from prometheus_client import (
 from components.config import ServeConfig
 from components.io.catalog_reader import read_image_bytes
 from components.io.images import DecodeBudget, ImageBounds, ImageRefError, decode_image
+from components.service.batching import SearchBatcher
 from components.service.releases import ReleaseKeeper, ServedRelease
 
 STATIC = resources.files("components.service") / "static"
@@ -82,7 +85,20 @@ class Metrics:
 
 
 def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> FastAPI:
-    app = FastAPI(title="Listing search", docs_url="/docs", redoc_url=None)
+    def release() -> ServedRelease:
+        served = keeper.current
+        if served is None:
+            raise HTTPException(503, f"no release loaded yet: {keeper.last_error or 'loading'}")
+        return served
+
+    batcher = SearchBatcher(release)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="Listing search", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     catalog = keeper.catalog
     bounds = ImageBounds()  # validate's defaults
     budget = DecodeBudget(config.decode_memory_mb << 20)
@@ -99,12 +115,6 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         if response.status_code >= 500:
             metrics.errors.labels(endpoint).inc()
         return response
-
-    def release() -> ServedRelease:
-        served = keeper.current
-        if served is None:
-            raise HTTPException(503, f"no release loaded yet: {keeper.last_error or 'loading'}")
-        return served
 
     def results(served: ServedRelease, hits: list[tuple[str, float]]) -> list[dict]:
         out = []
@@ -128,13 +138,12 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
     photo_param = File(..., description="the photo to search by")
 
     @app.get("/search")
-    def search(
+    async def search(
         q: str = Query(..., min_length=1, max_length=config.max_query_chars), k: int = k_param
     ) -> dict:
         if not q.strip():
             raise HTTPException(422, "q is blank")
-        served = release()
-        hits = served.search(served.embedder.texts([q]), k)[0]
+        served, hits = await asyncio.wrap_future(batcher.submit(q, k))
         return answer(served, hits, query=q)
 
     @app.post("/search/image")

@@ -46,8 +46,12 @@ def build(
 
 def serve(params: Params, tracking_uri: str | None = None) -> None:
     """Run the service until interrupted, following CURRENT every `serve.poll_s`."""
+    import torch
     import uvicorn
 
+    # concurrency comes from requests served side by side: one intra-op thread each
+    # (on 2 cores a query's text encoding took 2.9 ms with 2 threads, 0.8 ms with 1)
+    torch.set_num_threads(1)
     app, keeper = build(params, tracking_uri)
     keeper.start(params.serve.poll_s)
     config = params.serve
