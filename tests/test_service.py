@@ -278,3 +278,18 @@ def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(service, live_
         assert rows[3]["listing_id"] in shown[:5]
     finally:
         driver.quit()
+
+
+def test_a_one_megabyte_query_to_the_real_server_is_a_4xx(live_url):
+    import http.client
+    import urllib.parse
+
+    host, port = urllib.parse.urlsplit(live_url).netloc.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("GET", "/search?q=" + "x" * 1_000_000)
+    answer = connection.getresponse()
+
+    assert 400 <= answer.status < 500, (
+        answer.status
+    )  # 422 from the app, or 400/414 from the HTTP parser
+    connection.close()
