@@ -98,6 +98,13 @@ def test_photos_are_served_from_the_catalog_root_only(service):
         assert refused.status_code in (400, 404), bad
         assert "passwd" not in refused.text or "outside" in refused.text
     assert client.get("/photos/images/none.png").status_code == 404
+    outside = Path(paths.catalog) / "images" / "outside.png"
+    outside.symlink_to("/etc/hostname")
+    try:
+        escaped = client.get("/photos/images/outside.png")
+        assert escaped.status_code == 400 and "image_path_escapes_root" in escaped.text
+    finally:
+        outside.unlink()
 
 
 def test_health_version_and_metrics(service):
