@@ -153,7 +153,12 @@ class FeaturizeConfig(Section):
     listings_per_chunk: int = Field(
         1024, ge=1, description="Listings read at a time; bounds memory at any catalog size."
     )
-    shard_rows: int = Field(8192, ge=1, description="Vectors per feature-store shard file.")
+    shard_rows: int = Field(
+        8192,
+        ge=1,
+        description="Most vectors per feature-store shard file (each chunk also ends one, "
+        "so an interrupted run keeps every finished chunk's vectors).",
+    )
     workers: int = Field(4, ge=1, description="Threads that read and decode images.")
     decode_memory_mb: int = Field(
         512,

@@ -219,6 +219,9 @@ class _Featurizer:
                 image_rows, bad = self._image_views(rows, pool)
                 views.write_table(pa.Table.from_pylist(text_rows + image_rows, schema=VIEWS_SCHEMA))
                 skipped.write_table(pa.Table.from_pylist(bad, schema=SKIPPED_SCHEMA))
+                # what a chunk encoded is kept even if the run dies before the next one
+                self.image_store.flush()
+                self.text_store.flush()
         self.progress.close()
 
     def queries(self, queries_path: Path, out: Path) -> int:

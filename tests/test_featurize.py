@@ -93,3 +93,29 @@ def test_a_view_that_went_bad_after_validation_is_skipped_and_named(make_catalog
     ]
     assert result.counts["image_views"] == 3
     assert "1 views skipped (image_undecodable: 1)" in result.summary
+
+
+def test_a_run_that_dies_keeps_the_vectors_of_its_finished_chunks(
+    make_catalog, step_paths, monkeypatch
+):
+    root = _colour_catalog(make_catalog, ["a", "b", "c"])
+    paths = step_paths(root)
+    validate.run(ValidateConfig(workers=2), paths)
+    config = CONFIG.model_copy(update={"listings_per_chunk": 1})
+    original, calls = featurize._Featurizer._image_views, []
+
+    def dies_in_the_third_chunk(self, rows, pool):
+        calls.append(rows)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("node lost")
+        return original(self, rows, pool)
+
+    monkeypatch.setattr(featurize._Featurizer, "_image_views", dies_in_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        featurize.run(config, paths)
+    monkeypatch.setattr(featurize._Featurizer, "_image_views", original)
+
+    rerun = featurize.run(config, paths)
+
+    assert rerun.counts["image_views"] == 6
+    assert rerun.counts["images_encoded"] == 2  # only the chunk that never finished
