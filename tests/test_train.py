@@ -20,6 +20,7 @@ from components.config import StepPaths, TrainConfig
 from components.io import activations, checkpoints, training_data
 from components.io.images import decode_image
 from components.io.manifest import AlteredFile, read_manifest
+from components.release import registry
 from tests.conftest import LISTINGS
 from tests.conftest import fresh_paths as _fresh
 
@@ -307,3 +308,16 @@ def test_a_killed_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
     checkpoints.save(tmp_path, {"epoch": 1}, epoch=1)
     assert checkpoints.load(tmp_path) == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch-000001.pt"]
+
+
+def test_a_registered_model_altered_in_the_artifact_store_is_named_not_loaded(
+    featurized, tmp_path
+):
+    paths = _fresh(featurized, tmp_path, "tampered")
+    train.run(TINY, paths)
+    assert registry.load_model("models:/listing-encoder/1", paths, torch.device("cpu")).model
+    (stored,) = [p for p in (paths.workdir / "mlartifacts").rglob("model.pt") if p.is_file()]
+    stored.write_bytes(stored.read_bytes()[:-8] + b"tampered")
+
+    with pytest.raises(AlteredFile, match=r"models:/listing-encoder/1.*altered or damaged"):
+        registry.load_model("models:/listing-encoder/1", paths, torch.device("cpu"))

@@ -20,8 +20,9 @@ from components.config import StepPaths
 from components.contract import MODEL_SPEC, MODEL_WEIGHTS
 from components.core.model import ListingModel
 from components.io import activations
-from components.io.manifest import sha256_file, verify_outputs
+from components.io.manifest import AlteredFile, sha256_file, verify_outputs
 
+WEIGHTS_TAG = "weights_sha256"  # a registered version's tag: the sha256 of its model.pt
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -96,6 +97,13 @@ def _from_registry(uri: str, match, paths: StepPaths, device: torch.device) -> L
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         spec_path = _one(local, MODEL_SPEC.name, uri)
         weights = _one(local, MODEL_WEIGHTS.name, uri)
+        expected = version.tags.get(WEIGHTS_TAG)
+        if expected and (actual := sha256_file(weights)) != expected:
+            raise AlteredFile(
+                f"model {uri!r}: the downloaded {MODEL_WEIGHTS.name} has sha256 "
+                f"{actual[:16]}..., not the {expected[:16]}... registered with version "
+                f"{version.version}; the artifact store's copy was altered or damaged"
+            )
         spec = json.loads(spec_path.read_text())
         model = build_model(spec, weights, device)
         reference = {

@@ -26,6 +26,8 @@ import torch
 from components.core.batching import pad_views
 from components.core.views import group_views, view_text
 from components.io import atomic
+from components.io.manifest import sha256_file
+from components.release.registry import WEIGHTS_TAG
 
 _REQUIREMENTS = (
     "torch",
@@ -171,6 +173,8 @@ def register(weights: Path, spec: dict, name: str, alias: str, spec_path: Path) 
     )
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
+    # what a later download of this version must hash to (checked in registry.load_model)
+    client.set_model_version_tag(name, version, WEIGHTS_TAG, sha256_file(weights))
     client.set_registered_model_alias(name, alias, version)
     return {
         "name": name,
