@@ -310,9 +310,7 @@ def test_a_killed_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch-000001.pt"]
 
 
-def test_a_registered_model_altered_in_the_artifact_store_is_named_not_loaded(
-    featurized, tmp_path
-):
+def test_a_registered_model_altered_in_the_artifact_store_is_named_not_loaded(featurized, tmp_path):
     paths = _fresh(featurized, tmp_path, "tampered")
     train.run(TINY, paths)
     assert registry.load_model("models:/listing-encoder/1", paths, torch.device("cpu")).model
