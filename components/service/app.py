@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import mimetypes
 import time
+import urllib.parse
 from importlib import resources
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -33,7 +34,7 @@ from prometheus_client import (
 )
 
 from components.config import ServeConfig
-from components.io.catalog_reader import read_image_bytes
+from components.io.catalog_reader import TRUSTED_MAX_BYTES, read_image_bytes
 from components.io.images import DecodeBudget, ImageBounds, ImageRefError, decode_image
 from components.service.batching import SearchBatcher
 from components.service.releases import ReleaseKeeper, ServedRelease
@@ -126,7 +127,7 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
                     "listing_id": listing_id,
                     "score": round(score, 6),
                     "title": listing.title if listing else None,
-                    "photo_url": f"/photos/{photo}" if photo and "://" not in photo else None,
+                    "photo_url": _photo_url(photo),
                 }
             )
         return out
@@ -174,7 +175,7 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
     def photo(ref: str) -> Response:
         try:
             location = catalog.resolve_image(ref, [], None)  # relative refs inside the root
-            data = read_image_bytes(location, max_upload * 4)
+            data = read_image_bytes(location, TRUSTED_MAX_BYTES)  # validated already
         except ImageRefError as err:
             status = 404 if err.code == "image_missing" else 400
             raise HTTPException(status, f"{err.code}: {err.detail}") from None
@@ -219,6 +220,14 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
 
     app.mount("/static", StaticFiles(packages=[("components.service", "static")]), name="static")
     return app
+
+
+def _photo_url(ref: str | None) -> str | None:
+    """The service's URL of a catalog photo (relative references only: an absolute URI
+    is not under the catalog root the service serves)."""
+    if not ref or "://" in ref:
+        return None
+    return "/photos/" + urllib.parse.quote(ref, safe="/")
 
 
 def _fit(keeper: ReleaseKeeper) -> int:
