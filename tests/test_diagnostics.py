@@ -32,12 +32,20 @@ def test_alignment_and_uniformity_on_known_points():
     assert uniformity(spread) < uniformity(bunched)
 
 
-@pytest.mark.parametrize("scoring", ["cosine", "euclidean", "manhattan"])
+def _histograms(x: np.ndarray) -> np.ndarray:
+    split = np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], axis=1)
+    return split / split.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("scoring", ["cosine", "euclidean", "manhattan", "chi_square"])
 def test_chunked_top_k_equals_a_full_sort(scoring):
     rng = np.random.default_rng(1)
-    queries, items = rng.normal(size=(9, 6)), rng.normal(size=(50, 6))
+    queries, items = rng.normal(size=(40, 6)), rng.normal(size=(50, 6))
     if scoring == "cosine":
         full = queries @ items.T
+    elif scoring == "chi_square":  # written out per pair, as the definition reads
+        p, q = _histograms(queries), _histograms(items)
+        full = np.array([[-np.sum((a - b) ** 2 / (a + b + 1e-300)) for b in q] for a in p])
     else:
         p = 2 if scoring == "euclidean" else 1
         full = -(np.sum(np.abs(queries[:, None] - items[None]) ** p, axis=-1) ** (1 / p))

@@ -4,8 +4,11 @@
   the cloud of text-view embeddings (exact OT with uniform weights, POT);
 - alignment (mean squared distance of positive pairs) and uniformity (log of the mean
   Gaussian potential over all pairs), after Wang & Isola (2020);
-- top-k retrieval under cosine, Euclidean or Manhattan scoring, computed chunk by chunk
-  so the score matrix is never whole in memory.
+- top-k retrieval under cosine, Euclidean, Manhattan or chi-square scoring, computed chunk
+  by chunk so the score matrix is never whole in memory. Chi-square compares
+  histograms, so each embedding is first made one: its positive and negative parts side by
+  side ([max(x, 0), max(-x, 0)], 2d non-negative values that keep all of x), scaled to
+  sum 1; the score is minus sum (p - q)^2 / (p + q).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 
 from components.core.metrics import ranks_from_top_k, recall_at_k
 
-SCORINGS = ("cosine", "euclidean", "manhattan")
+SCORINGS = ("cosine", "euclidean", "manhattan", "chi_square")
+CHI_SQUARE_BLOCK = (32, 2048)  # queries x items per chi-square step: [32, 2048, 2d] floats
 
 
 def modality_gap(image_views: np.ndarray, text_views: np.ndarray) -> float:
@@ -82,6 +86,8 @@ def scored_top_k(
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     best = TopK(len(q), min(k, len(items)))
+    if scoring == "chi_square":
+        chunk = min(chunk, CHI_SQUARE_BLOCK[1])
     for start in range(0, len(items), chunk):
         block = torch.from_numpy(np.ascontiguousarray(items[start : start + chunk], np.float32))
         best.add(_scores(q, block, scoring), start)
@@ -91,7 +97,25 @@ def scored_top_k(
 def _scores(q: torch.Tensor, block: torch.Tensor, scoring: str) -> torch.Tensor:
     if scoring == "cosine":
         return q @ block.T
+    if scoring == "chi_square":
+        return _chi_square_scores(histograms(q), histograms(block))
     return -torch.cdist(q, block, p=2.0 if scoring == "euclidean" else 1.0)
+
+
+def histograms(x: torch.Tensor) -> torch.Tensor:
+    """[n, d] embeddings -> [n, 2d] non-negative rows summing to 1 (see the module doc)."""
+    split = torch.cat([x.clamp(min=0), (-x).clamp(min=0)], dim=1)
+    return split / split.sum(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def _chi_square_scores(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(len(p), len(q))
+    for start in range(0, len(p), CHI_SQUARE_BLOCK[0]):
+        a = p[start : start + CHI_SQUARE_BLOCK[0], None, :]
+        out[start : start + len(a)] = -(((a - q[None]) ** 2) / (a + q[None]).clamp(min=1e-12)).sum(
+            dim=-1
+        )
+    return out
 
 
 def embedding_diagnostics(
