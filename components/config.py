@@ -167,6 +167,32 @@ class FeaturizeConfig(Section):
     )
 
 
+class OtRegularizerConfig(Section):
+    weight: float = Field(
+        0.0, ge=0.0, description="Weight of the transport regulariser (0: off; see objectives.py)."
+    )
+    epsilon: float = Field(0.05, gt=0.0, description="Entropic regulariser of the batch plan.")
+    iterations: int = Field(30, ge=1, description="Sinkhorn iterations per step.")
+    loop_weight: float = Field(
+        1.0, ge=0.0, description="Weight of loop consistency relative to the identity term."
+    )
+    downweight: bool = Field(
+        True,
+        description="Scale each listing's contrastive terms by the plan mass on its own "
+        "pair (likely misaligned listings count less).",
+    )
+
+
+class CorruptConfig(Section):
+    swap_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Measurement only: this share of listings trains with another listing's "
+        "primary photo (validation and test never see it).",
+    )
+
+
 class TrainConfig(Section):
     objective: Literal["factorized", "single_view", "pairwise", "sinkhorn"] = Field(
         "factorized", description="Alignment objective (components/core/objectives.py)."
@@ -219,6 +245,8 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     ks: list[int] = Field([1, 10, 50], description="Recall@K cut-offs reported on val.")
+    ot_regularizer: OtRegularizerConfig = OtRegularizerConfig()
+    corrupt: CorruptConfig = CorruptConfig()
 
 
 class EmbedConfig(Section):

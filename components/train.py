@@ -9,6 +9,7 @@ Early stopping and model selection use the validation split only, never the test
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,10 +34,10 @@ from components.contract import (
     TRAIN_METRICS,
 )
 from components.core import distributed, encoders
-from components.core.batching import fuse_listings, pad_views
+from components.core.batching import ListingViews, fuse_listings, pad_views, swap_primary_photos
 from components.core.encoders import autocast, pick_device
 from components.core.model import ListingModel, init_residual
-from components.core.objectives import Batch, build_objective
+from components.core.objectives import Batch, TransportRegularizer, build_objective
 from components.core.retrieval import TASKS, evaluate_tasks, present
 from components.io import activations, atomic, checkpoints
 from components.io.manifest import (
@@ -102,9 +103,19 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
         len(data.held_out_views["val"].relevant),
         len(data.held_out_views["test"].relevant),
     )
-    model = build_model(config, data, tail).to(device)
+    train_images = data.images
+    if config.corrupt.swap_fraction:  # measurement only: validation keeps the clean photos
+        rng = np.random.default_rng(paths.seed)
+        train_images = swap_primary_photos(data.images, config.corrupt.swap_fraction, rng)
+        log.warning(
+            "train: %.0f%% of listings train with another listing's primary photo "
+            "(train.corrupt.swap_fraction)",
+            100 * config.corrupt.swap_fraction,
+        )
+    model = build_model(config, dataclasses.replace(data, images=train_images), tail)
+    model = model.to(device)
     lineage = {"featurize": features_manifest["outputs"], "seed": paths.seed, "code": code_hash()}
-    trainer = Trainer(config, data, model, device, paths.seed)
+    trainer = Trainer(config, data, model, device, paths.seed, train_images)
     start_epoch = trainer.resume(paths.path(CHECKPOINTS), lineage)
     if trainer.finished and (done := _already_recorded(out, config, lineage)) is not None:
         log.info("%s", done.summary)
@@ -270,17 +281,27 @@ class Trainer:
         model: ListingModel,
         device: torch.device,
         seed: int,
+        train_images: list[ListingViews] | None = None,
     ) -> None:
+        """`train_images`: the image views training batches use (default the data's own;
+        validation always uses the data's)."""
         self.config = config
         self.data = data
+        self.train_images = data.images if train_images is None else train_images
         self.model = model
         self.net = distributed.wrap(model, device)  # DDP under torchrun
         self.device = device
+        ot = config.ot_regularizer
         self.objective = build_objective(
             config.objective,
             config.aux_samples,
             config.sinkhorn_epsilon,
             config.sinkhorn_iterations,
+            TransportRegularizer(
+                ot.weight, ot.epsilon, ot.iterations, ot.loop_weight, ot.downweight
+            )
+            if ot.weight > 0
+            else None,
         )
         self.rng = np.random.default_rng(seed)
         tail = set(model.image_tail.parameters()) if model.image_tail is not None else set()
@@ -422,7 +443,7 @@ class Trainer:
     def _batch(self, members: np.ndarray) -> Batch:
         aux, cap = self.objective.aux_views, self.config.max_views
         images = pad_views(
-            self.data.image_features, [self.data.images[i] for i in members], aux, self.rng, cap
+            self.data.image_features, [self.train_images[i] for i in members], aux, self.rng, cap
         )
         texts = pad_views(
             self.data.text_features, [self.data.texts[i] for i in members], aux, self.rng, cap

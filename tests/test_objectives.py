@@ -8,16 +8,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.core.batching import ListingViews, choose_views, pad_views
+from components.core.batching import ListingViews, choose_views, pad_views, swap_primary_photos
 from components.core.model import (
     KIND,
     ListingModel,
+    Outputs,
     Views,
     init_residual,
     marginal_weights,
     weighted_mean,
 )
-from components.core.objectives import Batch, Pairwise, build_objective, entropic_ot_cost
+from components.core.objectives import (
+    Batch,
+    Pairwise,
+    TransportRegularizer,
+    build_objective,
+    entropic_ot_cost,
+    info_nce,
+    sinkhorn_plan,
+)
 
 IMAGE_DIM, TEXT_DIM = 12, 8
 
@@ -168,3 +177,69 @@ def test_residual_adapters_start_from_the_frozen_geometry():
     torch.testing.assert_close(model.embed_text_queries(titles[:5]), embedded[:5])
     nearest = (model.embed_image_queries(photos) @ embedded.T).argmax(dim=1)
     assert (nearest == torch.arange(200)).float().mean() > 0.9
+
+
+def test_the_sinkhorn_plan_has_uniform_marginals():
+    cost = torch.rand(5, 7)
+
+    plan = sinkhorn_plan(cost, epsilon=0.1, iterations=200)
+
+    torch.testing.assert_close(plan.sum(dim=1), torch.full((5,), 1 / 5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(plan.sum(dim=0), torch.full((7,), 1 / 7), atol=1e-4, rtol=0)
+
+
+def _outputs(images: torch.Tensor, texts: torch.Tensor) -> Outputs:
+    return Outputs(
+        image_emb=images[:, None],
+        text_emb=texts[:, None],
+        image_mean=images,
+        text_mean=texts,
+        fused=torch.nn.functional.normalize(images + texts, dim=-1),
+        queries=None,
+        scale=torch.tensor(10.0),
+        alpha=0.5,
+    )
+
+
+def test_the_transport_regulariser_down_weights_a_listing_whose_photo_is_another_items():
+    texts = torch.eye(6)
+    aligned = texts.clone()
+    swapped = texts.clone()
+    swapped[0] = texts[1]  # listing 0 carries listing 1's photo
+    regularizer = TransportRegularizer(weight=1.0, epsilon=0.05, iterations=50)
+
+    clean_terms, clean_weights = regularizer(_outputs(aligned, texts))
+    terms, weights = regularizer(_outputs(swapped, texts))
+
+    assert clean_weights.min() > 0.99 and clean_terms["ot_identity_loss"] < 0.01
+    assert weights[0] < 0.6 and weights[2:].min() > 0.99
+    assert terms["ot_identity_loss"] > clean_terms["ot_identity_loss"]
+    assert terms["ot_loop_loss"] >= clean_terms["ot_loop_loss"]
+
+
+def test_weights_scale_each_rows_contrastive_terms():
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    scale = torch.tensor(5.0)
+
+    plain = info_nce(a, b, scale)
+    ones = info_nce(a, b, scale, torch.ones(4))
+    first_only = info_nce(a, b, scale, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    half = info_nce(a, b, scale, torch.tensor([0.0, 1.0, 1.0, 1.0]))
+
+    torch.testing.assert_close(plain, ones)
+    assert not torch.isclose(first_only, plain) and not torch.isclose(half, plain)
+    torch.testing.assert_close(first_only + 3 * half, 4 * plain)
+
+
+def test_swapping_primary_photos_changes_that_share_of_listings_only():
+    images = [ListingViews(rows=(10 * i, 10 * i + 1), kinds=(4, 5)) for i in range(10)]
+
+    swapped = swap_primary_photos(images, 0.3, np.random.default_rng(0))
+
+    changed = [i for i in range(10) if swapped[i].rows[0] != images[i].rows[0]]
+    assert len(changed) == 3
+    assert all(swapped[i].rows[1:] == images[i].rows[1:] for i in range(10))
+    assert all(swapped[i].rows[0] % 10 == 0 for i in changed)  # another listing's primary
+    assert swap_primary_photos(images, 0.0, np.random.default_rng(0)) == images

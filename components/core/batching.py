@@ -84,3 +84,18 @@ def fuse_listings(
             fused = model.embed_listings(image_views.to(device), text_views.to(device))
             out.append(torch.nn.functional.normalize(fused.float(), dim=-1).cpu().numpy())
     return np.concatenate(out)
+
+
+def swap_primary_photos(
+    images: list[ListingViews], fraction: float, rng: np.random.Generator
+) -> list[ListingViews]:
+    """A copy of `images` where `fraction` of the listings have another listing's primary
+    photo in place of their own (`train.corrupt.swap_fraction`: a partially aligned
+    catalog, made on purpose to measure robustness; only training batches see it)."""
+    chosen = rng.choice(len(images), size=round(fraction * len(images)), replace=False)
+    out = list(images)
+    for i in chosen:
+        donor = (i + rng.integers(1, len(images))) % len(images)  # any listing but i
+        rows = (images[donor].rows[0], *images[i].rows[1:])
+        out[i] = ListingViews(rows=rows, kinds=images[i].kinds)
+    return out

@@ -14,10 +14,21 @@ the primary view); marginals put `alpha` on the primary view, `1 - alpha` on the
   plus k sampled auxiliary views, so the cost per listing is constant in V.
 
 Every objective adds a query-to-listing InfoNCE term when the batch carries queries.
+
+Transport regulariser (`train.ot_regularizer`, after Zhu & Luo's partially aligned
+setting; their code is not public, this is our formulation): the entropic plan P between
+the batch's image means and text means (cosine cost, uniform marginals, log-domain
+Sinkhorn) is pulled toward the identity plan, -mean_i log(B P_ii), plus a loop-consistency
+term: going image -> text with the row-normalised plan B P and back text -> image with
+B P^T should return each listing to itself, -mean_i log((B P)(B P^T))_ii. With
+`downweight`, each listing's contrastive terms (factorized, single_view) are scaled by
+min(1, B P_ii), detached: a listing whose photo and text do not transport onto each
+other (a photo of another item) pulls less. The plan is per process (no gather).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +56,20 @@ class Batch:
         )
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE: row i of `a` matches row i of `b`; negatives come from every
-    rank's batch when running distributed."""
+    rank's batch when running distributed. `weights` [B]: row i's terms count that much
+    (a weighted mean; None: all 1)."""
     a_all, b_all, offset = gather_with_grad(a), gather_with_grad(b), _rank_offset(a)
     labels = torch.arange(a.shape[0], device=a.device) + offset
-    a_to_b = F.cross_entropy(scale * a @ b_all.T, labels)
-    b_to_a = F.cross_entropy(scale * b @ a_all.T, labels)
-    return (a_to_b + b_to_a) / 2
+    a_to_b = F.cross_entropy(scale * a @ b_all.T, labels, reduction="none")
+    b_to_a = F.cross_entropy(scale * b @ a_all.T, labels, reduction="none")
+    per_row = (a_to_b + b_to_a) / 2
+    if weights is None:
+        return per_row.mean()
+    return (weights * per_row).sum() / weights.sum().clamp(min=1e-6)
 
 
 def _rank_offset(local: torch.Tensor) -> int:
@@ -78,22 +95,33 @@ class Objective(nn.Module):
 
     #: auxiliary views per modality the sampler should provide; None means all of them
     aux_views: int | None = None
+    #: the transport regulariser, when `train.ot_regularizer.weight` > 0
+    regularizer: TransportRegularizer | None = None
 
     def forward(self, out: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
-        terms = self.terms(out, batch)
+        weights, extra = None, {}
+        if self.regularizer is not None:
+            extra, weights = self.regularizer(out)
+        terms = self.terms(out, batch, weights) | extra
         if out.queries is not None:  # possibly none on this rank: it still joins the gather
             terms["query_loss"] = query_loss(out, batch.query_targets)
         return terms
 
-    def terms(self, out: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
+    def terms(
+        self, out: Outputs, batch: Batch, weights: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The objective's loss terms; `weights` [B] scale each listing's contrastive
+        terms where the objective has per-listing terms (factorized, single_view)."""
         raise NotImplementedError
 
 
 class SingleView(Objective):
     aux_views = 0
 
-    def terms(self, out, batch):
-        return {"primary_loss": info_nce(out.image_emb[:, 0], out.text_emb[:, 0], out.scale)}
+    def terms(self, out, batch, weights=None):
+        return {
+            "primary_loss": info_nce(out.image_emb[:, 0], out.text_emb[:, 0], out.scale, weights)
+        }
 
 
 class Factorized(Objective):
@@ -101,10 +129,10 @@ class Factorized(Objective):
         super().__init__()
         self.aux_views = aux_samples
 
-    def terms(self, out, batch):
+    def terms(self, out, batch, weights=None):
         return {
-            "contrastive_loss": info_nce(out.image_mean, out.text_mean, out.scale),
-            "primary_loss": info_nce(out.image_emb[:, 0], out.text_emb[:, 0], out.scale),
+            "contrastive_loss": info_nce(out.image_mean, out.text_mean, out.scale, weights),
+            "primary_loss": info_nce(out.image_emb[:, 0], out.text_emb[:, 0], out.scale, weights),
         }
 
 
@@ -112,7 +140,7 @@ class Pairwise(Objective):
     """Every ordered pair (a, b) of view slots of a listing, image and text views together:
     view a of listing i must pick view b of listing i among view b of every listing."""
 
-    def terms(self, out, batch):
+    def terms(self, out, batch, weights=None):  # pairs of views: no per-listing weights
         views = torch.cat([out.image_emb, out.text_emb], dim=1)  # [B, V, d]
         mask = torch.cat([batch.images.mask, batch.texts.mask], dim=1)  # [B, V]
         views_all = gather_with_grad(views)  # negatives from every rank: [B', V, d]
@@ -139,7 +167,7 @@ class Sinkhorn(Objective):
         self.epsilon = epsilon
         self.iterations = iterations
 
-    def terms(self, out, batch):
+    def terms(self, out, batch, weights=None):  # plans per pair: no per-listing weights
         offset = _rank_offset(out.image_emb)
         labels = torch.arange(out.image_emb.shape[0], device=out.image_emb.device) + offset
         p = marginal_weights(batch.images.mask, out.alpha)  # [B, Vi]
@@ -186,7 +214,68 @@ def entropic_ot_cost(
     return (plan * cost).sum(dim=(2, 3))
 
 
-def build_objective(name: str, aux_samples: int, epsilon: float, iterations: int) -> Objective:
+class TransportRegularizer(nn.Module):
+    """The batch-level transport regulariser (module docstring): loss terms and the
+    per-listing weights [B] of the contrastive terms (None without `downweight`)."""
+
+    def __init__(
+        self,
+        weight: float,
+        epsilon: float,
+        iterations: int,
+        loop_weight: float = 1.0,
+        downweight: bool = True,
+    ) -> None:
+        super().__init__()
+        self.weight, self.epsilon, self.iterations = weight, epsilon, iterations
+        self.loop_weight, self.downweight = loop_weight, downweight
+
+    def forward(self, out: Outputs) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        images = F.normalize(out.image_mean.float(), dim=-1)
+        texts = F.normalize(out.text_mean.float(), dim=-1)
+        n = images.shape[0]
+        plan = sinkhorn_plan(1 - images @ texts.T, self.epsilon, self.iterations)  # [B, B]
+        forward_ = n * plan  # rows: image i -> text j, each row sums to 1
+        diagonal = forward_.diagonal()
+        back_home = (forward_ @ forward_.T).diagonal()  # image i -> text -> image i
+        tiny = torch.finfo(plan.dtype).tiny
+        terms = {
+            "ot_identity_loss": -self.weight * diagonal.clamp(min=tiny).log().mean(),
+            "ot_loop_loss": -self.weight
+            * self.loop_weight
+            * back_home.clamp(min=tiny).log().mean(),
+        }
+        weights = diagonal.detach().clamp(max=1.0) if self.downweight else None
+        return terms, weights
+
+
+def sinkhorn_plan(cost: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """The entropic transport plan [n, m] for `cost` with uniform marginals (log domain)."""
+    n, m = cost.shape
+    log_a = torch.full((n,), -math.log(n), device=cost.device, dtype=cost.dtype)
+    log_b = torch.full((m,), -math.log(m), device=cost.device, dtype=cost.dtype)
+    kernel = -cost / epsilon
+    f = torch.zeros(n, device=cost.device, dtype=cost.dtype)
+    g = torch.zeros(m, device=cost.device, dtype=cost.dtype)
+    for _ in range(iterations):
+        f = log_a - torch.logsumexp(kernel + g[None, :], dim=1)
+        g = log_b - torch.logsumexp(kernel + f[:, None], dim=0)
+    return torch.exp(kernel + f[:, None] + g[None, :])
+
+
+def build_objective(
+    name: str,
+    aux_samples: int,
+    epsilon: float,
+    iterations: int,
+    regularizer: TransportRegularizer | None = None,
+) -> Objective:
+    objective = _objective(name, aux_samples, epsilon, iterations)
+    objective.regularizer = regularizer
+    return objective
+
+
+def _objective(name: str, aux_samples: int, epsilon: float, iterations: int) -> Objective:
     if name == "single_view":
         return SingleView()
     if name == "factorized":
