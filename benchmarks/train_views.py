@@ -1,4 +1,5 @@
-"""Training-step cost of each objective as the number of views per listing grows.
+"""Training-step cost of each objective (and of the transport regulariser, `+ot`) as the
+number of views per listing grows.
 
 Synthetic frozen features (1280-d image, 384-d text), a fixed batch of listings, V views
 per listing split evenly between images and texts. Each (objective, V) runs in its own
@@ -18,7 +19,8 @@ import subprocess
 import sys
 import time
 
-OBJECTIVES = ("single_view", "factorized", "pairwise", "sinkhorn")
+# "+ot": with the transport regulariser (train.ot_regularizer, weight 0.5)
+OBJECTIVES = ("single_view", "factorized", "factorized+ot", "pairwise", "sinkhorn")
 VIEWS = (2, 4, 8, 16)
 
 
@@ -29,7 +31,7 @@ def measure(objective: str, views: int, batch: int, steps: int, device_name: str
     from components.core.batching import ListingViews, pad_views
     from components.core.encoders import autocast, pick_device
     from components.core.model import KIND, ListingModel
-    from components.core.objectives import Batch, build_objective
+    from components.core.objectives import Batch, TransportRegularizer, build_objective
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -50,7 +52,11 @@ def measure(objective: str, views: int, batch: int, steps: int, device_name: str
     ]
     device = pick_device(device_name)
     model = ListingModel(1280, 384, dim=256, hidden=1024).to(device)
-    loss_fn = build_objective(objective, aux_samples=1, epsilon=0.05, iterations=20)
+    name, _, option = objective.partition("+")
+    regularizer = TransportRegularizer(0.5, 0.05, 30) if option == "ot" else None
+    loss_fn = build_objective(
+        name, aux_samples=1, epsilon=0.05, iterations=20, regularizer=regularizer
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step() -> None:

@@ -243,3 +243,23 @@ def test_swapping_primary_photos_changes_that_share_of_listings_only():
     assert all(swapped[i].rows[1:] == images[i].rows[1:] for i in range(10))
     assert all(swapped[i].rows[0] % 10 == 0 for i in changed)  # another listing's primary
     assert swap_primary_photos(images, 0.0, np.random.default_rng(0)) == images
+
+
+def test_an_objective_built_with_the_regulariser_adds_its_terms():
+    texts = torch.eye(4)
+    out = _outputs(texts.clone(), texts)
+    batch = Batch(
+        Views(
+            out.image_emb, torch.ones(4, 1, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.long)
+        ),
+        Views(
+            out.text_emb, torch.ones(4, 1, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.long)
+        ),
+    )
+    regularizer = TransportRegularizer(weight=0.5, epsilon=0.05, iterations=20)
+
+    with_it = build_objective("factorized", 1, 0.05, 20, regularizer)(out, batch)
+    without = build_objective("factorized", 1, 0.05, 20)(out, batch)
+
+    assert {"ot_identity_loss", "ot_loop_loss"} <= set(with_it)
+    assert not {"ot_identity_loss", "ot_loop_loss"} & set(without)

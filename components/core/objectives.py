@@ -95,8 +95,12 @@ class Objective(nn.Module):
 
     #: auxiliary views per modality the sampler should provide; None means all of them
     aux_views: int | None = None
-    #: the transport regulariser, when `train.ot_regularizer.weight` > 0
-    regularizer: TransportRegularizer | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        # the transport regulariser, when `train.ot_regularizer.weight` > 0 (an instance
+        # attribute: nn.Module keeps a submodule where a class attribute would shadow it)
+        self.regularizer: TransportRegularizer | None = None
 
     def forward(self, out: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
         weights, extra = None, {}
