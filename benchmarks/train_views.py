@@ -134,11 +134,11 @@ def main() -> None:
         f"batch {args.batch} listings, {args.steps} timed steps, device {device}, CPU threads: "
         f"{__import__('torch').get_num_threads()}"
     )
-    print(f"{'objective':<12} {'V':>3} {'ms/step':>9} {'t(V)/t(2)':>10} {memory:>12}")
+    print(f"{'objective':<14} {'V':>3} {'ms/step':>9} {'t(V)/t(2)':>10} {memory:>12}")
     for row in rows:
         base = next(r for r in rows if r["objective"] == row["objective"] and r["views"] == 2)
         print(
-            f"{row['objective']:<12} {row['views']:>3} {row['step_ms']:>9.1f} "
+            f"{row['objective']:<14} {row['views']:>3} {row['step_ms']:>9.1f} "
             f"{row['step_ms'] / base['step_ms']:>10.2f} {row['peak_mb']:>12.0f}"
         )
 
