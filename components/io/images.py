@@ -72,7 +72,7 @@ class DecodeBudget:
         self.capacity = capacity_bytes
         self._in_use = 0
         self._changed = threading.Condition()
-        _keep_freed_pixel_blocks(capacity_bytes)
+        self._blocks_kept = False  # set on first use: importing this module changes nothing
 
     @contextmanager
     def reserve(self, nbytes: int, ref: str):
@@ -83,6 +83,9 @@ class DecodeBudget:
                 f"budget of {self.capacity / 2**20:.0f} MiB",
             )
         with self._changed:
+            if not self._blocks_kept:
+                _keep_freed_pixel_blocks(self.capacity)
+                self._blocks_kept = True
             self._changed.wait_for(lambda: self._in_use + nbytes <= self.capacity)
             self._in_use += nbytes
         try:

@@ -67,7 +67,7 @@ def _from_train_step(paths: StepPaths, device: torch.device) -> LoadedModel:
     weights = paths.path(MODEL_WEIGHTS)
     reference = {
         "source": str(train_dir),
-        "sha256": sha256_file(weights),
+        "sha256": manifest["outputs"][MODEL_WEIGHTS.name]["sha256"],  # just verified
         **{
             key: manifest.get("registered_model", {}).get(key)
             for key in ("name", "version", "alias")
@@ -97,8 +97,8 @@ def _from_registry(uri: str, match, paths: StepPaths, device: torch.device) -> L
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         spec_path = _one(local, MODEL_SPEC.name, uri)
         weights = _one(local, MODEL_WEIGHTS.name, uri)
-        expected = version.tags.get(WEIGHTS_TAG)
-        if expected and (actual := sha256_file(weights)) != expected:
+        expected, actual = version.tags.get(WEIGHTS_TAG), sha256_file(weights)
+        if expected and actual != expected:
             raise AlteredFile(
                 f"model {uri!r}: the downloaded {MODEL_WEIGHTS.name} has sha256 "
                 f"{actual[:16]}..., not the {expected[:16]}... registered with version "
@@ -108,7 +108,7 @@ def _from_registry(uri: str, match, paths: StepPaths, device: torch.device) -> L
         model = build_model(spec, weights, device)
         reference = {
             "source": uri,
-            "sha256": sha256_file(weights),
+            "sha256": actual,
             "name": match["name"],
             "version": str(version.version),
             "alias": match["alias"],

@@ -173,6 +173,9 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
 
     @app.get("/photos/{ref:path}")
     def photo(ref: str) -> Response:
+        media = mimetypes.guess_type(ref)[0] or "application/octet-stream"
+        if not media.startswith("image/"):
+            raise HTTPException(400, f"{ref!r} is not an image")
         try:
             location = catalog.resolve_image(ref, [], None)  # relative refs inside the root
             data = read_image_bytes(location, TRUSTED_MAX_BYTES)  # validated already
@@ -181,9 +184,6 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
             raise HTTPException(status, f"{err.code}: {err.detail}") from None
         except OSError as err:
             raise HTTPException(404, f"{ref!r}: {err.strerror or err}") from None
-        media = mimetypes.guess_type(ref)[0] or "application/octet-stream"
-        if not media.startswith("image/"):
-            raise HTTPException(400, f"{ref!r} is not an image")
         return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/healthz")
