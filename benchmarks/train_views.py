@@ -1,5 +1,8 @@
-"""Training-step cost of each objective (and of the transport regulariser, `+ot`) as the
-number of views per listing grows.
+"""Training-step cost of each objective, and of each training option on `factorized`, as
+the number of views per listing grows. Options: `+ot` the transport regulariser
+(train.ot_regularizer, weight 0.5), `+distill` the EMA teacher over every view and its KL
+term (train.distill), `+barycenter` the sphere barycenter fusion (train.fusion), `+colour`
+24 more image inputs (featurize.colour_histogram: 8).
 
 Synthetic frozen features (1280-d image, 384-d text), a fixed batch of listings, V views
 per listing split evenly between images and texts. Each (objective, V) runs in its own
@@ -19,8 +22,16 @@ import subprocess
 import sys
 import time
 
-# "+ot": with the transport regulariser (train.ot_regularizer, weight 0.5)
-OBJECTIVES = ("single_view", "factorized", "factorized+ot", "pairwise", "sinkhorn")
+OBJECTIVES = (
+    "single_view",
+    "factorized",
+    "factorized+ot",
+    "factorized+distill",
+    "factorized+barycenter",
+    "factorized+colour",
+    "pairwise",
+    "sinkhorn",
+)
 VIEWS = (2, 4, 8, 16)
 
 
@@ -29,14 +40,17 @@ def measure(objective: str, views: int, batch: int, steps: int, device_name: str
     import torch
 
     from components.core.batching import ListingViews, pad_views
+    from components.core.distillation import DistillationLoss, EmaTeacher
     from components.core.encoders import autocast, pick_device
     from components.core.model import KIND, ListingModel
     from components.core.objectives import Batch, TransportRegularizer, build_objective
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
+    name, _, option = objective.partition("+")
     per_modality = views // 2
-    image_table = torch.randn(batch * per_modality, 1280)
+    image_dim = 1280 + (24 if option == "colour" else 0)
+    image_table = torch.randn(batch * per_modality, image_dim)
     text_table = torch.randn(batch * per_modality, 384)
     image_kinds = (KIND["primary_image"],) + (KIND["image"],) * (per_modality - 1)
     text_kinds = tuple(KIND[k] for k in ("title", "description", "tags", "category")) * 4
@@ -51,8 +65,10 @@ def measure(objective: str, views: int, batch: int, steps: int, device_name: str
         for i in range(batch)
     ]
     device = pick_device(device_name)
-    model = ListingModel(1280, 384, dim=256, hidden=1024).to(device)
-    name, _, option = objective.partition("+")
+    fusion = "barycenter" if option == "barycenter" else "mean"
+    model = ListingModel(image_dim, 384, dim=256, hidden=1024, fusion=fusion).to(device)
+    teacher = EmaTeacher(model, 0.995) if option == "distill" else None
+    distillation = DistillationLoss(1.0, 0.05)
     regularizer = TransportRegularizer(0.5, 0.05, 30) if option == "ot" else None
     loss_fn = build_objective(
         name, aux_samples=1, epsilon=0.05, iterations=20, regularizer=regularizer
@@ -63,12 +79,22 @@ def measure(objective: str, views: int, batch: int, steps: int, device_name: str
         data = Batch(
             pad_views(image_table, images, loss_fn.aux_views, rng),
             pad_views(text_table, texts, loss_fn.aux_views, rng),
-        ).to(device)
+        )
+        if teacher is not None:  # the teacher sees every view
+            data.all_images = pad_views(image_table, images, None, rng)
+            data.all_texts = pad_views(text_table, texts, None, rng)
+        data = data.to(device)
         with autocast(device):
-            loss = sum(loss_fn(model(data.images, data.texts), data).values())
+            out = model(data.images, data.texts)
+            terms = loss_fn(out, data)
+            if teacher is not None:
+                terms |= distillation(out, *teacher.targets(data.all_images, data.all_texts, None))
+            loss = sum(terms.values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if teacher is not None:
+            teacher.update(model)
 
     def synchronize() -> None:
         if device.type == "cuda":
@@ -134,11 +160,11 @@ def main() -> None:
         f"batch {args.batch} listings, {args.steps} timed steps, device {device}, CPU threads: "
         f"{__import__('torch').get_num_threads()}"
     )
-    print(f"{'objective':<14} {'V':>3} {'ms/step':>9} {'t(V)/t(2)':>10} {memory:>12}")
+    print(f"{'objective':<22} {'V':>3} {'ms/step':>9} {'t(V)/t(2)':>10} {memory:>12}")
     for row in rows:
         base = next(r for r in rows if r["objective"] == row["objective"] and r["views"] == 2)
         print(
-            f"{row['objective']:<14} {row['views']:>3} {row['step_ms']:>9.1f} "
+            f"{row['objective']:<22} {row['views']:>3} {row['step_ms']:>9.1f} "
             f"{row['step_ms'] / base['step_ms']:>10.2f} {row['peak_mb']:>12.0f}"
         )
 

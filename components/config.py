@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from components.contract import Artifact, StepName
 
@@ -141,6 +141,13 @@ class FeaturizeConfig(Section):
         )
     )
     image_size: int = Field(224, ge=32, le=1024, description="Encoder input side in pixels.")
+    colour_histogram: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Bins per channel of each photo's CIE L*u*v* colour histograms, appended "
+        "to its image features (0: off; components/core/encoders.py).",
+    )
     text_views: list[Literal["title", "description", "tags", "category"]] = Field(
         ["title", "description", "tags", "category"],
         description="Text columns that become text views, primary (title) first.",
@@ -165,6 +172,13 @@ class FeaturizeConfig(Section):
         ge=1,
         description="Cap on decoded pixels held at once by the image threads (see validate).",
     )
+
+    @field_validator("colour_histogram")
+    @classmethod
+    def _bins(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("a colour histogram needs 2 or more bins per channel (0: off)")
+        return value
 
 
 class OtRegularizerConfig(Section):
@@ -191,6 +205,28 @@ class CorruptConfig(Section):
         description="Measurement only: this share of listings trains with another listing's "
         "primary photo (validation and test never see it).",
     )
+    drop_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Measurement only: this share of listings trains without one modality "
+        "(its photos or its texts, at random).",
+    )
+
+
+class DistillConfig(Section):
+    weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the KL term toward the EMA teacher (0: off; see "
+        "components/core/distillation.py).",
+    )
+    momentum: float = Field(
+        0.995, ge=0.0, lt=1.0, description="EMA momentum of the teacher, per optimiser step."
+    )
+    temperature: float = Field(
+        0.05, gt=0.0, description="Softmax temperature of both similarity distributions."
+    )
 
 
 class TrainConfig(Section):
@@ -214,6 +250,11 @@ class TrainConfig(Section):
     )
     image_share: float = Field(
         0.5, ge=0.0, le=1.0, description="Weight of the image mean in the fused embedding."
+    )
+    fusion: Literal["mean", "barycenter"] = Field(
+        "mean",
+        description="How views fuse into the listing embedding: the normalised weighted mean, "
+        "or their weighted barycenter on the sphere (components/core/model.py).",
     )
     temperature: float = Field(0.07, gt=0.0, description="Initial softmax temperature.")
     learn_temperature: bool = Field(True, description="Learn the temperature (else fixed).")
@@ -246,6 +287,7 @@ class TrainConfig(Section):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     ks: list[int] = Field([1, 10, 50], description="Recall@K cut-offs reported on val.")
     ot_regularizer: OtRegularizerConfig = OtRegularizerConfig()
+    distill: DistillConfig = DistillConfig()
     corrupt: CorruptConfig = CorruptConfig()
 
 

@@ -108,7 +108,8 @@ def run(config: FeaturizeConfig, paths: StepPaths) -> FeaturizeResult:
     out.mkdir(parents=True, exist_ok=True)
     device = encoders.pick_device(config.device)
     # Built on first use: a run with everything cached never loads a model.
-    image_encoder = _Lazy(encoders.IMAGE_ENCODERS[config.image_encoder], device, config.image_size)
+    image_factory = encoders.image_factory(config.image_encoder, config.colour_histogram)
+    image_encoder = _Lazy(image_factory, device, config.image_size)
     text_encoder = _Lazy(
         encoders.TEXT_ENCODERS[config.text_encoder], device, config.text_batch_size
     )

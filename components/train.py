@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from components.config import StepPaths, TrainConfig
+from components.config import CorruptConfig, StepPaths, TrainConfig
 from components.contract import (
     ACTIVATIONS,
     CHECKPOINTS,
@@ -34,9 +34,16 @@ from components.contract import (
     TRAIN_METRICS,
 )
 from components.core import distributed, encoders
-from components.core.batching import ListingViews, fuse_listings, pad_views, swap_primary_photos
+from components.core.batching import (
+    ListingViews,
+    drop_modalities,
+    fuse_listings,
+    pad_views,
+    swap_primary_photos,
+)
+from components.core.distillation import DistillationLoss, EmaTeacher
 from components.core.encoders import autocast, pick_device
-from components.core.model import ListingModel, init_residual
+from components.core.model import ListingModel, Views, init_residual
 from components.core.objectives import Batch, TransportRegularizer, build_objective
 from components.core.retrieval import TASKS, evaluate_tasks, present
 from components.io import activations, atomic, checkpoints
@@ -103,19 +110,11 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
         len(data.held_out_views["val"].relevant),
         len(data.held_out_views["test"].relevant),
     )
-    train_images = data.images
-    if config.corrupt.swap_fraction:  # measurement only: validation keeps the clean photos
-        rng = np.random.default_rng(paths.seed)
-        train_images = swap_primary_photos(data.images, config.corrupt.swap_fraction, rng)
-        log.warning(
-            "train: %.0f%% of listings train with another listing's primary photo "
-            "(train.corrupt.swap_fraction)",
-            100 * config.corrupt.swap_fraction,
-        )
-    model = build_model(config, dataclasses.replace(data, images=train_images), tail)
+    train_views = corrupted(data, config.corrupt, paths.seed)
+    model = build_model(config, dataclasses.replace(data, **train_views), tail)
     model = model.to(device)
     lineage = {"featurize": features_manifest["outputs"], "seed": paths.seed, "code": code_hash()}
-    trainer = Trainer(config, data, model, device, paths.seed, train_images)
+    trainer = Trainer(config, data, model, device, paths.seed, train_views)
     start_epoch = trainer.resume(paths.path(CHECKPOINTS), lineage)
     if trainer.finished and (done := _already_recorded(out, config, lineage)) is not None:
         log.info("%s", done.summary)
@@ -137,6 +136,31 @@ def run(config: TrainConfig, paths: StepPaths) -> TrainResult:
     return TrainResult(out_dir=out, best=best, summary=summary)
 
 
+def corrupted(data: TrainingData, corrupt: CorruptConfig, seed: int) -> dict:
+    """The views training batches use: the data's own, or with `train.corrupt`'s
+    measurement-only damage (swapped primary photos, a lost modality); validation and
+    test always use the data's. A dict of the TrainingData fields that differ."""
+    if not corrupt.swap_fraction and not corrupt.drop_fraction:
+        return {}
+    rng = np.random.default_rng(seed)
+    images, texts = data.images, data.texts
+    if corrupt.swap_fraction:
+        images = swap_primary_photos(images, corrupt.swap_fraction, rng)
+        log.warning(
+            "train: %.0f%% of listings train with another listing's primary photo "
+            "(train.corrupt.swap_fraction)",
+            100 * corrupt.swap_fraction,
+        )
+    if corrupt.drop_fraction:
+        images, texts = drop_modalities(images, texts, corrupt.drop_fraction, rng)
+        log.warning(
+            "train: %.0f%% of listings train without their photos or their texts "
+            "(train.corrupt.drop_fraction)",
+            100 * corrupt.drop_fraction,
+        )
+    return {"images": images, "texts": texts}
+
+
 # the modules that decide what training computes: a checkpoint made by other code is not
 # resumed (paths relative to the components package)
 TRAINING_CODE = (
@@ -147,6 +171,7 @@ TRAINING_CODE = (
     "core/model.py",
     "core/objectives.py",
     "core/batching.py",
+    "core/distillation.py",
     "core/encoders.py",
 )
 
@@ -238,15 +263,17 @@ def model_spec(config: TrainConfig, data: TrainingData) -> dict:
         "temperature": config.temperature,
         "learn_temperature": config.learn_temperature,
         "residual": config.adapter == "residual",
+        "fusion": config.fusion,
     }
 
 
 def encoder_spec(features_manifest: dict) -> dict:
     """How the features the model was trained on were made: the serving model redoes it."""
     params = features_manifest["params"]
-    return {
+    spec = {
         key: params[key] for key in ("image_encoder", "image_size", "text_encoder", "text_views")
     }
+    return spec | {"colour_histogram": params.get("colour_histogram", 0)}
 
 
 def build_model(
@@ -258,10 +285,15 @@ def build_model(
         view_rows = sorted({row for texts in data.texts for row in texts.rows})
         # listing text views and training queries only: never a val or test query
         corpus = np.concatenate([data.text_features[view_rows], data.queries["train"].features])
-        titles = data.text_features[[views.rows[0] for views in data.texts]]  # primary view
+        both = [  # listings with a photo and a text (train.corrupt may take one away)
+            i
+            for i, (im, tx) in enumerate(zip(data.images, data.texts, strict=True))
+            if im.rows and tx.rows
+        ]
+        titles = data.text_features[[data.texts[i].rows[0] for i in both]]  # primary views
         photos = None
         if tail is None:  # a fine-tuned backbone's photos are not features yet
-            photos = data.image_features[[images.rows[0] for images in data.images]]
+            photos = data.image_features[[data.images[i].rows[0] for i in both]]
         init_residual(
             model,
             torch.from_numpy(corpus),
@@ -281,13 +313,14 @@ class Trainer:
         model: ListingModel,
         device: torch.device,
         seed: int,
-        train_images: list[ListingViews] | None = None,
+        train_views: dict[str, list[ListingViews]] | None = None,
     ) -> None:
-        """`train_images`: the image views training batches use (default the data's own;
-        validation always uses the data's)."""
+        """`train_views`: `images` and/or `texts` that training batches use instead of the
+        data's own (`corrupted`); validation always uses the data's."""
         self.config = config
         self.data = data
-        self.train_images = data.images if train_images is None else train_images
+        self.train_images = (train_views or {}).get("images", data.images)
+        self.train_texts = (train_views or {}).get("texts", data.texts)
         self.model = model
         self.net = distributed.wrap(model, device)  # DDP under torchrun
         self.device = device
@@ -303,6 +336,9 @@ class Trainer:
             if ot.weight > 0
             else None,
         )
+        distill = config.distill
+        self.teacher = EmaTeacher(model, distill.momentum) if distill.weight > 0 else None
+        self.distillation = DistillationLoss(distill.weight, distill.temperature)
         self.rng = np.random.default_rng(seed)
         tail = set(model.image_tail.parameters()) if model.image_tail is not None else set()
         groups = [
@@ -370,6 +406,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        if self.teacher is not None:
+            self.teacher.model.load_state_dict(state["teacher"])
         self.history = state["history"]
         self.best_state = state["best_model"]
         log.info("train: resumed from %s after epoch %d", directory, state["epoch"])
@@ -446,28 +484,44 @@ class Trainer:
             self.data.image_features, [self.train_images[i] for i in members], aux, self.rng, cap
         )
         texts = pad_views(
-            self.data.text_features, [self.data.texts[i] for i in members], aux, self.rng, cap
+            self.data.text_features, [self.train_texts[i] for i in members], aux, self.rng, cap
         )
+        every_view = {}
+        if self.teacher is not None:  # the teacher sees all of each listing's views
+            every_view = {
+                "all_images": self._all_views(self.data.image_features, self.train_images, members),
+                "all_texts": self._all_views(self.data.text_features, self.train_texts, members),
+            }
         picked = [
             (slot, self.rng.choice(self.queries_by_listing[i]))
             for slot, i in enumerate(members)
             if self.queries_by_listing.get(i)
         ]
         if not self.queries_by_listing:  # no training queries at all: no query term
-            return Batch(images, texts)
+            return Batch(images, texts, **every_view)
         features = self.data.queries["train"].features
         return Batch(  # possibly zero rows: every rank must take part in the query term
             images,
             texts,
             torch.from_numpy(features[np.asarray([q for _, q in picked], dtype=np.int64)]),
             torch.tensor([slot for slot, _ in picked], dtype=torch.long),
+            **every_view,
         )
+
+    def _all_views(self, table: np.ndarray, views: list[ListingViews], members) -> Views:
+        """Every view (up to `max_views`) of the members: takes nothing from the rng."""
+        return pad_views(table, [views[i] for i in members], None, self.rng, self.config.max_views)
 
     def _step(self, batch: Batch) -> dict[str, float]:
         batch = batch.to(self.device)
         with autocast(self.device) if self.config.amp else contextlib.nullcontext():
             out = self.net(batch.images, batch.texts, batch.query_features)
             terms = self.objective(out, batch)
+            if self.teacher is not None:
+                fused, queries = self.teacher.targets(
+                    batch.all_images, batch.all_texts, batch.query_features
+                )
+                terms |= self.distillation(out, fused, queries)
             loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -475,6 +529,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.teacher is not None:
+            self.teacher.update(self.model)
         return {name: float(value.detach()) for name, value in terms.items()}
 
     @torch.no_grad()
@@ -493,6 +549,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
             "best_model": self.best_state,
+            "teacher": None if self.teacher is None else self.teacher.model.state_dict(),
         }
         checkpoints.save(directory, state, epoch)
 

@@ -11,8 +11,9 @@ from PIL import Image
 
 from components import contract, featurize, validate
 from components.config import FeaturizeConfig, ValidateConfig
-from components.core.encoders import EfficientNetLite0
+from components.core.encoders import EfficientNetLite0, luv_histograms
 from components.io.feature_store import FeatureStore
+from components.io.manifest import read_manifest
 from tests.conftest import listing, png_bytes
 
 pytestmark = pytest.mark.integration
@@ -119,3 +120,21 @@ def test_a_run_that_dies_keeps_the_vectors_of_its_finished_chunks(
 
     assert rerun.counts["image_views"] == 6
     assert rerun.counts["images_encoded"] == 2  # only the chunk that never finished
+
+
+def test_colour_histograms_are_featurized_and_cached_under_their_own_id(make_catalog, step_paths):
+    root = _colour_catalog(make_catalog, ["a", "b"])
+    paths = step_paths(root)
+    validate.run(ValidateConfig(workers=2), paths)
+    coloured = CONFIG.model_copy(update={"colour_histogram": 4})
+
+    result = featurize.run(coloured, paths)
+
+    record = read_manifest(result.out_dir)["encoders"]["image"]
+    assert record["id"] == "efficientnet-lite0-64px+luv4" and record["dim"] == 1280 + 12
+    view = next(v for v in _views(result) if v["ref"] == "images/a.png")
+    store = FeatureStore(result.out_dir / "store", record["id"], record["dim"])
+    with Image.open(root / "images" / "a.png") as image:
+        expected = luv_histograms([image.convert("RGB")], 4)
+    np.testing.assert_allclose(store.get([view["key"]])[:, 1280:], expected, atol=1e-6)
+    assert featurize.run(coloured, paths).counts["images_encoded"] == 0  # cached by content

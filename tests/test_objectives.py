@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.core.batching import ListingViews, choose_views, pad_views, swap_primary_photos
+from components.core.batching import (
+    ListingViews,
+    choose_views,
+    drop_modalities,
+    pad_views,
+    swap_primary_photos,
+)
+from components.core.distillation import DistillationLoss, EmaTeacher
 from components.core.model import (
     KIND,
     ListingModel,
@@ -16,6 +23,7 @@ from components.core.model import (
     Views,
     init_residual,
     marginal_weights,
+    sphere_barycenter,
     weighted_mean,
 )
 from components.core.objectives import (
@@ -263,3 +271,118 @@ def test_an_objective_built_with_the_regulariser_adds_its_terms():
 
     assert {"ot_identity_loss", "ot_loop_loss"} <= set(with_it)
     assert not {"ot_identity_loss", "ot_loop_loss"} & set(without)
+
+
+def _log_map_sum(points: torch.Tensor, weights: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The weighted sum of the sphere's log maps at `at`: zero at the Karcher mean."""
+    cos = (points @ at).clamp(-1, 1)
+    angle = torch.acos(cos)
+    along = points - cos[:, None] * at[None, :]
+    return (weights * angle / torch.sin(angle))[:, None].mul(along).sum(dim=0)
+
+
+def test_the_sphere_barycenter_is_the_weighted_karcher_mean():
+    points = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.3, 0.2, 1.0]]), dim=-1)
+    weights = torch.tensor([0.6, 0.3, 0.1])
+    padded = torch.cat([points, torch.tensor([[0.0, 0.0, -1.0]])])  # a padding view, weight 0
+
+    center = sphere_barycenter(padded[None], torch.cat([weights, torch.zeros(1)])[None], 20)[0]
+
+    assert center.norm() == pytest.approx(1.0, abs=1e-6)
+    assert _log_map_sum(points, weights, center).norm() < 1e-5
+    mean = F.normalize(weights @ points, dim=-1)  # the `mean` fusion: a different point
+    assert _log_map_sum(points, weights, mean).norm() > 1e-3
+    one = sphere_barycenter(points[None, :1], torch.ones(1, 1))[0]
+    torch.testing.assert_close(one, points[0])
+
+
+def test_barycenter_fusion_trains_and_embeds_like_the_mean_fusion():
+    torch.manual_seed(0)
+    model = ListingModel(IMAGE_DIM, TEXT_DIM, dim=16, hidden=32, fusion="barycenter")
+    batch = _batch()
+
+    out = model(batch.images, batch.texts, batch.query_features)
+    terms = build_objective("factorized", 1, 0.1, 10)(out, batch)
+    sum(terms.values()).backward()
+
+    torch.testing.assert_close(out.fused.norm(dim=-1), torch.ones(6))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="fusion"):
+        ListingModel(IMAGE_DIM, TEXT_DIM, fusion="median")
+
+
+def test_dropping_a_modality_empties_it_for_that_share_of_listings_only():
+    images = [ListingViews(rows=(10 * i, 10 * i + 1), kinds=(4, 5)) for i in range(10)]
+    texts = [ListingViews(rows=(i,), kinds=(0,)) for i in range(10)]
+
+    kept_images, kept_texts = drop_modalities(images, texts, 0.4, np.random.default_rng(1))
+
+    lost = [i for i in range(10) if not kept_images[i].rows or not kept_texts[i].rows]
+    assert len(lost) == 4
+    assert all(bool(kept_images[i].rows) != bool(kept_texts[i].rows) for i in lost)  # one side
+    assert all(
+        kept_images[i] == images[i] and kept_texts[i] == texts[i]
+        for i in set(range(10)) - set(lost)
+    )
+    padded = pad_views(
+        np.ones((100, 3)), [ListingViews((), ()), images[1]], 1, np.random.default_rng(0)
+    )
+    assert padded.mask.tolist() == [[False, False], [True, True]]
+
+
+def test_a_listing_without_one_modality_has_no_contrastive_terms():
+    torch.manual_seed(0)
+    model = ListingModel(IMAGE_DIM, TEXT_DIM, dim=16, hidden=32)
+    objective = build_objective("factorized", 1, 0.1, 10)
+    batch = _batch()
+    batch.images.mask[2] = False  # listing 2 lost its photos
+
+    out = model(batch.images, batch.texts)
+    terms = objective(out, batch)
+    alone = objective.terms(out, batch, torch.tensor([1.0, 1, 0, 1, 1, 1]))
+
+    assert torch.isfinite(sum(terms.values()))
+    torch.testing.assert_close(terms["contrastive_loss"], alone["contrastive_loss"])
+
+
+def test_the_ema_teacher_follows_the_student_at_its_momentum():
+    torch.manual_seed(0)
+    student = ListingModel(IMAGE_DIM, TEXT_DIM, dim=16, hidden=32)
+    teacher = EmaTeacher(student, momentum=0.75)
+    before = [p.clone() for p in teacher.model.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+
+    teacher.update(student)
+
+    for old, new, theirs in zip(
+        before, teacher.model.parameters(), student.parameters(), strict=True
+    ):
+        torch.testing.assert_close(new, 0.75 * old + 0.25 * theirs)
+        assert not new.requires_grad
+    with pytest.raises(ValueError, match="momentum"):
+        EmaTeacher(student, momentum=1.0)
+
+
+def test_distillation_is_zero_when_the_student_agrees_and_pulls_it_toward_the_teacher():
+    torch.manual_seed(0)
+    student = ListingModel(IMAGE_DIM, TEXT_DIM, dim=16, hidden=32).eval()
+    teacher = EmaTeacher(student, momentum=0.9)
+    batch = _batch()
+    loss = DistillationLoss(weight=1.0, temperature=0.1)
+
+    out = student(batch.images, batch.texts, batch.query_features)
+    same = loss(out, *teacher.targets(batch.images, batch.texts, batch.query_features))
+    sampled = Views(
+        batch.images.features, batch.images.mask & (torch.arange(3) == 0), batch.images.kinds
+    )
+    partial = student(sampled, batch.texts, batch.query_features)  # the primary photo only
+    apart = loss(partial, *teacher.targets(batch.images, batch.texts, batch.query_features))
+    sum(apart.values()).backward()
+
+    assert set(same) == {"distill_listing_loss", "distill_query_loss"}
+    assert all(abs(float(v.detach())) < 1e-5 for v in same.values())
+    assert all(float(v.detach()) > 1e-4 for v in apart.values())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.model.parameters())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from components import contract, train
-from components.config import StepPaths, TrainConfig
+from components.config import CorruptConfig, DistillConfig, StepPaths, TrainConfig
 from components.io import activations, checkpoints, training_data
 from components.io.images import decode_image
 from components.io.manifest import AlteredFile, read_manifest
@@ -52,10 +52,21 @@ def test_training_lowers_the_loss_and_beats_random_retrieval(featurized, tmp_pat
     assert {s["split"] for s in splits} == {"train", "val", "test"}
 
 
+# the teacher, the barycenter fusion and the training-only damage, all in one run
+DISTILLED = TINY.model_copy(
+    update={
+        "fusion": "barycenter",
+        "distill": DistillConfig(weight=1.0, momentum=0.9),
+        "corrupt": CorruptConfig(swap_fraction=0.2, drop_fraction=0.2),
+    }
+)
+
+
+@pytest.mark.parametrize("config", [TINY, DISTILLED], ids=["default", "distilled"])
 def test_an_interrupted_run_resumes_where_it_stopped_and_ends_the_same(
-    featurized, tmp_path, monkeypatch
+    featurized, tmp_path, monkeypatch, config
 ):
-    straight = train.run(TINY, _fresh(featurized, tmp_path, "straight"))
+    straight = train.run(config, _fresh(featurized, tmp_path, "straight"))
     paths = _fresh(featurized, tmp_path, "interrupted")
     original = train.Trainer._train_epoch
 
@@ -66,12 +77,13 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_the_same(
 
     monkeypatch.setattr(train.Trainer, "_train_epoch", crash_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        train.run(TINY, paths)
+        train.run(config, paths)
     monkeypatch.setattr(train.Trainer, "_train_epoch", original)
     checkpoint = checkpoints.load(paths.path(contract.CHECKPOINTS))
-    resumed = train.run(TINY, paths)
+    resumed = train.run(config, paths)
 
     assert checkpoint["epoch"] == 2
+    assert (checkpoint["teacher"] is None) == (config.distill.weight == 0)
     a = json.loads((straight.out_dir / "history.json").read_text())
     b = json.loads((resumed.out_dir / "history.json").read_text())
     assert [h["epoch"] for h in b] == list(range(6))

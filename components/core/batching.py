@@ -28,7 +28,9 @@ def choose_views(
     n_views: int, aux: int | None, rng: np.random.Generator, cap: int | None = None
 ) -> list[int]:
     """Slots to use: 0 (the primary) and `aux` distinct others at random (all if None),
-    at most `cap` slots in all."""
+    at most `cap` slots in all; none for a listing without views of the modality."""
+    if n_views == 0:
+        return []
     others = np.arange(1, n_views)
     if aux is not None and aux < len(others):
         others = np.sort(rng.choice(others, size=aux, replace=False))
@@ -43,11 +45,12 @@ def pad_views(
     rng: np.random.Generator,
     cap: int | None = None,
 ) -> Views:
-    """Gather the chosen views of each listing into padded [B, V, F] tensors."""
+    """Gather the chosen views of each listing into padded [B, V, F] tensors (a listing
+    without views of the modality is all padding: its mask row is False)."""
     slots = [choose_views(len(item.rows), aux, rng, cap) for item in listings]
     chosen = [[item.rows[s] for s in picked] for picked, item in zip(slots, listings, strict=True)]
     kinds = [[item.kinds[s] for s in picked] for picked, item in zip(slots, listings, strict=True)]
-    width = max(len(rows) for rows in chosen)
+    width = max(1, *(len(rows) for rows in chosen))
     index = np.zeros((len(listings), width), dtype=np.int64)
     kind = np.zeros((len(listings), width), dtype=np.int64)
     mask = np.zeros((len(listings), width), dtype=bool)
@@ -99,3 +102,21 @@ def swap_primary_photos(
         rows = (images[donor].rows[0], *images[i].rows[1:])
         out[i] = ListingViews(rows=rows, kinds=images[i].kinds)
     return out
+
+
+def drop_modalities(
+    images: list[ListingViews],
+    texts: list[ListingViews],
+    fraction: float,
+    rng: np.random.Generator,
+) -> tuple[list[ListingViews], list[ListingViews]]:
+    """Copies of `images` and `texts` where `fraction` of the listings have lost every view
+    of one modality, photos or texts at random (`train.corrupt.drop_fraction`: listings
+    missing a modality; only training batches see it)."""
+    chosen = rng.choice(len(images), size=round(fraction * len(images)), replace=False)
+    lose_photos = rng.random(len(chosen)) < 0.5
+    images, texts = list(images), list(texts)
+    for i, photos in zip(chosen, lose_photos, strict=True):
+        side = images if photos else texts
+        side[i] = ListingViews(rows=(), kinds=())
+    return images, texts

@@ -291,6 +291,101 @@ class MultilingualE5Small:
         return self._batched(self.model.query, texts)
 
 
+# sRGB (D65) linear RGB -> CIE XYZ, and the D65 white point's u'v' chromaticity
+_RGB_TO_XYZ = np.array(
+    [[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]], np.float32
+)
+_WHITE_UV = (0.19784, 0.46834)
+# where L*, u*, v* of sRGB colours lie: the histograms' fixed ranges
+LUV_RANGES = ((0.0, 100.0), (-84.0, 176.0), (-135.0, 108.0))
+HISTOGRAM_SIDE = 64  # photos are resized to this before counting: colour needs few pixels
+
+
+def luv_histograms(images: list[Image.Image], bins: int) -> np.ndarray:
+    """[n, 3 * bins] colour features: per photo, a histogram of each CIE L*u*v* channel
+    (fixed ranges, `bins` bins), as the square roots of the bin shares, so each channel's
+    part is a unit vector (Hellinger) and the three count equally.
+
+    L*u*v* rather than RGB: distances in it follow perceived colour differences, and the
+    lightness channel is apart from the two chroma ones. The whole photo is counted
+    (background included: it is part of what a buyer sees; transparency is white after
+    `components.io.images.decode_image`)."""
+    out = np.zeros((len(images), 3 * bins), np.float32)
+    for index, image in enumerate(images):
+        rgb = image.convert("RGB").resize(
+            (HISTOGRAM_SIDE, HISTOGRAM_SIDE), Image.Resampling.BILINEAR
+        )
+        luv = rgb_to_luv(np.asarray(rgb, np.float32).reshape(-1, 3) / 255.0)
+        for channel, (low, high) in enumerate(LUV_RANGES):
+            counts, _ = np.histogram(luv[:, channel], bins=bins, range=(low, high))
+            share = counts / max(1, counts.sum())
+            out[index, channel * bins : (channel + 1) * bins] = np.sqrt(share)
+    return out
+
+
+def rgb_to_luv(rgb: np.ndarray) -> np.ndarray:
+    """[n, 3] sRGB in [0, 1] -> [n, 3] CIE L*u*v* (D65)."""
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    x, y, z = (linear @ _RGB_TO_XYZ.T).T
+    lightness = np.where(y > (6 / 29) ** 3, 116 * np.cbrt(y) - 16, (29 / 3) ** 3 * y)
+    denominator = x + 15 * y + 3 * z
+    safe = np.where(denominator > 0, denominator, 1.0)
+    u_prime = np.where(denominator > 0, 4 * x / safe, _WHITE_UV[0])  # black: no chroma
+    v_prime = np.where(denominator > 0, 9 * y / safe, _WHITE_UV[1])
+    u = 13 * lightness * (u_prime - _WHITE_UV[0])
+    v = 13 * lightness * (v_prime - _WHITE_UV[1])
+    return np.stack([lightness, u, v], axis=1).astype(np.float32)
+
+
+class WithColour:
+    """An image encoder's features followed by the photo's L*u*v* colour histograms
+    (`featurize.colour_histogram` bins per channel): a factory like the registry's
+    classes, so the features are cached by content under their own id."""
+
+    def __init__(self, base: Callable[..., ImageEncoder], bins: int) -> None:
+        if bins < 2:
+            raise ValueError(f"featurize.colour_histogram must be 0 or >= 2 bins, got {bins}")
+        self.base, self.bins = base, bins
+        self.dim = base.dim + 3 * bins
+
+    def cache_id(self, device: torch.device, image_size: int, tuned_blocks: int = 0) -> str:
+        return f"{self.base.cache_id(device, image_size, tuned_blocks)}+luv{self.bins}"
+
+    def __call__(
+        self, device: torch.device, image_size: int = 224, tuned_blocks: int = 0
+    ) -> ImageEncoder:
+        if tuned_blocks:
+            raise ValueError(
+                "train.finetune_blocks needs featurize.colour_histogram: 0 (a fine-tuned "
+                "backbone's tail gives pooled features without the colour part)"
+            )
+        return _Coloured(self.base(device, image_size), self)
+
+
+class _Coloured:
+    """What `WithColour` builds: the base encoder's features, then the histograms."""
+
+    def __init__(self, base: ImageEncoder, factory: WithColour) -> None:
+        self.base, self.bins = base, factory.bins
+        self.id = f"{base.id}+luv{factory.bins}"
+        self.dim = factory.dim
+        self.image_size = base.image_size
+
+    def encode(self, images: list[Image.Image]) -> np.ndarray:
+        return np.concatenate([self.base.encode(images), luv_histograms(images, self.bins)], 1)
+
+    def tail(self) -> nn.Module:
+        raise ValueError("an encoder with colour histograms cannot be fine-tuned")
+
+
+def image_factory(name: str, colour_bins: int = 0) -> Callable[..., ImageEncoder]:
+    """The registry's image encoder `name`, with colour histograms appended when
+    `colour_bins` > 0: called as `factory(device, image_size, tuned_blocks=0)`, with
+    `factory.cache_id(...)` and `factory.dim` known before any weights load."""
+    base = IMAGE_ENCODERS[name]
+    return WithColour(base, colour_bins) if colour_bins else base
+
+
 IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {
     "efficientnet-lite0": EfficientNetLite0,
     "efficientnet-lite2": EfficientNetLite2,

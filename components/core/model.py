@@ -24,6 +24,7 @@ VIEW_KINDS = (
     "query_text",  # query tower input
 )
 KIND = {name: index for index, name in enumerate(VIEW_KINDS)}
+FUSIONS = ("mean", "barycenter")
 TEXT_VIEW_KINDS = {name: KIND[name] for name in VIEW_KINDS[:4]}
 
 
@@ -105,6 +106,34 @@ def weighted_mean(embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return torch.einsum("bvd,bv->bd", embeddings, weights)
 
 
+def sphere_barycenter(
+    points: torch.Tensor, weights: torch.Tensor, iterations: int = 5
+) -> torch.Tensor:
+    """[B, V, d] unit points x [B, V] weights (rows summing to 1) -> [B, d] unit points:
+    each row's weighted Karcher (Frechet) mean on the sphere.
+
+    `train.fusion: barycenter`. A listing's views are Dirac masses on the unit sphere; the
+    Wasserstein-2 barycenter of Dirac masses is a Dirac mass at their weighted Frechet mean
+    under the ground cost, so with the sphere's geodesic cost the fused embedding is that
+    mean. (With the squared Euclidean cost it would be the weighted mean of `fuse`;
+    entropic smoothing of a barycenter of Diracs only blurs it around the same point.)
+    Computed by Riemannian gradient steps (log map, weighted tangent mean, exp map) from
+    the normalised weighted mean; zero-weight (padding) views do not count."""
+    current = F.normalize(weighted_mean(points, weights), dim=-1)
+    for _ in range(iterations):
+        cos = torch.einsum("bvd,bd->bv", points, current).clamp(-1 + 1e-6, 1 - 1e-6)
+        angle = torch.acos(cos)
+        # log map at `current`: the tangent vector toward each point, of length `angle`
+        along = points - cos[..., None] * current[:, None, :]
+        ratio = angle / torch.sin(angle)
+        tangent = torch.einsum("bvd,bv->bd", along, weights * ratio)
+        length = tangent.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        current = F.normalize(
+            torch.cos(length) * current + torch.sin(length) * tangent / length, dim=-1
+        )
+    return current
+
+
 class ListingModel(nn.Module):
     """Adapters for images and texts, fusion of a listing's views, and the query tower."""
 
@@ -120,15 +149,21 @@ class ListingModel(nn.Module):
         temperature: float = 0.07,
         learn_temperature: bool = True,
         residual: bool = False,
+        fusion: str = "mean",
         image_tail: nn.Module | None = None,
     ) -> None:
         """`image_tail`, when given, is the trainable end of the image backbone: image
-        inputs are then its input activations, which it turns into `image_dim` features."""
+        inputs are then its input activations, which it turns into `image_dim` features.
+        `fusion`: `mean` (the normalised weighted mean of the views) or `barycenter`
+        (their weighted barycenter on the sphere, `sphere_barycenter`)."""
         super().__init__()
         if not 0.0 < alpha <= 1.0 or not 0.0 <= image_share <= 1.0:
             raise ValueError(
                 f"alpha must be in (0, 1] and image_share in [0, 1], got {alpha}, {image_share}"
             )
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.fusion = fusion
         self.image_tail = image_tail
         self.dim = dim  # of the shared space: every embedding the model returns
         self.image = Adapter(image_dim, dim, hidden, dropout, residual)
@@ -156,7 +191,7 @@ class ListingModel(nn.Module):
             text_emb,
             image_mean,
             text_mean,
-            self.fuse(image_mean, text_mean),
+            self._fused(images, texts, image_emb, text_emb, image_mean, text_mean),
             queries,
             self.scale,
             self.alpha,
@@ -181,7 +216,22 @@ class ListingModel(nn.Module):
 
     def embed_listings(self, images: Views, texts: Views) -> torch.Tensor:
         """The cached listing embedding: every view fused with the marginals."""
-        return self.fuse(*self.modality_means(images, texts)[2:])
+        return self._fused(images, texts, *self.modality_means(images, texts))
+
+    def _fused(self, images, texts, image_emb, text_emb, image_mean, text_mean) -> torch.Tensor:
+        if self.fusion == "mean":
+            return self.fuse(image_mean, text_mean)
+        share = self.image_share
+        weights = torch.cat(
+            [
+                share * marginal_weights(images.mask, self.alpha),
+                (1 - share) * marginal_weights(texts.mask, self.alpha),
+            ],
+            dim=1,
+        )
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        points = torch.cat([image_emb, text_emb], dim=1).float()
+        return sphere_barycenter(points, weights.float()).to(image_emb.dtype)
 
     def embed_text_queries(self, features: torch.Tensor) -> torch.Tensor:
         return self.text(

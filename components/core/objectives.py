@@ -45,6 +45,9 @@ class Batch:
     texts: Views
     query_features: torch.Tensor | None = None  # [Q, F_text]
     query_targets: torch.Tensor | None = None  # [Q] index of the relevant listing in batch
+    # every view of the same listings, for the distillation teacher (train.distill)
+    all_images: Views | None = None
+    all_texts: Views | None = None
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -53,6 +56,8 @@ class Batch:
             self.texts.to(device),
             move(self.query_features),
             move(self.query_targets),
+            move(self.all_images),
+            move(self.all_texts),
         )
 
 
@@ -106,6 +111,10 @@ class Objective(nn.Module):
         weights, extra = None, {}
         if self.regularizer is not None:
             extra, weights = self.regularizer(out)
+        # a listing without one modality (train.corrupt.drop_fraction) has no pair to align
+        present = batch.images.mask[:, 0] & batch.texts.mask[:, 0]
+        if not bool(present.all()):
+            weights = present.float() if weights is None else weights * present
         terms = self.terms(out, batch, weights) | extra
         if out.queries is not None:  # possibly none on this rank: it still joins the gather
             terms["query_loss"] = query_loss(out, batch.query_targets)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def image_encoder(spec: dict, blocks: int, device: torch.device) -> encoders.ImageEncoder:
     """The featurize step's image encoder, stopping before its last `blocks` blocks."""
-    factory = encoders.IMAGE_ENCODERS[spec["image_encoder"]]
+    factory = encoders.image_factory(spec["image_encoder"], spec.get("colour_histogram", 0))
     return factory(device, spec["image_size"], tuned_blocks=blocks)
 
 

@@ -51,7 +51,8 @@ class QueryEmbedder:
 
         self.model, self.spec, self.device = model, spec, device
         # with a fine-tuned backbone, the encoder stops where the model's own tail begins
-        self.image_encoder = encoders.IMAGE_ENCODERS[spec["image_encoder"]](
+        factory = encoders.image_factory(spec["image_encoder"], spec.get("colour_histogram", 0))
+        self.image_encoder = factory(
             device, spec["image_size"], tuned_blocks=spec.get("finetune_blocks", 0)
         )
         self.text_encoder = encoders.TEXT_ENCODERS[spec["text_encoder"]](device)
