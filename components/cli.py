@@ -23,7 +23,8 @@ from components.config import (
     describe_section,
     load_params,
 )
-from components.contract import STEPS, StepName
+from components.contract import STEPS
+from components.core.shards import Shard
 from components.errors import StepFailed
 from components.io.workdir_lock import holding
 
@@ -38,6 +39,7 @@ COMMANDS = {
     "serve": "serve the store's CURRENT release: search API and page (params: serve)",
 }
 STORE_USERS = ("promote", "evaluate", *COMMANDS)  # what reads or writes storage.uri
+SHARDED_STEPS = ("featurize", "embed")  # components/core/shards.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,17 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="step", metavar="<step>", title="steps and commands")
     for step in STEPS.values():
-        _common(
-            sub.add_parser(
-                step.name,
-                help=step.help,
-                description=f"{step.name}: {step.help}\n\nreads: {_listed(step.reads)}"
-                f"\nwrites: {_listed(step.outputs)}",
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=f"params ({step.name} section, set with --set {step.name}.KEY=VALUE):"
-                "\n" + describe_section(SECTIONS[step.name]),
-            )
+        command = sub.add_parser(
+            step.name,
+            help=step.help,
+            description=f"{step.name}: {step.help}\n\nreads: {_listed(step.reads)}"
+            f"\nwrites: {_listed(step.outputs)}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"params ({step.name} section, set with --set {step.name}.KEY=VALUE):"
+            "\n" + describe_section(SECTIONS[step.name]),
         )
+        _common(command)
+        if step.name in SHARDED_STEPS:
+            sharding = command.add_mutually_exclusive_group()
+            sharding.add_argument(
+                "--shard",
+                metavar="I/N",
+                help="run on shard I of N only (listings partitioned by a hash of their id)",
+            )
+            sharding.add_argument(
+                "--gather",
+                type=int,
+                metavar="N",
+                help="write the step's outputs from its N finished shards",
+            )
     for name, help_ in COMMANDS.items():
         command = sub.add_parser(
             name,
@@ -120,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
             print(run_command(args.step, params, tracking_uri, getattr(args, "to", None)))
             return 0
-        result = run_step(args.step, params, os.environ.get("MLFLOW_TRACKING_URI"))
+        result = run_step(
+            args.step,
+            params,
+            os.environ.get("MLFLOW_TRACKING_URI"),
+            shard=getattr(args, "shard", None),
+            gather=getattr(args, "gather", None),
+        )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -191,23 +211,40 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_step(name: str, params: Params, tracking_uri: str | None = None) -> Any:
+def run_step(
+    name: str,
+    params: Params,
+    tracking_uri: str | None = None,
+    shard: str | None = None,
+    gather: int | None = None,
+) -> Any:
     """Run one step with its params section; the function the CLI, the Airflow tasks and
     the Kubeflow components all call, holding the workdir's lock (one step at a time per
-    workdir). `tracking_uri`: MLflow's (None: a sqlite file in the work dir)."""
+    workdir; the shards of one step side by side). `tracking_uri`: MLflow's (None: a
+    sqlite file in the work dir). `shard` ("I/N") runs one shard of a sharded step,
+    `gather` (N) writes its outputs from its N shards."""
     if name not in STEPS:
         raise ConfigError(f"unknown step '{name}'; steps are {list(STEPS)}")
     step = STEPS[name]
     paths = StepPaths.from_params(params, tracking_uri)
+    config = params.section(step.name)
+    if (shard is not None or gather is not None) and name not in SHARDED_STEPS:
+        raise ConfigError(f"{name} does not run in shards; the sharded steps are {SHARDED_STEPS}")
+    module = importlib.import_module(f"components.{name}")  # on use: --help stays fast
+    if shard is not None:
+        try:
+            part = Shard.parse(shard)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        with holding(paths.workdir, step.name, part.name):
+            return module.run(config, paths, shard=part)
+    if gather is not None:
+        with holding(paths.workdir, step.name):
+            return module.gather(config, paths, gather)
     if not _is_rank_zero():  # under torchrun every rank runs the step: rank 0 holds the lock
-        return _runner(step.name)(params.section(step.name), paths)
+        return module.run(config, paths)
     with holding(paths.workdir, step.name):
-        return _runner(step.name)(params.section(step.name), paths)
-
-
-def _runner(name: StepName):
-    # Imported on use: `--help` and other steps stay fast and free of heavy imports.
-    return importlib.import_module(f"components.{name}").run
+        return module.run(config, paths)
 
 
 def run_command(

@@ -12,6 +12,11 @@ chunks featurize wrote, so memory stays bounded at any catalog size) and writes 
 Every view of a listing is fused with the model's marginals, except the image views the
 train step held out for evaluation (`splits.parquet`): those serve only as queries.
 Running again with the same model, features and splits recomputes nothing.
+
+Sharded (`--shard I/N`, components/core/shards.py): shard I embeds the listings whose id
+hashes to I, writing the same files under `shards/I-of-N/` (one part per chunk, possibly
+empty, and the chunk of each id); `--gather N` then writes the outputs above from the N
+shards, each part in the order one unsharded run gives it.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from components.config import EmbedConfig, StepPaths
-from components.contract import CLEAN, EMBEDDED_IDS, EMBEDDINGS, MISSING, SPLITS, STEPS
+from components.contract import CLEAN, EMBEDDED_IDS, EMBEDDINGS, MISSING, SPLITS, STEPS, VIEWS
 from components.core.encoders import pick_device
+from components.core.shards import Shard, every_shard
 from components.io import atomic
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.manifest import (
@@ -37,12 +43,14 @@ from components.io.manifest import (
     read_manifest,
     sha256_file,
     unchanged_manifest,
+    verify_outputs,
     write_manifest,
 )
 from components.release import registry
 
 STEP = STEPS["embed"]
 OUTPUTS = tuple(artifact.name for artifact in STEP.writes)
+SHARDS = "shards"  # <embed>/shards/I-of-N/: one shard's files until they are gathered
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +62,12 @@ class EmbedResult:
     summary: str
 
 
-def run(config: EmbedConfig, paths: StepPaths) -> EmbedResult:
-    """Embed every listing of `<workdir>/featurize` with the configured model."""
+def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> EmbedResult:
+    """Embed every listing of `<workdir>/featurize` (those of `shard` only, if given) with
+    the configured model."""
     timer = Timer()
     features_manifest = read_manifest(paths.step_dir("featurize"))
-    out = paths.step_dir(STEP.name)
+    out = paths.step_dir(STEP.name) if shard is None else shard_dir(paths, shard)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     loaded = registry.load_model(config.model, paths, device)
@@ -72,11 +81,12 @@ def run(config: EmbedConfig, paths: StepPaths) -> EmbedResult:
         return done
     embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
     held_out = held_out_refs(paths)
-    counts = _write(embedder, out, held_out, config.batch_size)
-    missing = _write_missing(paths.path(CLEAN), out, embedder.left_out)
+    counts = _write(embedder, out, held_out, config.batch_size, shard)
+    missing = _write_missing(paths.path(CLEAN), out, embedder.left_out, shard)
     counts["missing"] = missing
+    where = "" if shard is None else f" shard {shard}"
     summary = (
-        f"embed: {counts['listings']} listings -> {loaded.model.dim}-d embeddings "
+        f"embed{where}: {counts['listings']} listings -> {loaded.model.dim}-d embeddings "
         f"with model {_describe(loaded.reference)} on {device}, {counts['held_out_views']} "
         f"held-out views left out, {missing} listings without a usable view; "
         f"{counts['listings_per_s']:.0f} listings/s"
@@ -95,6 +105,105 @@ def run(config: EmbedConfig, paths: StepPaths) -> EmbedResult:
     return EmbedResult(out_dir=out, counts=counts, summary=summary)
 
 
+def shard_dir(paths: StepPaths, shard: Shard) -> Path:
+    return paths.step_dir(STEP.name) / SHARDS / shard.name
+
+
+def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
+    """Write the embed outputs from the files of its `count` shards: part by part, each
+    part's rows in the order of their listings' first views in the featurize chunk (the
+    order one unsharded run writes).
+
+    Raises:
+        FileNotFoundError: a shard has not run.
+        ValueError: the shards ran with other params, models or inputs.
+        AlteredFile: a shard's file is not the one it wrote.
+    """
+    timer = Timer()
+    out = paths.step_dir(STEP.name)
+    shards = every_shard(count)
+    manifests = [_finished_shard(paths, shard) for shard in shards]
+    first = manifests[0]
+    for shard, manifest in zip(shards, manifests, strict=True):
+        if manifest["params"] != config.model_dump() or manifest["inputs"] != first["inputs"]:
+            raise ValueError(
+                f"embed shard {shard} ran with other embed params, another model or other "
+                f"inputs than shard {shards[0]}; run it again (python -m components embed "
+                f"--shard {shard})"
+            )
+    ids = [
+        pq.read_table(shard_dir(paths, s) / EMBEDDED_IDS.name).to_pandas().groupby("part")
+        for s in shards
+    ]
+    views = pq.ParquetFile(paths.path(VIEWS))
+    parts = out / EMBEDDINGS.name
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir()
+    total = 0
+    schema = pa.schema([("listing_id", pa.string())])
+    with (
+        atomic.writing(out / EMBEDDED_IDS.name) as ids_path,
+        pq.ParquetWriter(ids_path, schema) as ids_out,
+    ):
+        for part in range(views.num_row_groups):
+            listing_ids = views.read_row_group(part, columns=["listing_id"]).column(0)
+            first_seen = {lid: i for i, lid in enumerate(dict.fromkeys(listing_ids.to_pylist()))}
+            names = [f"part-{part:06d}.npy" for _ in shards]
+            vectors = [
+                np.load(shard_dir(paths, s) / EMBEDDINGS.name / n)
+                for s, n in zip(shards, names, strict=True)
+            ]
+            members = [
+                groups.get_group(part)["listing_id"].tolist() if part in groups.groups else []
+                for groups in ids
+            ]
+            merged_ids = [lid for group in members for lid in group]
+            order = np.argsort([first_seen[lid] for lid in merged_ids], kind="stable")
+            merged = np.concatenate(vectors)[order]
+            with atomic.writing(parts / names[0]) as tmp, tmp.open("wb") as handle:
+                np.save(handle, merged)
+            ids_out.write_table(pa.table({"listing_id": [merged_ids[i] for i in order]}))
+            total += len(merged_ids)
+    left_out = {}
+    for shard in shards:
+        for row in pq.read_table(shard_dir(paths, shard) / MISSING.name).to_pylist():
+            left_out[row["listing_id"]] = row["reason"]
+    missing = _write_missing(paths.path(CLEAN), out, left_out)
+    counts = {
+        "listings": total,
+        "held_out_views": first["counts"]["held_out_views"],
+        "listings_per_s": sum(m["counts"]["listings_per_s"] for m in manifests),
+        "missing": missing,
+        "shards": count,
+    }
+    summary = (
+        f"embed: {total} listings gathered from {count} shards (model "
+        f"{_describe(first['model'])}), {missing} listings without a usable view"
+    )
+    write_manifest(
+        out,
+        step=STEP.name,
+        params=config,
+        timer=timer,
+        inputs=first["inputs"],
+        outputs=describe_files(out, OUTPUTS),
+        counts=counts,
+        extra={"summary": summary, "model": first["model"], "device": first["device"]},
+    )
+    log.info("%s", summary)
+    return EmbedResult(out_dir=out, counts=counts, summary=summary)
+
+
+def _finished_shard(paths: StepPaths, shard: Shard) -> dict:
+    where = shard_dir(paths, shard)
+    if not (where / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"embed shard {shard} has not finished ({where} has no manifest.json): run "
+            f"python -m components embed --shard {shard} first"
+        )
+    return verify_outputs(where, OUTPUTS)
+
+
 def _describe(reference: dict) -> str:
     if reference.get("version"):
         return f"{reference['name']} v{reference['version']}"
@@ -110,24 +219,34 @@ def _unchanged(out: Path, config: EmbedConfig, inputs: dict) -> EmbedResult | No
 
 
 def _write(
-    embedder: ListingEmbedder, out: Path, held_out: set[tuple[str, str]], batch_size: int
+    embedder: ListingEmbedder,
+    out: Path,
+    held_out: set[tuple[str, str]],
+    batch_size: int,
+    shard: Shard | None = None,
 ) -> dict:
-    """Embed chunk by chunk: one part file per chunk, and the ids of its rows."""
+    """Embed chunk by chunk: one part file per chunk, and the ids of its rows (a shard's:
+    with the part of each)."""
     parts = out / EMBEDDINGS.name
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir()
     total = 0
     progress = tqdm(desc="embed: listings", unit="listing", mininterval=2)
     schema = pa.schema([("listing_id", pa.string())])
+    if shard is not None:
+        schema = schema.append(pa.field("part", pa.int64()))
     with (
         atomic.writing(out / EMBEDDED_IDS.name) as ids_path,
         pq.ParquetWriter(ids_path, schema) as ids,
     ):
-        for part, chunk in enumerate(embedder.chunks(held_out)):
+        for part, chunk in enumerate(embedder.chunks(held_out, shard)):
             vectors = embedder.embed(chunk, batch_size)
             with atomic.writing(parts / f"part-{part:06d}.npy") as tmp, tmp.open("wb") as handle:
                 np.save(handle, vectors)
-            ids.write_table(pa.table({"listing_id": chunk.listing_ids}))
+            written = {"listing_id": chunk.listing_ids}
+            if shard is not None:
+                written["part"] = [part] * len(chunk.listing_ids)
+            ids.write_table(pa.table(written, schema=schema))
             total += len(chunk.listing_ids)
             progress.update(len(chunk.listing_ids))
     rate = progress.format_dict["n"] / max(progress.format_dict["elapsed"], 1e-9)
@@ -135,14 +254,16 @@ def _write(
     return {"listings": total, "held_out_views": len(held_out), "listings_per_s": rate}
 
 
-def _write_missing(clean: Path, out: Path, left_out: dict[str, str]) -> int:
-    """Clean listings that got no embedding, with the reason (featurize's skipped.parquet
-    says which views were unusable and why)."""
+def _write_missing(
+    clean: Path, out: Path, left_out: dict[str, str], shard: Shard | None = None
+) -> int:
+    """Clean listings (of `shard`) that got no embedding, with the reason (featurize's
+    skipped.parquet says which views were unusable and why)."""
     embedded = set(pq.read_table(out / EMBEDDED_IDS.name).column("listing_id").to_pylist())
     missing = [
         {"listing_id": listing_id, "reason": left_out.get(listing_id, "no_usable_view")}
         for listing_id in pq.read_table(clean, columns=["listing_id"]).column(0).to_pylist()
-        if listing_id not in embedded
+        if listing_id not in embedded and (shard is None or shard.owns(listing_id))
     ]
     schema = pa.schema([("listing_id", pa.string()), ("reason", pa.string())])
     atomic.write_table(pa.Table.from_pylist(missing, schema=schema), out / MISSING.name)

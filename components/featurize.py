@@ -10,6 +10,12 @@ Outputs:
 Listings are read `listings_per_chunk` at a time and images encoded `image_batch_size` at
 a time, so memory stays bounded whatever the catalog size. A view whose content was
 encoded before (by this or an earlier run) is looked up, not recomputed.
+
+Sharded (`--shard I/N`, components/core/shards.py): shard I featurizes the listings whose
+id hashes to I and writes its views, skipped views and a per-chunk row count under
+`shards/I-of-N/` (shard 0 also the queries), adding to the shared store under file names
+of its own; `--gather N` then writes the outputs above from the N shards, chunk by chunk
+in the clean listings' order: the files one unsharded run writes.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from components.contract import (
     VIEWS,
 )
 from components.core import encoders
+from components.core.shards import Shard, every_shard
 from components.core.views import view_text
 from components.io.atomic import writing
 from components.io.catalog_reader import (
@@ -48,9 +55,18 @@ from components.io.catalog_reader import (
 )
 from components.io.feature_store import FeatureStore, content_key
 from components.io.images import DecodeBudget, ImageRefError, decode_image
-from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
+from components.io.manifest import (
+    Timer,
+    describe_files,
+    read_manifest,
+    verify_outputs,
+    write_manifest,
+)
 
 STEP = STEPS["featurize"]
+SHARDS = "shards"  # <featurize>/shards/I-of-N/: one shard's files until they are gathered
+CHUNK_ROWS = "chunks.parquet"  # a shard's views and skipped rows per chunk of clean listings
+OUTPUTS = (VIEWS.name, QUERY_FEATURES.name, SKIPPED_VIEWS.name)
 
 VIEWS_SCHEMA = pa.schema(
     [
@@ -99,12 +115,14 @@ class ImageJob:
     ref: str
 
 
-def run(config: FeaturizeConfig, paths: StepPaths) -> FeaturizeResult:
-    """Encode every view of `<workdir>/validate/clean.parquet` and every clean query."""
+def run(config: FeaturizeConfig, paths: StepPaths, shard: Shard | None = None) -> FeaturizeResult:
+    """Encode every view of `<workdir>/validate/clean.parquet` and every clean query (with
+    `shard`: that shard's listings, and the queries in shard 0)."""
     timer = Timer()
     validate_dir = paths.step_dir("validate")
     validated = read_manifest(validate_dir)
-    out = paths.step_dir(STEP.name)
+    store_root = paths.step_dir(STEP.name) / FEATURE_STORE.name
+    out = paths.step_dir(STEP.name) if shard is None else shard_dir(paths, shard)
     out.mkdir(parents=True, exist_ok=True)
     device = encoders.pick_device(config.device)
     # Built on first use: a run with everything cached never loads a model.
@@ -114,46 +132,178 @@ def run(config: FeaturizeConfig, paths: StepPaths) -> FeaturizeResult:
         encoders.TEXT_ENCODERS[config.text_encoder], device, config.text_batch_size
     )
     log.info("featurize: %s + %s on %s", image_encoder.id, text_encoder.id, device)
+    writer = "" if shard is None else shard.name  # shards write files of their own
     image_store = FeatureStore(
-        out / FEATURE_STORE.name, image_encoder.id, image_encoder.dim, config.shard_rows
+        store_root, image_encoder.id, image_encoder.dim, config.shard_rows, writer
     )
     text_store = FeatureStore(
-        out / FEATURE_STORE.name, text_encoder.id, text_encoder.dim, config.shard_rows
+        store_root, text_encoder.id, text_encoder.dim, config.shard_rows, writer
     )
     counts = Counts()
     root = CatalogRoot(paths.catalog)
     featurizer = _Featurizer(
         config, root, image_encoder, text_encoder, image_store, text_store, counts
     )
-    featurizer.listings(paths.path(CLEAN), out)
-    query_count = featurizer.queries(paths.path(CLEAN_QUERIES), out)
+    featurizer.listings(paths.path(CLEAN), out, shard)
+    query_count = 0
+    if shard is None or shard.index == 0:
+        query_count = featurizer.queries(paths.path(CLEAN_QUERIES), out)
     image_store.flush()
     text_store.flush()
-    summary = _summary(counts, query_count, device)
+    summary = _summary(counts, query_count, device, shard)
+    names = OUTPUTS if shard is None or shard.index == 0 else (VIEWS.name, SKIPPED_VIEWS.name)
     write_manifest(
         out,
         step=STEP.name,
         params=config,
         timer=timer,
         inputs={"validate": validated["outputs"], "catalog": paths.catalog},
-        outputs=describe_files(out, [VIEWS.name, QUERY_FEATURES.name, SKIPPED_VIEWS.name]),
+        outputs=describe_files(out, [*names, *([CHUNK_ROWS] if shard else [])]),
         counts={**counts.__dict__, "queries": query_count},
         extra={
             "summary": summary,
             "device": str(device),
             "encoders": {
-                "image": _store_record(image_encoder, image_store, out),
-                "text": _store_record(text_encoder, text_store, out),
+                "image": _store_record(image_encoder, image_store, store_root),
+                "text": _store_record(text_encoder, text_store, store_root),
             },
+            **({"shard": str(shard)} if shard else {}),
         },
     )
     log.info("%s", summary)
     return FeaturizeResult(out_dir=out, counts=counts.__dict__, summary=summary)
 
 
-def _store_record(encoder: _Lazy, store: FeatureStore, out: Path) -> dict:
-    """What the manifest says of an encoder: the consumers open its store from this."""
-    return {"id": encoder.id, "dim": encoder.dim, "store": str(store.dir.relative_to(out))}
+def _store_record(encoder: _Lazy, store: FeatureStore, store_root: Path) -> dict:
+    """What the manifest says of an encoder: the consumers open its store from this
+    (relative to the featurize folder)."""
+    relative = store.dir.relative_to(store_root.parent)
+    return {"id": encoder.id, "dim": encoder.dim, "store": str(relative)}
+
+
+def shard_dir(paths: StepPaths, shard: Shard) -> Path:
+    return paths.step_dir(STEP.name) / SHARDS / shard.name
+
+
+def gather(config: FeaturizeConfig, paths: StepPaths, count: int) -> FeaturizeResult:
+    """Write the featurize outputs from the files of its `count` shards: views and skipped
+    views chunk by chunk in the clean listings' order (within a chunk text views before
+    image views, as `_Featurizer.listings` writes them), the queries of shard 0.
+
+    Raises:
+        FileNotFoundError: a shard has not run.
+        ValueError: a shard ran with other params or on other validated data.
+        AlteredFile: a shard's file is not the one it wrote.
+    """
+    timer = Timer()
+    validated = read_manifest(paths.step_dir("validate"))
+    out = paths.step_dir(STEP.name)
+    shards = every_shard(count)
+    manifests = [_finished_shard(config, paths, shard, validated) for shard in shards]
+    views = [_RowReader(shard_dir(paths, shard) / VIEWS.name) for shard in shards]
+    skipped = [_RowReader(shard_dir(paths, shard) / SKIPPED_VIEWS.name) for shard in shards]
+    chunk_rows = [
+        pq.read_table(shard_dir(paths, shard) / CHUNK_ROWS).to_pylist() for shard in shards
+    ]
+    clean = pq.ParquetFile(paths.path(CLEAN))
+    with (
+        writing(out / VIEWS.name) as views_path,
+        writing(out / SKIPPED_VIEWS.name) as skipped_path,
+        pq.ParquetWriter(views_path, VIEWS_SCHEMA) as views_out,
+        pq.ParquetWriter(skipped_path, SKIPPED_SCHEMA) as skipped_out,
+    ):
+        batches = clean.iter_batches(config.listings_per_chunk, columns=["listing_id"])
+        for chunk, batch in enumerate(batches):
+            order = {lid: i for i, lid in enumerate(batch.column(0).to_pylist())}
+            parts = [
+                reader.take(rows[chunk]["views"])
+                for reader, rows in zip(views, chunk_rows, strict=True)
+            ]
+            views_out.write_table(_in_order(parts, order, VIEWS_SCHEMA, by_modality=True))
+            parts = [
+                reader.take(rows[chunk]["skipped"])
+                for reader, rows in zip(skipped, chunk_rows, strict=True)
+            ]
+            skipped_out.write_table(_in_order(parts, order, SKIPPED_SCHEMA))
+    with writing(out / QUERY_FEATURES.name) as tmp:
+        tmp.write_bytes((shard_dir(paths, shards[0]) / QUERY_FEATURES.name).read_bytes())
+    counts = Counts()
+    for manifest in manifests:
+        for key, value in manifest["counts"].items():
+            if key == "reasons":
+                for reason, n in value.items():
+                    counts.reasons[reason] = counts.reasons.get(reason, 0) + n
+            elif key != "queries":
+                setattr(counts, key, getattr(counts, key) + value)
+    queries = manifests[0]["counts"]["queries"]
+    summary = _summary(counts, queries, manifests[0]["device"]) + f" (gathered from {count} shards)"
+    write_manifest(
+        out,
+        step=STEP.name,
+        params=config,
+        timer=timer,
+        inputs={"validate": validated["outputs"], "catalog": paths.catalog},
+        outputs=describe_files(out, OUTPUTS),
+        counts={**counts.__dict__, "queries": queries, "shards": count},
+        extra={
+            "summary": summary,
+            "device": manifests[0]["device"],
+            "encoders": manifests[0]["encoders"],
+        },
+    )
+    log.info("%s", summary)
+    return FeaturizeResult(out_dir=out, counts=counts.__dict__, summary=summary)
+
+
+def _finished_shard(config, paths: StepPaths, shard: Shard, validated: dict) -> dict:
+    """The manifest of a shard that ran with these params on this validated data, its
+    files checked against it."""
+    where = shard_dir(paths, shard)
+    if not (where / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"featurize shard {shard} has not finished ({where} has no manifest.json): run "
+            f"python -m components featurize --shard {shard} first"
+        )
+    manifest = read_manifest(where)
+    if (
+        manifest["params"] != config.model_dump()
+        or manifest["inputs"]["validate"] != validated["outputs"]
+    ):
+        raise ValueError(
+            f"featurize shard {shard} ran with other featurize params or on other validated "
+            f"data than this gather; run it again (python -m components featurize --shard {shard})"
+        )
+    return verify_outputs(where, manifest["outputs"], manifest)
+
+
+class _RowReader:
+    """A parquet file read front to back, any number of rows at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self._batches = pq.ParquetFile(path).iter_batches()
+        self._buffer = pa.Table.from_batches([], schema=pq.read_schema(path))
+
+    def take(self, rows: int) -> pa.Table:
+        while self._buffer.num_rows < rows:
+            batch = next(self._batches, None)
+            if batch is None:
+                raise ValueError(f"a featurize shard has fewer rows than its {CHUNK_ROWS} says")
+            self._buffer = pa.concat_tables([self._buffer, pa.Table.from_batches([batch])])
+        taken, self._buffer = self._buffer.slice(0, rows), self._buffer.slice(rows)
+        return taken
+
+
+def _in_order(
+    parts: list[pa.Table], order: dict[str, int], schema: pa.Schema, by_modality: bool = False
+) -> pa.Table:
+    """The shards' rows of one chunk in the unsharded order: by clean position (text
+    views first when `by_modality`), each listing's rows in the order its shard wrote them."""
+    table = pa.concat_tables(parts).cast(schema)
+    position = np.array([order[lid] for lid in table.column("listing_id").to_pylist()])
+    if by_modality:
+        image = np.array([m == "image" for m in table.column("modality").to_pylist()])
+        position = position + image * len(order)
+    return table.take(pa.array(np.argsort(position, kind="stable"), pa.int64()))
 
 
 class _Lazy:
@@ -196,13 +346,16 @@ class _Featurizer:
         self.progress: tqdm | None = None  # counts images while listings() runs
         self.decode_budget = DecodeBudget(config.decode_memory_mb << 20)
 
-    def listings(self, clean_path: Path, out: Path) -> None:
+    def listings(self, clean_path: Path, out: Path, shard: Shard | None = None) -> None:
+        """Every clean listing's views (a shard's listings only); a shard also writes how
+        many views and skipped rows each chunk of clean listings gave it."""
         parquet = pq.ParquetFile(clean_path)
         columns = ["listing_id", "image_uris", *self.config.text_views]
         total_images = sum(
-            pc.sum(pc.list_value_length(batch.column(0))).as_py() or 0
-            for batch in parquet.iter_batches(columns=["image_uris"])
+            pc.sum(pc.list_value_length(_owned(batch, shard).column(1))).as_py() or 0
+            for batch in parquet.iter_batches(columns=["listing_id", "image_uris"])
         )
+        chunk_rows = []
         # images dominate the cost: the bar counts them, so its rate is images/s
         self.progress = tqdm(
             total=total_images, desc="featurize: images", unit="img", mininterval=2
@@ -215,15 +368,20 @@ class _Featurizer:
             ThreadPoolExecutor(self.config.workers) as pool,
         ):
             for batch in parquet.iter_batches(self.config.listings_per_chunk, columns=columns):
-                rows = batch.to_pylist()
+                rows = _owned(batch, shard).to_pylist()
                 text_rows = self._text_views(rows)
                 image_rows, bad = self._image_views(rows, pool)
                 views.write_table(pa.Table.from_pylist(text_rows + image_rows, schema=VIEWS_SCHEMA))
                 skipped.write_table(pa.Table.from_pylist(bad, schema=SKIPPED_SCHEMA))
+                chunk_rows.append({"views": len(text_rows) + len(image_rows), "skipped": len(bad)})
                 # what a chunk encoded is kept even if the run dies before the next one
                 self.image_store.flush()
                 self.text_store.flush()
         self.progress.close()
+        if shard is not None:
+            schema = pa.schema([("views", pa.int64()), ("skipped", pa.int64())])
+            with writing(out / CHUNK_ROWS) as tmp:
+                pq.write_table(pa.Table.from_pylist(chunk_rows, schema=schema), tmp)
 
     def queries(self, queries_path: Path, out: Path) -> int:
         if not queries_path.is_file():
@@ -350,14 +508,22 @@ class _Featurizer:
         return vectors
 
 
-def _summary(counts: Counts, queries: int, device) -> str:
+def _owned(batch: pa.RecordBatch, shard: Shard | None) -> pa.RecordBatch:
+    """The rows of `batch` (first column: listing_id) in `shard` (all when None)."""
+    if shard is None:
+        return batch
+    return batch.filter(pa.array([shard.owns(i) for i in batch.column(0).to_pylist()]))
+
+
+def _summary(counts: Counts, queries: int, device, shard: Shard | None = None) -> str:
     encoded = counts.images_encoded + counts.texts_encoded
     rate = encoded / counts.encode_seconds if counts.encode_seconds else 0.0
     skipped = f"{counts.skipped} views skipped"
     if counts.reasons:
         skipped += " (" + ", ".join(f"{r}: {n}" for r, n in counts.reasons.items()) + ")"
+    where = "" if shard is None else f" shard {shard}"
     return (
-        f"featurize: {counts.image_views} image views ({counts.images_encoded} encoded, "
+        f"featurize{where}: {counts.image_views} image views ({counts.images_encoded} encoded, "
         f"the rest cached or repeated), {counts.text_views} text views and {queries} queries "
         f"({counts.texts_encoded} texts encoded), {skipped}; {rate:.0f} items/s encoding on "
         f"{device}"

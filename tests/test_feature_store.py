@@ -58,3 +58,31 @@ def test_an_altered_shard_is_named_not_read(tmp_path):
 
     with pytest.raises(AlteredFile, match=r"shard-000000\.npy: sha256 .* run featurize again"):
         FeatureStore(tmp_path, "enc", dim=4).get(["a"])
+
+
+def test_writers_adding_at_the_same_time_keep_each_others_vectors(tmp_path):
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(9, 4)).astype(np.float32)
+    keys = [content_key(f"view {i}") for i in range(9)]
+    first = FeatureStore(tmp_path, "enc", dim=4, shard_rows=2, writer="0-of-2")
+    second = FeatureStore(tmp_path, "enc", dim=4, shard_rows=2, writer="1-of-2")
+
+    first.add(keys[:2], vectors[:2])  # both write their first file at once: distinct names
+    second.add(keys[2:4], vectors[2:4])
+    first.add(keys[4:6], vectors[4:6])
+    second.add(keys[6:9], vectors[6:9])
+    reader = FeatureStore(tmp_path, "enc", dim=4)
+    again = FeatureStore(tmp_path, "enc", dim=4, shard_rows=2, writer="0-of-2")
+    again.add([content_key("new")], vectors[:1])
+    again.flush()
+
+    np.testing.assert_array_equal(reader.get(keys), vectors)
+    assert keys[3] not in first  # each knows the others' vectors from when it opened
+    names = sorted(p.name for p in (tmp_path / "enc").glob("*.npy"))
+    assert names == [
+        "shard-0-of-2-000000.npy",
+        "shard-0-of-2-000001.npy",
+        "shard-0-of-2-000002.npy",  # a reopened writer goes on after its own files
+        "shard-1-of-2-000000.npy",
+        "shard-1-of-2-000001.npy",
+    ]

@@ -55,3 +55,23 @@ def test_a_holder_killed_with_sigkill_leaves_the_workdir_free(tmp_path):
 
     with holding(tmp_path, "embed"):  # non-blocking: a stale lock would raise here
         assert "step embed" in (tmp_path / LOCK_NAME).read_text()
+
+
+def test_shards_of_a_step_run_side_by_side_and_keep_other_steps_out(tmp_path):
+    with holding(tmp_path, "featurize", "0-of-2"), holding(tmp_path, "featurize", "1-of-2"):
+        with (
+            pytest.raises(WorkdirBusy, match="shards of a sharded step"),
+            holding(tmp_path, "train"),
+        ):
+            pass
+        with (
+            pytest.raises(WorkdirBusy, match="featurize shard 0-of-2, pid"),
+            holding(tmp_path, "featurize", "0-of-2"),
+        ):
+            pass
+    with (
+        holding(tmp_path, "train"),
+        pytest.raises(WorkdirBusy, match="step train"),
+        holding(tmp_path, "featurize", "0-of-2"),
+    ):
+        pass

@@ -18,6 +18,7 @@ from components.config import StepPaths
 from components.contract import ACTIVATIONS, SPLITS, VIEWS
 from components.core.batching import fuse_listings, pad_views
 from components.core.model import ListingModel
+from components.core.shards import Shard
 from components.core.views import GroupedViews, group_views
 from components.io import activations
 from components.io.manifest import read_manifest
@@ -57,14 +58,19 @@ class ListingEmbedder:
         """The featurize step's features as they are: the no-training baseline's inputs."""
         return cls(None, {}, paths, device)
 
-    def chunks(self, held_out: set[tuple[str, str]]) -> Iterator[GroupedViews]:
+    def chunks(
+        self, held_out: set[tuple[str, str]], shard: Shard | None = None
+    ) -> Iterator[GroupedViews]:
         """The listings of each row group of views.parquet (featurize writes whole
-        listings per group); a listing without a usable view of each modality goes to
-        `left_out`."""
+        listings per group), those of `shard` only if given; a listing without a usable
+        view of each modality goes to `left_out`."""
         parquet = pq.ParquetFile(self.views_path)
         finished: set[str] = set()
         for group in range(parquet.num_row_groups):
-            chunk = group_views(parquet.read_row_group(group).to_pylist(), held_out)
+            rows = parquet.read_row_group(group).to_pylist()
+            if shard is not None:
+                rows = [row for row in rows if shard.owns(row["listing_id"])]
+            chunk = group_views(rows, held_out)
             self.left_out.update(chunk.left_out)
             repeated = finished.intersection(chunk.listing_ids)
             if repeated:

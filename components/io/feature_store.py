@@ -7,12 +7,18 @@ plus its keys; a shard becomes visible only once both files are renamed into pla
 so an interrupted run loses at most its unflushed buffer, never the store. The keys file
 records the sha256 of its vectors, checked when a process first reads the shard: a shard
 altered on disk is an error naming it, never read silently.
+
+Several processes may add to one store at once (the shards of a sharded featurize): each
+writes files of its own (`writer`: `shard-<writer>-NNNNNN`) and reads what the others had
+committed when it opened the store. Nothing is shared but the folder, so they never
+overwrite one another; a content encoded by two of them is kept twice and read once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,22 +43,33 @@ def content_key(data: bytes | str) -> str:
 class FeatureStore:
     """Vectors of one encoder (`dim` floats each) addressed by content key."""
 
-    def __init__(self, root: Path, encoder_id: str, dim: int, shard_rows: int = 8192) -> None:
+    def __init__(
+        self,
+        root: Path,
+        encoder_id: str,
+        dim: int,
+        shard_rows: int = 8192,
+        writer: str = "",
+    ) -> None:
+        """`writer`: a tag in the names of the files this process writes, distinct per
+        concurrent writer (the featurize shard); empty for a single writer."""
         self.dir = root / encoder_id
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
         self.shard_rows = shard_rows
-        self._where: dict[str, tuple[int, int]] = {}
-        self._shards: dict[int, np.ndarray] = {}
-        self._digests: dict[int, str | None] = {}  # None: a shard written before digests
+        self._prefix = f"shard-{writer}-" if writer else "shard-"
+        self._where: dict[str, tuple[str, int]] = {}
+        self._shards: dict[str, np.ndarray] = {}
+        self._digests: dict[str, str | None] = {}  # None: a shard written before digests
         self._pending_keys: dict[str, None] = {}  # insertion-ordered set
         self._pending: list[np.ndarray] = []
         self._next_shard = 0
         self._load_index()
 
     def _load_index(self) -> None:
+        mine = re.compile(re.escape(self._prefix) + r"(\d{6})")
         for keys_file in sorted(self.dir.glob("shard-*.keys.parquet")):
-            shard = int(keys_file.name.split("-")[1].split(".")[0])
+            shard = keys_file.name.removesuffix(".keys.parquet")
             if not self._vectors_path(shard).is_file():
                 continue  # keys without vectors: an interrupted write; ignore it
             table = pq.read_table(keys_file)
@@ -60,10 +77,11 @@ class FeatureStore:
             self._digests[shard] = digest.decode() if digest else None
             for row, key in enumerate(table.column("key").to_pylist()):
                 self._where.setdefault(key, (shard, row))
-            self._next_shard = max(self._next_shard, shard + 1)
+            if (number := mine.fullmatch(shard)) is not None:
+                self._next_shard = max(self._next_shard, int(number.group(1)) + 1)
 
-    def _vectors_path(self, shard: int) -> Path:
-        return self.dir / f"shard-{shard:06d}.npy"
+    def _vectors_path(self, shard: str) -> Path:
+        return self.dir / f"{shard}.npy"
 
     def __contains__(self, key: str) -> bool:
         return key in self._where or key in self._pending_keys
@@ -88,17 +106,17 @@ class FeatureStore:
         """Write buffered vectors as a new shard (vectors first, keys last: keys commit it)."""
         if not self._pending_keys:
             return
-        shard = self._next_shard
+        shard = f"{self._prefix}{self._next_shard:06d}"
         vectors = np.concatenate(self._pending)
-        tmp = self.dir / f".shard-{shard:06d}.npy.tmp"
+        tmp = self.dir / f".{shard}.npy.tmp"
         with tmp.open("wb") as handle:
             np.save(handle, vectors)
         digest = sha256_file(tmp)
         os.replace(tmp, self._vectors_path(shard))
-        keys_tmp = self.dir / f".shard-{shard:06d}.keys.tmp"
+        keys_tmp = self.dir / f".{shard}.keys.tmp"
         keys = pa.table({"key": list(self._pending_keys)})
         pq.write_table(keys.replace_schema_metadata({_DIGEST: digest}), keys_tmp)
-        os.replace(keys_tmp, self.dir / f"shard-{shard:06d}.keys.parquet")
+        os.replace(keys_tmp, self.dir / f"{shard}.keys.parquet")
         for row, key in enumerate(self._pending_keys):
             self._where.setdefault(key, (shard, row))
         self._pending_keys, self._pending = {}, []
@@ -114,7 +132,7 @@ class FeatureStore:
             out[i] = self._shard(shard)[row]
         return out
 
-    def _shard(self, shard: int) -> np.ndarray:
+    def _shard(self, shard: str) -> np.ndarray:
         if shard not in self._shards:
             path = self._vectors_path(shard)
             expected = self._digests.get(shard)
