@@ -24,7 +24,6 @@ from components.config import (
     load_params,
 )
 from components.contract import STEPS
-from components.core.shards import Shard
 from components.errors import StepFailed
 from components.io.workdir_lock import holding
 
@@ -232,6 +231,8 @@ def run_step(
         raise ConfigError(f"{name} does not run in shards; the sharded steps are {SHARDED_STEPS}")
     module = importlib.import_module(f"components.{name}")  # on use: --help stays fast
     if shard is not None:
+        from components.core.shards import Shard  # the sharded steps import core anyway
+
         try:
             part = Shard.parse(shard)
         except ValueError as err:
