@@ -23,7 +23,7 @@ from components.config import (
     describe_section,
     load_params,
 )
-from components.contract import STEPS
+from components.contract import SHARDED_STEPS, STEPS
 from components.errors import StepFailed
 from components.io.workdir_lock import holding
 
@@ -38,7 +38,6 @@ COMMANDS = {
     "serve": "serve the store's CURRENT release: search API and page (params: serve)",
 }
 STORE_USERS = ("promote", "evaluate", *COMMANDS)  # what reads or writes storage.uri
-SHARDED_STEPS = ("featurize", "embed")  # components/core/shards.py
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -517,6 +517,12 @@ class KubernetesConfig(Section):
 
 
 class OrchestrationConfig(Section):
+    shards: int = Field(
+        1,
+        ge=1,
+        description="featurize and embed run as this many shards side by side (Airflow mapped "
+        "tasks, a Kubeflow ParallelFor), then a gather (components/core/shards.py).",
+    )
     airflow: AirflowConfig = AirflowConfig()
     kubeflow: KubeflowConfig = KubeflowConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()

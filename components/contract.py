@@ -19,6 +19,8 @@ StepName = Literal[
     "catalog", "validate", "featurize", "train", "embed", "index", "evaluate", "promote"
 ]
 STEP_ORDER: tuple[StepName, ...] = get_args(StepName)  # the pipeline's steps, in order
+# steps that run as N shards side by side and a gather (`--shard I/N`, `--gather N`)
+SHARDED_STEPS: tuple[StepName, ...] = ("featurize", "embed")
 
 MANIFEST = "manifest.json"  # every step writes one beside its outputs
 

@@ -125,7 +125,7 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
     manifests = [_finished_shard(paths, shard) for shard in shards]
     first = manifests[0]
     for shard, manifest in zip(shards, manifests, strict=True):
-        if manifest["params"] != config.model_dump() or manifest["inputs"] != first["inputs"]:
+        if manifest["params"] != config.model_dump() or _identity(manifest) != _identity(first):
             raise ValueError(
                 f"embed shard {shard} ran with other embed params, another model or other "
                 f"inputs than shard {shards[0]}; run it again (python -m components embed "
@@ -192,6 +192,13 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
     )
     log.info("%s", summary)
     return EmbedResult(out_dir=out, counts=counts, summary=summary)
+
+
+def _identity(manifest: dict) -> tuple:
+    """What a shard embedded from: features, held-out views, model weights (not where the
+    model was read from: each Kubeflow component reads it from a folder of its own)."""
+    inputs = manifest["inputs"]
+    return inputs["featurize"], inputs["splits_sha256"], inputs["model"]["sha256"]
 
 
 def _finished_shard(paths: StepPaths, shard: Shard) -> dict:

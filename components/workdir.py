@@ -27,12 +27,18 @@ def run_isolated(
     output: str,
     storage_uri: str | None = None,
     mlflow_uri: str | None = None,
+    shard: str | None = None,
+    shard_outputs: list[str] | None = None,
 ) -> str:
     """Run `step` on the `upstream` folders ({step name: path}), copy its output folder to
     `output`, and return its summary. `storage_uri` sets `storage.uri` and `mlflow_uri`
     the tracking server; a temporary workdir can hold neither, so both are needed for a
     real run (None keeps params.yaml's store and a sqlite file in the temporary workdir,
     which is then left in place and logged).
+
+    A sharded step: `shard` ("I/N") runs that shard; `shard_outputs` (the output folders
+    of its N shards) gathers them: their files are linked into one step folder first (the
+    shards write distinct file names) and the gather writes the step's outputs beside them.
 
     Raises:
         ValueError: `upstream` lacks a step that `step` reads, or names an unknown one.
@@ -48,12 +54,21 @@ def run_isolated(
     try:
         for name, path in upstream.items():
             (work / name).symlink_to(Path(path).resolve(), target_is_directory=True)
-        result = run_step(step, load_params(params_file, settings), mlflow_uri)
+        for part in shard_outputs or []:
+            shutil.copytree(Path(part).resolve(), work / step, _link, dirs_exist_ok=True)
+        gather = None if shard_outputs is None else len(shard_outputs)
+        params = load_params(params_file, settings)
+        result = run_step(step, params, mlflow_uri, shard=shard, gather=gather)
         shutil.copytree(work / step, output, symlinks=False)
     finally:
         _clean(work, step, upstream)
     print(result.summary)
     return result.summary
+
+
+def _link(source: str, target: str) -> None:
+    """copytree's copy function: link the file instead (a shard's output is read, not changed)."""
+    Path(target).symlink_to(source)
 
 
 def _check_upstream(step: str, upstream: dict[str, str]) -> None:

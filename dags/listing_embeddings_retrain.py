@@ -11,6 +11,11 @@ environment (`AIRFLOW_VAR_LISTING_EMBEDDINGS_MODE`; default `orchestration.airfl
 - `kubernetes`: each task is a KubernetesPodOperator running the project image; the
   steps in `orchestration.kubernetes.gpu_steps` request GPUs on the GPU node pool.
 
+featurize and embed run in `orchestration.shards` shards: a mapped task `<step>_shard`
+(dynamic task mapping over the shard indices, one pod each in kubernetes mode, side by
+side as the executor allows) and then the task `<step>`, which gathers them
+(`python -m components <step> --shard I/N`, then `--gather N`).
+
 Run-time DAG params: `overrides` (a list of `section.key=value`, as `--set`), and
 `params_file` (local mode). A failed gate fails `evaluate` (in local mode without retries)
 with the gate table in its log; `promote` then never runs (Airflow marks it
@@ -28,7 +33,7 @@ from airflow.sdk import DAG, Param, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from components.config import OrchestrationConfig, load_params
-from components.contract import STEPS
+from components.contract import SHARDED_STEPS, STEPS
 
 DAG_ID = "listing_embeddings_retrain"
 PARAMS_FILE = os.environ.get(
@@ -39,15 +44,23 @@ POD_WORKDIR = "/work"
 POD_PARAMS = "/etc/listing-embeddings/params.yaml"
 
 
-def run_local_step(step: str, params_file: str, overrides: list[str]) -> dict:
-    """Run one step in this process; a StepFailed (a failed gate, too many bad rows)
-    fails the task without retries, with its report in the log."""
+def run_local_step(
+    step: str,
+    params_file: str,
+    overrides: list[str],
+    shard: str | None = None,
+    gather: int | None = None,
+) -> dict:
+    """Run one step (or one shard of it, or its gather) in this process; a StepFailed (a
+    failed gate, too many bad rows) fails the task without retries, with its report in
+    the log."""
     from components.cli import run_step
     from components.errors import StepFailed
 
     params = load_params(params_file, overrides)
     try:
-        result = run_step(step, params, os.environ.get("MLFLOW_TRACKING_URI"))
+        tracking = os.environ.get("MLFLOW_TRACKING_URI")
+        result = run_step(step, params, tracking, shard=shard, gather=gather)
     except StepFailed as err:
         if err.report:
             print(err.report)
@@ -56,39 +69,88 @@ def run_local_step(step: str, params_file: str, overrides: list[str]) -> dict:
     return {"step": step, "summary": result.summary}
 
 
-def _local_task(step: str, defaults: dict):
+def _local_tasks(step: str, defaults: dict, shards: int):
+    """The local-mode task(s) of a step: (first, last); a sharded step's first is its
+    mapped shard task, its last the gather."""
+
     @task(task_id=step, **defaults)
     def run(params=None) -> dict:
-        return run_local_step(step, params["params_file"], list(params["overrides"]))
+        gather = shards if step in SHARDED_STEPS else None
+        return run_local_step(step, params["params_file"], list(params["overrides"]), None, gather)
 
-    return run()
+    if step not in SHARDED_STEPS:
+        single = run()
+        return single, single
+
+    @task(task_id=f"{step}_shard", **defaults)
+    def run_shard(index: int, params=None) -> dict:
+        shard = f"{index}/{shards}"
+        return run_local_step(step, params["params_file"], list(params["overrides"]), shard)
+
+    mapped, gathered = run_shard.expand(index=list(range(shards))), run()
+    mapped >> gathered
+    return mapped, gathered
+
+
+def _pod_tasks(step: str, config: OrchestrationConfig, defaults: dict):
+    """The kubernetes-mode task(s) of a step: (first, last), as `_local_tasks`."""
+    if step not in SHARDED_STEPS:
+        single = pod_operator(step, config, defaults)
+        return single, single
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    shards = config.shards
+    settings = pod_settings(step, config)
+    mapped = KubernetesPodOperator.partial(task_id=f"{step}_shard", **settings, **defaults).expand(
+        arguments=[[*step_arguments(), "--shard", f"{i}/{shards}"] for i in range(shards)]
+    )
+    gathered = KubernetesPodOperator(
+        task_id=step,
+        arguments=[*step_arguments(), "--gather", str(shards)],
+        **pod_settings(step, config, gpu=False),  # a gather moves files: no GPU
+        **defaults,
+    )
+    mapped >> gathered
+    return mapped, gathered
+
+
+def step_arguments() -> list[str]:
+    """What every step's container gets after `python -m components <step>`."""
+    return [
+        "--params",
+        POD_PARAMS,
+        "--set",
+        f"paths.workdir={POD_WORKDIR}/artifacts",
+        "--set-json",
+        "{{ params.overrides | tojson }}",
+    ]
 
 
 def pod_operator(step: str, config: OrchestrationConfig, defaults: dict):
     """The KubernetesPodOperator of one step: the project image, the shared workdir volume,
     params.yaml from a ConfigMap, GPUs and the GPU node pool for GPU steps."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    return KubernetesPodOperator(
+        task_id=step, arguments=step_arguments(), **pod_settings(step, config), **defaults
+    )
+
+
+def pod_settings(step: str, config: OrchestrationConfig, gpu: bool | None = None) -> dict:
+    """The KubernetesPodOperator arguments of a step's pods but the task id and the
+    container arguments (`gpu`: None places GPU steps on the GPU pool)."""
     from kubernetes.client import models as k8s
 
     kube = config.kubernetes
-    gpu = step in kube.gpu_steps
+    gpu = step in kube.gpu_steps if gpu is None else gpu
     requests = dict(kube.gpu_step_resources if gpu else kube.cpu)
     limits = {kube.gpu_resource: str(kube.gpus)} if gpu else {}
     tolerations = [k8s.V1Toleration(**t.model_dump()) for t in kube.gpu_tolerations] if gpu else []
-    return KubernetesPodOperator(
-        task_id=step,
+    return dict(
         name=f"listing-embeddings-{step}",
         namespace=kube.namespace,
         image=kube.image,
         cmds=["python", "-m", "components", step],
-        arguments=[
-            "--params",
-            POD_PARAMS,
-            "--set",
-            f"paths.workdir={POD_WORKDIR}/artifacts",
-            "--set-json",
-            "{{ params.overrides | tojson }}",
-        ],
         env_vars=dict(kube.env),
         container_resources=k8s.V1ResourceRequirements(requests=requests, limits=limits or None),
         node_selector=dict(kube.gpu_node_selector if gpu else kube.cpu_node_selector),
@@ -115,7 +177,6 @@ def pod_operator(step: str, config: OrchestrationConfig, defaults: dict):
         labels={"app": "listing-embeddings", "step": step, "gpu": str(gpu).lower()},
         get_logs=True,
         on_finish_action="delete_succeeded_pod",
-        **defaults,
     )
 
 
@@ -146,7 +207,7 @@ def build_dag(params_file: str = PARAMS_FILE, mode: str | None = None) -> DAG:
             ),
         },
     ) as dag:
-        tasks = {}
+        first, last = {}, {}
         for step in STEPS.values():  # in pipeline order: upstream tasks exist already
             defaults = {
                 "retries": airflow.retries,
@@ -154,11 +215,11 @@ def build_dag(params_file: str = PARAMS_FILE, mode: str | None = None) -> DAG:
                 "execution_timeout": timedelta(minutes=airflow.timeout_minutes[step.name]),
             }
             if mode == "local":
-                tasks[step.name] = _local_task(step.name, defaults)
+                first[step.name], last[step.name] = _local_tasks(step.name, defaults, config.shards)
             else:
-                tasks[step.name] = pod_operator(step.name, config, defaults)
+                first[step.name], last[step.name] = _pod_tasks(step.name, config, defaults)
             for upstream in step.upstream:  # the steps whose outputs it reads
-                tasks[upstream] >> tasks[step.name]
+                last[upstream] >> first[step.name]
     return dag
 
 

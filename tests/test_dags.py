@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from components.config import load_params
-from components.contract import STEP_ORDER, STEPS
+from components.contract import SHARDED_STEPS, STEP_ORDER, STEPS
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -22,11 +23,18 @@ HARNESS = REPO_ROOT / "tests" / "harness" / "airflow_dag.py"
 CONFIG = load_params(REPO_ROOT / "params.yaml").orchestration
 
 
+SHARDS = 2  # featurize and embed in the DAG under test: mapped tasks and a gather
+
+
 @pytest.fixture(scope="module")
 def airflow_env(tmp_path_factory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("airflow")
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["orchestration"]["shards"] = SHARDS
+    (home / "params.yaml").write_text(yaml.safe_dump(params))
     env = {
         **os.environ,
+        "LISTING_EMBEDDINGS_PARAMS": str(home / "params.yaml"),
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -63,11 +71,13 @@ def test_the_dag_imports_cleanly_with_one_task_per_step(airflow_env):
     assert found["import_errors"] == {}
     assert found["warnings"] == []
     assert found["dag_ids"] == ["listing_embeddings_retrain"]
-    assert found["task_ids"] == list(STEP_ORDER)
-    # a task runs after the tasks of the steps whose outputs it reads
-    assert {step: sorted(ups) for step, ups in found["upstream"].items()} == {
-        name: sorted(step.upstream) for name, step in STEPS.items()
-    }
+    assert set(found["task_ids"]) == {*STEP_ORDER, *(f"{s}_shard" for s in SHARDED_STEPS)}
+    # a step's first task runs after the last tasks of the steps whose outputs it reads;
+    # a sharded step's shards come first, its gather (the task named after it) last
+    first = {s: f"{s}_shard" if s in SHARDED_STEPS else s for s in STEP_ORDER}
+    expected = {first[name]: sorted(step.upstream) for name, step in STEPS.items()}
+    expected |= {step: [f"{step}_shard"] for step in SHARDED_STEPS}
+    assert {step: sorted(ups) for step, ups in found["upstream"].items()} == expected
     assert set(CONFIG.airflow.tags) | {"local"} == set(found["tags"])
     assert set(found["retries"].values()) == {CONFIG.airflow.retries}
     assert found["timeouts"]["train"] == CONFIG.airflow.timeout_minutes["train"] * 60
@@ -94,6 +104,11 @@ def test_dag_test_runs_every_step_and_ends_with_a_promoted_version(airflow_env, 
 
     assert run["result"]["state"] == "success", run["log"][-4000:]
     assert set(run["result"]["tasks"].values()) == {"success"}
+    for step in SHARDED_STEPS:  # every shard ran, then the gather
+        assert sorted((work / step / "shards").iterdir()) == [
+            work / step / "shards" / f"{i}-of-{SHARDS}" for i in range(SHARDS)
+        ]
+        assert json.loads((work / step / "manifest.json").read_text())["counts"]["shards"] == 2
     current = json.loads((work / "production" / "indices" / "CURRENT").read_text())
     promoted = json.loads((work / "promote" / "manifest.json").read_text())
     assert current["version"] == promoted["version"]
@@ -115,13 +130,21 @@ def test_kubernetes_mode_renders_pods_with_the_image_gpus_and_tolerations(airflo
     kube = CONFIG.kubernetes
 
     assert rendered["types"] == ["KubernetesPodOperator"]
-    assert set(rendered["pods"]) == set(STEP_ORDER)
-    for step, pod in rendered["pods"].items():
+    shards = {f"{s}_shard[{i}]": s for s in SHARDED_STEPS for i in range(SHARDS)}
+    assert set(rendered["pods"]) == set(STEP_ORDER) | set(shards)
+    for task, pod in rendered["pods"].items():
+        step = shards.get(task, task)
         spec = pod["spec"]
         (container,) = spec["containers"]
         assert container["image"] == kube.image
         assert container["command"] == ["python", "-m", "components", step]
         assert "--params" in container["args"] and "--set-json" in container["args"]
+        if task in shards:  # one shard per pod; the step's own task gathers them, on a CPU node
+            assert container["args"][-2:] == ["--shard", f"{task[-2]}/{SHARDS}"]
+        elif step in SHARDED_STEPS:
+            assert container["args"][-2:] == ["--gather", str(SHARDS)]
+            assert spec["nodeSelector"] == kube.cpu_node_selector
+            continue
         assert spec["serviceAccountName"] == kube.service_account
         assert pod["metadata"]["namespace"] == kube.namespace
         claims = [

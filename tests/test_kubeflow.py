@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from components.config import load_params
-from components.contract import STEP_ORDER
+from components.contract import SHARDED_STEPS, STEP_ORDER
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -37,13 +37,22 @@ def test_gpu_steps_request_accelerators_on_the_gpu_pool():
     executors = spec["deploymentSpec"]["executors"]
     placement = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == set(STEP_ORDER)
-    for step in STEP_ORDER:
-        executor = tasks[step]["componentRef"]["name"].replace("comp-", "exec-")
+    loops = {name for name in tasks if name.startswith("for-loop-")}
+    assert set(tasks) == set(STEP_ORDER) | loops and len(loops) == len(SHARDED_STEPS)
+    # each sharded step: its shards in a ParallelFor, its own task gathers them (on CPU)
+    inner = [spec["components"][tasks[loop]["componentRef"]["name"]]["dag"] for loop in loops]
+    shards = {
+        name.removesuffix("-shard"): task for dag in inner for name, task in dag["tasks"].items()
+    }
+    assert set(shards) == set(SHARDED_STEPS)
+    placed = [(tasks[s], s in KUBE.gpu_steps and s not in SHARDED_STEPS) for s in STEP_ORDER]
+    placed += [(shards[s], s in KUBE.gpu_steps) for s in SHARDED_STEPS]
+    for task, gpu in placed:
+        executor = task["componentRef"]["name"].replace("comp-", "exec-")
         container = executors[executor]["container"]
         assert container["image"] == KUBE.image
         accelerator = container.get("resources", {}).get("accelerator")
-        if step in KUBE.gpu_steps:
+        if gpu:
             assert accelerator["resourceType"] == KUBE.gpu_resource
             assert accelerator["resourceCount"] == str(KUBE.gpus)
             assert placement[executor]["nodeSelector"]["labels"] == KUBE.gpu_node_selector
@@ -74,7 +83,7 @@ def test_the_pipeline_runs_on_the_local_runner_and_promotes(tmp_path):
         "evaluate.gates.min_queries=1",  # 25 listings: a handful of test queries
     ]
 
-    pipeline.retrain(
+    pipeline.build_pipeline(shards=2)(
         params_file=str(REPO_ROOT / "params.yaml"),
         overrides=overrides,
         storage_uri=str(store),
@@ -85,5 +94,11 @@ def test_the_pipeline_runs_on_the_local_runner_and_promotes(tmp_path):
     promoted = list((tmp_path / "root").glob("*/promote/out/manifest.json"))
     assert len(promoted) == 1
     assert json.loads(promoted[0].read_text())["version"] == current["version"]
+    for step in SHARDED_STEPS:  # two shards ran, and the step's own task gathered them
+        (gathered,) = (tmp_path / "root").glob(f"*/{step}/out/manifest.json")
+        assert json.loads(gathered.read_text())["counts"]["shards"] == 2
+        assert (
+            len(list((tmp_path / "root").glob(f"*/for-loop-*/{step}-shard/out/shards/*-of-2"))) == 2
+        )
     evaluated = list((tmp_path / "root").glob("*/evaluate/out/gates.json"))
     assert evaluated and all(g["passed"] for g in json.loads(evaluated[0].read_text()))

@@ -11,6 +11,10 @@ params.yaml's `orchestration.kubernetes`, retries and timeouts from
 
     python infra/kubeflow/pipeline.py    # rewrites infra/kubeflow/listing_embeddings_retrain.yaml
 
+featurize and embed run in `orchestration.shards` shards: a `dsl.ParallelFor` over the shard
+indices (one GPU pod each), then the step's own component gathers the collected shard
+outputs (`--shard I/N`, `--gather N`; components/core/shards.py).
+
 Run-time pipeline parameters: `params_file` (inside the image), `overrides`
 (`section.key=value` strings, as `--set`), `storage_uri` (the production store) and
 `mlflow_uri` (the tracking server).
@@ -23,7 +27,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Input, Output
 
 from components.config import load_params
-from components.contract import STEPS, Step
+from components.contract import SHARDED_STEPS, STEPS, Step
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = Path(__file__).with_name("listing_embeddings_retrain.yaml")
@@ -50,24 +54,73 @@ def {name}(
     storage, tracking = storage_uri or None, mlflow_uri or None
     return run_isolated("{name}", params_file, overrides, upstream, out.path, storage, tracking)
 """
+# a sharded step: one component runs a shard, the step's own gathers the shards' outputs
+_SHARD_TEMPLATE = """\
+def {name}_shard(
+    params_file: str,
+    overrides: list,
+    storage_uri: str,
+    mlflow_uri: str,
+    shard: int,
+    shards: int,
+{inputs}    out: Output[Artifact],
+) -> str:
+    from components.workdir import run_isolated
+
+    upstream = {{{upstream}}}
+    storage, tracking = storage_uri or None, mlflow_uri or None
+    return run_isolated(
+        "{name}", params_file, overrides, upstream, out.path, storage, tracking,
+        shard=f"{{shard}}/{{shards}}",
+    )
+"""
+_GATHER_TEMPLATE = """\
+def {name}(
+    params_file: str,
+    overrides: list,
+    storage_uri: str,
+    mlflow_uri: str,
+    shards: Input[list[Artifact]],
+{inputs}    out: Output[Artifact],
+) -> str:
+    from components.workdir import run_isolated
+
+    upstream = {{{upstream}}}
+    storage, tracking = storage_uri or None, mlflow_uri or None
+    parts = [part.path for part in shards]
+    return run_isolated(
+        "{name}", params_file, overrides, upstream, out.path, storage, tracking,
+        shard_outputs=parts,
+    )
+"""
 
 
-def step_function(step: Step):
-    """The component function of `step`, with source KFP can read (`inspect.getsource`)."""
-    source = _TEMPLATE.format(
+def step_function(step: Step, template: str = _TEMPLATE):
+    """The component function of `step` written from `template`, with source KFP can read
+    (`inspect.getsource`)."""
+    source = template.format(
         name=step.name,
         inputs="".join(f"    {name}: Input[Artifact],\n" for name in step.upstream),
         upstream=", ".join(f'"{name}": {name}.path' for name in step.upstream),
     )
-    filename = f"<kubeflow component {step.name}>"
+    function = step.name if template is not _SHARD_TEMPLATE else f"{step.name}_shard"
+    filename = f"<kubeflow component {function}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"Input": Input, "Output": Output, "Artifact": Artifact}
     exec(compile(source, filename, "exec"), namespace)
-    return namespace[step.name]
+    return namespace[function]
 
 
 COMPONENTS = {
-    name: dsl.component(step_function(step), base_image=IMAGE) for name, step in STEPS.items()
+    name: dsl.component(
+        step_function(step, _GATHER_TEMPLATE if name in SHARDED_STEPS else _TEMPLATE),
+        base_image=IMAGE,
+    )
+    for name, step in STEPS.items()
+}
+SHARD_COMPONENTS = {
+    name: dsl.component(step_function(STEPS[name], _SHARD_TEMPLATE), base_image=IMAGE)
+    for name in SHARDED_STEPS
 }
 
 
@@ -86,47 +139,65 @@ def _on_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def _placed(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
-    """GPU steps on the GPU pool, the others on CPU nodes, with their requests, labels and
-    the step's timeout. (KFP sets the service account per run, not per task.)"""
-    resources = KUBE.gpu_step_resources if step in KUBE.gpu_steps else KUBE.cpu
+def _placed(task: dsl.PipelineTask, step: str, gpu: bool | None = None) -> dsl.PipelineTask:
+    """GPU steps on the GPU pool (`gpu` False: a gather, on CPU), the others on CPU nodes,
+    with their requests, labels, retries and the step's timeout. (KFP sets the service
+    account per run, not per task.)"""
+    gpu = step in KUBE.gpu_steps if gpu is None else gpu
+    resources = KUBE.gpu_step_resources if gpu else KUBE.cpu
     task.set_cpu_request(resources["cpu"]).set_memory_request(resources["memory"])
     kubernetes.add_pod_label(task, "app", "listing-embeddings")
     kubernetes.add_pod_label(task, "step", step)
     kubernetes.set_timeout(task, int(KUBEFLOW.timeout_minutes[step] * 60))
-    if step in KUBE.gpu_steps:
+    task.set_retry(num_retries=KUBEFLOW.retries)
+    if step in KUBEFLOW.uncached_steps:
+        task.set_caching_options(False)
+    if gpu:
         return _on_gpu(task)
     for key, value in KUBE.cpu_node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     return task
 
 
-@dsl.pipeline(
-    name="listing-embeddings-retrain",
-    description="Validate, featurize, train, embed, index, evaluate with recall gates, promote.",
-)
-def retrain(
-    params_file: str = IMAGE_PARAMS,
-    overrides: list = [],  # noqa: B006 (KFP reads the default as the parameter's default)
-    storage_uri: str = "",
-    mlflow_uri: str = "",
-):
-    common = {
-        "params_file": params_file,
-        "overrides": overrides,
-        "storage_uri": storage_uri,
-        "mlflow_uri": mlflow_uri,
-    }
-    tasks: dict[str, dsl.PipelineTask] = {}
-    for name, step in STEPS.items():  # in pipeline order: upstream tasks exist already
-        upstream = {up: tasks[up].outputs["out"] for up in step.upstream}
-        task = COMPONENTS[name](**common, **upstream)
-        task.set_display_name(name)
-        _placed(task, name)
-        task.set_retry(num_retries=KUBEFLOW.retries)
-        if name in KUBEFLOW.uncached_steps:
-            task.set_caching_options(False)
-        tasks[name] = task
+def build_pipeline(shards: int = ORCHESTRATION.shards):
+    """The pipeline with featurize and embed in `shards` shards (params: orchestration.shards)."""
+
+    @dsl.pipeline(
+        name="listing-embeddings-retrain",
+        description="Validate, featurize, train, embed, index, evaluate with recall gates, "
+        "promote.",
+    )
+    def retrain(
+        params_file: str = IMAGE_PARAMS,
+        overrides: list = [],  # noqa: B006 (KFP reads the default as the parameter's default)
+        storage_uri: str = "",
+        mlflow_uri: str = "",
+    ):
+        common = {
+            "params_file": params_file,
+            "overrides": overrides,
+            "storage_uri": storage_uri,
+            "mlflow_uri": mlflow_uri,
+        }
+        tasks: dict[str, dsl.PipelineTask] = {}
+        for name, step in STEPS.items():  # in pipeline order: upstream tasks exist already
+            upstream = {up: tasks[up].outputs["out"] for up in step.upstream}
+            if name not in SHARDED_STEPS:
+                tasks[name] = _placed(COMPONENTS[name](**common, **upstream), name)
+                tasks[name].set_display_name(name)
+                continue
+            with dsl.ParallelFor(list(range(shards))) as index:
+                shard = SHARD_COMPONENTS[name](**common, shard=index, shards=shards, **upstream)
+                _placed(shard, name).set_display_name(f"{name} shard")
+            gathered = dsl.Collected(shard.outputs["out"])
+            gather = COMPONENTS[name](**common, shards=gathered, **upstream)
+            tasks[name] = _placed(gather, name, gpu=False)  # it moves files: no GPU
+            tasks[name].set_display_name(f"{name} (gather)")
+
+    return retrain
+
+
+retrain = build_pipeline()
 
 
 def compile_pipeline(path: Path = COMPILED) -> Path:

@@ -75,11 +75,19 @@ def render() -> dict:
     from kubernetes.client import ApiClient
 
     dag = module.build_dag(mode="kubernetes")
-    pods = {}
+    pods, types = {}, set()
     for operator in dag.tasks:
+        if hasattr(operator, "expand_input"):  # a mapped task: one pod per mapped argument
+            types.add(operator.operator_class.__name__)
+            for index, arguments in enumerate(operator.expand_input.value["arguments"]):
+                pod = operator.unmap({"arguments": arguments}).build_pod_request_obj()
+                pods[f"{operator.task_id}[{index}]"] = ApiClient().sanitize_for_serialization(pod)
+            continue
+        types.add(type(operator).__name__)
         pod = operator.build_pod_request_obj()
         pods[operator.task_id] = ApiClient().sanitize_for_serialization(pod)
-    return {"types": sorted({type(t).__name__ for t in dag.tasks}), "pods": pods}
+    upstream = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
+    return {"types": sorted(types), "pods": pods, "upstream": upstream}
 
 
 if __name__ == "__main__":
