@@ -511,6 +511,18 @@ class KubernetesConfig(Section):
     gpu_step_resources: dict[str, str] = Field(
         {"cpu": "8", "memory": "48Gi"}, description="Requests of a GPU step's container."
     )
+    train_nodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes the train step spans in kubernetes mode: > 1 runs it as a Kubeflow "
+        "Training Operator PyTorchJob (torchrun, elastic, `gpus` processes per node).",
+    )
+    train_min_nodes: int = Field(
+        1, ge=1, description="Fewest nodes the elastic PyTorchJob keeps training with."
+    )
+    train_max_restarts: int = Field(
+        3, ge=0, description="Restarts of the whole PyTorchJob group after a node fails."
+    )
     env: dict[str, str] = Field(
         {}, description="Extra environment (e.g. MLFLOW_TRACKING_URI); never credentials."
     )

@@ -11,6 +11,9 @@ environment (`AIRFLOW_VAR_LISTING_EMBEDDINGS_MODE`; default `orchestration.airfl
 - `kubernetes`: each task is a KubernetesPodOperator running the project image; the
   steps in `orchestration.kubernetes.gpu_steps` request GPUs on the GPU node pool.
 
+With `orchestration.kubernetes.train_nodes` > 1 (kubernetes mode), `train_launch` creates
+the train step's PyTorchJob (components/cluster.py) and `train` waits for it to end.
+
 featurize and embed run in `orchestration.shards` shards: a mapped task `<step>_shard`
 (dynamic task mapping over the shard indices, one pod each in kubernetes mode, side by
 side as the executor allows) and then the task `<step>`, which gathers them
@@ -25,6 +28,7 @@ so a retrain can be cleared and re-run.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,6 +36,7 @@ from pathlib import Path
 from airflow.sdk import DAG, Param, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from components.cluster import POD_PARAMS, POD_WORKDIR
 from components.config import OrchestrationConfig, load_params
 from components.contract import SHARDED_STEPS, STEPS
 
@@ -40,8 +45,6 @@ PARAMS_FILE = os.environ.get(
     "LISTING_EMBEDDINGS_PARAMS", str(Path(__file__).resolve().parents[1] / "params.yaml")
 )
 MODE_VARIABLE = "AIRFLOW_VAR_LISTING_EMBEDDINGS_MODE"
-POD_WORKDIR = "/work"
-POD_PARAMS = "/etc/listing-embeddings/params.yaml"
 
 
 def run_local_step(
@@ -94,6 +97,8 @@ def _local_tasks(step: str, defaults: dict, shards: int):
 
 def _pod_tasks(step: str, config: OrchestrationConfig, defaults: dict):
     """The kubernetes-mode task(s) of a step: (first, last), as `_local_tasks`."""
+    if step == "train" and config.kubernetes.train_nodes > 1:
+        return _training_job_tasks(config, defaults)
     if step not in SHARDED_STEPS:
         single = pod_operator(step, config, defaults)
         return single, single
@@ -112,6 +117,45 @@ def _pod_tasks(step: str, config: OrchestrationConfig, defaults: dict):
     )
     mapped >> gathered
     return mapped, gathered
+
+
+def _training_job_tasks(config: OrchestrationConfig, defaults: dict):
+    """Multi-node training: create the run's PyTorchJob, then wait for it to end."""
+    kube = config.kubernetes
+    deadline = int(defaults["execution_timeout"].total_seconds())
+
+    @task(task_id="train_launch", **defaults)
+    def launch(params=None, ts_nodash=None) -> str:
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        from components.cluster import API_GROUP, API_VERSION, PLURAL, job_name, pytorch_job
+
+        arguments = [*step_arguments()[:-1], json.dumps(list(params["overrides"]))]
+        body = pytorch_job(config, job_name(ts_nodash), arguments, deadline)
+        client = KubernetesHook().custom_object_client
+        client.create_namespaced_custom_object(API_GROUP, API_VERSION, kube.namespace, PLURAL, body)
+        return body["metadata"]["name"]
+
+    @task.sensor(task_id="train", poke_interval=60, timeout=deadline, mode="reschedule", **defaults)
+    def finished(ts_nodash=None) -> bool:
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        from components.cluster import API_GROUP, API_VERSION, PLURAL, job_name, job_state
+
+        name = job_name(ts_nodash)
+        client = KubernetesHook().custom_object_client
+        job = client.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, kube.namespace, PLURAL, name
+        )
+        if job_state(job) == "Failed":
+            raise AirflowFailException(
+                f"PyTorchJob {name} failed: kubectl describe pytorchjob {name}"
+            )
+        return job_state(job) == "Succeeded"
+
+    launched, done = launch(), finished()
+    launched >> done
+    return launched, done
 
 
 def step_arguments() -> list[str]:

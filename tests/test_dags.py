@@ -162,3 +162,24 @@ def test_kubernetes_mode_renders_pods_with_the_image_gpus_and_tolerations(airflo
             assert kube.gpu_resource not in limits
             assert spec["nodeSelector"] == kube.cpu_node_selector
             assert not spec.get("tolerations")
+
+
+def test_kubernetes_mode_launches_multi_node_training_as_a_pytorchjob(airflow_env, tmp_path):
+    params = yaml.safe_load(Path(airflow_env["LISTING_EMBEDDINGS_PARAMS"]).read_text())
+    params["orchestration"]["kubernetes"]["train_nodes"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {
+        **airflow_env,
+        "LISTING_EMBEDDINGS_PARAMS": str(tmp_path / "params.yaml"),
+        "AIRFLOW_VAR_LISTING_EMBEDDINGS_MODE": "kubernetes",
+    }
+
+    found = harness(env, "integrity")["result"]
+
+    assert found["import_errors"] == {}
+    ours = [w for w in found["warnings"] if "site-packages" not in w]  # not the provider's
+    assert ours == []
+    upstream = found["upstream"]
+    assert upstream["train_launch"] == sorted(STEPS["train"].upstream)  # after featurize's gather
+    assert upstream["train"] == ["train_launch"]  # waits for the job to end
+    assert "train" in upstream["embed_shard"] and "train_launch" not in upstream["embed_shard"]

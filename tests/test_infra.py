@@ -141,3 +141,67 @@ def test_the_search_service_is_ready_on_a_loaded_release_and_scales():
     assert autoscaler["spec"]["scaleTargetRef"]["name"] == "listing-search"
     services = [s["metadata"]["name"] for s in by_kind("Service")]
     assert "listing-search" in services
+
+
+def test_multi_node_training_is_an_elastic_pytorchjob_on_the_gpu_pool():
+    from components.cluster import job_name, job_state, pytorch_job
+
+    config = load_params(
+        REPO_ROOT / "params.yaml",
+        ["orchestration.kubernetes.train_nodes=4", "orchestration.kubernetes.train_min_nodes=2"],
+    ).orchestration
+    arguments = ["--params", "/etc/listing-embeddings/params.yaml", "--set-json", "[]"]
+
+    job = pytorch_job(config, job_name("20260105T030000"), arguments, deadline_s=3600)
+
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    assert job["metadata"] == {
+        "name": "listing-embeddings-train-20260105t030000",
+        "namespace": KUBE.namespace,
+        "labels": {"app": "listing-embeddings", "step": "train", "gpu": "true"},
+    }
+    spec = job["spec"]
+    assert spec["elasticPolicy"] == {
+        "rdzvBackend": "c10d",
+        "minReplicas": 2,
+        "maxReplicas": 4,
+        "maxRestarts": KUBE.train_max_restarts,
+    }
+    assert spec["nprocPerNode"] == str(KUBE.gpus)
+    assert spec["runPolicy"]["activeDeadlineSeconds"] == 3600
+    worker = spec["pytorchReplicaSpecs"]["Worker"]
+    assert worker["replicas"] == 4 and set(spec["pytorchReplicaSpecs"]) == {"Worker"}
+    pod = worker["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == "pytorch" and container["image"] == KUBE.image
+    assert container["command"] == ["torchrun", "-m", "components", "train"]
+    assert container["args"] == arguments
+    assert container["resources"]["limits"] == {KUBE.gpu_resource: str(KUBE.gpus)}
+    assert pod["nodeSelector"] == KUBE.gpu_node_selector
+    assert {t["key"] for t in pod["tolerations"]} == {t.key for t in KUBE.gpu_tolerations}
+    assert pod["serviceAccountName"] == KUBE.service_account
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == [KUBE.work_volume_claim]
+    # the same GPU pool the step pods use (infra/k8s/gpu-nodepool.yaml)
+    assert yaml.safe_load(yaml.safe_dump(job)) == job
+
+    assert job_state({}) is None
+    running = {"status": {"conditions": [{"type": "Running", "status": "True"}]}}
+    assert job_state(running) is None
+    done = {"type": "Succeeded", "status": "True"}
+    assert (
+        job_state({"status": {"conditions": [*running["status"]["conditions"], done]}})
+        == "Succeeded"
+    )
+    with pytest.raises(ValueError, match="train_min_nodes"):
+        pytorch_job(
+            load_params(
+                REPO_ROOT / "params.yaml", ["orchestration.kubernetes.train_min_nodes=2"]
+            ).orchestration,
+            "x",
+            [],
+        )
