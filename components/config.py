@@ -312,6 +312,12 @@ class IndexConfig(Section):
     ef_search: int | None = Field(
         None, ge=1, description="HNSW search breadth (null: faiss's default, 16)."
     )
+    refine_k_factor: int | None = Field(
+        None,
+        ge=1,
+        description="A factory ending in Refine(...): re-rank this many times k candidates "
+        "with the refine vectors (null: faiss's default, 1).",
+    )
     train_sample: int = Field(
         100_000, ge=1, description="Most vectors sampled to train IVF/PQ types."
     )

@@ -37,6 +37,7 @@ from components.core.encoders import pick_device
 from components.core.shards import Shard, every_shard
 from components.io import atomic
 from components.io.embedder import ListingEmbedder, held_out_refs
+from components.io.id_sets import IdSet
 from components.io.manifest import (
     Timer,
     describe_files,
@@ -265,13 +266,32 @@ def _write_missing(
     clean: Path, out: Path, left_out: dict[str, str], shard: Shard | None = None
 ) -> int:
     """Clean listings (of `shard`) that got no embedding, with the reason (featurize's
-    skipped.parquet says which views were unusable and why)."""
+    skipped.parquet says which views were unusable and why). Streamed, with the embedded
+    ids held as hashes (`IdSet`): bounded memory at any catalog size; should two ids share
+    a hash, the counts disagree and the exact comparison is made instead."""
+    embedded = IdSet()
+    for batch in pq.ParquetFile(out / EMBEDDED_IDS.name).iter_batches(columns=["listing_id"]):
+        embedded.add(batch.column(0).to_pylist())
+    missing, owned = [], 0
+    for batch in pq.ParquetFile(clean).iter_batches(columns=["listing_id"]):
+        ids = batch.column(0).to_pylist()
+        if shard is not None:
+            ids = [i for i in ids if shard.owns(i)]
+        owned += len(ids)
+        found = embedded.contains(ids)
+        missing += [i for i, hit in zip(ids, found, strict=True) if not hit]
+    if owned - len(missing) != len(embedded):  # a hash collision hid a missing listing
+        missing = _missing_exactly(clean, out, shard)
+    rows = [{"listing_id": i, "reason": left_out.get(i, "no_usable_view")} for i in missing]
+    schema = pa.schema([("listing_id", pa.string()), ("reason", pa.string())])
+    atomic.write_table(pa.Table.from_pylist(rows, schema=schema), out / MISSING.name)
+    return len(rows)
+
+
+def _missing_exactly(clean: Path, out: Path, shard: Shard | None) -> list[str]:
     embedded = set(pq.read_table(out / EMBEDDED_IDS.name).column("listing_id").to_pylist())
-    missing = [
-        {"listing_id": listing_id, "reason": left_out.get(listing_id, "no_usable_view")}
+    return [
+        listing_id
         for listing_id in pq.read_table(clean, columns=["listing_id"]).column(0).to_pylist()
         if listing_id not in embedded and (shard is None or shard.owns(listing_id))
     ]
-    schema = pa.schema([("listing_id", pa.string()), ("reason", pa.string())])
-    atomic.write_table(pa.Table.from_pylist(missing, schema=schema), out / MISSING.name)
-    return len(missing)

@@ -50,6 +50,8 @@ def embedded(tmp_path) -> StepPaths:
         ("Flat", {}, 1.0),
         ("IVF16,Flat", {"nprobe": 16}, 1.0),  # every list probed: exact
         ("IVF16,PQ8", {"nprobe": 4}, 0.5),
+        # the same codes, 8 x 10 candidates re-ranked with 8-bit vectors
+        ("IVF16,PQ8,Refine(SQ8)", {"nprobe": 4, "refine_k_factor": 8}, 0.9),
         ("HNSW32", {"ef_search": 256}, 0.95),
     ],
 )
@@ -73,7 +75,8 @@ def test_index_finds_what_brute_force_finds(embedded, factory, params, min_recal
     assert ids == [f"L{i}" for i in range(N)] and loaded.ntotal == N
     assert manifest["counts"] == {"vectors": N, "dim": DIM}
     assert manifest["search_params"] == {
-        {"nprobe": "nprobe", "ef_search": "efSearch"}[k]: v for k, v in params.items()
+        {"nprobe": "nprobe", "ef_search": "efSearch", "refine_k_factor": "k_factor_rf"}[k]: v
+        for k, v in params.items()
     }
     if factory == "Flat":
         np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(exact, axis=1))

@@ -21,6 +21,7 @@ from components.core.model import ListingModel
 from components.core.shards import Shard
 from components.core.views import GroupedViews, group_views
 from components.io import activations
+from components.io.id_sets import IdSet
 from components.io.manifest import read_manifest
 from components.io.training_data import modality_store
 
@@ -65,21 +66,20 @@ class ListingEmbedder:
         listings per group), those of `shard` only if given; a listing without a usable
         view of each modality goes to `left_out`."""
         parquet = pq.ParquetFile(self.views_path)
-        finished: set[str] = set()
+        seen = IdSet()  # 8 bytes per listing, not a Python string: catalogs of 10^8 fit
         for group in range(parquet.num_row_groups):
             rows = parquet.read_row_group(group).to_pylist()
             if shard is not None:
                 rows = [row for row in rows if shard.owns(row["listing_id"])]
             chunk = group_views(rows, held_out)
             self.left_out.update(chunk.left_out)
-            repeated = finished.intersection(chunk.listing_ids)
-            if repeated:
-                raise ValueError(
-                    f"{self.views_path}: listing {sorted(repeated)[0]!r} has views in more "
-                    "than one row group; re-run featurize"
-                )
-            finished.update(chunk.listing_ids)
+            seen.add(chunk.listing_ids)
             yield chunk
+        if (repeated := seen.first_repeated()) is not None:
+            raise ValueError(
+                f"{self.views_path}: a listing has views in more than one row group (id hash "
+                f"{repeated:#018x}); re-run featurize"
+            )
 
     def image_features(self, keys: list[str], refs: list[str]) -> np.ndarray:
         """The model's image inputs for these contents: cached features, or backbone

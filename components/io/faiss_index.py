@@ -58,16 +58,21 @@ def search_params(config: IndexConfig) -> dict[str, int]:
         params["nprobe"] = config.nprobe
     if config.ef_search is not None:
         params["efSearch"] = config.ef_search
+    if config.refine_k_factor is not None:
+        params["k_factor_rf"] = config.refine_k_factor
     return params
 
 
 def apply_search_params(index: faiss.Index, factory: str, params: dict[str, int]) -> None:
-    """Set nprobe / efSearch where the index type has them (others are ignored)."""
+    """Set nprobe / efSearch / the re-ranking factor where the index type has them (others
+    are ignored)."""
     space = faiss.ParameterSpace()
     for name, value in params.items():
         if name == "nprobe" and faiss.try_extract_index_ivf(index) is None:
             continue
         if name == "efSearch" and "HNSW" not in factory:
+            continue
+        if name == "k_factor_rf" and not isinstance(index, faiss.IndexRefine):
             continue
         space.set_index_parameter(index, name, value)
 
