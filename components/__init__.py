@@ -2,7 +2,9 @@
 
 Layers, each importing only the ones below it (tests/test_architecture.py checks this):
 
-    cli, workdir, __main__       entry points: parse params, run a step or the service
+    cli, workdir, __main__       entry points: parse params, run a step (or one shard of
+                                 it) or the service
+    cluster                      the train step's multi-node PyTorchJob (Kubernetes)
     catalog ... promote          the eight steps, one module each, named after the step:
                                  thin `run(config, paths)` shells; a step never imports
                                  another step
@@ -12,9 +14,11 @@ Layers, each importing only the ones below it (tests/test_architecture.py checks
                                  the served model, the champion
     sample/                      the emoji sample catalog (only the catalog step uses it)
     io/                          catalogs and images, feature stores, manifests, Great
-                                 Expectations, training data, embedding and index files
-    core/                        model, objectives, batching, views, retrieval, metrics,
-                                 diagnostics, gates, encoders, distributed: no file I/O
+                                 Expectations, training data, embedding and index files,
+                                 listing-id sets at catalog scale
+    core/                        model, objectives, distillation, batching, views,
+                                 retrieval, metrics, diagnostics, gates, encoders,
+                                 distributed, shards: no file I/O
     contract, config, errors     the artifact contract, typed params, shared errors:
                                  importable from every layer
 

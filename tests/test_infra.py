@@ -205,3 +205,10 @@ def test_multi_node_training_is_an_elastic_pytorchjob_on_the_gpu_pool():
             "x",
             [],
         )
+
+
+def test_airflow_may_create_and_watch_the_training_jobs():
+    (role,) = by_kind("Role")
+    jobs = [r for r in role["rules"] if "pytorchjobs" in r["resources"]]
+    assert jobs and jobs[0]["apiGroups"] == ["kubeflow.org"]
+    assert {"create", "get"} <= set(jobs[0]["verbs"])
