@@ -51,8 +51,8 @@ INFLATIONS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # residual covariance widening
 # the index of each size: (factory, search params); docs/scale.md says why
 FACTORIES = {
     100_000: ("IVF1024,Flat", {"nprobe": 32}),
-    1_000_000: ("IVF4096_HNSW32,PQ32,Refine(SQ8)", {"nprobe": 64, "refine_k_factor": 8}),
-    10_000_000: ("IVF4096_HNSW32,PQ32,Refine(SQ8)", {"nprobe": 64, "refine_k_factor": 8}),
+    1_000_000: ("IVF4096_HNSW32,PQ64,Refine(SQ8)", {"nprobe": 128, "refine_k_factor": 32}),
+    10_000_000: ("IVF4096_HNSW32,PQ64,Refine(SQ8)", {"nprobe": 128, "refine_k_factor": 32}),
 }
 
 
@@ -366,6 +366,27 @@ def exact_top10_in_memory(queries: np.ndarray, vectors: np.ndarray) -> np.ndarra
     return np.argsort(-scores, axis=1)[:, :10]
 
 
+def decode_stage(count: int = 200) -> dict:
+    """One core's rate of what a featurize worker does per photo before the encoder:
+    decode a 1200x900 JPEG (reduced, as featurize does) and resize it to 224 px."""
+    import io
+
+    from PIL import Image
+
+    from components.io.images import decode_image
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (30, 40, 3)), np.ones((30, 30, 1))).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(smooth).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    start = time.perf_counter()
+    for _ in range(count):
+        decode_image(data, "bench.jpg", fit=224).resize((224, 224), Image.Resampling.BILINEAR)
+    seconds = (time.perf_counter() - start) / count
+    return {"jpeg_bytes": len(data), "ms_per_photo": seconds * 1000, "photos_per_s": 1 / seconds}
+
+
 def featurize_shards_stage(source: Path, scratch: Path) -> dict:
     """featurize of `source`'s validated catalog from an empty store: 1 process, then 2
     shards side by side and the gather."""
@@ -397,9 +418,9 @@ def featurize_shards_stage(source: Path, scratch: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=sorted(FACTORIES))
+    parser.add_argument("--sizes", type=int, nargs="*", default=sorted(FACTORIES))
     parser.add_argument(
-        "--steps", nargs="+", default=["embed", "index"], choices=["embed", "index"]
+        "--steps", nargs="*", default=["embed", "index"], choices=["embed", "index"]
     )
     parser.add_argument("--release", default="artifacts", help="work dir of a finished run")
     parser.add_argument("--featurize-shards", metavar="DIR", help="also time featurize in 2 shards")
@@ -422,6 +443,7 @@ def main() -> None:
         mixture, results["fit"] = calibrated(real, real_queries)
         results["inflation"] = mixture.inflation
         print(json.dumps(results["fit"]), flush=True)
+    results["decode"] = decode_stage()
     if args.featurize_shards:
         results["featurize"] = featurize_shards_stage(Path(args.featurize_shards), scratch)
         print(json.dumps(results["featurize"]), flush=True)
@@ -447,6 +469,11 @@ def report(results: dict, args) -> None:
         for row in results["fit"]:
             cells = "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("nprobe"))
             print(f"  {row['data']:<40} {row['lists']} lists  {cells}")
+    decode = results["decode"]
+    print(
+        f"\ndecode + resize of a {decode['jpeg_bytes'] // 1024} KiB 1200x900 JPEG on one core: "
+        f"{decode['ms_per_photo']:.1f} ms ({decode['photos_per_s']:.0f} photos/s)"
+    )
     if "featurize" in results:
         one, two = results["featurize"]["one process"], results["featurize"]["2 shards"]
         print(f"\nfeaturize: one process {one:.1f} s, 2 shards + gather {two:.1f} s", end="")
