@@ -389,7 +389,10 @@ def decode_stage(count: int = 200) -> dict:
 
 def featurize_shards_stage(source: Path, scratch: Path) -> dict:
     """featurize of `source`'s validated catalog from an empty store: 1 process, then 2
-    shards side by side and the gather."""
+    shards side by side and the gather. Each shard gets its share of the cores
+    (OMP_NUM_THREADS, as a pod's CPU limit would give it): two processes of all-core
+    torch thread pools on the same cores fight each other (measured 3.8x slower)."""
+    share = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
     rows = {}
     for label, shards in (("one process", None), ("2 shards", 2)):
         work = Path(tempfile.mkdtemp(dir=scratch))
@@ -405,6 +408,7 @@ def featurize_shards_stage(source: Path, scratch: Path) -> dict:
                     [*base, "--shard", f"{i}/{shards}"],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
+                    env=share,
                 )
                 for i in range(shards)
             ]
