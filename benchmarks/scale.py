@@ -4,8 +4,8 @@ shards, and how hard the synthetic vectors are next to a real release's.
     .venv/bin/python benchmarks/scale.py [--sizes 100000 1000000 10000000] \
         [--steps embed index] [--release artifacts] [--featurize-shards artifacts]
 
-Every measured run is the project's own step in a fresh process (wall time, peak RSS from
-`wait4`); preparing its inputs is not measured.
+Every measured run is the project's own step in a fresh process (wall time, and the peak
+RSS the process reports from /proc: `VmHWM`); preparing its inputs is not measured.
 
 - embed: a synthetic featurize output (2 photos and 3 text views per listing drawn from a
   pool of 8,192 cached vectors per modality, 1280-d images and 512-d texts as the default
@@ -59,17 +59,25 @@ FACTORIES = {
 # --- the measured runs, each in its own process ---------------------------------------
 
 
+def own_peak_mb() -> float:
+    """This process's peak RSS (VmHWM): unlike wait4's ru_maxrss, it does not carry the
+    RSS of the parent that forked it (Linux keeps that across exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
 def timed_child(args: list[str]) -> dict:
-    """Run `args`; its wall seconds, peak RSS (MB, from wait4) and last stdout line."""
+    """Run `args`; its wall seconds, peak RSS (MB, the VmHWM it reports on its last line)
+    and that line."""
     start = time.perf_counter()
     child = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     out = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
+    _, status, _ = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status):
         raise RuntimeError(f"{args} exited {os.waitstatus_to_exitcode(status)}")
-    last = out.strip().splitlines()[-1:] or [""]
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "out": last}
+    last = json.loads(out.strip().splitlines()[-1])
+    return {"seconds": seconds, "peak_rss_mb": last.pop("peak_rss_mb"), "out": last}
 
 
 def run_embed(work: Path) -> None:
@@ -77,7 +85,7 @@ def run_embed(work: Path) -> None:
     from components.config import EmbedConfig, StepPaths
 
     result = embed.run(EmbedConfig(device="auto"), StepPaths(workdir=work, catalog=str(work)))
-    print(json.dumps(result.counts))
+    print(json.dumps(result.counts | {"peak_rss_mb": own_peak_mb()}))
 
 
 def run_index(work: Path, factory: str, params: dict) -> None:
@@ -86,7 +94,7 @@ def run_index(work: Path, factory: str, params: dict) -> None:
 
     config = IndexConfig(factory=factory, train_sample=200_000, gpu="never", **params)
     result = index.run(config, StepPaths(workdir=work, catalog=str(work)))
-    print(json.dumps({"summary": result.summary}))
+    print(json.dumps({"summary": result.summary, "peak_rss_mb": own_peak_mb()}))
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -274,8 +282,8 @@ def embed_stage(size: int, scratch: Path) -> dict:
         build_features(work, size)
         prepared = time.perf_counter() - start
         measured = timed_child([sys.executable, __file__, "--one-embed", str(work)])
-        counts = json.loads(measured["out"][0])
-        return {"step": "embed", "listings": counts["listings"], "prepare_s": prepared, **measured}
+        listings = measured["out"]["listings"]
+        return {"step": "embed", "listings": listings, "prepare_s": prepared, **measured}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -152,26 +152,40 @@ def run(config: FeaturizeConfig, paths: StepPaths, shard: Shard | None = None) -
     text_store.flush()
     summary = _summary(counts, query_count, device, shard)
     names = OUTPUTS if shard is None or shard.index == 0 else (VIEWS.name, SKIPPED_VIEWS.name)
+    _record(
+        out,
+        config,
+        paths,
+        validated,
+        timer,
+        outputs=[*names, *([CHUNK_ROWS] if shard else [])],
+        counts={**counts.__dict__, "queries": query_count},
+        summary=summary,
+        device=str(device),
+        encoders={
+            "image": _store_record(image_encoder, image_store, store_root),
+            "text": _store_record(text_encoder, text_store, store_root),
+        },
+        **({"shard": str(shard)} if shard else {}),
+    )
+    log.info("%s", summary)
+    return FeaturizeResult(out_dir=out, counts=counts.__dict__, summary=summary)
+
+
+def _record(
+    out, config, paths, validated, timer, *, outputs, summary, device, encoders, counts, **extra
+):
+    """Write the manifest of a run, a shard or a gather."""
     write_manifest(
         out,
         step=STEP.name,
         params=config,
         timer=timer,
         inputs={"validate": validated["outputs"], "catalog": paths.catalog},
-        outputs=describe_files(out, [*names, *([CHUNK_ROWS] if shard else [])]),
-        counts={**counts.__dict__, "queries": query_count},
-        extra={
-            "summary": summary,
-            "device": str(device),
-            "encoders": {
-                "image": _store_record(image_encoder, image_store, store_root),
-                "text": _store_record(text_encoder, text_store, store_root),
-            },
-            **({"shard": str(shard)} if shard else {}),
-        },
+        outputs=describe_files(out, outputs),
+        counts=counts,
+        extra={"summary": summary, "device": device, "encoders": encoders, **extra},
     )
-    log.info("%s", summary)
-    return FeaturizeResult(out_dir=out, counts=counts.__dict__, summary=summary)
 
 
 def _store_record(encoder: _Lazy, store: FeatureStore, store_root: Path) -> dict:
@@ -237,19 +251,17 @@ def gather(config: FeaturizeConfig, paths: StepPaths, count: int) -> FeaturizeRe
                 setattr(counts, key, getattr(counts, key) + value)
     queries = manifests[0]["counts"]["queries"]
     summary = _summary(counts, queries, manifests[0]["device"]) + f" (gathered from {count} shards)"
-    write_manifest(
+    _record(
         out,
-        step=STEP.name,
-        params=config,
-        timer=timer,
-        inputs={"validate": validated["outputs"], "catalog": paths.catalog},
-        outputs=describe_files(out, OUTPUTS),
+        config,
+        paths,
+        validated,
+        timer,
+        outputs=OUTPUTS,
         counts={**counts.__dict__, "queries": queries, "shards": count},
-        extra={
-            "summary": summary,
-            "device": manifests[0]["device"],
-            "encoders": manifests[0]["encoders"],
-        },
+        summary=summary,
+        device=manifests[0]["device"],
+        encoders=manifests[0]["encoders"],
     )
     log.info("%s", summary)
     return FeaturizeResult(out_dir=out, counts=counts.__dict__, summary=summary)

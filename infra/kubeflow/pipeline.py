@@ -39,71 +39,49 @@ IMAGE_PARAMS = "/app/params.yaml"  # where infra/Dockerfile puts params.yaml
 
 # KFP ships a lightweight component as the source of one function, run in the image. The
 # function of each step is written from the contract: its inputs are the steps it reads.
+# A sharded step has two: one runs a shard, the step's own gathers the shards' outputs.
 _TEMPLATE = """\
-def {name}(
+def {function}(
     params_file: str,
     overrides: list,
     storage_uri: str,
     mlflow_uri: str,
-{inputs}    out: Output[Artifact],
+{parameters}{inputs}    out: Output[Artifact],
 ) -> str:
     from components.workdir import run_isolated
 
     upstream = {{{upstream}}}
     # an empty string is how a KFP parameter says "not set"
     storage, tracking = storage_uri or None, mlflow_uri or None
-    return run_isolated("{name}", params_file, overrides, upstream, out.path, storage, tracking)
-"""
-# a sharded step: one component runs a shard, the step's own gathers the shards' outputs
-_SHARD_TEMPLATE = """\
-def {name}_shard(
-    params_file: str,
-    overrides: list,
-    storage_uri: str,
-    mlflow_uri: str,
-    shard: int,
-    shards: int,
-{inputs}    out: Output[Artifact],
-) -> str:
-    from components.workdir import run_isolated
-
-    upstream = {{{upstream}}}
-    storage, tracking = storage_uri or None, mlflow_uri or None
     return run_isolated(
-        "{name}", params_file, overrides, upstream, out.path, storage, tracking,
-        shard=f"{{shard}}/{{shards}}",
+        "{name}", params_file, overrides, upstream, out.path, storage, tracking{arguments}
     )
 """
-_GATHER_TEMPLATE = """\
-def {name}(
-    params_file: str,
-    overrides: list,
-    storage_uri: str,
-    mlflow_uri: str,
-    shards: Input[list[Artifact]],
-{inputs}    out: Output[Artifact],
-) -> str:
-    from components.workdir import run_isolated
-
-    upstream = {{{upstream}}}
-    storage, tracking = storage_uri or None, mlflow_uri or None
-    parts = [part.path for part in shards]
-    return run_isolated(
-        "{name}", params_file, overrides, upstream, out.path, storage, tracking,
-        shard_outputs=parts,
-    )
-"""
+# kind -> (function name suffix, extra parameters, extra arguments of run_isolated)
+_KINDS = {
+    "step": ("", "", ""),
+    "shard": ("_shard", "    shard: int,\n    shards: int,\n", ', shard=f"{shard}/{shards}"'),
+    "gather": (
+        "",
+        "    shards: Input[list[Artifact]],\n",
+        ", shard_outputs=[p.path for p in shards]",
+    ),
+}
 
 
-def step_function(step: Step, template: str = _TEMPLATE):
-    """The component function of `step` written from `template`, with source KFP can read
-    (`inspect.getsource`)."""
-    source = template.format(
+def step_function(step: Step, kind: str = "step"):
+    """The component function of `step` (`kind`: step, shard or gather), with source KFP
+    can read (`inspect.getsource`)."""
+    suffix, parameters, arguments = _KINDS[kind]
+    function = step.name + suffix
+    source = _TEMPLATE.format(
+        function=function,
         name=step.name,
+        parameters=parameters,
+        arguments=arguments,
         inputs="".join(f"    {name}: Input[Artifact],\n" for name in step.upstream),
         upstream=", ".join(f'"{name}": {name}.path' for name in step.upstream),
     )
-    function = step.name if template is not _SHARD_TEMPLATE else f"{step.name}_shard"
     filename = f"<kubeflow component {function}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"Input": Input, "Output": Output, "Artifact": Artifact}
@@ -113,13 +91,13 @@ def step_function(step: Step, template: str = _TEMPLATE):
 
 COMPONENTS = {
     name: dsl.component(
-        step_function(step, _GATHER_TEMPLATE if name in SHARDED_STEPS else _TEMPLATE),
+        step_function(step, "gather" if name in SHARDED_STEPS else "step"),
         base_image=IMAGE,
     )
     for name, step in STEPS.items()
 }
 SHARD_COMPONENTS = {
-    name: dsl.component(step_function(STEPS[name], _SHARD_TEMPLATE), base_image=IMAGE)
+    name: dsl.component(step_function(STEPS[name], "shard"), base_image=IMAGE)
     for name in SHARDED_STEPS
 }
 
