@@ -11,6 +11,7 @@ process so its peak memory is its own. Prints a table with t(V)/t(2). On a GPU
 autocast, are timed after a CUDA synchronise, and peak memory is the GPU's.
 
     .venv/bin/python benchmarks/train_views.py [--batch 128] [--steps 10] [--device cpu]
+        [--objectives factorized factorized+distill ...]
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--one", nargs=2, metavar=("OBJECTIVE", "V"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -133,7 +135,7 @@ def main() -> None:
         print(json.dumps(measure(objective, int(views), args.batch, args.steps, args.device)))
         return
     rows = []
-    for objective in OBJECTIVES:
+    for objective in args.objectives:
         for views in VIEWS:
             out = subprocess.run(
                 [
