@@ -51,8 +51,8 @@ INFLATIONS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # residual covariance widening
 # the index of each size: (factory, search params); docs/scale.md says why
 FACTORIES = {
     100_000: ("IVF1024,Flat", {"nprobe": 32}),
-    1_000_000: ("IVF4096_HNSW32,PQ64,Refine(SQ8)", {"nprobe": 128, "refine_k_factor": 32}),
-    10_000_000: ("IVF4096_HNSW32,PQ64,Refine(SQ8)", {"nprobe": 128, "refine_k_factor": 32}),
+    1_000_000: ("IVF4096_HNSW32,SQ8", {"nprobe": 128}),
+    10_000_000: ("IVF4096_HNSW32,SQ8", {"nprobe": 128}),
 }
 
 
