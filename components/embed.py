@@ -47,6 +47,7 @@ from components.io.manifest import (
     verify_outputs,
     write_manifest,
 )
+from components.io.parquet_rows import RowReader
 from components.release import registry
 
 STEP = STEPS["embed"]
@@ -132,11 +133,18 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
                 f"inputs than shard {shards[0]}; run it again (python -m components embed "
                 f"--shard {shard})"
             )
-    ids = [
-        pq.read_table(shard_dir(paths, s) / EMBEDDED_IDS.name).to_pandas().groupby("part")
+    views = pq.ParquetFile(paths.path(VIEWS))
+    # each shard's ids say which part they belong to: rows per part, then read in step
+    rows = [
+        np.bincount(
+            pq.read_table(shard_dir(paths, s) / EMBEDDED_IDS.name, columns=["part"])
+            .column(0)
+            .to_numpy(),
+            minlength=views.num_row_groups,
+        )
         for s in shards
     ]
-    views = pq.ParquetFile(paths.path(VIEWS))
+    readers = [RowReader(shard_dir(paths, s) / EMBEDDED_IDS.name, ["listing_id"]) for s in shards]
     parts = out / EMBEDDINGS.name
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir()
@@ -149,20 +157,16 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
         for part in range(views.num_row_groups):
             listing_ids = views.read_row_group(part, columns=["listing_id"]).column(0)
             first_seen = {lid: i for i, lid in enumerate(dict.fromkeys(listing_ids.to_pylist()))}
-            names = [f"part-{part:06d}.npy" for _ in shards]
-            vectors = [
-                np.load(shard_dir(paths, s) / EMBEDDINGS.name / n)
-                for s, n in zip(shards, names, strict=True)
+            name = f"part-{part:06d}.npy"
+            vectors = [np.load(shard_dir(paths, s) / EMBEDDINGS.name / name) for s in shards]
+            merged_ids = [
+                lid
+                for reader, counts in zip(readers, rows, strict=True)
+                for lid in reader.take(int(counts[part])).column(0).to_pylist()
             ]
-            members = [
-                groups.get_group(part)["listing_id"].tolist() if part in groups.groups else []
-                for groups in ids
-            ]
-            merged_ids = [lid for group in members for lid in group]
             order = np.argsort([first_seen[lid] for lid in merged_ids], kind="stable")
-            merged = np.concatenate(vectors)[order]
-            with atomic.writing(parts / names[0]) as tmp, tmp.open("wb") as handle:
-                np.save(handle, merged)
+            with atomic.writing(parts / name) as tmp, tmp.open("wb") as handle:
+                np.save(handle, np.concatenate(vectors)[order])
             ids_out.write_table(pa.table({"listing_id": [merged_ids[i] for i in order]}))
             total += len(merged_ids)
     left_out = {}

@@ -62,6 +62,7 @@ from components.io.manifest import (
     verify_outputs,
     write_manifest,
 )
+from components.io.parquet_rows import RowReader
 
 STEP = STEPS["featurize"]
 SHARDS = "shards"  # <featurize>/shards/I-of-N/: one shard's files until they are gathered
@@ -214,8 +215,8 @@ def gather(config: FeaturizeConfig, paths: StepPaths, count: int) -> FeaturizeRe
     out = paths.step_dir(STEP.name)
     shards = every_shard(count)
     manifests = [_finished_shard(config, paths, shard, validated) for shard in shards]
-    views = [_RowReader(shard_dir(paths, shard) / VIEWS.name) for shard in shards]
-    skipped = [_RowReader(shard_dir(paths, shard) / SKIPPED_VIEWS.name) for shard in shards]
+    views = [RowReader(shard_dir(paths, shard) / VIEWS.name) for shard in shards]
+    skipped = [RowReader(shard_dir(paths, shard) / SKIPPED_VIEWS.name) for shard in shards]
     chunk_rows = [
         pq.read_table(shard_dir(paths, shard) / CHUNK_ROWS).to_pylist() for shard in shards
     ]
@@ -286,23 +287,6 @@ def _finished_shard(config, paths: StepPaths, shard: Shard, validated: dict) -> 
             f"data than this gather; run it again (python -m components featurize --shard {shard})"
         )
     return verify_outputs(where, manifest["outputs"], manifest)
-
-
-class _RowReader:
-    """A parquet file read front to back, any number of rows at a time."""
-
-    def __init__(self, path: Path) -> None:
-        self._batches = pq.ParquetFile(path).iter_batches()
-        self._buffer = pa.Table.from_batches([], schema=pq.read_schema(path))
-
-    def take(self, rows: int) -> pa.Table:
-        while self._buffer.num_rows < rows:
-            batch = next(self._batches, None)
-            if batch is None:
-                raise ValueError(f"a featurize shard has fewer rows than its {CHUNK_ROWS} says")
-            self._buffer = pa.concat_tables([self._buffer, pa.Table.from_batches([batch])])
-        taken, self._buffer = self._buffer.slice(0, rows), self._buffer.slice(rows)
-        return taken
 
 
 def _in_order(
