@@ -132,8 +132,16 @@ def _training_job_tasks(config: OrchestrationConfig, defaults: dict):
 
         arguments = [*step_arguments()[:-1], json.dumps(list(params["overrides"]))]
         body = pytorch_job(config, job_name(ts_nodash), arguments, deadline)
+        from kubernetes.client.exceptions import ApiException
+
         client = KubernetesHook().custom_object_client
-        client.create_namespaced_custom_object(API_GROUP, API_VERSION, kube.namespace, PLURAL, body)
+        try:
+            client.create_namespaced_custom_object(
+                API_GROUP, API_VERSION, kube.namespace, PLURAL, body
+            )
+        except ApiException as err:
+            if err.status != 409:  # 409: an earlier try of this run created it already
+                raise
         return body["metadata"]["name"]
 
     @task.sensor(task_id="train", poke_interval=60, timeout=deadline, mode="reschedule", **defaults)
