@@ -18,6 +18,7 @@ from PIL import Image
 
 from components.config import FeaturizeConfig
 from components.core.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+from components.io.allocator import keep_freed_memory
 
 IMAGE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite2": 260}
 WORDS = ["red", "heart", "corazón", "rojo", "cœur", "smiling", "face", "cat", "Weihnachtsmann"]
@@ -43,6 +44,7 @@ def main() -> None:
     ]
     texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 6)))) for _ in range(args.texts)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keep_freed_memory()  # as featurize runs them
     defaults = FeaturizeConfig()
     print(f"on {device}, torch threads {torch.get_num_threads()}")
     print("| encoder | input | dim | items/s |\n|---|---|---|---|")

@@ -24,8 +24,9 @@ RSS the process reports from /proc: `VmHWM`); preparing its inputs is not measur
   fitted sample, and on the tight clusters `benchmarks/index.py` uses: the fitted sample
   should be no easier than the release.
 - featurize shards (`--featurize-shards DIR`, a work dir with validate/ and catalog/):
-  featurize from an empty feature store in one process, then as 2 shards side by side
-  plus the gather.
+  featurize from an empty feature store in one process with glibc's allocator as it
+  comes, in one process as the step runs (freed memory kept), then as 2 shards side by
+  side plus the gather; wall, user and kernel CPU seconds of each.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -396,34 +398,45 @@ def decode_stage(count: int = 200) -> dict:
 
 
 def featurize_shards_stage(source: Path, scratch: Path) -> dict:
-    """featurize of `source`'s validated catalog from an empty store: 1 process, then 2
-    shards side by side and the gather. Each shard gets its share of the cores
+    """featurize of `source`'s validated catalog from an empty store: 1 process with
+    glibc's allocator as it comes, 1 process as featurize sets it (freed memory kept),
+    then 2 shards side by side and the gather. Each shard gets its share of the cores
     (OMP_NUM_THREADS, as a pod's CPU limit would give it): two processes of all-core
     torch thread pools on the same cores fight each other (measured 3.8x slower)."""
     share = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+    # any malloc tunable leaves the allocator alone (components/io/allocator.py); 7 is
+    # glibc's own tcache_count
+    as_it_comes = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
     rows = {}
-    for label, shards in (("one process", None), ("2 shards", 2)):
+    runs = (
+        ("one process, allocator as it comes", None, as_it_comes),
+        ("one process", None, None),
+        ("2 shards", 2, share),
+    )
+    for label, shards, env in runs:
         work = Path(tempfile.mkdtemp(dir=scratch))
         for step in ("catalog", "validate"):
             (work / step).symlink_to((source / step).resolve())
         base = [sys.executable, "-m", "components", "featurize", "--set", f"paths.workdir={work}"]
-        start = time.perf_counter()
+        start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         if shards is None:
-            subprocess.run(base, check=True, capture_output=True)
+            subprocess.run(base, check=True, capture_output=True, env=env)
         else:
             running = [
                 subprocess.Popen(
                     [*base, "--shard", f"{i}/{shards}"],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
-                    env=share,
+                    env=env,
                 )
                 for i in range(shards)
             ]
             if any(p.wait() for p in running):
                 raise RuntimeError("a featurize shard failed")
             subprocess.run([*base, "--gather", str(shards)], check=True, capture_output=True)
-        rows[label] = time.perf_counter() - start
+        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+        user, kernel = after.ru_utime - used.ru_utime, after.ru_stime - used.ru_stime
+        rows[label] = {"wall_s": wall, "user_s": user, "sys_s": kernel}
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
@@ -487,9 +500,16 @@ def report(results: dict, args) -> None:
         f"{decode['ms_per_photo']:.1f} ms ({decode['photos_per_s']:.0f} photos/s)"
     )
     if "featurize" in results:
-        one, two = results["featurize"]["one process"], results["featurize"]["2 shards"]
-        print(f"\nfeaturize: one process {one:.1f} s, 2 shards + gather {two:.1f} s", end="")
-        print(f": ratio {two / one:.2f}")
+        runs = results["featurize"]
+        print(f"\n{'featurize':<36} {'wall s':>8} {'user s':>8} {'sys s':>8} {'CPUs':>5}")
+        for label, run in runs.items():
+            cpus = (run["user_s"] + run["sys_s"]) / run["wall_s"]
+            print(
+                f"{label:<36} {run['wall_s']:>8.1f} {run['user_s']:>8.1f} {run['sys_s']:>8.1f} "
+                f"{cpus:>5.2f}"
+            )
+        one, two = runs["one process"]["wall_s"], runs["2 shards"]["wall_s"]
+        print(f"2 shards + gather / one process: {two / one:.2f}")
     print(f"\n{'step':<6} {'listings':>10} {'wall s':>8} {'per s':>9} {'peak RSS MB':>12}  detail")
     for row in results["rows"]:
         detail = ""

@@ -46,6 +46,7 @@ from components.contract import (
 from components.core import encoders
 from components.core.shards import Shard, every_shard
 from components.core.views import view_text
+from components.io.allocator import keep_freed_memory
 from components.io.atomic import writing
 from components.io.catalog_reader import (
     TRUSTED_MAX_BYTES,
@@ -120,6 +121,7 @@ def run(config: FeaturizeConfig, paths: StepPaths, shard: Shard | None = None) -
     """Encode every view of `<workdir>/validate/clean.parquet` and every clean query (with
     `shard`: that shard's listings, and the queries in shard 0)."""
     timer = Timer()
+    keep_freed_memory()  # each photo batch would page-fault its activations in anew
     validate_dir = paths.step_dir("validate")
     validated = read_manifest(validate_dir)
     store_root = paths.step_dir(STEP.name) / FEATURE_STORE.name
