@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import ot
 import pytest
@@ -336,6 +337,8 @@ def test_a_listing_without_one_modality_has_no_contrastive_terms():
     objective = build_objective("factorized", 1, 0.1, 10)
     batch = _batch()
     batch.images.mask[2] = False  # listing 2 lost its photos
+    batch = dataclasses.replace(batch, complete=None)  # as if made so: the batch sees it
+    assert not batch.complete
 
     out = model(batch.images, batch.texts)
     terms = objective(out, batch)

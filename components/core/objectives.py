@@ -48,6 +48,13 @@ class Batch:
     # every view of the same listings, for the distillation teacher (train.distill)
     all_images: Views | None = None
     all_texts: Views | None = None
+    # every listing has a photo and a text (None: read from the masks, where the batch is
+    # made: on the host, so a training step never waits on the device for it)
+    complete: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.complete is None:
+            self.complete = bool(self.images.mask[:, 0].all() and self.texts.mask[:, 0].all())
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -58,6 +65,7 @@ class Batch:
             move(self.query_targets),
             move(self.all_images),
             move(self.all_texts),
+            self.complete,
         )
 
 
@@ -111,9 +119,9 @@ class Objective(nn.Module):
         weights, extra = None, {}
         if self.regularizer is not None:
             extra, weights = self.regularizer(out)
-        # a listing without one modality (train.corrupt.drop_fraction) has no pair to align
-        present = batch.images.mask[:, 0] & batch.texts.mask[:, 0]
-        if not bool(present.all()):
+        if not batch.complete:
+            # a listing without one modality (train.corrupt.drop_fraction) has no pair
+            present = batch.images.mask[:, 0] & batch.texts.mask[:, 0]
             weights = present.float() if weights is None else weights * present
         terms = self.terms(out, batch, weights) | extra
         if out.queries is not None:  # possibly none on this rank: it still joins the gather
