@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +178,7 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
     counts = {
         "listings": total,
         "held_out_views": first["counts"]["held_out_views"],
-        "listings_per_s": sum(m["counts"]["listings_per_s"] for m in manifests),
+        "listings_per_s": total / _wall_seconds(manifests),
         "missing": missing,
         "shards": count,
     }
@@ -264,6 +265,15 @@ def _write(
     rate = progress.format_dict["n"] / max(progress.format_dict["elapsed"], 1e-9)
     progress.close()
     return {"listings": total, "held_out_views": len(held_out), "listings_per_s": rate}
+
+
+def _wall_seconds(manifests: list[dict]) -> float:
+    """From the first shard's start to the last one's end: the wall the shards took,
+    whether they ran side by side or one after another."""
+    starts = [datetime.fromisoformat(m["started_at"]).timestamp() for m in manifests]
+    ends = [start + m["duration_s"] for start, m in zip(starts, manifests, strict=True)]
+    # starts are whole seconds: never less than the longest shard
+    return max(max(ends) - min(starts), *(m["duration_s"] for m in manifests), 1e-9)
 
 
 def _write_missing(

@@ -96,6 +96,12 @@ def test_featurize_and_embed_in_three_shards_write_what_one_run_writes(featurize
     for a, b in zip(*parts, strict=True):
         np.testing.assert_allclose(np.load(a), np.load(b), rtol=1e-5, atol=1e-6)
     assert result.counts["listings"] == read_manifest(one)["counts"]["listings"]
+    # the shards ran one after another: together no faster than the fastest of them
+    rates = [
+        read_manifest(embed.shard_dir(sharded, s))["counts"]["listings_per_s"]
+        for s in every_shard(3)
+    ]
+    assert 0 < result.counts["listings_per_s"] <= max(rates)
 
 
 def test_a_gather_names_the_shard_that_has_not_run(featurized, tmp_path):
