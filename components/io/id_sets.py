@@ -36,7 +36,8 @@ class IdSet:
     def _all(self) -> np.ndarray:
         if self._sorted is None:
             joined = np.concatenate(self._parts) if self._parts else np.zeros(0, np.uint64)
-            self._parts, self._sorted = [joined], np.sort(joined)
+            joined.sort()  # in place: the set is held once, 8 bytes a listing
+            self._parts, self._sorted = [joined], joined
         return self._sorted
 
     def first_repeated(self) -> int | None:
