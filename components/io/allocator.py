@@ -4,7 +4,7 @@ Encoding photos on the CPU allocates and frees activation buffers of tens of MB 
 every batch. glibc's malloc serves any request above 32 MB (its largest mmap threshold)
 with a fresh `mmap` and unmaps it on `free`, so every batch page-faults its buffers in
 again: measured on featurize of the sample catalog, 20 million page faults a minute and
-over a third of the step's CPU time in the kernel. `keep_freed_memory` turns that off for
+half of the step's CPU time in the kernel. `keep_freed_memory` turns that off for
 the process: no mmap'd chunks, and freed memory at the top of the heap is kept for the
 next batch (peak RSS stays about where the largest batch puts it).
 
@@ -42,7 +42,7 @@ def keep_freed_memory() -> bool:
         return _applied
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # Windows: TypeError
         mallopt = None
     if mallopt is None:
         log.debug("allocator: no glibc mallopt here: left as it is")
