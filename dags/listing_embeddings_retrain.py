@@ -127,13 +127,13 @@ def _training_job_tasks(config: OrchestrationConfig, defaults: dict):
     @task(task_id="train_launch", **defaults)
     def launch(params=None, ts_nodash=None) -> str:
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+        from kubernetes.client.exceptions import ApiException
 
         from components.cluster import API_GROUP, API_VERSION, PLURAL, job_name, pytorch_job
 
-        arguments = [*step_arguments()[:-1], json.dumps(list(params["overrides"]))]
+        # a task's own arguments are not templated: the overrides go in as they are
+        arguments = step_arguments(json.dumps(list(params["overrides"])))
         body = pytorch_job(config, job_name(ts_nodash), arguments, deadline)
-        from kubernetes.client.exceptions import ApiException
-
         client = KubernetesHook().custom_object_client
         try:
             client.create_namespaced_custom_object(
@@ -155,26 +155,28 @@ def _training_job_tasks(config: OrchestrationConfig, defaults: dict):
         job = client.get_namespaced_custom_object(
             API_GROUP, API_VERSION, kube.namespace, PLURAL, name
         )
-        if job_state(job) == "Failed":
+        state = job_state(job)
+        if state == "Failed":
             raise AirflowFailException(
                 f"PyTorchJob {name} failed: kubectl describe pytorchjob {name}"
             )
-        return job_state(job) == "Succeeded"
+        return state == "Succeeded"
 
     launched, done = launch(), finished()
     launched >> done
     return launched, done
 
 
-def step_arguments() -> list[str]:
-    """What every step's container gets after `python -m components <step>`."""
+def step_arguments(overrides_json: str = "{{ params.overrides | tojson }}") -> list[str]:
+    """What every step's container gets after `python -m components <step>`; the run's
+    overrides as JSON (by default the template that renders them into an operator)."""
     return [
         "--params",
         POD_PARAMS,
         "--set",
         f"paths.workdir={POD_WORKDIR}/artifacts",
         "--set-json",
-        "{{ params.overrides | tojson }}",
+        overrides_json,
     ]
 
 
