@@ -33,11 +33,19 @@ log = logging.getLogger("components")
 
 # Operator commands on the production store (storage.uri) and the MLflow registry.
 COMMANDS = {
+    "create-store": "create an empty production store at storage.uri (once, before promoting)",
     "versions": "list the versions in the production store, their metrics, the current one",
     "rollback": "point CURRENT back (default: the version before it) and move the alias",
     "serve": "serve the store's CURRENT release: search API and page (params: serve)",
 }
 STORE_USERS = ("promote", "evaluate", *COMMANDS)  # what reads or writes storage.uri
+# the params sections each command reads, shown by its --help
+COMMAND_SECTIONS = {
+    "create-store": ("storage",),
+    "versions": ("storage",),
+    "rollback": ("storage", "registry"),
+    "serve": ("serve", "storage"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_,
             description=f"{name}: {help_}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog="params (storage section):\n" + describe_section(SECTIONS["storage"]),
+            epilog="\n".join(
+                f"params ({section} section, set with --set {section}.KEY=VALUE):\n"
+                + describe_section(SECTIONS[section])
+                for section in COMMAND_SECTIONS[name]
+            ),
         )
         _common(command)
         if name == "rollback":
@@ -250,7 +262,8 @@ def run_step(
 def run_command(
     name: str, params: Params, tracking_uri: str | None = None, to: str | None = None
 ) -> str:
-    """Run an operator command (`versions`, `rollback`) and return what it prints."""
+    """Run an operator command (`create-store`, `versions`, `rollback`) and return what it
+    prints."""
     from components import promote
 
     paths = StepPaths.from_params(params, tracking_uri)
@@ -258,6 +271,8 @@ def run_command(
         return promote.versions(paths)
     if name == "rollback":
         return promote.rollback(paths, to)
+    if name == "create-store":
+        return promote.create_store(paths)
     raise ConfigError(f"unknown command '{name}'; commands are {sorted(COMMANDS)}")
 
 

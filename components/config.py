@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from components.contract import Artifact, StepName
 
 Vendor = Literal["twemoji", "openmoji", "noto"]
+# A registered model: models:/<name>@<alias> or models:/<name>/<version>
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+CURRENT_CHAMPION = "current"  # evaluate.champion: the production store's CURRENT model
 
 
 class ConfigError(ValueError):
@@ -129,6 +133,18 @@ class ValidateConfig(Section):
     max_tags: int = Field(100, ge=0, description="Most tags a listing may have.")
     max_tag_chars: int = Field(200, ge=1, description="Longest allowed tag.")
     workers: int = Field(8, ge=1, description="Threads that open and decode images.")
+    min_clean_listings: int = Field(
+        10,
+        ge=0,
+        description="Fail when fewer listings than this are clean: too few to train on "
+        "(a contrastive step needs other listings as negatives).",
+    )
+    require_eval_queries: bool = Field(
+        True,
+        description="Fail when no clean listing has a query (queries.parquet) or 3+ photos "
+        "(one is held out as a query): train could not select a model and evaluate would "
+        "have nothing to measure. false only to check a catalog's rows alone.",
+    )
 
 
 class FeaturizeConfig(Section):
@@ -300,6 +316,11 @@ class EmbedConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
     batch_size: int = Field(1024, ge=1, description="Listings per forward pass.")
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        return value if value is None else _model_uri(value, ())
+
 
 class IndexConfig(Section):
     factory: str = Field(
@@ -374,6 +395,30 @@ class EvaluateConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
     gates: GatesConfig = GatesConfig()
+
+    @field_validator("champion")
+    @classmethod
+    def _champion(cls, value: str | None) -> str | None:
+        if value is None or value == CURRENT_CHAMPION:
+            return value
+        return _model_uri(value, (CURRENT_CHAMPION,))
+
+
+def _model_uri(value: str, words: tuple[str, ...]) -> str:
+    """`value` when it is a registry URI; else an error listing what the key takes (a
+    misspelt choice must never read as "no model", so nothing is guessed)."""
+    if MODEL_URI.match(value):
+        return value
+    hint = ""
+    if value.strip().lower() in {"none", "null", "nil", "~", ""}:
+        hint = "; to say none, write null unquoted (YAML's null), not a string"
+    elif close := difflib.get_close_matches(value, words, n=1, cutoff=0.6):
+        hint = f"; did you mean {close[0]!r}?"
+    choices = ", ".join([*words, "null"])
+    raise ValueError(
+        f"{value!r} is not one of {choices} or a registry URI (models:/<name>@<alias> or "
+        f"models:/<name>/<version>){hint}"
+    )
 
 
 class RegistryConfig(Section):
@@ -606,8 +651,14 @@ class StepPaths:
     @classmethod
     def from_params(cls, params: Params, tracking_uri: str | None = None) -> StepPaths:
         """The shared settings of `params`; `tracking_uri` is MLFLOW_TRACKING_URI, read by
-        the caller at the edge (None: a sqlite file in the work dir)."""
+        the caller at the edge (None: a sqlite file in the work dir).
+
+        Raises:
+            ConfigError: `paths.workdir` exists and is not a folder.
+        """
         workdir = Path(params.paths.workdir)
+        if workdir.exists() and not workdir.is_dir():
+            raise ConfigError(f"paths.workdir {str(workdir)!r} is a file, not a folder")
         return cls(
             workdir=workdir,
             catalog=params.paths.catalog or str(workdir / "catalog"),
@@ -651,13 +702,60 @@ def load_params(path: Path | str | None = None, overrides: list[str] | None = No
         raise ConfigError(_describe_errors(err, raw)) from None
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML with the scalars of YAML 1.2's core schema, the way DVC reads params.yaml and
+    people write numbers: `3e-4` and `1e-3` are floats, `1_000` is 1000, `010` is 10 (not
+    octal 8: octal is `0o10`), only true/false are booleans (`yes`, `no`, `on`, `off`
+    stay strings) and nothing becomes a date."""
+
+
+_YAML11_SCALARS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp")}
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_SCALARS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_DIGITS = "-+0123456789"
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^[-+]?(?:[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*)$", _DIGITS),
+    (
+        "float",
+        r"^[-+]?(?:(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+        r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$",
+        _DIGITS + ".",
+    ),
+):
+    ParamsLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), _first)
+
+
+def _yaml12_int(loader: ParamsLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+def _yaml12_float(loader: ParamsLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node).replace("_", "").lower()
+    return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+
+ParamsLoader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+ParamsLoader.add_constructor("tag:yaml.org,2002:float", _yaml12_float)
+
+
+def parse_yaml(text: str) -> Any:
+    """`text` read with `ParamsLoader`: params.yaml and every `--set` value."""
+    return yaml.load(text, Loader=ParamsLoader)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"params file {path}: cannot read ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"params file {path}: not valid YAML: {err}") from None
     if data is None:
@@ -672,7 +770,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")
@@ -698,15 +796,21 @@ def _describe_errors(err: ValidationError, raw: dict[str, Any]) -> str:
 
 
 def _suggestion(loc: tuple[Any, ...]) -> str:
-    """Did-you-mean hint for a misspelt key, from the section's known field names."""
+    """Did-you-mean hint for an unknown key: a close name in the same place, else the
+    same name in another section (`workdir` -> `paths.workdir`)."""
     if len(loc) == 1:
         known = ["seed", *SECTIONS]
     elif len(loc) == 2 and loc[0] in SECTIONS:
         known = list(SECTIONS[str(loc[0])].model_fields)
     else:
-        return ""
+        known = []
     close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    if close:
+        return f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
+    elsewhere = [
+        f"{name}.{loc[-1]}" for name, section in SECTIONS.items() if loc[-1] in section.model_fields
+    ]
+    return f" (did you mean {' or '.join(repr(key) for key in elsewhere)}?)" if elsewhere else ""
 
 
 def describe_section(section: type[Section]) -> str:

@@ -23,6 +23,8 @@ STEP_ORDER: tuple[StepName, ...] = get_args(StepName)  # the pipeline's steps, i
 SHARDED_STEPS: tuple[StepName, ...] = ("featurize", "embed")
 
 MANIFEST = "manifest.json"  # every step writes one beside its outputs
+# a listing with this many photos gives one up as a val/test view-to-listing query
+HELD_OUT_MIN_PHOTOS = 3
 
 
 @dataclass(frozen=True)

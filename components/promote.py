@@ -72,7 +72,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     model = _registered_model(manifests["embed"]["model"], paths.registry.model_name)
     atomic.write_text(paths.path(RELEASE_MODEL), json.dumps(model, indent=2) + "\n")
     files = release_files(paths)
-    storage = open_storage(paths.storage, paths.storage_uri)
+    storage = production.open_store(paths, create=True)
     listings = _listing_gate(storage, manifests, config)
     name, alias = paths.registry.model_name, paths.registry.champion_alias
     previous_alias = registry.alias_version(paths, name, alias)
@@ -256,7 +256,7 @@ def _summary(published, uri, model, previous_alias, alias: str, deleted) -> str:
 def rollback(paths: StepPaths, to: str | None) -> str:
     """Point CURRENT back (to `to`, or the version before the current one) and move the
     champion alias to that version's model. Returns a one-line account."""
-    storage = open_storage(paths.storage, paths.storage_uri)
+    storage = production.open_store(paths)
     old, new = production.rollback(storage, to)
     alias = paths.registry.champion_alias
     registry.move_alias(
@@ -273,6 +273,12 @@ def rollback(paths: StepPaths, to: str | None) -> str:
 
 
 def versions(paths: StepPaths) -> str:
-    return production.versions_table(
-        open_storage(paths.storage, paths.storage_uri), SUMMARY_METRICS
-    )
+    return production.versions_table(production.open_store(paths), SUMMARY_METRICS)
+
+
+def create_store(paths: StepPaths) -> str:
+    """Create an empty production store at `storage.uri` (the `create-store` command)."""
+    storage = open_storage(paths.storage, paths.storage_uri)
+    if not production.create_store(storage):
+        return f"create-store: {storage.uri} already holds a production store; nothing changed"
+    return f"create-store: created an empty production store at {storage.uri}"

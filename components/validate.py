@@ -23,6 +23,7 @@ from components.config import StepPaths, ValidateConfig
 from components.contract import (
     CLEAN,
     CLEAN_QUERIES,
+    HELD_OUT_MIN_PHOTOS,
     QUARANTINE,
     QUARANTINED_QUERIES,
     STEPS,
@@ -95,7 +96,35 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     log.info("%s", summary.splitlines()[0])
     if not report["passed"]:
         raise StepFailed(failure_message(report, out / VALIDATION_REPORT.name))
+    if (missing := too_little(report, clean, root, config)) is not None:
+        raise StepFailed(missing)
     return ValidateResult(out_dir=out, report=report, summary=summary)
+
+
+def too_little(report: dict, clean: pa.Table, root: CatalogRoot, config: ValidateConfig):
+    """Why the clean set cannot make a model, in one line (None: it can): no listings,
+    fewer clean ones than `min_clean_listings`, or nothing to select and judge a model
+    with (no query of a clean listing and no clean listing with a photo to hold out)."""
+    where = f"{root.uri}/listings.parquet"
+    if report["total"] == 0:
+        return f"{where} has no listings: nothing to train on"
+    if report["clean"] < config.min_clean_listings:
+        return (
+            f"{report['clean']} clean listings of {report['total']} in {where} "
+            f"({report['quarantined']} quarantined): training needs at least "
+            f"validate.min_clean_listings={config.min_clean_listings}"
+        )
+    queries = (report["queries"] or {}).get("clean", 0)
+    photos = pc.list_value_length(clean.column("image_uris"))
+    held_out = pc.any(pc.greater_equal(photos, HELD_OUT_MIN_PHOTOS)).as_py()
+    if config.require_eval_queries and queries == 0 and not held_out:
+        return (
+            f"no query of a clean listing ({root.uri}/queries.parquet is "
+            f"{'absent' if report['queries'] is None else 'without one'}) and no clean listing "
+            f"with {HELD_OUT_MIN_PHOTOS}+ photos to hold one out: train could not select a "
+            "model and evaluate would have no test queries; add queries.parquet or photos"
+        )
+    return None
 
 
 def table_issues(listings: pa.Table, config: ValidateConfig) -> Issues:

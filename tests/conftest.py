@@ -96,7 +96,9 @@ def step_paths(tmp_path: Path) -> Callable[[Path | str], StepPaths]:
 @pytest.fixture
 def lenient() -> ValidateConfig:
     """Validate settings that never fail the run, so a test can inspect the quarantine."""
-    return ValidateConfig(max_bad_fraction=1.0, workers=2)
+    return ValidateConfig(
+        max_bad_fraction=1.0, workers=2, min_clean_listings=0, require_eval_queries=False
+    )
 
 
 @pytest.fixture(scope="session")

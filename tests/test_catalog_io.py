@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from components import validate
-from components.config import ValidateConfig
 from components.io.catalog_reader import (
     CatalogError,
     CatalogRoot,
@@ -108,7 +107,7 @@ def _upload_catalog(root: Path, bucket: str, prefix: str) -> None:
 
 
 @pytest.mark.integration
-def test_validate_reads_a_catalog_from_s3(s3_env, make_catalog, step_paths):
+def test_validate_reads_a_catalog_from_s3(s3_env, make_catalog, step_paths, lenient):
     rows = [
         listing("a"),
         listing("b", image_uris=["images/b.png", "s3://shared-images/c.png"]),
@@ -122,9 +121,7 @@ def test_validate_reads_a_catalog_from_s3(s3_env, make_catalog, step_paths):
     s3_client().create_bucket(Bucket="shared-images")
     s3_client().put_object(Bucket="shared-images", Key="c.png", Body=png_bytes())
 
-    result = validate.run(
-        ValidateConfig(max_bad_fraction=1.0, workers=2), step_paths("s3://catalogs/shop/v1")
-    )
+    result = validate.run(lenient, step_paths("s3://catalogs/shop/v1"))
 
     assert result.report["clean"] == 2
     assert result.report["reasons"] == {"image_missing": 1, "image_path_escapes_root": 1}

@@ -52,7 +52,7 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     [
         (
             "validate.max_bad_fractio=0.1",
-            "unknown key 'validate.max_bad_fractio' (did you mean 'max_bad_fraction'?)",
+            "unknown key 'validate.max_bad_fractio' (did you mean 'validate.max_bad_fraction'?)",
         ),
         ("valdate.max_bad_fraction=0.1", "unknown key 'valdate' (did you mean 'validate'?)"),
         ("validate.max_bad_fraction=lots", "key 'validate.max_bad_fraction'"),
@@ -139,3 +139,94 @@ def test_help_lists_steps_and_their_params(capsys):
     assert "workdir" in top  # the shared paths section
     for key in ValidateConfig.model_fields:
         assert key in validate_help
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("train.lr=3e-4", "lr", 3e-4),
+        ("train.lr=1e-3", "lr", 1e-3),
+        ("train.lr=.5", "lr", 0.5),
+        ("train.epochs=010", "epochs", 10),  # YAML 1.1 would read octal 8
+        ("train.epochs=1_000", "epochs", 1000),
+        ("train.epochs=0o12", "epochs", 10),
+        ("train.weight_decay=0", "weight_decay", 0.0),  # an int where a float goes
+    ],
+)
+def test_set_parses_numbers_as_people_write_them(override, key, expected):
+    assert getattr(load_params(PARAMS, [override]).train, key) == expected
+
+
+def test_yes_and_no_are_strings_not_booleans_and_dates_stay_text():
+    params = load_params(PARAMS, ["paths.catalog=2026-11-01", "catalog.query_languages=[en, fr]"])
+
+    assert params.paths.catalog == "2026-11-01"
+    with pytest.raises(ConfigError, match="key 'catalog.skin_tones'"):
+        load_params(PARAMS, ["catalog.skin_tones=yes"])  # only true/false are booleans
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("curent", "did you mean 'current'?"),
+        ("None", "write null unquoted"),
+        ("champion", "is not one of current, null or a registry URI"),
+        ("models:/listing-encoder", "is not one of current, null or a registry URI"),
+    ],
+)
+def test_a_champion_that_is_not_current_null_or_a_registry_uri_is_refused(value, hint):
+    with pytest.raises(ConfigError) as error:
+        load_params(PARAMS, [f"evaluate.champion={value}"])
+
+    assert "key 'evaluate.champion'" in str(error.value) and hint in str(error.value)
+
+
+def test_a_champion_and_an_embed_model_take_registry_uris():
+    params = load_params(
+        PARAMS,
+        [
+            "evaluate.champion=models:/listing-encoder@champion",
+            "embed.model=models:/listing-encoder/3",
+        ],
+    )
+
+    assert params.evaluate.champion == "models:/listing-encoder@champion"
+    assert params.embed.model == "models:/listing-encoder/3"
+    assert load_params(PARAMS, ["evaluate.champion=null"]).evaluate.champion is None
+    with pytest.raises(ConfigError, match="key 'embed.model'"):
+        load_params(PARAMS, ["embed.model=champion"])
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("workdir=elsewhere", "did you mean 'paths.workdir'?"),
+        ("embed.champion=null", "did you mean 'evaluate.champion'?"),
+        ("serve.uri=s3://x/y", "did you mean 'storage.uri'?"),
+    ],
+)
+def test_a_key_set_in_the_wrong_section_names_where_it_lives(override, hint):
+    with pytest.raises(ConfigError) as error:
+        load_params(PARAMS, [override])
+
+    assert hint in str(error.value)
+
+
+def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    occupied = tmp_path / "a-file"
+    occupied.write_text("not a folder")
+
+    code = main(["versions", "--params", str(PARAMS), "--set", f"paths.workdir={occupied}"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"paths.workdir '{occupied}' is a file, not a folder" in err
+
+
+def test_each_command_help_shows_the_params_it_reads(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    serve_help = capsys.readouterr().out
+
+    assert "params (serve section" in serve_help
+    assert all(key in serve_help for key in SECTIONS["serve"].model_fields)

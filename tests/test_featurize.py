@@ -41,12 +41,12 @@ def _views(result):
 def test_featurize_caches_by_content_and_only_encodes_new_views(make_catalog, step_paths):
     root = _colour_catalog(make_catalog, ["a", "b"])
     paths = step_paths(root)
-    validate.run(ValidateConfig(workers=2), paths)
+    validate.run(ValidateConfig(workers=2, min_clean_listings=1), paths)
 
     first = featurize.run(CONFIG, paths)
     again = featurize.run(CONFIG, paths)
     _colour_catalog(make_catalog, ["a", "b", "c"])  # the catalog grows by one listing
-    validate.run(ValidateConfig(workers=2), paths)
+    validate.run(ValidateConfig(workers=2, min_clean_listings=1), paths)
     grown = featurize.run(CONFIG, paths)
 
     assert first.counts["images_encoded"] == 4 and first.counts["image_views"] == 4
@@ -66,7 +66,7 @@ def test_featurize_caches_by_content_and_only_encodes_new_views(make_catalog, st
 def test_features_equal_the_encoder_applied_directly(make_catalog, step_paths):
     root = _colour_catalog(make_catalog, ["a"])
     paths = step_paths(root)
-    validate.run(ValidateConfig(workers=2), paths)
+    validate.run(ValidateConfig(workers=2, min_clean_listings=1), paths)
 
     result = featurize.run(CONFIG, paths)
 
@@ -83,7 +83,7 @@ def test_features_equal_the_encoder_applied_directly(make_catalog, step_paths):
 def test_a_view_that_went_bad_after_validation_is_skipped_and_named(make_catalog, step_paths):
     root = _colour_catalog(make_catalog, ["a", "b"])
     paths = step_paths(root)
-    validate.run(ValidateConfig(workers=2), paths)
+    validate.run(ValidateConfig(workers=2, min_clean_listings=1), paths)
     (root / "images" / "b-b.png").write_bytes(b"corrupted after validation")
 
     result = featurize.run(CONFIG, paths)
@@ -101,7 +101,7 @@ def test_a_run_that_dies_keeps_the_vectors_of_its_finished_chunks(
 ):
     root = _colour_catalog(make_catalog, ["a", "b", "c"])
     paths = step_paths(root)
-    validate.run(ValidateConfig(workers=2), paths)
+    validate.run(ValidateConfig(workers=2, min_clean_listings=1), paths)
     config = CONFIG.model_copy(update={"listings_per_chunk": 1})
     original, calls = featurize._Featurizer._image_views, []
 
@@ -125,7 +125,7 @@ def test_a_run_that_dies_keeps_the_vectors_of_its_finished_chunks(
 def test_colour_histograms_are_featurized_and_cached_under_their_own_id(make_catalog, step_paths):
     root = _colour_catalog(make_catalog, ["a", "b"])
     paths = step_paths(root)
-    validate.run(ValidateConfig(workers=2), paths)
+    validate.run(ValidateConfig(workers=2, min_clean_listings=1), paths)
     coloured = CONFIG.model_copy(update={"colour_histogram": 4})
 
     result = featurize.run(coloured, paths)

@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from components.cli import main
 from components.config import load_params
 from components.contract import SHARDED_STEPS, STEP_ORDER
 from tests.conftest import REPO_ROOT
@@ -82,6 +83,8 @@ def test_the_pipeline_runs_on_the_local_runner_and_promotes(tmp_path):
         "evaluate.gates.min_gain_over_frozen={}",
         "evaluate.gates.min_queries=1",  # 25 listings: a handful of test queries
     ]
+
+    assert main(["create-store", "--set", f"storage.uri={store}"]) == 0  # once, by the team
 
     pipeline.build_pipeline(shards=2)(
         params_file=str(REPO_ROOT / "params.yaml"),

@@ -309,6 +309,7 @@ def test_overrides_as_a_json_list_reach_the_params_and_bad_json_is_named(tmp_pat
     from components.cli import main
 
     store = tmp_path / "elsewhere"
+    assert main(["create-store", "--set-json", json.dumps([f"storage.uri={store}"])]) == 0
     assert main(["versions", "--set-json", json.dumps([f"storage.uri={store}"])]) == 0
     assert f"store: {store.as_posix()}" in capsys.readouterr().out
 
@@ -316,3 +317,62 @@ def test_overrides_as_a_json_list_reach_the_params_and_bad_json_is_named(tmp_pat
     assert "--set-json: not JSON" in capsys.readouterr().err
     assert main(["versions", "--set-json", '{"storage.uri": "x"}']) == 2
     assert "expected a JSON list" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["versions", "rollback", "serve"])
+def test_a_store_uri_where_no_store_was_created_is_an_error_not_an_empty_store(
+    tmp_path, capsys, command
+):
+    from components.cli import main
+
+    typo = tmp_path / "prodution"
+
+    code = main([command, "--set", f"storage.uri={typo}", "--set", f"paths.workdir={tmp_path}"])
+
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert f"storage.uri '{typo}': no production store there" in err
+    assert f"create-store --set storage.uri={typo}" in err
+    assert not typo.exists()  # nothing was started at the typo
+
+
+def test_create_store_makes_an_empty_store_once_on_both_backends(storage):
+    assert not production.is_store(storage)
+
+    assert production.create_store(storage)
+    assert not production.create_store(storage)  # a second creator changes nothing
+
+    assert production.is_store(storage)
+    assert production.read_pointer(storage) is None
+    assert "no version is current (nothing promoted yet)" in production.versions_table(storage, ())
+
+
+def test_a_store_from_before_store_json_is_still_a_store(storage, tmp_path):
+    publish(storage, tmp_path, 1)
+    storage.delete([production.STORE_RECORD])
+
+    assert production.is_store(storage)
+
+
+def test_the_default_local_store_reads_empty_until_promote_creates_it(tmp_path):
+    from components.config import StepPaths
+
+    paths = StepPaths(workdir=tmp_path / "work", catalog="unused")
+
+    store = production.open_store(paths)
+    assert production.read_pointer(store) is None and not production.is_store(store)
+
+    created = production.open_store(paths, create=True)
+    assert production.is_store(created) and created.uri == (tmp_path / "work/production").as_posix()
+
+
+def test_promote_never_starts_a_store_at_an_explicit_uri(tmp_path):
+    from components.config import StepPaths
+
+    paths = StepPaths(
+        workdir=tmp_path / "work", catalog="unused", storage=StorageConfig(uri=str(tmp_path / "x"))
+    )
+
+    with pytest.raises(production.NoStore, match="no production store there"):
+        production.open_store(paths, create=True)
+    assert not (tmp_path / "x").exists()

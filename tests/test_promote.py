@@ -178,6 +178,7 @@ def test_promote_to_s3_keeps_credentials_out_of_logs_manifests_and_mlflow(
     params.write_text(yaml.safe_dump(settings))
     caplog.set_level(logging.DEBUG)
 
+    assert main(["create-store", "-v", "--params", str(params)]) == 0
     assert main(["promote", "-v", "--params", str(params)]) == 0
     assert main(["versions", "--params", str(params)]) == 0
 

@@ -176,14 +176,14 @@ def test_path_escaping_the_root(make_catalog, step_paths, lenient, tmp_path):
     }
 
 
-def test_disallowed_uri_scheme_and_bucket(make_catalog, step_paths):
+def test_disallowed_uri_scheme_and_bucket(make_catalog, step_paths, lenient):
     rows = [
         listing("good"),
         listing("http", image_uris=["http://example.com/a.png"]),
         listing("bucket", image_uris=["s3://other-bucket/a.png"]),
     ]
     root = make_catalog(rows)
-    config = ValidateConfig(max_bad_fraction=1.0, allowed_buckets=["ours"])
+    config = lenient.model_copy(update={"allowed_buckets": ["ours"]})
 
     _, quarantine, _ = run_and_read(root, step_paths, config)
 
@@ -341,3 +341,61 @@ def test_cli_exit_codes_name_the_problem(make_catalog, tmp_path, capsys):
     assert failed == 1 and "50.00%" in failed_err and "title_empty" in failed_err
     assert unreadable == 1 and "not a readable Parquet file" in unreadable_err
     assert "Traceback" not in unreadable_err
+
+
+def _queries(root: Path, listing_ids: list[str]) -> None:
+    rows = [{"query_id": f"q-{i}", "query": f"thing {i}", "listing_id": i} for i in listing_ids]
+    pq.write_table(pa.Table.from_pylist(rows), root / "queries.parquet")
+
+
+def test_a_catalog_without_listings_fails_in_one_line_before_featurize(
+    make_catalog, tmp_path, capsys
+):
+    schema = pa.Table.from_pylist([listing("a")]).schema
+    root = make_catalog([], schema=schema)
+    work = tmp_path / "work"
+
+    code = main(["validate", "--set", f"paths.catalog={root}", "--set", f"paths.workdir={work}"])
+
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and "Traceback" not in err
+    assert line.endswith(f"{root}/listings.parquet has no listings: nothing to train on")
+    assert json.loads((work / "validate" / "report.json").read_text())["total"] == 0
+
+
+def test_fewer_clean_listings_than_training_needs_fails_naming_the_param(make_catalog, step_paths):
+    ids = ["a", "b", "c", "d"]
+    root = make_catalog([*(listing(i) for i in ids), listing("e", title="")])
+    _queries(root, ids)
+
+    config = ValidateConfig(max_bad_fraction=0.5, min_clean_listings=5)
+
+    with pytest.raises(StepFailed) as failure:
+        validate.run(config, step_paths(root))
+
+    assert str(failure.value).startswith("4 clean listings of 5 in ")
+    assert "training needs at least validate.min_clean_listings=5" in str(failure.value)
+    assert validate.run(config.model_copy(update={"min_clean_listings": 4}), step_paths(root))
+
+
+def test_no_query_and_no_photo_to_hold_out_fails_naming_both(make_catalog, step_paths):
+    ids = ["a", "b", "c"]
+    root = make_catalog([listing(i, image_uris=[f"images/{i}.png", "images/x.png"]) for i in ids])
+    config = ValidateConfig(workers=2, min_clean_listings=3)
+
+    with pytest.raises(StepFailed) as failure:
+        validate.run(config, step_paths(root))
+
+    assert "queries.parquet is absent) and no clean listing with 3+ photos" in str(failure.value)
+    _queries(root, ["b"])  # one query is enough for a task to exist
+    assert validate.run(config, step_paths(root)).report["queries"]["clean"] == 1
+
+
+def test_listings_with_three_photos_are_test_queries_enough(make_catalog, step_paths):
+    photos = [f"images/p{n}.png" for n in range(3)]
+    root = make_catalog([listing(i, image_uris=photos) for i in "abc"])
+
+    result = validate.run(ValidateConfig(workers=2, min_clean_listings=3), step_paths(root))
+
+    assert result.report["clean"] == 3 and result.report["queries"] is None

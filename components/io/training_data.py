@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.contract import QUERY_FEATURES, VIEWS
+from components.contract import HELD_OUT_MIN_PHOTOS, QUERY_FEATURES, VIEWS
 from components.core.batching import ListingViews
 from components.core.retrieval import QUERY_TO_LISTING, VIEW_TO_LISTING, QuerySet
 from components.core.views import GroupedViews, group_queries, group_views
@@ -147,7 +147,7 @@ def modality_store(featurize_dir: Path, manifest: dict, modality: str) -> Featur
 
 def _held_out_slot(listing_id: str, n_images: int) -> int | None:
     """Listings with >= 3 image views give up one non-primary view, chosen by hash."""
-    if n_images < 3:
+    if n_images < HELD_OUT_MIN_PHOTOS:
         return None
     return 1 + int(unit_hash("slot:" + listing_id) * (n_images - 1))
 

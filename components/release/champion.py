@@ -1,7 +1,7 @@
 """The champion: the model a new one is compared with before it may replace it.
 
 `evaluate.champion` is `current` (the model of the production store's CURRENT version),
-a `models:/` registry URI, or null (no comparison).
+a `models:/` registry URI, or null (no comparison); config.py refuses anything else.
 """
 
 from __future__ import annotations
@@ -10,11 +10,8 @@ import logging
 
 import torch
 
-from components.config import StepPaths
+from components.config import CURRENT_CHAMPION, StepPaths
 from components.release import production, registry
-from components.release.storage import open_storage
-
-CURRENT = "current"
 
 log = logging.getLogger(__name__)
 
@@ -23,21 +20,22 @@ def load_champion(
     choice: str | None, paths: StepPaths, device: torch.device
 ) -> registry.LoadedModel | None:
     """The champion model, or None when there is none to compare with: `choice` is null,
-    nothing was promoted yet, or a registry URI that does not resolve. A CURRENT whose
-    model cannot be loaded is an error, not "no champion"."""
+    or `current` before anything was promoted to the local default store. Anything named
+    that cannot be found (a registry URI that does not resolve, an explicit store that does
+    not exist, a CURRENT whose model cannot be loaded) is an error naming
+    `evaluate.champion`: a missing champion must never pass the regression gates."""
     if choice is None:
         return None
-    if choice == CURRENT:
+    if choice == CURRENT_CHAMPION:
         return _current_champion(paths, device)
     try:
         return registry.load_model(choice, paths, device)
     except ValueError as err:
-        log.info("evaluate: no champion to compare with (%s)", err)
-        return None
+        raise ValueError(f"evaluate.champion {choice!r}: {err}") from err
 
 
 def _current_champion(paths: StepPaths, device: torch.device) -> registry.LoadedModel | None:
-    storage = open_storage(paths.storage, paths.storage_uri)
+    storage = production.open_store(paths)
     pointer = production.read_pointer(storage)
     if pointer is None:
         log.info("evaluate: no champion to compare with (nothing promoted to %s)", storage.uri)

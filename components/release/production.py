@@ -2,6 +2,7 @@
 
 Layout under the store's root (`storage.uri`):
 
+    store.json                        written once, when the store is created
     indices/<version>/index.faiss, ids.parquet, embeddings/part-*.npy, listing_ids.parquet,
                       model.json, metrics.json, gates.json
     indices/<version>/manifest.json   written last: sha256 and size of every file above
@@ -13,6 +14,12 @@ version without a manifest is incomplete (an upload that died) and is never poin
 Readers start from `CURRENT` and check every byte against the manifest, and the manifest
 against the pointer, so a reader gets the whole current version or an error naming the
 object that is wrong.
+
+A store exists once it is created (`open_store`): the local default store
+(`<workdir>/production`, `storage.uri: null`) by its first promotion, a store at an
+explicit `storage.uri` by `python -m components create-store`. Every reader and writer
+refuses an explicit URI where no store exists, so a mistyped URI is an error, never an
+empty store that hides the champion or a second store that promote starts.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ from typing import Any
 import faiss
 import pyarrow.parquet as pq
 
+from components.config import StepPaths
 from components.contract import INDEX, INDEX_IDS, MANIFEST, RELEASE_REPORTS
 from components.errors import StepFailed
 from components.io.manifest import sha256_file
-from components.release.storage import MissingObject, PointerConflict, Storage
+from components.release.storage import MissingObject, PointerConflict, Storage, open_storage
 
+STORE_RECORD = "store.json"  # a store's birth certificate, written once by create_store
 INDICES = "indices"
 POINTER = f"{INDICES}/CURRENT"
 _STAMP = "%Y%m%dT%H%M%S%fZ"
@@ -45,6 +54,10 @@ log = logging.getLogger(__name__)
 
 class CorruptObject(ValueError):
     """A stored object whose size or sha256 is not what its manifest says."""
+
+
+class NoStore(ValueError):
+    """An explicit `storage.uri` where no production store was created."""
 
 
 class PromotionConflict(StepFailed):
@@ -94,6 +107,53 @@ class CurrentIndex:
     ids: list[str]
     manifest: dict
     files: Path  # local copies of the version's files
+
+
+def open_store(paths: StepPaths, create: bool = False) -> Storage:
+    """The production store of `paths` (`storage.uri`, or the local default store).
+
+    The local default store reads as empty until its first promotion creates it
+    (`create=True`, promote's call). At an explicit `storage.uri` a store must exist.
+
+    Raises:
+        NoStore: `storage.uri` is set and no store was created there; the message says
+            how to create one.
+    """
+    storage = open_storage(paths.storage, paths.storage_uri)
+    if is_store(storage):
+        return storage
+    if paths.storage.uri is not None:
+        raise NoStore(
+            f"storage.uri {paths.storage.uri!r}: no production store there (no "
+            f"{STORE_RECORD}); check the URI, or create a store there once with: python -m "
+            f"components create-store --set storage.uri={paths.storage.uri}"
+        )
+    if create:
+        create_store(storage)
+    return storage
+
+
+def is_store(storage: Storage) -> bool:
+    """A store was created at `storage` (or holds releases made before `store.json`).
+    Reads with GET, so a missing S3 bucket is the server's error, not "no store"."""
+    if storage.read_pointer(STORE_RECORD)[0] is not None:
+        return True
+    return read_pointer(storage) is not None or bool(storage.list_folders(f"{INDICES}/"))
+
+
+def create_store(storage: Storage) -> bool:
+    """Create an empty store at `storage`: `store.json`, written only if absent (a
+    conditional write, so two creators cannot both make one). False when a store was
+    already there."""
+    if is_store(storage):
+        return False
+    record = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"), "layout": 1}
+    try:
+        storage.write_pointer(STORE_RECORD, (json.dumps(record) + "\n").encode(), None)
+    except PointerConflict:
+        return False
+    log.info("created the production store %s", storage.uri)
+    return True
 
 
 def prefix_of(version: str) -> str:

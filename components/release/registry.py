@@ -9,21 +9,19 @@ manifests of the steps that use it.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from components.config import StepPaths
+from components.config import MODEL_URI, StepPaths
 from components.contract import MODEL_SPEC, MODEL_WEIGHTS
 from components.core.model import ListingModel
 from components.io import activations
 from components.io.manifest import AlteredFile, sha256_file, verify_outputs
 
 WEIGHTS_TAG = "weights_sha256"  # a registered version's tag: the sha256 of its model.pt
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def load_model(uri: str | None, paths: StepPaths, device: torch.device) -> Loade
     """
     if uri is None:
         return _from_train_step(paths, device)
-    match = _REGISTRY_URI.match(uri)
+    match = MODEL_URI.match(uri)
     if match is None:
         raise ValueError(
             f"model {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>"

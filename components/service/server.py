@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from components.config import Params, StepPaths
 from components.core.encoders import pick_device
 from components.io.catalog_reader import CatalogRoot
-from components.release.storage import open_storage
+from components.release.production import open_store
 from components.service.app import Metrics, create_app
 from components.service.releases import ReleaseKeeper
 
@@ -33,7 +33,7 @@ def build(
             metrics.served(keeper.current)
 
     keeper = ReleaseKeeper(
-        storage=open_storage(paths.storage, paths.storage_uri),
+        storage=open_store(paths),
         paths=paths,
         catalog=CatalogRoot(config.catalog or paths.catalog),
         device=pick_device(config.device),
