@@ -43,7 +43,8 @@ def run(config: CatalogConfig, paths: StepPaths) -> CatalogResult:
         timer=timer,
         outputs=describe_files(out, [artifact.name for artifact in STEP.writes]),
         counts=built.counts,
-        extra={"summary": built.summary, "sources": built.sources, "licences": built.licences},
+        extra={"sources": built.sources, "licences": built.licences},
+        run={"summary": built.summary},
     )
     log.info("%s", built.summary)
     return CatalogResult(out_dir=out, counts=built.counts, summary=built.summary)

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n".join(describe_section(SECTIONS[name]) for name in ("paths", "registry"))
         + "\n  seed (int)",
     )
+    parser.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON schema of params.yaml (for editors and reviewers) and exit",
+    )
     sub = parser.add_subparsers(dest="step", metavar="<step>", title="steps and commands")
     for step in STEPS.values():
         command = sub.add_parser(
@@ -129,6 +134,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.schema:
+        print(json.dumps(Params.model_json_schema(by_alias=True), indent=2))
+        return 0
     if args.step is None:
         parser.print_help()
         return 2

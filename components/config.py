@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -350,7 +353,8 @@ class IndexConfig(Section):
 class GatesConfig(Section):
     min: dict[str, float] = Field(
         {"query_to_listing/recall@10": 0.3, "view_to_listing/recall@10": 0.3},
-        description="Metric -> lowest allowed value (keys as in metrics.json).",
+        description="Metric -> lowest allowed value (keys as in the evaluate step's "
+        "metrics.json or details.json).",
     )
     max_regression: dict[str, float] = Field(
         {"query_to_listing/recall@10": 0.03, "view_to_listing/recall@10": 0.03},
@@ -817,7 +821,59 @@ def describe_section(section: type[Section]) -> str:
     """One line per key of a section: name, type, default, meaning; for --help."""
     rows = []
     for name, field in section.model_fields.items():
-        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-        annotation = annotation.replace("typing.", "")
-        rows.append(f"  {name} ({annotation}, default {field.default!r}): {field.description}")
+        rows.append(
+            f"  {name} ({_type_name(field.annotation)}, default {field.default!r}): "
+            f"{field.description}"
+        )
     return "\n".join(rows)
+
+
+def _type_name(annotation: Any) -> str:
+    return (getattr(annotation, "__name__", None) or str(annotation)).replace("typing.", "")
+
+
+def params_reference() -> str:
+    """docs/params.md: every key of params.yaml with its type, default and meaning, from
+    the config models (`make params-doc` writes it; a test keeps it current)."""
+    lines = [
+        "# Params reference",
+        "",
+        "Every key of `params.yaml`, generated from the config models in "
+        "`components/config.py` by `make params-doc` (tests/test_params_doc.py fails when "
+        "this page is out of date). Override any key for one run with "
+        "`--set section.key=value`; values are YAML 1.2 (`3e-4`, `1_000`, `null`, `true`).",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+        f"| `seed` | int | `0` | {Params.model_fields['seed'].description} |",
+    ]
+    for name, section in SECTIONS.items():
+        lines += [f"| **{name}** | | | |", *_reference_rows(section, name)]
+    return "\n".join(lines) + "\n"
+
+
+def _reference_rows(section: type[Section], prefix: str) -> list[str]:
+    rows = []
+    for name, field in section.model_fields.items():
+        key = f"{prefix}.{name}"
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            rows += _reference_rows(field.annotation, key)
+            continue
+        shown = json.dumps(field.default, default=lambda v: v.model_dump())
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {_type_text(field.annotation)} | `{shown}` | {meaning} |")
+    return rows
+
+
+def _type_text(annotation: Any) -> str:
+    """A type as the reference table shows it: `int or null`, `one of a, b`, `list of str`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_text(a) for a in args)
+    if origin is list:
+        return f"list of {_type_text(args[0])}"
+    if origin is dict:
+        return f"map of {_type_text(args[0])} to {_type_text(args[1])}"
+    return _type_name(annotation)

@@ -36,6 +36,14 @@ class Artifact:
     what: str
     folder: bool = False
     persistent: bool = False  # kept between runs (a cache), never deleted by a rerun
+    # machine-local: it depends on this machine's production store, registry or clock, so
+    # DVC never hashes it (dvc.yaml does not declare it), as with every step's run.json
+    local: bool = False
+
+    @property
+    def tracked(self) -> bool:
+        """Declared to DVC: a reproducible output, neither a cache nor machine-local."""
+        return not (self.persistent or self.local)
 
     def path(self, workdir: Path | str) -> Path:
         return Path(workdir) / self.step / self.name
@@ -86,13 +94,36 @@ INDEX = Artifact("index", "index.faiss", "the FAISS index; row i is listing i of
 INDEX_IDS = Artifact("index", "ids.parquet", "listing_id of each index row")
 
 # evaluate
-METRICS = Artifact("evaluate", "metrics.json", "flat metrics of the test split")
-GATES = Artifact("evaluate", "gates.json", "each gate: metric, threshold, value, passed")
-CURVES = Artifact("evaluate", "recall_curves.json", "recall@K per task, challenger and champion")
-RECALL_PLOT = Artifact("evaluate", "recall_at_k.png", "the recall curves as a figure")
+METRICS = Artifact(
+    "evaluate",
+    "metrics.json",
+    "headline metrics of the test split: recall@10, MRR, nDCG@10 "
+    "and queries per task, ANN recall@10",
+)
+DETAILS = Artifact(
+    "evaluate",
+    "details.json",
+    "every other test metric: recall@K, per query language, the "
+    "frozen encoders, through the index, diagnostics",
+)
+CURVES = Artifact("evaluate", "recall_curves.json", "recall@K per task, model and frozen encoders")
+GATES = Artifact(
+    "evaluate", "gates.json", "each gate: metric, threshold, value, passed", local=True
+)
+CHAMPION = Artifact(
+    "evaluate",
+    "champion.json",
+    "the champion compared with: which, its metrics, the difference with a CI (empty when none)",
+    local=True,
+)
+RECALL_PLOT = Artifact(
+    "evaluate", "recall_at_k.png", "recall@K per task, champion included, as a figure", local=True
+)
 
 # promote
-RELEASE_MODEL = Artifact("promote", "model.json", "the promoted model's registry reference")
+RELEASE_MODEL = Artifact(
+    "promote", "model.json", "the promoted model's registry reference", local=True
+)
 
 
 # What a consumer of a step's output reads together (the manifest says how it was made).
@@ -174,7 +205,7 @@ _STEPS = (
     Step(
         "evaluate",
         "recall on the test split, champion comparison, recall gates",
-        writes=(METRICS, GATES, CURVES, RECALL_PLOT),
+        writes=(METRICS, DETAILS, CURVES, GATES, CHAMPION, RECALL_PLOT),
         reads=(IMAGES, QUERY_FEATURES, *FEATURES, *TRAINED_MODEL, *EMBEDDED, *INDEXED),
     ),
     Step(
@@ -188,7 +219,9 @@ _STEPS = (
             *EMBEDDED,
             *INDEXED,
             METRICS,
+            DETAILS,
             GATES,
+            CHAMPION,
             manifest_of("evaluate"),
         ),
     ),
@@ -199,5 +232,6 @@ if tuple(STEPS) != STEP_ORDER:  # pragma: no cover - a mistake in this file
 
 # What a production version holds (besides its own manifest): store name -> artifact.
 # `embeddings/part-*.npy` are added part by part by the promote step.
-RELEASE_FILES = (INDEX, INDEX_IDS, EMBEDDED_IDS, METRICS, GATES, RELEASE_MODEL)
-RELEASE_REPORTS = (METRICS, GATES)  # stored with a version, not part of its content
+RELEASE_FILES = (INDEX, INDEX_IDS, EMBEDDED_IDS, METRICS, DETAILS, GATES, RELEASE_MODEL)
+# stored with a version, not part of its content
+RELEASE_REPORTS = (METRICS, DETAILS, GATES)

@@ -43,6 +43,8 @@ from components.io.manifest import (
     Timer,
     describe_files,
     read_manifest,
+    require_run,
+    run_summary,
     sha256_file,
     unchanged_manifest,
     verify_outputs,
@@ -76,7 +78,7 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
     loaded = registry.load_model(config.model, paths, device)
     inputs = {
         "featurize": features_manifest["outputs"],
-        "model": loaded.reference,
+        "model": registry.identity(loaded.reference),
         "splits_sha256": sha256_file(paths.path(SPLITS)),
     }
     if (done := _unchanged(out, config, inputs)) is not None:
@@ -84,7 +86,7 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
         return done
     embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
     held_out = held_out_refs(paths)
-    counts = _write(embedder, out, held_out, config.batch_size, shard)
+    counts, rate = _write(embedder, out, held_out, config.batch_size, shard)
     missing = _write_missing(paths.path(CLEAN), out, embedder.left_out, shard)
     counts["missing"] = missing
     where = "" if shard is None else f" shard {shard}"
@@ -92,7 +94,7 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
         f"embed{where}: {counts['listings']} listings -> {loaded.model.dim}-d embeddings "
         f"with model {_describe(loaded.reference)} on {device}, {counts['held_out_views']} "
         f"held-out views left out, {missing} listings without a usable view; "
-        f"{counts['listings_per_s']:.0f} listings/s"
+        f"{rate:.0f} listings/s"
     )
     write_manifest(
         out,
@@ -102,10 +104,16 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
         inputs=inputs,
         outputs=describe_files(out, OUTPUTS),
         counts=counts,
-        extra={"summary": summary, "model": loaded.reference, "device": str(device)},
+        extra={"model": inputs["model"]},
+        run={
+            "summary": summary,
+            "model": loaded.reference,
+            "device": str(device),
+            "listings_per_s": rate,
+        },
     )
     log.info("%s", summary)
-    return EmbedResult(out_dir=out, counts=counts, summary=summary)
+    return EmbedResult(out_dir=out, counts=counts | {"listings_per_s": rate}, summary=summary)
 
 
 def shard_dir(paths: StepPaths, shard: Shard) -> Path:
@@ -126,6 +134,7 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
     out = paths.step_dir(STEP.name)
     shards = every_shard(count)
     manifests = [_finished_shard(paths, shard) for shard in shards]
+    runs = [require_run(shard_dir(paths, shard)) for shard in shards]
     first = manifests[0]
     for shard, manifest in zip(shards, manifests, strict=True):
         if manifest["params"] != config.model_dump() or _identity(manifest) != _identity(first):
@@ -178,13 +187,13 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
     counts = {
         "listings": total,
         "held_out_views": first["counts"]["held_out_views"],
-        "listings_per_s": total / _wall_seconds(manifests),
         "missing": missing,
         "shards": count,
     }
+    rate = total / _wall_seconds(runs)
     summary = (
         f"embed: {total} listings gathered from {count} shards (model "
-        f"{_describe(first['model'])}), {missing} listings without a usable view"
+        f"{_describe(runs[0]['model'])}), {missing} listings without a usable view"
     )
     write_manifest(
         out,
@@ -194,10 +203,16 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
         inputs=first["inputs"],
         outputs=describe_files(out, OUTPUTS),
         counts=counts,
-        extra={"summary": summary, "model": first["model"], "device": first["device"]},
+        extra={"model": first["model"]},
+        run={
+            "summary": summary,
+            "model": runs[0]["model"],
+            "device": runs[0]["device"],
+            "listings_per_s": rate,
+        },
     )
     log.info("%s", summary)
-    return EmbedResult(out_dir=out, counts=counts, summary=summary)
+    return EmbedResult(out_dir=out, counts=counts | {"listings_per_s": rate}, summary=summary)
 
 
 def _identity(manifest: dict) -> tuple:
@@ -227,7 +242,7 @@ def _unchanged(out: Path, config: EmbedConfig, inputs: dict) -> EmbedResult | No
     manifest = unchanged_manifest(out, config, inputs, OUTPUTS)
     if manifest is None:
         return None
-    summary = manifest["summary"] + " (unchanged: nothing recomputed)"
+    summary = run_summary(out) + " (unchanged: nothing recomputed)"
     return EmbedResult(out_dir=out, counts=manifest["counts"], summary=summary)
 
 
@@ -264,16 +279,16 @@ def _write(
             progress.update(len(chunk.listing_ids))
     rate = progress.format_dict["n"] / max(progress.format_dict["elapsed"], 1e-9)
     progress.close()
-    return {"listings": total, "held_out_views": len(held_out), "listings_per_s": rate}
+    return {"listings": total, "held_out_views": len(held_out)}, rate
 
 
-def _wall_seconds(manifests: list[dict]) -> float:
-    """From the first shard's start to the last one's end: the wall the shards took,
-    whether they ran side by side or one after another."""
-    starts = [datetime.fromisoformat(m["started_at"]).timestamp() for m in manifests]
-    ends = [start + m["duration_s"] for start, m in zip(starts, manifests, strict=True)]
+def _wall_seconds(runs: list[dict]) -> float:
+    """From the first shard's start to the last one's end (their run records): the wall
+    the shards took, whether they ran side by side or one after another."""
+    starts = [datetime.fromisoformat(r["started_at"]).timestamp() for r in runs]
+    ends = [start + r["duration_s"] for start, r in zip(starts, runs, strict=True)]
     # starts are whole seconds: never less than the longest shard
-    return max(max(ends) - min(starts), *(m["duration_s"] for m in manifests), 1e-9)
+    return max(max(ends) - min(starts), *(r["duration_s"] for r in runs), 1e-9)
 
 
 def _write_missing(

@@ -5,17 +5,26 @@ Test queries are the train step's test split: text queries (`query_to_listing`) 
 image views held out of their listings for training and embedding (`view_to_listing`).
 Listings are the embed step's embeddings; queries are embedded by the same model.
 
-Writes to `<workdir>/evaluate/`:
+Writes to `<workdir>/evaluate/` what the model and the data decide, the same on any
+machine (DVC tracks these):
 
-    metrics.json        flat keys, e.g. query_to_listing/recall@10, .../index/recall@10,
-                        index/ann_recall@10, index/latency_p50_ms, diagnostics/..., champion/...
-    gates.json          each gate: metric, threshold, value, passed
-    recall_curves.json  recall@K per task for challenger and champion (DVC plots)
-    recall_at_k.png     the same as a figure
+    metrics.json        headline: recall@10, mrr, ndcg@10, queries per task; ANN recall@10
+    details.json        the rest: recall@K, per query language, the frozen encoders
+                        (.../frozen/..., .../frozen_max/...), through the index
+                        (.../index/...), diagnostics/...
+    recall_curves.json  recall@K per task, the model's and the frozen encoders' (DVC plots)
     manifest.json
 
-and logs the metrics and figure to the model's training run in MLflow. A failed gate
-raises StepFailed naming each failed gate, after everything is written.
+and what depends on this machine (the champion in its production store, the clock):
+
+    champion.json       the champion's reference, metrics and the difference with a CI
+    gates.json          each gate: metric, threshold, value, passed
+    recall_at_k.png     the recall curves, the champion's included, as a figure
+    run.json            timings, index latency (index/latency_p50_ms, ...), the summary
+
+It logs every metric and the figure to an evaluation run nested in the model's training run
+in MLflow. A failed gate raises StepFailed naming each failed gate, after everything is
+written.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import numpy as np
 import torch
 
 from components.config import EvaluateConfig, StepPaths
-from components.contract import CURVES, GATES, METRICS, RECALL_PLOT, STEPS
+from components.contract import CHAMPION, CURVES, DETAILS, GATES, METRICS, RECALL_PLOT, STEPS
 from components.core import gates
 from components.core.diagnostics import embedding_diagnostics
 from components.core.encoders import pick_device
@@ -53,6 +62,8 @@ from components.release.champion import load_champion
 
 STEP = STEPS["evaluate"]
 BATCH = 1024  # listings per forward pass when a champion's embeddings are computed
+HEADLINE = ("recall@10", "mrr", "ndcg@10", "queries")  # per task, in metrics.json
+MEASURED = "index/latency_"  # metrics of this machine's speed: run.json, not DVC's files
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +110,18 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     sample = embedder.view_sample(held_out, config.diagnostics_sample)
     metrics |= embedding_diagnostics(*sample, listings, sets, vectors, config.diagnostics_sample)
     champion = _compare_with_champion(config, paths, device, sets, held_out, depth, challenger)
-    metrics |= champion.get("flat", {})
     results = gates.check_gates(metrics, champion.get("metrics"), config.gates)
     _write_outputs(out, metrics, results, champion, config.ks, len(listing_ids))
-    report_files = [paths.path(RECALL_PLOT), paths.path(GATES)]
-    tracking.log_evaluation(paths, loaded.reference, report_files, metrics)
     report = gates.table(results)
     summary = _summary(metrics, results, champion)
+    passed = not gates.failed(results)
+    evaluation = tracking.log_evaluation(
+        paths,
+        loaded.reference,
+        [paths.path(RECALL_PLOT), paths.path(GATES)],
+        metrics | champion.get("flat", {}),
+        passed,
+    )
     write_manifest(
         out,
         step=STEP.name,
@@ -114,12 +130,18 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
         inputs={
             "embed": embedded["outputs"],
             "index": index_manifest["outputs"],
-            "model": loaded.reference,
-            "champion": champion.get("reference"),
+            "model": registry.identity(loaded.reference),
         },
-        outputs=describe_files(out, [artifact.name for artifact in STEP.writes]),
+        outputs=describe_files(out, [a.name for a in STEP.writes if a.tracked]),
         counts={s.task: len(s.relevant) for s in sets} | {"listings": len(listing_ids)},
-        extra={"summary": summary, "gates_passed": not gates.failed(results)},
+        run={
+            "summary": summary,
+            "gates_passed": passed,
+            "champion": champion.get("reference"),
+            "measured": {k: v for k, v in metrics.items() if k.startswith(MEASURED)},
+            "mlflow": evaluation,
+            "local_outputs": describe_files(out, [a.name for a in STEP.writes if a.local]),
+        },
     )
     if gates.failed(results):
         raise StepFailed(gates.failure_message(results), report=report)
@@ -193,22 +215,42 @@ def _compare_with_champion(
     return {"metrics": metrics, "flat": flat, "curves": curves, "reference": champion.reference}
 
 
+def split_metrics(metrics: dict) -> tuple[dict, dict]:
+    """(headline, details) of the test metrics; this machine's latency in neither."""
+    headline_keys = {f"{task}/{name}" for task in TASKS for name in HEADLINE}
+    headline_keys.add("index/ann_recall@10")
+    kept = {k: v for k, v in metrics.items() if not k.startswith(MEASURED)}
+    headline = {k: v for k, v in kept.items() if k in headline_keys}
+    return headline, {k: v for k, v in kept.items() if k not in headline_keys}
+
+
 def _write_outputs(out, metrics, results, champion, ks, n_listings) -> None:
-    atomic.write_text(out / METRICS.name, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    for artifact, values in zip((METRICS, DETAILS), split_metrics(metrics), strict=True):
+        atomic.write_text(out / artifact.name, json.dumps(values, indent=2, sort_keys=True) + "\n")
     atomic.write_text(out / GATES.name, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
-    curves = []  # one row per K: what DVC plots and the figure draw
-    tasks = [task for task in TASKS if metrics[f"{task}/queries"]]
-    for k in ks:
-        row = {"k": k}
-        for task in tasks:
-            row[f"{task}/challenger"] = metrics[f"{task}/recall@{k}"]
-            if champion.get("curves"):
-                row[f"{task}/champion"] = champion["curves"][task][f"recall@{k}"]
-        curves.append(row)
+    compared = {k: champion[k] for k in ("reference", "metrics", "flat") if k in champion}
+    atomic.write_text(out / CHAMPION.name, json.dumps(compared, indent=2, sort_keys=True) + "\n")
+    tasks = tuple(task for task in TASKS if metrics[f"{task}/queries"])
+    curves = _curves(metrics, tasks, ks)
     atomic.write_text(out / CURVES.name, json.dumps(curves, indent=2) + "\n")
-    figure = tracking.recall_figure(curves, tuple(tasks), n_listings)
+    if champion.get("curves"):
+        for row in curves:
+            for task in tasks:
+                row[f"{task}/champion"] = champion["curves"][task][f"recall@{row['k']}"]
+    figure = tracking.recall_figure(curves, tasks, n_listings)
     with atomic.writing(out / RECALL_PLOT.name) as tmp:
         figure.savefig(tmp, dpi=100, format="png")
+
+
+def _curves(metrics: dict, tasks: tuple[str, ...], ks: list[int]) -> list[dict]:
+    """One row per K: the model's recall@K per task and the frozen encoders' (mean of the
+    views): what DVC plots."""
+    return [
+        {"k": k}
+        | {f"{task}/model": metrics[f"{task}/recall@{k}"] for task in tasks}
+        | {f"{task}/frozen": metrics[f"{task}/frozen/recall@{k}"] for task in tasks}
+        for k in ks
+    ]
 
 
 def _summary(metrics, results, champion) -> str:

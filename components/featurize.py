@@ -60,6 +60,7 @@ from components.io.manifest import (
     Timer,
     describe_files,
     read_manifest,
+    require_run,
     verify_outputs,
     write_manifest,
 )
@@ -90,6 +91,10 @@ SKIPPED_SCHEMA = pa.schema(
 )
 
 log = logging.getLogger(__name__)
+
+
+# counts that depend on what the feature store already held: run.json, not the manifest
+ENCODED = ("images_encoded", "texts_encoded", "encode_seconds")
 
 
 @dataclass
@@ -178,16 +183,22 @@ def run(config: FeaturizeConfig, paths: StepPaths, shard: Shard | None = None) -
 def _record(
     out, config, paths, validated, timer, *, outputs, summary, device, encoders, counts, **extra
 ):
-    """Write the manifest of a run, a shard or a gather."""
+    """Write the manifest of a run, a shard or a gather (what was encoded now, rather
+    than found in the store, goes to its run record)."""
     write_manifest(
         out,
         step=STEP.name,
         params=config,
         timer=timer,
-        inputs={"validate": validated["outputs"], "catalog": paths.catalog},
+        inputs={
+            "validate": validated["outputs"],
+            "catalog": paths.catalog,
+            "catalog_sha256": validated["inputs"].get("catalog_sha256"),
+        },
         outputs=describe_files(out, outputs),
-        counts=counts,
-        extra={"summary": summary, "device": device, "encoders": encoders, **extra},
+        counts={key: value for key, value in counts.items() if key not in ENCODED},
+        extra={"encoders": encoders, **extra},
+        run={"summary": summary, "device": device, **{key: counts[key] for key in ENCODED}},
     )
 
 
@@ -245,7 +256,10 @@ def gather(config: FeaturizeConfig, paths: StepPaths, count: int) -> FeaturizeRe
     with writing(out / QUERY_FEATURES.name) as tmp:
         tmp.write_bytes((shard_dir(paths, shards[0]) / QUERY_FEATURES.name).read_bytes())
     counts = Counts()
-    for manifest in manifests:
+    runs = [require_run(shard_dir(paths, shard)) for shard in shards]
+    for manifest, record in zip(manifests, runs, strict=True):
+        for key in ENCODED:
+            setattr(counts, key, getattr(counts, key) + record[key])
         for key, value in manifest["counts"].items():
             if key == "reasons":
                 for reason, n in value.items():
@@ -253,7 +267,7 @@ def gather(config: FeaturizeConfig, paths: StepPaths, count: int) -> FeaturizeRe
             elif key != "queries":
                 setattr(counts, key, getattr(counts, key) + value)
     queries = manifests[0]["counts"]["queries"]
-    summary = _summary(counts, queries, manifests[0]["device"]) + f" (gathered from {count} shards)"
+    summary = _summary(counts, queries, runs[0]["device"]) + f" (gathered from {count} shards)"
     _record(
         out,
         config,
@@ -263,7 +277,7 @@ def gather(config: FeaturizeConfig, paths: StepPaths, count: int) -> FeaturizeRe
         outputs=OUTPUTS,
         counts={**counts.__dict__, "queries": queries, "shards": count},
         summary=summary,
-        device=manifests[0]["device"],
+        device=runs[0]["device"],
         encoders=manifests[0]["encoders"],
     )
     log.info("%s", summary)

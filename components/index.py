@@ -36,6 +36,7 @@ from components.io.manifest import (
     Timer,
     describe_files,
     read_manifest,
+    run_summary,
     unchanged_manifest,
     write_manifest,
 )
@@ -60,8 +61,8 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     out = paths.step_dir(STEP.name)
     out.mkdir(parents=True, exist_ok=True)
     inputs = {"embed": embedded["outputs"], "seed": paths.seed}
-    if (done := unchanged_manifest(out, config, inputs, OUTPUTS)) is not None:
-        summary = done["summary"] + " (unchanged: nothing rebuilt)"
+    if unchanged_manifest(out, config, inputs, OUTPUTS) is not None:
+        summary = run_summary(out) + " (unchanged: nothing rebuilt)"
         log.info("%s", summary)
         return IndexResult(out_dir=out, summary=summary)
     verify_embeddings(embed_dir, embedded)
@@ -94,13 +95,8 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
         inputs=inputs,
         outputs=describe_files(out, OUTPUTS),
         counts={"vectors": count, "dim": dim},
-        extra={
-            "summary": summary,
-            "build_seconds": build_seconds,
-            "index_bytes": size,
-            "search_params": search_params(config),
-            "gpu": gpu is not index,
-        },
+        extra={"index_bytes": size, "search_params": search_params(config)},
+        run={"summary": summary, "build_seconds": build_seconds, "gpu": gpu is not index},
     )
     log.info("%s", summary)
     return IndexResult(out_dir=out, summary=summary)

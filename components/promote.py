@@ -12,7 +12,8 @@ promote, only after every gate passed (it re-reads the evaluate step's gates.jso
 5. deletes versions beyond `promote.retain` (never the current one or the one before).
 
 Promoting content that is already current changes nothing and says so. Writes
-`<workdir>/promote/manifest.json` (which version, where, which model).
+`<workdir>/promote/manifest.json` (what was promoted: the evaluated outputs and the model's
+weights) and `run.json` (where it went on this machine: version, store, registered model).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from components.io.manifest import (
     Timer,
     describe_files,
     read_manifest,
+    require_run,
     verify_outputs,
     write_manifest,
 )
-from components.release import production, registry
+from components.release import production, registry, tracking
 from components.release.storage import open_storage
 
 STEP = STEPS["promote"]
@@ -67,9 +69,10 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     out = paths.step_dir(STEP.name)
     out.mkdir(parents=True, exist_ok=True)
     manifests = {step: read_manifest(paths.step_dir(step)) for step in STEP.upstream}
+    evaluation = require_run(paths.step_dir("evaluate"))
+    _verify_release_files(paths, manifests, evaluation)
     gate_rows = _passed_gates(paths, manifests)
-    _verify_release_files(paths, manifests)
-    model = _registered_model(manifests["embed"]["model"], paths.registry.model_name)
+    model = _registered_model(paths, manifests["embed"], paths.registry.model_name)
     atomic.write_text(paths.path(RELEASE_MODEL), json.dumps(model, indent=2) + "\n")
     files = release_files(paths)
     storage = production.open_store(paths, create=True)
@@ -84,6 +87,9 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         "index": _index_record(manifests["index"]),
         "listings": listings,
         "gates": gate_rows,
+        "evaluation": {
+            key: evaluation.get(key) for key in ("mlflow", "champion", "measured", "started_at")
+        },
     }
     published = production.publish(
         storage, files, metadata, model, progress=lambda message: log.info("promote: %s", message)
@@ -94,6 +100,11 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         alias,
         model["version"],
         {"production_version": published.version, "production_store": storage.uri},
+    )
+    tracking.tag_release(
+        paths,
+        evaluation.get("mlflow"),
+        {"release.version": published.version, "release.store": storage.uri},
     )
     deleted = production.apply_retention(
         storage, config.retain, timedelta(hours=config.abandoned_after_hours)
@@ -108,16 +119,19 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
             "evaluate": manifests["evaluate"]["outputs"],
             "embed": manifests["embed"]["outputs"],
             "index": manifests["index"]["outputs"],
-            "model": model,
+            "model": manifests["embed"]["model"],
         },
-        outputs=describe_files(out, [RELEASE_MODEL.name]),
-        counts={"files": len(files), "deleted_versions": len(deleted)},
-        extra={
+        outputs={},
+        counts={"files": len(files)},
+        run={
             "version": published.version,
             "changed": published.changed,
             "store": storage.uri,
             "previous": published.previous,
+            "model": model,
+            "deleted_versions": deleted,
             "summary": summary,
+            "local_outputs": describe_files(out, [RELEASE_MODEL.name]),
         },
     )
     log.info("%s", summary)
@@ -183,18 +197,32 @@ def _listing_gate(storage, manifests: dict, config: PromoteConfig) -> dict:
     return record
 
 
-def _verify_release_files(paths: StepPaths, manifests: dict) -> None:
-    """Every file to upload still has the sha256 its step recorded (AlteredFile if not):
-    what is published is what was evaluated."""
+def _verify_release_files(paths: StepPaths, manifests: dict, evaluation: dict) -> None:
+    """Every file to upload still has the sha256 its step recorded, in its manifest or,
+    for the evaluation's machine-local reports, its run record (AlteredFile if not): what
+    is published is what was evaluated."""
     by_step: dict[str, list[str]] = {}
     for artifact in (*RELEASE_FILES, EMBEDDINGS):
         if artifact.step in manifests:  # not the model reference promote itself writes
             by_step.setdefault(artifact.step, []).append(artifact.name)
     for step, names in by_step.items():
-        verify_outputs(paths.step_dir(step), names, manifests[step])
+        tracked = [name for name in names if name in manifests[step]["outputs"]]
+        verify_outputs(paths.step_dir(step), tracked, manifests[step])
+        local = [name for name in names if name not in tracked]
+        if local:  # the evaluation's reports: recorded in its run record
+            recorded = {"step": step, "outputs": evaluation.get("local_outputs", {})}
+            verify_outputs(paths.step_dir(step), local, recorded)
 
 
-def _registered_model(reference: dict, model_name: str) -> dict:
+def _registered_model(paths: StepPaths, embedded: dict, model_name: str) -> dict:
+    """The registered version of the embedded model's weights (the embed step's run
+    record says which one)."""
+    reference = require_run(paths.step_dir("embed"))["model"]
+    if reference.get("sha256") != embedded["model"]["sha256"]:
+        raise ValueError(
+            f"{paths.step_dir('embed')}: its run record names other weights than its "
+            "manifest; run embed again"
+        )
     if not reference.get("version") or reference.get("name") != model_name:
         raise ValueError(
             f"the embedded model ({reference.get('source')}) is not a registered version of "

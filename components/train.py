@@ -51,6 +51,7 @@ from components.io.manifest import (
     Timer,
     describe_files,
     read_manifest,
+    read_run,
     unchanged_manifest,
     write_manifest,
 )
@@ -197,10 +198,11 @@ def _already_recorded(out: Path, config: TrainConfig, lineage: dict) -> TrainRes
     """The result of a finished run with these params and inputs whose outputs are intact,
     so that running the step again registers no new model version; else None."""
     manifest = unchanged_manifest(out, config, lineage, OUTPUTS)
-    if manifest is None:
+    record = read_run(out)
+    if manifest is None or record is None:  # no record: the registered version is unknown
         return None
-    version = manifest["registered_model"]["version"]
-    summary = f"{manifest['summary']} (already trained and registered as version {version})"
+    version = record["registered_model"]["version"]
+    summary = f"{record['summary']} (already trained and registered as version {version})"
     return TrainResult(out_dir=out, best=manifest["best"], summary=summary)
 
 
@@ -238,13 +240,8 @@ def _record(config, paths, data, features_manifest, lineage, history, run_, time
             "epochs": len(history),
             "processes": distributed.world_size(),
         },
-        extra={
-            "summary": summary,
-            "best": best,
-            "mlflow": run_.reference,
-            "registered_model": registered,
-            "model": spec,
-        },
+        extra={"best": best, "model": spec},
+        run={"summary": summary, "mlflow": run_.reference, "registered_model": registered},
     )
 
 

@@ -24,8 +24,10 @@ from components.contract import (
     CLEAN,
     CLEAN_QUERIES,
     HELD_OUT_MIN_PHOTOS,
+    LISTINGS,
     QUARANTINE,
     QUARANTINED_QUERIES,
+    QUERIES,
     STEPS,
     VALIDATION_REPORT,
 )
@@ -88,10 +90,13 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
         step=STEP.name,
         params=config,
         timer=timer,
-        inputs={"catalog": root.uri},
+        inputs={
+            "catalog": root.uri,
+            "catalog_sha256": {name: root.sha256(name) for name in (LISTINGS.name, QUERIES.name)},
+        },
         outputs=describe_files(out, outputs),
         counts={k: report[k] for k in ("total", "clean", "quarantined")},
-        extra={"summary": summary},
+        run={"summary": summary},
     )
     log.info("%s", summary.splitlines()[0])
     if not report["passed"]:

@@ -24,6 +24,14 @@ from components.config import StepPaths, ValidateConfig
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ: without this,
+    one test's store would become the default of every later test and of the processes
+    they start (a `dvc repro`, a torchrun). Each test starts without it and leaves none."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def png_bytes(
     size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (200, 30, 30)
 ) -> bytes:

@@ -110,7 +110,7 @@ def test_dag_test_runs_every_step_and_ends_with_a_promoted_version(airflow_env, 
         ]
         assert json.loads((work / step / "manifest.json").read_text())["counts"]["shards"] == 2
     current = json.loads((work / "production" / "indices" / "CURRENT").read_text())
-    promoted = json.loads((work / "promote" / "manifest.json").read_text())
+    promoted = json.loads((work / "promote" / "run.json").read_text())
     assert current["version"] == promoted["version"]
 
     # a failed gate: evaluate fails with the gate table in its log, promote never runs

@@ -45,7 +45,7 @@ def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_dvc_repro_builds_and_validates_a_small_catalog(tmp_path):
+def test_dvc_repro_builds_a_small_catalog_reproducibly_and_runs_an_experiment(tmp_path):
     _copy_repository(tmp_path)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["catalog"]["max_listings"] = 25
@@ -62,33 +62,48 @@ def test_dvc_repro_builds_and_validates_a_small_catalog(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr
     report = json.loads((tmp_path / "artifacts/validate/report.json").read_text())
     assert (report["total"], report["clean"], report["quarantined"]) == (25, 25, 0)
-    assert (tmp_path / "dvc.lock").is_file()
     assert second.returncode == 0, second.stdout + second.stderr
     stages = ("catalog", "validate", "featurize", "train", "embed", "index", "evaluate", "promote")
     for stage in stages:
         assert f"Stage '{stage}' didn't change" in second.stdout
     metrics = json.loads(_dvc(["metrics", "show", "--json"], tmp_path).stdout)
     (values,) = [v["data"] for v in metrics.values()]
-    assert values["artifacts/validate/report.json"]["data"]["clean"] == 25
+    assert list(values) == ["artifacts/evaluate/metrics.json"]  # the headline, one file
     evaluated = values["artifacts/evaluate/metrics.json"]["data"]
     assert 0.0 <= evaluated["query_to_listing/recall@10"] <= 1.0
     gates = json.loads((tmp_path / "artifacts/evaluate/gates.json").read_text())
     assert gates and all(g["passed"] for g in gates)
-    promoted = json.loads((tmp_path / "artifacts/promote/manifest.json").read_text())
+    promoted = json.loads((tmp_path / "artifacts/promote/run.json").read_text())
     current = json.loads((tmp_path / "artifacts/production/indices/CURRENT").read_text())
     assert current["version"] == promoted["version"] and current["model"]["version"] == "1"
+    plots = _dvc(["plots", "show", "--json"], tmp_path)
+    assert plots.returncode == 0 and len(json.loads(plots.stdout)) == 2  # each plot once
+
+    # what dvc.lock hashes is what the inputs decide: every stage again from scratch, with
+    # the first release now the champion, a second registered version and another clock,
+    # gives the same lock file byte for byte
+    locked = (tmp_path / "dvc.lock").read_text()
+    again = _dvc(["repro", "--force", "--no-run-cache"], tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("Running stage") == 8
+    assert "vs champion v1" in again.stdout  # evaluate compared with the first release
+    assert (tmp_path / "dvc.lock").read_text() == locked
+    current = json.loads((tmp_path / "artifacts/production/indices/CURRENT").read_text())
 
     # an ablation as a DVC experiment, up to evaluate (an experiment never promotes)
     git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
     subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True, capture_output=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=tmp_path, check=True)
-    ablation = ["-S", "train.objective=single_view", "-S", "evaluate.champion=null"]
+    # at 25 listings the default model finds every query's listing: an untrained MLP does not
+    ablation = ["-S", "train.adapter=mlp", "-S", "train.epochs=1", "-S", "evaluate.champion=null"]
     experiment = _dvc(["exp", "run", "evaluate", *ablation], tmp_path)
     assert experiment.returncode == 0, experiment.stdout + experiment.stderr
-    assert "Stage 'promote'" not in experiment.stdout
+    assert "Running stage 'train'" in experiment.stdout
+    assert "Running stage 'promote'" not in experiment.stdout
     diff = _dvc(["metrics", "diff", "--json"], tmp_path)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
     changed = json.loads(diff.stdout)["artifacts/evaluate/metrics.json"]
-    assert "query_to_listing/recall@10" in changed
+    assert changed["query_to_listing/mrr"]["diff"] < 0
     plots = _dvc(["plots", "diff", "--json"], tmp_path)
     assert plots.returncode == 0 and "recall_curves.json" in plots.stdout
     current_after = json.loads((tmp_path / "artifacts/production/indices/CURRENT").read_text())

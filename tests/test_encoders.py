@@ -77,7 +77,7 @@ def test_an_asymmetric_encoder_keys_a_query_apart_from_the_same_text_as_a_view(
         root / "queries.parquet",
     )
     paths = step_paths(root)
-    validate.run(ValidateConfig(workers=2), paths)
+    validate.run(ValidateConfig(workers=2, min_clean_listings=1), paths)
 
     featurize.run(
         FeaturizeConfig(text_encoder="multilingual-e5-small", image_size=64, workers=2), paths

@@ -13,8 +13,9 @@ import torch
 from components import contract, embed, evaluate, index, train
 from components.cli import main
 from components.config import EmbedConfig, EvaluateConfig, GatesConfig, IndexConfig, TrainConfig
+from components.core.retrieval import TASKS
 from components.io import activations, embedding_files
-from components.io.manifest import read_manifest
+from components.io.manifest import read_manifest, read_run
 from components.io.training_data import load_training_data
 from components.release import registry
 from tests.conftest import fresh_paths
@@ -76,7 +77,15 @@ def test_evaluate_writes_metrics_gates_plots_and_logs_to_the_training_run(indexe
     result = evaluate.run(NO_CHAMPION, indexed)
 
     out = indexed.step_dir("evaluate")
-    metrics = json.loads((out / contract.METRICS.name).read_text())
+    headline = json.loads((out / contract.METRICS.name).read_text())
+    details = json.loads((out / contract.DETAILS.name).read_text())
+    measured = read_run(out)["measured"]
+    assert headline.keys().isdisjoint(details) and headline.keys().isdisjoint(measured)
+    assert sorted(headline) == sorted(
+        [f"{t}/{m}" for t in TASKS for m in ("recall@10", "mrr", "ndcg@10", "queries")]
+        + ["index/ann_recall@10"]
+    )
+    metrics = headline | details | measured
     for task in ("query_to_listing", "view_to_listing"):
         for name in ("recall@1", "recall@10", "recall@500", "mrr", "ndcg@10"):
             assert 0.0 <= metrics[f"{task}/{name}"] <= 1.0
@@ -95,13 +104,15 @@ def test_evaluate_writes_metrics_gates_plots_and_logs_to_the_training_run(indexe
     assert [g["passed"] for g in gate_rows if g["gate"].startswith("min:")] == [True, True]
     assert (out / contract.RECALL_PLOT.name).stat().st_size > 0
     assert "min:query_to_listing/recall@10" in result.summary  # the gate table
-    run_id = read_manifest(indexed.step_dir("train"))["mlflow"]["run_id"]
+    training = read_run(indexed.step_dir("train"))["mlflow"]["run_id"]
+    evaluation = read_run(out)["mlflow"]["run_id"]
     client = mlflow.MlflowClient(tracking_uri=indexed.mlflow_uri)
-    logged = client.get_run(run_id).data.metrics
-    assert logged["test/query_to_listing/recall_at_10"] == pytest.approx(
+    logged = client.get_run(evaluation)
+    assert logged.data.tags["mlflow.parentRunId"] == training  # nested in its training run
+    assert logged.data.metrics["query_to_listing/recall_at_10"] == pytest.approx(
         metrics["query_to_listing/recall@10"]
     )
-    assert "plots/recall_at_k.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert "plots/recall_at_k.png" in {a.path for a in client.list_artifacts(evaluation, "plots")}
 
 
 def test_the_challenger_is_compared_with_the_champion_on_the_same_split(indexed, tmp_path):
@@ -111,7 +122,9 @@ def test_the_challenger_is_compared_with_the_champion_on_the_same_split(indexed,
 
     evaluate.run(config, indexed)
 
-    metrics = json.loads((indexed.step_dir("evaluate") / contract.METRICS.name).read_text())
+    out = indexed.step_dir("evaluate")
+    metrics = json.loads((out / contract.METRICS.name).read_text())
+    metrics |= json.loads((out / contract.CHAMPION.name).read_text())["flat"]
     for task in ("query_to_listing", "view_to_listing"):
         # the champion is the same model here: no difference, on the very same queries
         assert metrics[f"champion/{task}/recall@10"] == pytest.approx(metrics[f"{task}/recall@10"])
@@ -120,7 +133,7 @@ def test_the_challenger_is_compared_with_the_champion_on_the_same_split(indexed,
         assert low <= 0.0 <= metrics[f"champion/{task}/delta_recall@10_ci_high"]
     curves = json.loads((indexed.step_dir("evaluate") / contract.CURVES.name).read_text())
     assert [row["k"] for row in curves] == [1, 10, 50, 500]
-    assert all("view_to_listing/champion" in row for row in curves)
+    assert all({"view_to_listing/model", "view_to_listing/frozen"} <= set(row) for row in curves)
     client.delete_registered_model_alias("listing-encoder", "champion")
 
 

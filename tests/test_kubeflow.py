@@ -94,7 +94,7 @@ def test_the_pipeline_runs_on_the_local_runner_and_promotes(tmp_path):
     )
 
     current = json.loads((store / "indices" / "CURRENT").read_text())
-    promoted = list((tmp_path / "root").glob("*/promote/out/manifest.json"))
+    promoted = list((tmp_path / "root").glob("*/promote/out/run.json"))
     assert len(promoted) == 1
     assert json.loads(promoted[0].read_text())["version"] == current["version"]
     for step in SHARDED_STEPS:  # two shards ran, and the step's own task gathered them

@@ -26,7 +26,7 @@ from components.config import (
     StorageConfig,
 )
 from components.errors import StepFailed
-from components.io.manifest import AlteredFile, read_manifest
+from components.io.manifest import AlteredFile, read_run
 from components.release import production, registry
 from components.release.storage import open_storage
 from tests.conftest import fresh_paths
@@ -53,7 +53,7 @@ def store(paths):
 
 
 def registered_version(paths) -> str:
-    return read_manifest(paths.step_dir("train"))["registered_model"]["version"]
+    return read_run(paths.step_dir("train"))["registered_model"]["version"]
 
 
 def test_promote_publishes_the_evaluated_release_and_moves_the_champion(evaluated):
@@ -125,11 +125,11 @@ def test_a_retrain_is_compared_with_the_champion_and_rollback_moves_the_alias_ba
     evaluate.run(EVALUATE, evaluated)
     second = promote.run(PromoteConfig(), evaluated)
 
-    judged = read_manifest(evaluated.step_dir("evaluate"))
-    assert judged["inputs"]["champion"]["production_version"] == first.version
-    assert judged["inputs"]["champion"]["version"] == first_model
-    metrics = json.loads((evaluated.step_dir("evaluate") / "metrics.json").read_text())
-    assert "champion/query_to_listing/delta_recall@10" in metrics
+    judged = read_run(evaluated.step_dir("evaluate"))
+    assert judged["champion"]["production_version"] == first.version
+    assert judged["champion"]["version"] == first_model
+    compared = json.loads((evaluated.step_dir("evaluate") / "champion.json").read_text())
+    assert "champion/query_to_listing/delta_recall@10" in compared["flat"]
     second_model = registered_version(evaluated)
     assert second.changed and second_model != first_model
     assert registry.alias_version(evaluated, NAME, ALIAS) == second_model

@@ -16,7 +16,7 @@ from components.config import EmbedConfig, FeaturizeConfig, TrainConfig
 from components.core.shards import Shard, every_shard, shard_of
 from components.io.embedding_files import embedding_parts
 from components.io.feature_store import FeatureStore
-from components.io.manifest import read_manifest
+from components.io.manifest import read_manifest, read_run
 from tests.conftest import fresh_paths
 
 pytestmark = pytest.mark.integration
@@ -97,10 +97,7 @@ def test_featurize_and_embed_in_three_shards_write_what_one_run_writes(featurize
         np.testing.assert_allclose(np.load(a), np.load(b), rtol=1e-5, atol=1e-6)
     assert result.counts["listings"] == read_manifest(one)["counts"]["listings"]
     # the shards ran one after another: together no faster than the fastest of them
-    rates = [
-        read_manifest(embed.shard_dir(sharded, s))["counts"]["listings_per_s"]
-        for s in every_shard(3)
-    ]
+    rates = [read_run(embed.shard_dir(sharded, s))["listings_per_s"] for s in every_shard(3)]
     assert 0 < result.counts["listings_per_s"] <= max(rates)
 
 

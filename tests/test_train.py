@@ -19,7 +19,7 @@ from components import contract, train
 from components.config import CorruptConfig, DistillConfig, StepPaths, TrainConfig
 from components.io import activations, checkpoints, training_data
 from components.io.images import decode_image
-from components.io.manifest import AlteredFile, read_manifest
+from components.io.manifest import AlteredFile, read_manifest, read_run, sha256_file
 from components.release import registry
 from tests.conftest import LISTINGS
 from tests.conftest import fresh_paths as _fresh
@@ -97,11 +97,20 @@ def test_the_run_is_in_mlflow_with_params_metrics_and_lineage(featurized, tmp_pa
 
     result = train.run(TINY, paths)
 
-    reference = read_manifest(result.out_dir)["mlflow"]
+    reference = read_run(result.out_dir)["mlflow"]
     client = mlflow.tracking.MlflowClient(tracking_uri=paths.mlflow_uri)
     run = client.get_run(reference["run_id"])
-    assert run.data.params["objective"] == "factorized" and run.data.params["seed"] == "3"
-    assert run.data.tags["lineage.features_manifest_sha256"]
+    params, tags = run.data.params, run.data.tags
+    assert params["train.objective"] == "factorized" and params["seed"] == "3"
+    # what made the features, the catalog they came from, the code
+    assert params["featurize.image_encoder"] == "efficientnet-lite0"
+    assert params["featurize.image_size"] == "96"
+    assert params["featurize.text_encoder"] == "use-multilingual-v3"
+    assert tags["lineage.catalog"] == paths.catalog
+    listings = featurized.step_dir("catalog") / "listings.parquet"
+    assert tags["lineage.catalog_sha256.listings.parquet"] == sha256_file(listings)
+    assert tags["lineage.features_manifest_sha256"]
+    assert tags["code.package"] == "0.1.0" and len(tags["code.git_commit"]) == 40
     history = client.get_metric_history(run.info.run_id, "val/query_to_listing/recall_at_10")
     assert [m.step for m in history] == list(range(6))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -176,7 +185,7 @@ def test_a_checkpoint_that_no_longer_fits_the_model_is_not_resumed(featurized, t
 def test_running_a_finished_training_again_registers_nothing_new(featurized, tmp_path):
     paths = _fresh(featurized, tmp_path, "again")
     first = train.run(TINY, paths)
-    version = read_manifest(first.out_dir)["registered_model"]["version"]
+    version = read_run(first.out_dir)["registered_model"]["version"]
 
     second = train.run(TINY, paths)
 
@@ -184,7 +193,7 @@ def test_running_a_finished_training_again_registers_nothing_new(featurized, tmp
     assert [str(v.version) for v in client.search_model_versions("name='listing-encoder'")] == [
         version
     ]
-    assert len(client.search_runs([read_manifest(first.out_dir)["mlflow"]["experiment_id"]])) == 1
+    assert len(client.search_runs([read_run(first.out_dir)["mlflow"]["experiment_id"]])) == 1
     assert second.best == first.best
     assert f"already trained and registered as version {version}" in second.summary
 
@@ -200,7 +209,7 @@ def test_a_checkpoint_from_another_seed_is_not_resumed(featurized, tmp_path):
     history = json.loads((result.out_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1]
     assert read_manifest(result.out_dir)["inputs"]["seed"] == 4
-    assert read_manifest(result.out_dir)["registered_model"]["version"] == "2"
+    assert read_run(result.out_dir)["registered_model"]["version"] == "2"
 
 
 def test_fine_tuning_the_backbone_tail_trains_it_and_the_served_model_uses_it(featurized, tmp_path):
@@ -274,7 +283,8 @@ def test_torchrun_with_two_processes_trains_and_rank_zero_alone_records(featuriz
     assert manifest["counts"]["processes"] == 2 and manifest["counts"]["epochs"] == 3
     assert done.stdout.count("train: factorized on cpu x2") == 1  # one summary, from rank 0
     client = mlflow.tracking.MlflowClient(tracking_uri=paths.mlflow_uri)
-    assert len(client.search_runs([manifest["mlflow"]["experiment_id"]])) == 1
+    experiment = read_run(paths.step_dir("train"))["mlflow"]["experiment_id"]
+    assert len(client.search_runs([experiment])) == 1
 
 
 def test_a_finished_run_whose_outputs_were_removed_writes_them_again(featurized, tmp_path):
@@ -290,7 +300,7 @@ def test_a_finished_run_whose_outputs_were_removed_writes_them_again(featurized,
     again = torch.load(second.out_dir / contract.MODEL_WEIGHTS.name, weights_only=True)
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert second.best == first.best
-    assert read_manifest(second.out_dir)["registered_model"]["version"] == "2"
+    assert read_run(second.out_dir)["registered_model"]["version"] == "2"
 
 
 def test_an_altered_checkpoint_is_named_and_never_loaded(featurized, tmp_path):

@@ -30,6 +30,8 @@ def test_a_second_step_on_a_busy_workdir_is_refused_naming_the_holder(
     work = tmp_path / "work"
     argv = ["validate", "--params", str(REPO_ROOT / "params.yaml")]
     argv += ["--set", f"paths.workdir={work}", "--set", f"paths.catalog={root}"]
+    argv += ["--set", "validate.min_clean_listings=0"]
+    argv += ["--set", "validate.require_eval_queries=false"]
 
     with holding(work, "train"):
         refused = main(argv)

@@ -7,6 +7,7 @@ absolute `file://` / `s3://` URIs whose scheme (and bucket) the caller allows.
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,12 @@ class CatalogRoot:
         if not path.is_file():
             raise CatalogError(f"{name} not found in catalog {self.uri}")
         return path.read_bytes()
+
+    def sha256(self, name: str) -> str | None:
+        """sha256 of a file at the top of the catalog; None when it is absent."""
+        if not self.exists(name):
+            return None
+        return hashlib.sha256(self.read_bytes(name)).hexdigest()
 
     def exists(self, name: str) -> bool:
         if self.is_s3:

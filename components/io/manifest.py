@@ -1,8 +1,15 @@
-"""Step manifests: the small JSON file every step writes beside its outputs.
+"""Step manifests: the two small JSON files every step writes beside its outputs.
 
-A manifest records what went in (hashes), the params section, what came out
-(sha256 and size of every output), counts and timings. The next step reads it instead
-of globals, and lineage (catalog -> features -> model -> index) is a chain of hashes.
+`manifest.json` records what went in (hashes), the params section, what came out (sha256
+and size of every output) and counts: the same bytes whenever the same inputs give the same
+outputs, so DVC can hash it and a rerun on another machine leaves `dvc.lock` as it was. The
+next step reads it instead of globals, and lineage (catalog -> features -> model -> index)
+is a chain of hashes.
+
+`run.json` records this run's machine-local facts: when it started, how long it took, the
+host, rates, the device, the MLflow run and registered version, and the step's summary
+line. DVC never hashes it (dvc.yaml does not declare it). It names the sha256 of the
+manifest it belongs to, so a record left by another run is never read as this one's.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel
 
 MANIFEST_NAME = "manifest.json"
+RUN_RECORD = "run.json"
 _CHUNK = 1 << 20
 
 
@@ -124,24 +132,69 @@ def write_manifest(
     inputs: dict[str, Any] | None = None,
     counts: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    run: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `<out_dir>/manifest.json` atomically (temp file + rename) and return its path."""
+    """Write `<out_dir>/run.json` (`run`: this run's machine-local facts, with the timer's
+    start and duration and the host), then `<out_dir>/manifest.json` (everything else),
+    each atomically (temp file + rename); return the manifest's path."""
     manifest = {
         "step": step,
-        "started_at": timer.started_at.isoformat(timespec="seconds"),
-        "duration_s": timer.seconds,
-        "host": {"python": platform.python_version(), "platform": platform.platform()},
         "params": params.model_dump(mode="json", by_alias=True),
         "inputs": inputs or {},
         "outputs": outputs,
         "counts": counts or {},
         **(extra or {}),
     }
-    path = out_dir / MANIFEST_NAME
+    raw = json.dumps(manifest, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    record = {
+        "step": step,
+        "manifest_sha256": hashlib.sha256(raw.encode()).hexdigest(),
+        "started_at": timer.started_at.isoformat(timespec="seconds"),
+        "duration_s": timer.seconds,
+        "host": {"python": platform.python_version(), "platform": platform.platform()},
+        **(run or {}),
+    }
+    _replace(out_dir / RUN_RECORD, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return _replace(out_dir / MANIFEST_NAME, raw)
+
+
+def _replace(path: Path, text: str) -> Path:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def read_run(step_dir: Path) -> dict[str, Any] | None:
+    """The run record of the step's current manifest; None when there is none, or when
+    the one there belongs to another run (DVC restored the manifest from its cache)."""
+    try:
+        record = json.loads((step_dir / RUN_RECORD).read_text())
+        manifest = (step_dir / MANIFEST_NAME).read_bytes()
+    except FileNotFoundError:
+        return None
+    return record if record.get("manifest_sha256") == hashlib.sha256(manifest).hexdigest() else None
+
+
+def run_summary(step_dir: Path) -> str:
+    """The summary line of the step's run record, or a plain one when there is none."""
+    record = read_run(step_dir) or {}
+    return record.get("summary") or f"{step_dir.name}: as recorded in {step_dir / MANIFEST_NAME}"
+
+
+def require_run(step_dir: Path) -> dict[str, Any]:
+    """`read_run`, for a caller that cannot go on without it.
+
+    Raises:
+        FileNotFoundError: naming the step to run again.
+    """
+    record = read_run(step_dir)
+    if record is None:
+        raise FileNotFoundError(
+            f"{step_dir / RUN_RECORD} is missing or belongs to another run of the "
+            f"'{step_dir.name}' step than its manifest: run that step again"
+        )
+    return record
 
 
 def read_manifest(step_dir: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from components.config import MODEL_URI, StepPaths
 from components.contract import MODEL_SPEC, MODEL_WEIGHTS
 from components.core.model import ListingModel
 from components.io import activations
-from components.io.manifest import AlteredFile, sha256_file, verify_outputs
+from components.io.manifest import AlteredFile, read_run, sha256_file, verify_outputs
 
 WEIGHTS_TAG = "weights_sha256"  # a registered version's tag: the sha256 of its model.pt
 
@@ -63,14 +63,14 @@ def _from_train_step(paths: StepPaths, device: torch.device) -> LoadedModel:
     train_dir = paths.step_dir("train")
     manifest = verify_outputs(train_dir, [MODEL_WEIGHTS.name])
     weights = paths.path(MODEL_WEIGHTS)
+    record = read_run(train_dir) or {}  # where the weights were registered, if known
     reference = {
         "source": str(train_dir),
         "sha256": manifest["outputs"][MODEL_WEIGHTS.name]["sha256"],  # just verified
         **{
-            key: manifest.get("registered_model", {}).get(key)
-            for key in ("name", "version", "alias")
+            key: record.get("registered_model", {}).get(key) for key in ("name", "version", "alias")
         },
-        "run_id": manifest.get("mlflow", {}).get("run_id"),
+        "run_id": record.get("mlflow", {}).get("run_id"),
     }
     spec = manifest["model"]
     return LoadedModel(build_model(spec, weights, device), spec, reference)
@@ -113,6 +113,13 @@ def _from_registry(uri: str, match, paths: StepPaths, device: torch.device) -> L
             "run_id": version.run_id,
         }
     return LoadedModel(model, spec, reference)
+
+
+def identity(reference: dict) -> dict:
+    """What a model reference says of the model itself (where it was read from, its
+    weights' sha256), without where this machine's registry happened to register it: the
+    part a step's manifest records."""
+    return {"source": reference["source"], "sha256": reference["sha256"]}
 
 
 def _one(root: Path, name: str, uri: str) -> Path:

