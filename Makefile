@@ -1,5 +1,6 @@
 # The README's two commands: `make run` (the pipeline on the sample catalog) and `make test`.
 # Both bootstrap .venv from requirements.lock first; nothing else needs installing by hand.
+# `make` alone (or `make help`) lists the targets.
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -8,18 +9,26 @@ STAMP := $(VENV)/.installed
 PIP_VERSION := 26.3
 OPTIONAL_DATA := .cache/debian/.fetched
 
-.PHONY: run test lint lock clean-artifacts venv serve browser
+.DEFAULT_GOAL := help
+.PHONY: help run test lint serve mlflow-ui screenshot params-doc lock venv clean-artifacts browser
 
-run: $(STAMP) $(OPTIONAL_DATA)
+help: ## list the targets
+	@echo "make <target>   (the first run of any target creates .venv from requirements.lock)"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
+
+run: $(STAMP) $(OPTIONAL_DATA) ## the pipeline on the sample catalog (dvc repro), then the store's versions
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/python -m components versions
 	@echo "Search the current release: make serve, then open http://127.0.0.1:8000/"
 
-# The search service over the production store's CURRENT release (params: serve).
-serve: $(STAMP)
+serve: $(STAMP) ## the search service and page over the store's CURRENT release (params: serve)
 	$(BIN)/python -m components serve
 
-test: $(STAMP) browser
+mlflow-ui: $(STAMP) ## browse the local MLflow store on http://127.0.0.1:5000/
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///artifacts/mlflow.db \
+	  --default-artifact-root artifacts/mlartifacts --host 127.0.0.1 --port 5000
+
+test: $(STAMP) browser ## the test suite (installs Debian's chromium for the browser test when root)
 	$(BIN)/python -m pytest
 
 # Debian's chromium and its driver for the search page's browser test, when missing and
@@ -31,12 +40,19 @@ browser:
 	  || echo "make: chromium could not be installed here; the browser test will skip"; \
 	fi
 
-lint: $(STAMP)
-	$(BIN)/ruff check components tests dags infra benchmarks
-	$(BIN)/ruff format --check components tests dags infra benchmarks
+lint: $(STAMP) ## ruff check and format check, the layer and DVC-stage checks
+	$(BIN)/ruff check components tests dags infra benchmarks scripts
+	$(BIN)/ruff format --check components tests dags infra benchmarks scripts
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_architecture.py tests/test_dvc_stages.py
 
-venv: $(STAMP)
+screenshot: $(STAMP) browser ## refresh docs/search-page.png from the browser test
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_service.py -k real_browser
+	cp build/screenshots/search-page.png docs/search-page.png
+
+params-doc: $(STAMP) ## regenerate docs/params.md from the config models
+	$(BIN)/python scripts/params_doc.py
+
+venv: $(STAMP) ## create .venv from requirements.lock
 
 # Create the venv if missing and install exactly the locked versions, then the project.
 $(STAMP): requirements.lock pyproject.toml
@@ -50,8 +66,7 @@ $(STAMP): requirements.lock pyproject.toml
 $(OPTIONAL_DATA): scripts/fetch_optional_data.sh
 	@bash scripts/fetch_optional_data.sh .cache/debian
 
-# Re-resolve every dependency jointly and rewrite the lock (needs the package index).
-lock:
+lock: ## re-resolve requirements.in jointly into requirements.lock (needs the package index)
 	rm -rf .cache/lock-venv
 	$(PYTHON) -m venv .cache/lock-venv
 	.cache/lock-venv/bin/python -m pip install --quiet pip==$(PIP_VERSION)
@@ -60,5 +75,6 @@ lock:
 	  echo "# Regenerate with: make lock   (never edit by hand)"; \
 	  .cache/lock-venv/bin/python -m pip freeze --all --exclude pip | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock
 
-clean-artifacts:
+clean-artifacts: ## remove artifacts/ (outputs, caches, the local store, MLflow) but the committed metrics
 	rm -rf artifacts
+	git checkout -- artifacts/evaluate/metrics.json
