@@ -97,13 +97,12 @@ INDEX_IDS = Artifact("index", "ids.parquet", "listing_id of each index row")
 METRICS = Artifact(
     "evaluate",
     "metrics.json",
-    "headline metrics of the test split: recall@10, MRR, nDCG@10 "
-    "and queries per task, ANN recall@10",
+    "headline metrics of the test split: recall@10 per task, ANN recall@10",
 )
 DETAILS = Artifact(
     "evaluate",
     "details.json",
-    "every other test metric: recall@K, per query language, the "
+    "every other test metric: recall@K, MRR, nDCG, queries, per query language, the "
     "frozen encoders, through the index, diagnostics",
 )
 CURVES = Artifact("evaluate", "recall_curves.json", "recall@K per task, model and frozen encoders")

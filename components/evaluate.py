@@ -8,8 +8,8 @@ Listings are the embed step's embeddings; queries are embedded by the same model
 Writes to `<workdir>/evaluate/` what the model and the data decide, the same on any
 machine (DVC tracks these):
 
-    metrics.json        headline: recall@10, mrr, ndcg@10, queries per task; ANN recall@10
-    details.json        the rest: recall@K, per query language, the frozen encoders
+    metrics.json        headline: recall@10 per task; ANN recall@10
+    details.json        the rest: recall@K, MRR, nDCG, per query language, the frozen encoders
                         (.../frozen/..., .../frozen_max/...), through the index
                         (.../index/...), diagnostics/...
     recall_curves.json  recall@K per task, the model's and the frozen encoders' (DVC plots)
@@ -62,7 +62,7 @@ from components.release.champion import load_champion
 
 STEP = STEPS["evaluate"]
 BATCH = 1024  # listings per forward pass when a champion's embeddings are computed
-HEADLINE = ("recall@10", "mrr", "ndcg@10", "queries")  # per task, in metrics.json
+HEADLINE = ("recall@10",)  # per task, in metrics.json: what `dvc metrics show` prints
 MEASURED = "index/latency_"  # metrics of this machine's speed: run.json, not DVC's files
 
 log = logging.getLogger(__name__)
