@@ -7,9 +7,14 @@ under promote, hostile images under validate. Prints one table per part.
    parses whole; the production store's CURRENT names a whole release) and run again to
    completion. The result is compared with the reference: output hashes, and where those
    differ, the values (model weights, embeddings, index answers, metrics).
-2. **Storage faults** (`--storage`): the scenarios of tests/test_storage_faults.py
+2. **First-run initialisation**: train on a workdir without a tracking store, killed at
+   points inside the store's creation found by polling its temporary file (a share of a
+   whole store's tables) and inside the model's first registration (the registered model
+   written, its first version not yet), then run again; the store left in place, the
+   registered versions and the weights are compared with an uninterrupted run.
+3. **Storage faults** (`--storage`): the scenarios of tests/test_storage_faults.py
    through tests/harness/fault_proxy.py, with the error each failure printed.
-3. **Bad inputs**: the hostile-image catalog of benchmarks/large_images.py (validate's
+4. **Bad inputs**: the hostile-image catalog of benchmarks/large_images.py (validate's
    decisions and peak memory are printed there).
 
     .venv/bin/python benchmarks/faults.py [--listings 120] [--fractions 0.2 0.5 0.8]
@@ -33,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from components.contract import STEP_ORDER  # noqa: E402
+from tests.harness.creation_kills import kill_during_creation, table_count  # noqa: E402
 
 STEPS = [step for step in STEP_ORDER if step not in ("catalog", "validate")]
 OVERRIDES = [
@@ -253,6 +259,72 @@ def kill_suite(base: Path, listings: int, fractions: list[float]) -> None:
     )
 
 
+# what a workdir holds after featurize: everything but these is copied for a first train
+AFTER_FEATURIZE = (*STEPS[1:], "production", "mlartifacts", "*mlflow.db*", ".lock")
+
+
+def creation_suite(base: Path, extra: list[str], shares: list[float]) -> None:
+    """Kill train inside the first-run initialisation of its tracking store and of its
+    registered model, then rerun; compare with the uninterrupted reference run."""
+    from components.io.manifest import sha256_file
+    from components.release.tracking_store import ensure_whole
+
+    reference = base.parent / "reference"
+    weights = sha256_file(reference / "train" / "model.pt")
+    whole = base.parent / "whole-store" / "mlflow.db"
+    ensure_whole(whole)
+    tables = table_count(whole)
+    print()
+    print(f"first-run initialisation (a whole tracking store has {tables} tables):")
+    print()
+    print("| kill point | killed inside | store left in place | rerun | versions | weights |")
+    print("|---|---|---|---|---|---|")
+    points = [(f"store creation, {share:.0%} of tables", int(share * tables)) for share in shares]
+    for name, at in [*points, ("first registration", None)]:
+        work = base.parent / f"init-{len(list(base.parent.glob('init-*')))}"
+        shutil.copytree(reference, work, ignore=shutil.ignore_patterns(*AFTER_FEATURIZE))
+        argv = command("train", work, extra)
+        if at is None:
+            killed = _kill_inside_registration(argv, work / "mlflow.db")
+        else:
+            killed = kill_during_creation(argv, REPO, work / "mlflow.db", at) is not None
+        left = (work / "mlflow.db").exists()
+        rerun = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+        outcome = "ok" if rerun.returncode == 0 else rerun.stderr.strip().splitlines()[-1][:80]
+        same = rerun.returncode == 0 and sha256_file(work / "train" / "model.pt") == weights
+        print(
+            f"| {name} | {'yes' if killed else 'no (passed first)'} | {'yes' if left else 'no'}"
+            f" | {outcome} | {registered_versions(work) if rerun.returncode == 0 else '-'} | "
+            f"{'as uninterrupted' if same else 'DIFFERENT'} |"
+        )
+
+
+def _kill_inside_registration(argv: list[str], db: Path, timeout: float = 300.0) -> bool:
+    """Run train and SIGKILL it once its registered model exists without a version."""
+    import sqlite3
+
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    query = "select (select count(*) from registered_models), (select count(*) from model_versions)"
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0) as conn:
+                    models, versions = conn.execute(query).fetchone()
+            except sqlite3.Error:
+                models = versions = 0
+            if models and not versions:
+                process.kill()
+                process.wait()
+                return True
+            time.sleep(0.001)
+        return False
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def storage_suite() -> None:
     import pytest
 
@@ -267,11 +339,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listings", type=int, default=120)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.2, 0.5, 0.8])
+    parser.add_argument(
+        "--init-shares",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.25, 0.5, 0.75, 0.95],
+        help="kill points inside the tracking store's creation, as shares of its tables",
+    )
     parser.add_argument("--storage", action="store_true", help="also run the storage faults")
     parser.add_argument("--out", type=Path, default=None, help="keep the workdirs here")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="faults-"))
     kill_suite(root / "base", args.listings, args.fractions)
+    creation_suite(root / "base", [f"catalog.max_listings={args.listings}"], args.init_shares)
     if args.storage:
         storage_suite()
 

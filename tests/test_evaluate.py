@@ -82,8 +82,7 @@ def test_evaluate_writes_metrics_gates_plots_and_logs_to_the_training_run(indexe
     measured = read_run(out)["measured"]
     assert headline.keys().isdisjoint(details) and headline.keys().isdisjoint(measured)
     assert sorted(headline) == sorted(
-        [f"{task}/recall@10" for task in TASKS]
-        + ["index/ann_recall@10"]
+        [f"{task}/recall@10" for task in TASKS] + ["index/ann_recall@10"]
     )
     metrics = headline | details | measured
     for task in ("query_to_listing", "view_to_listing"):

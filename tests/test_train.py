@@ -300,7 +300,10 @@ def test_a_finished_run_whose_outputs_were_removed_writes_them_again(featurized,
     again = torch.load(second.out_dir / contract.MODEL_WEIGHTS.name, weights_only=True)
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert second.best == first.best
-    assert read_run(second.out_dir)["registered_model"]["version"] == "2"
+    # the same weights are the same registered version, not a second one
+    assert read_run(second.out_dir)["registered_model"]["version"] == "1"
+    client = mlflow.tracking.MlflowClient(tracking_uri=paths.mlflow_uri)
+    assert len(client.search_model_versions("name='listing-encoder'")) == 1
 
 
 def test_an_altered_checkpoint_is_named_and_never_loaded(featurized, tmp_path):

@@ -20,6 +20,7 @@ from components.contract import MODEL_SPEC, MODEL_WEIGHTS
 from components.core.model import ListingModel
 from components.io import activations
 from components.io.manifest import AlteredFile, read_run, sha256_file, verify_outputs
+from components.release.tracking_store import tracking_uri
 
 WEIGHTS_TAG = "weights_sha256"  # a registered version's tag: the sha256 of its model.pt
 
@@ -80,7 +81,7 @@ def _from_registry(uri: str, match, paths: StepPaths, device: torch.device) -> L
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(paths.mlflow_uri)
+    mlflow.set_tracking_uri(tracking_uri(paths))
     client = mlflow.MlflowClient()
     try:
         if match["alias"]:
@@ -136,7 +137,7 @@ def alias_version(paths: StepPaths, name: str, alias: str) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(tracking_uri=paths.mlflow_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(paths))
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as err:
@@ -154,7 +155,7 @@ def move_alias(paths: StepPaths, name: str, alias: str, version: str, tags: dict
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(tracking_uri=paths.mlflow_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(paths))
     try:
         client.get_model_version(name, version)
     except MlflowException as err:

@@ -160,29 +160,38 @@ def _view_row(number: int, modality: str, view: str, position: int, ref: str) ->
 
 
 def register(weights: Path, spec: dict, name: str, alias: str, spec_path: Path) -> dict:
-    """Log the pyfunc in the active MLflow run, register a new version of model `name`,
-    and point `alias` at it. `spec` is written to `spec_path` and logged with the
+    """Log the pyfunc in the active MLflow run and register it as a new version of model
+    `name`, tagged with its weights' sha256 in the same write, then point `alias` at it.
+    When a version with these very weights is registered already (a rerun after a kill, or
+    of a finished run whose records are gone) that version is reused: running again never
+    registers the same model twice. `spec` is written to `spec_path` and logged with the
     weights. Returns name, version, alias and URIs."""
     atomic.write_text(spec_path, json.dumps(spec, indent=2) + "\n")
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=ListingEncoder(),
-        artifacts={"weights": str(weights), "spec": str(spec_path)},
-        code_paths=[str(Path(__file__).resolve().parents[1])],
-        pip_requirements=[_pinned(package) for package in _requirements(spec)],
-        registered_model_name=name,
-    )
+    digest = sha256_file(weights)
     client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
-    # what a later download of this version must hash to (checked in registry.load_model)
-    client.set_model_version_tag(name, version, WEIGHTS_TAG, sha256_file(weights))
-    client.set_registered_model_alias(name, alias, version)
+    same = client.search_model_versions(f"name = '{name}' and tags.{WEIGHTS_TAG} = '{digest}'")
+    if same:
+        version = max(same, key=lambda v: int(v.version))
+        model_uri = version.source
+    else:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ListingEncoder(),
+            artifacts={"weights": str(weights), "spec": str(spec_path)},
+            code_paths=[str(Path(__file__).resolve().parents[1])],
+            pip_requirements=[_pinned(package) for package in _requirements(spec)],
+        )
+        # the tag (what a later download must hash to, checked in registry.load_model) is
+        # written with the version, so no version ever lacks it
+        version = mlflow.register_model(info.model_uri, name, tags={WEIGHTS_TAG: digest})
+        model_uri = info.model_uri
+    client.set_registered_model_alias(name, alias, str(version.version))
     return {
         "name": name,
-        "version": version,
+        "version": str(version.version),
         "alias": alias,
         "uri": f"models:/{name}@{alias}",
-        "model_uri": info.model_uri,
+        "model_uri": model_uri,
     }
 
 

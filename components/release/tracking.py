@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from components.config import StepPaths
 from components.contract import manifest_of
 from components.io.manifest import package_versions, sha256_file
+from components.release.tracking_store import tracking_uri
 
 EXPERIMENT = "listing-embeddings"
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def training_run(
     featurize params, and lineage and code tags."""
     import mlflow
 
-    mlflow.set_tracking_uri(paths.mlflow_uri)
+    mlflow.set_tracking_uri(tracking_uri(paths))
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         artifacts = (paths.workdir / "mlartifacts").resolve().as_uri()
         mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
@@ -225,7 +226,7 @@ def log_evaluation(
         return None
     import mlflow
 
-    mlflow.set_tracking_uri(paths.mlflow_uri)
+    mlflow.set_tracking_uri(tracking_uri(paths))
     parent = mlflow.MlflowClient().get_run(reference["run_id"])
     with mlflow.start_run(
         run_name="evaluate",
@@ -246,6 +247,6 @@ def tag_release(paths: StepPaths, evaluation: dict | None, tags: dict[str, str])
         return
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=paths.mlflow_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(paths))
     for key, value in tags.items():
         client.set_tag(evaluation["run_id"], key, value)
