@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import random
 import socket
 import struct
 import subprocess
@@ -24,12 +26,53 @@ from components.config import StepPaths, ValidateConfig
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--shuffle",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="run the modules, and the tests within each, in an order drawn from SEED: no "
+        "test may depend on another having run before it",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seed = config.getoption("--shuffle")
+    if seed is None:
+        return
+    rng = random.Random(seed)
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:  # a module's tests stay together: its fixtures are set up once
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = list(modules.values())
+    rng.shuffle(order)
+    for tests in order:
+        rng.shuffle(tests)
+    items[:] = [item for tests in order for item in tests]
+
+
 @pytest.fixture(autouse=True)
 def _no_tracking_uri_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
     """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ: without this,
     one test's store would become the default of every later test and of the processes
     they start (a `dvc repro`, a torchrun). Each test starts without it and leaves none."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def in_fresh_interpreters(code: str, hash_seeds: tuple[int, ...] = (1, 2)) -> list[str]:
+    """What `code` prints in new Python processes, one per PYTHONHASHSEED: a value meant
+    to be stable must not depend on the process's string-hash randomisation."""
+    outputs = []
+    for seed in hash_seeds:
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+        )
+        if done.returncode:
+            raise RuntimeError(f"python -c failed: {done.stderr[-2000:]}")
+        outputs.append(done.stdout.strip())
+    return outputs
 
 
 def png_bytes(

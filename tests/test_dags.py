@@ -183,3 +183,21 @@ def test_kubernetes_mode_launches_multi_node_training_as_a_pytorchjob(airflow_en
     assert upstream["train_launch"] == sorted(STEPS["train"].upstream)  # after featurize's gather
     assert upstream["train"] == ["train_launch"]  # waits for the job to end
     assert "train" in upstream["embed_shard"] and "train_launch" not in upstream["embed_shard"]
+
+    # the task itself, against an API server on 127.0.0.1: the job it creates, then a retry
+    launched = harness(env, "launch", json.dumps(["train.epochs=3"]))["result"]
+
+    first, retry = launched["requests"]
+    kube = load_params(tmp_path / "params.yaml").orchestration.kubernetes
+    assert first["method"] == "POST"
+    assert first["path"] == f"/apis/kubeflow.org/v1/namespaces/{kube.namespace}/pytorchjobs"
+    job = first["body"]
+    assert job["kind"] == "PyTorchJob" and job["metadata"]["name"].endswith("20261201t030000")
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert worker["replicas"] == 2  # train_nodes reached the job
+    assert job["spec"]["elasticPolicy"]["maxReplicas"] == 2
+    (container,) = worker["template"]["spec"]["containers"]
+    assert container["args"][-2] == "--set-json"  # the run's overrides
+    assert json.loads(container["args"][-1]) == ["train.epochs=3"]
+    assert retry["body"] == job  # a retried task sends the same job; its 409 is not an error
+    assert launched["returned"] == [job["metadata"]["name"]] * 2

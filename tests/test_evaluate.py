@@ -114,18 +114,21 @@ def test_evaluate_writes_metrics_gates_plots_and_logs_to_the_training_run(indexe
     assert "plots/recall_at_k.png" in {a.path for a in client.list_artifacts(evaluation, "plots")}
 
 
-def test_the_challenger_is_compared_with_the_champion_on_the_same_split(indexed, tmp_path):
+def test_a_champion_with_the_challenger_s_weights_differs_by_exactly_zero(indexed):
+    """The same weights are embedded once; a weaker and a stronger champion are compared
+    in tests/test_promote.py."""
     client = mlflow.MlflowClient(tracking_uri=indexed.mlflow_uri)
     client.set_registered_model_alias("listing-encoder", "champion", "1")
     config = NO_CHAMPION.model_copy(update={"champion": "models:/listing-encoder@champion"})
-
-    evaluate.run(config, indexed)
+    try:
+        evaluate.run(config, indexed)
+    finally:
+        client.delete_registered_model_alias("listing-encoder", "champion")
 
     out = indexed.step_dir("evaluate")
     metrics = json.loads((out / contract.METRICS.name).read_text())
     metrics |= json.loads((out / contract.CHAMPION.name).read_text())["flat"]
     for task in ("query_to_listing", "view_to_listing"):
-        # the champion is the same model here: no difference, on the very same queries
         assert metrics[f"champion/{task}/recall@10"] == pytest.approx(metrics[f"{task}/recall@10"])
         assert metrics[f"champion/{task}/delta_recall@10"] == 0.0
         low = metrics[f"champion/{task}/delta_recall@10_ci_low"]
@@ -133,7 +136,6 @@ def test_the_challenger_is_compared_with_the_champion_on_the_same_split(indexed,
     curves = json.loads((indexed.step_dir("evaluate") / contract.CURVES.name).read_text())
     assert [row["k"] for row in curves] == [1, 10, 50, 500]
     assert all({"view_to_listing/model", "view_to_listing/frozen"} <= set(row) for row in curves)
-    client.delete_registered_model_alias("listing-encoder", "champion")
 
 
 def test_a_failing_gate_makes_the_cli_exit_non_zero_naming_the_gate(indexed, monkeypatch, capsys):

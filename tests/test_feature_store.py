@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -66,11 +68,19 @@ def test_writers_adding_at_the_same_time_keep_each_others_vectors(tmp_path):
     keys = [content_key(f"view {i}") for i in range(9)]
     first = FeatureStore(tmp_path, "enc", dim=4, shard_rows=2, writer="0-of-2")
     second = FeatureStore(tmp_path, "enc", dim=4, shard_rows=2, writer="1-of-2")
+    rounds = {first: [slice(0, 2), slice(4, 6)], second: [slice(2, 4), slice(6, 9)]}
+    together = threading.Barrier(2)
 
-    first.add(keys[:2], vectors[:2])  # both write their first file at once: distinct names
-    second.add(keys[2:4], vectors[2:4])
-    first.add(keys[4:6], vectors[4:6])
-    second.add(keys[6:9], vectors[6:9])
+    def write(store: FeatureStore) -> None:
+        for rows in rounds[store]:
+            together.wait(timeout=30)  # both add a batch at once, round after round
+            store.add(keys[rows], vectors[rows])
+
+    threads = [threading.Thread(target=write, args=(store,)) for store in rounds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
     reader = FeatureStore(tmp_path, "enc", dim=4)
     again = FeatureStore(tmp_path, "enc", dim=4, shard_rows=2, writer="0-of-2")
     again.add([content_key("new")], vectors[:1])

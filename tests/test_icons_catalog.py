@@ -23,6 +23,7 @@ from components.config import (
 )
 from components.io.manifest import sha256_tree
 from components.sample.icons_catalog import MAX_RELEVANT, held_out_terms, load_icons, package_root
+from tests.conftest import in_fresh_interpreters
 
 ICONS = CatalogConfig(source="icons", max_listings=120, image_size=48)
 
@@ -79,7 +80,10 @@ def test_held_out_terms_are_chosen_per_term_and_never_too_broad():
         for term in icon.terms:
             listed[term] = listed.get(term, 0) + 1
     assert held and all(listed[term] <= MAX_RELEVANT for term in held)
-    assert held_out_terms(icons, 0.3) == held  # by hash: the same every time
+    # by a hash of the term: the same in any process, whatever its string-hash seed
+    code = "from components.sample.icons_catalog import held_out_terms, load_icons, "
+    code += "package_root; print(sorted(held_out_terms(load_icons(package_root()), 0.3)))"
+    assert in_fresh_interpreters(code) == [str(sorted(held))] * 2
 
 
 def test_the_same_params_build_the_same_bytes(icons, tmp_path):
@@ -103,9 +107,12 @@ def test_through_the_pipeline_a_task_without_queries_is_absent_and_not_gated(ico
 
     result = evaluate.run(EvaluateConfig(champion=None, ks=[1, 10], gates=gates), paths)
 
-    assert result.metrics["view_to_listing/queries"] < 30
-    if result.metrics["view_to_listing/queries"] == 0:  # absent: no metric, not a zero
-        assert "view_to_listing/recall@10" not in result.metrics
+    # an icon has at most two photos (solid, regular), so none is held out as a query:
+    # the task is absent (no metric at all, not a zero) and its gate is skipped
+    assert result.metrics["view_to_listing/queries"] == 0
+    assert not [
+        k for k in result.metrics if k.startswith("view_to_listing/") and "queries" not in k
+    ]
     (gate,) = [g for g in result.gates if g["gate"] == "min:view_to_listing/recall@10"]
     assert gate["passed"] and gate["note"].startswith("skipped")
     assert result.metrics["query_to_listing/queries"] > 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -55,10 +54,33 @@ def code_of(call, *args, **kwargs) -> str:
     ],
     ids=["bomb-error", "bomb-warning", "too-wide", "too-small", "frames", "garbage", "empty"],
 )
-def test_headers_beyond_bounds_are_refused_without_decoding(data, code):
+def test_headers_beyond_bounds_are_refused_without_decoding(data, code, decodes):
     assert code_of(probe, data, "x", BOUNDS) == code
     assert code_of(verify_image, data, "x", BOUNDS) == code
     assert code_of(decode_image, data, "x", BOUNDS) == code
+    assert decodes == []  # not one pixel was decoded
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[str]:
+    """Every decode Pillow starts (ImageFile.load, where pixel data is read), by format."""
+    from PIL import ImageFile
+
+    started: list[str] = []
+    load = ImageFile.ImageFile.load
+
+    def counted(image):
+        started.append(image.format)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted)
+    return started
+
+
+def test_a_header_within_bounds_is_decoded_where_the_count_can_see_it(decodes):
+    verify_image(png_bytes((40, 30)), "ok", BOUNDS)
+
+    assert decodes == ["PNG"]  # the count above would see a decode
 
 
 def test_a_header_within_bounds_is_read_not_decoded():
@@ -77,13 +99,21 @@ def test_a_truncated_file_fails_the_full_decode(make):
     assert verify_image(data, "t", BOUNDS).height == 300
 
 
-def test_large_images_decode_reduced_to_twice_the_fit_with_their_aspect():
-    for data in (jpeg_bytes((4000, 3000)), png_bytes((4000, 3000))):
-        image = decode_image(data, "big", BOUNDS, fit=224)
+@pytest.mark.parametrize(
+    ("make", "size"),
+    [
+        # a JPEG decodes at a DCT scale of 1/1, 1/2, 1/4 or 1/8: 1/4 is the smallest that
+        # keeps 2 x 224 = 448 pixels on the short side (3000 / 8 = 375 would not)
+        (jpeg_bytes, (1000, 750)),
+        # a PNG is reduced by the largest integer factor keeping 448: 3000 // 448 = 6
+        (png_bytes, (667, 500)),
+    ],
+    ids=["jpeg", "png"],
+)
+def test_large_images_decode_reduced_to_twice_the_fit_with_their_aspect(make, size):
+    image = decode_image(make((4000, 3000)), "big", BOUNDS, fit=224)
 
-        assert image.mode == "RGB"
-        assert 448 <= min(image.size) < 3000
-        assert image.size[0] / image.size[1] == pytest.approx(4 / 3, rel=0.02)
+    assert image.mode == "RGB" and image.size == size
 
 
 def test_a_large_palette_image_is_reduced_in_colour_not_in_palette_indices():
@@ -127,18 +157,24 @@ def test_an_image_larger_than_the_whole_budget_is_refused():
 def test_the_budget_makes_a_decode_wait_until_its_bytes_fit():
     budget = DecodeBudget(100)
     events: list[str] = []
-    holding = threading.Event()
+    holding, trying, b_in = threading.Event(), threading.Event(), threading.Event()
 
     def first():
         with budget.reserve(70, "a"):
             events.append("a in")
             holding.set()
-            time.sleep(0.2)
+            trying.wait(timeout=10)
+            # b asked for its bytes while a holds 70 of 100: a budget that let it in would
+            # let it in at once; this one must still be holding it back
+            if b_in.wait(timeout=0.5):
+                events.append("b got in while a held its bytes")
             events.append("a out")
 
     def second():
-        holding.wait()
+        holding.wait(timeout=10)
+        trying.set()
         with budget.reserve(70, "b"):
+            b_in.set()
             events.append("b in")
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]

@@ -186,8 +186,8 @@ def test_multi_node_training_is_an_elastic_pytorchjob_on_the_gpu_pool():
         if "persistentVolumeClaim" in v
     ]
     assert claims == [KUBE.work_volume_claim]
-    # the same GPU pool the step pods use (infra/k8s/gpu-nodepool.yaml)
-    assert yaml.safe_load(yaml.safe_dump(job)) == job
+    # it lands on the GPU pool of infra/k8s/gpu-nodepool.yaml, and only there
+    assert [group["name"] for group in _pools_that_admit(pod)] == ["gpu"]
 
     assert job_state({}) is None
     running = {"status": {"conditions": [{"type": "Running", "status": "True"}]}}
@@ -205,6 +205,27 @@ def test_multi_node_training_is_an_elastic_pytorchjob_on_the_gpu_pool():
             "x",
             [],
         )
+
+
+def _pools_that_admit(pod: dict) -> list[dict]:
+    """The node groups of infra/k8s/gpu-nodepool.yaml whose labels match the pod's node
+    selector and whose every taint the pod tolerates."""
+    pools = yaml.safe_load((REPO_ROOT / "infra/k8s/gpu-nodepool.yaml").read_text())
+
+    def tolerated(taint: dict) -> bool:
+        return any(
+            t["key"] == taint["key"]
+            and (t.get("operator") == "Exists" or t.get("value") == taint.get("value"))
+            and t.get("effect") in (None, taint["effect"])
+            for t in pod.get("tolerations", [])
+        )
+
+    return [
+        group
+        for group in pools["managedNodeGroups"]
+        if pod["nodeSelector"].items() <= group.get("labels", {}).items()
+        and all(tolerated(taint) for taint in group.get("taints", []))
+    ]
 
 
 def test_airflow_may_create_and_watch_the_training_jobs():

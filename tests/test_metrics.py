@@ -9,21 +9,26 @@ import pytest
 
 from components.core.metrics import (
     bootstrap_mean_ci,
+    ndcg_at_k,
     ranks_from_top_k,
     ranks_of_relevant,
+    recall_at_k,
     top_k_metrics,
 )
 
 
-def _reference_ranking(scores_row: np.ndarray) -> list[int]:
-    """Items by decreasing score, ties to the lower index."""
-    return sorted(range(len(scores_row)), key=lambda i: (-scores_row[i], i))
+def _reference_ranking(scores_row: np.ndarray, ties_to_lower: bool = True) -> list[int]:
+    """Items by decreasing score, ties to the lower index (or the higher one)."""
+    order = 1 if ties_to_lower else -1
+    return sorted(range(len(scores_row)), key=lambda i: (-scores_row[i], order * i))
 
 
-def _reference(scores: np.ndarray, relevant: list[set[int]], k: int) -> dict:
+def _reference(
+    scores: np.ndarray, relevant: list[set[int]], k: int, ties_to_lower: bool = True
+) -> dict:
     recalls, reciprocal, ndcgs = [], [], []
     for row, items in zip(scores, relevant, strict=True):
-        ranking = _reference_ranking(row)
+        ranking = _reference_ranking(row, ties_to_lower)
         top = ranking[: min(k, len(ranking))]
         recalls.append(sum(1 for i in items if i in top) / len(items))
         first = min(ranking.index(i) for i in items) + 1
@@ -45,9 +50,8 @@ def _tiny(seed: int, queries: int = 7, items: int = 12, ties: bool = False):
     return scores, relevant
 
 
-@pytest.mark.parametrize("ties", [False, True])
-def test_top_k_metrics_from_the_full_ranking_match_the_reference(ties):
-    scores, relevant = _tiny(seed=3, ties=ties)
+def test_top_k_metrics_from_the_full_ranking_match_the_reference():
+    scores, relevant = _tiny(seed=3)
     ranking = np.array([_reference_ranking(row) for row in scores])
 
     got = top_k_metrics(ranking, relevant, [1, 5, 10, 50])
@@ -57,6 +61,23 @@ def test_top_k_metrics_from_the_full_ranking_match_the_reference(ties):
         assert got[f"recall@{k}"] == pytest.approx(want[k]["recall"])
     assert got["mrr"] == pytest.approx(want[1]["mrr"])
     assert got["ndcg@10"] == pytest.approx(want[1]["ndcg"])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_ranks_from_scores_match_the_reference_with_ties_to_the_lower_index(ties):
+    scores, relevant = _tiny(seed=3, ties=ties)
+
+    ranks = ranks_of_relevant(scores, relevant)
+
+    for k in (1, 3, 5):
+        assert recall_at_k(ranks, k) == pytest.approx(_reference(scores, relevant, k)["recall"])
+    reference = _reference(scores, relevant, 10)
+    assert np.mean([1 / r.min() for r in ranks]) == pytest.approx(reference["mrr"])
+    assert ndcg_at_k(ranks, 10) == pytest.approx(reference["ndcg"])
+    # with ties the order among equal scores decides: the other order gives other values
+    other = [_reference(scores, relevant, k, ties_to_lower=False)["recall"] for k in (1, 3, 5)]
+    mine = [recall_at_k(ranks, k) for k in (1, 3, 5)]
+    assert (other != pytest.approx(mine)) == ties
 
 
 def test_truncated_lists_count_missing_items_as_not_found():

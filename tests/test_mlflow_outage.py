@@ -19,7 +19,9 @@ import pytest
 
 from tests.conftest import REPO_ROOT, fresh_paths
 
-pytestmark = pytest.mark.integration
+# a real MLflow server started, stopped and started again: over a minute on 2 cores, so it runs
+# with the slow tests (CI runs those after make test)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TRAIN = [
     "train.epochs=30",

@@ -298,7 +298,33 @@ def test_the_sphere_barycenter_is_the_weighted_karcher_mean():
     torch.testing.assert_close(one, points[0])
 
 
-def test_barycenter_fusion_trains_and_embeds_like_the_mean_fusion():
+def _one_view_each(views: Views, listings: int) -> Views:
+    """The views with only the primary kept for the first `listings` listings."""
+    mask = views.mask.clone()
+    mask[:listings, 1:] = False
+    return Views(views.features, mask, views.kinds)
+
+
+def test_barycenter_fusion_is_the_mean_fusion_at_two_views_and_near_it_otherwise():
+    torch.manual_seed(0)
+    mean = ListingModel(IMAGE_DIM, TEXT_DIM, dim=16, hidden=32, fusion="mean").eval()
+    barycenter = ListingModel(IMAGE_DIM, TEXT_DIM, dim=16, hidden=32, fusion="barycenter").eval()
+    barycenter.load_state_dict(mean.state_dict())
+    batch = _batch()
+    images, texts = _one_view_each(batch.images, 3), _one_view_each(batch.texts, 3)
+
+    with torch.no_grad():
+        by_mean = mean.embed_listings(images, texts)
+        by_barycenter = barycenter.embed_listings(images, texts)
+
+    # one photo and one text weighted 0.5 / 0.5: the midpoint of their arc, either way
+    torch.testing.assert_close(by_barycenter[:3], by_mean[:3], atol=1e-5, rtol=0)
+    # more views: two centres of the same weighted points, near but not the same
+    cosine = (by_barycenter[3:] * by_mean[3:]).sum(dim=-1)
+    assert (cosine > 0.9).all() and (cosine < 1 - 1e-6).any()
+
+
+def test_barycenter_fusion_trains_with_unit_embeddings_and_finite_gradients():
     torch.manual_seed(0)
     model = ListingModel(IMAGE_DIM, TEXT_DIM, dim=16, hidden=32, fusion="barycenter")
     batch = _batch()

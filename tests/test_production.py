@@ -131,11 +131,24 @@ def test_the_pointer_is_only_replaced_from_the_state_it_was_read_in(storage):
     assert storage.read_pointer("p")[0] == b"two"
 
 
-def test_concurrent_promotions_have_exactly_one_winner_per_pointer_state(storage, tmp_path):
+def test_concurrent_promotions_have_exactly_one_winner_per_pointer_state(
+    storage, tmp_path, monkeypatch
+):
     base = publish(storage, tmp_path, 1)
     files = {seed: release(tmp_path / f"r{seed}", seed) for seed in range(2, 8)}
     start = threading.Barrier(len(files))
     outcomes: dict[int, object] = {}
+    # every promotion reaches its conditional write of CURRENT before any makes it: all six
+    # read the same pointer, so exactly one may win and five must find it moved
+    before_write = threading.Barrier(len(files))
+    write_pointer = storage.write_pointer
+
+    def racing(key: str, data: bytes, token: str | None) -> None:
+        if key == production.POINTER:
+            before_write.wait(timeout=120)
+        write_pointer(key, data, token)
+
+    monkeypatch.setattr(storage, "write_pointer", racing)
 
     def promote(seed: int) -> None:
         start.wait()
@@ -153,10 +166,8 @@ def test_concurrent_promotions_have_exactly_one_winner_per_pointer_state(storage
 
     winners = [o for o in outcomes.values() if isinstance(o, production.Published)]
     losers = [o for o in outcomes.values() if isinstance(o, production.PromotionConflict)]
-    assert len(winners) + len(losers) == len(files) and winners
-    previous = [w.previous for w in winners]
-    assert len(set(previous)) == len(previous)  # never two winners over the same state
-    assert previous.count(base.version) == 1
+    assert (len(winners), len(losers)) == (1, len(files) - 1)
+    assert winners[0].previous == base.version
     assert all("a concurrent promotion won" in str(err) for err in losers)
     stored = {v.version for v in production.list_versions(storage)}
     assert stored == {base.version} | {w.version for w in winners}  # losers left nothing

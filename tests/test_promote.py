@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import uuid
 
 import mlflow
@@ -39,13 +40,26 @@ NAME, ALIAS = "listing-encoder", "champion"
 
 
 @pytest.fixture(scope="module")
-def evaluated(featurized, tmp_path_factory):
+def evaluated_once(featurized, tmp_path_factory):
     paths = fresh_paths(featurized, tmp_path_factory.mktemp("promote"), "work")
     train.run(TINY, paths)
     embed.run(EmbedConfig(device="cpu"), paths)
     index.run(IndexConfig(), paths)
     evaluate.run(EVALUATE, paths)
     return paths
+
+
+@pytest.fixture
+def evaluated(evaluated_once, tmp_path):
+    """A copy of the evaluated workdir, registry included, for each test: no test sees
+    what another promoted, whatever order they run in."""
+    return copy_of(evaluated_once, tmp_path / "evaluated")
+
+
+def copy_of(paths, work):
+    """`paths` with its workdir (and its MLflow store) copied to `work`."""
+    shutil.copytree(paths.workdir, work, symlinks=True)
+    return dataclasses.replace(paths, workdir=work, tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
 
 
 def store(paths):
@@ -92,25 +106,19 @@ def test_promote_refuses_when_a_gate_failed(evaluated):
         min_gain_over_frozen={},
         min_queries=1,
     )
-    try:
-        with pytest.raises(StepFailed):
-            evaluate.run(EVALUATE.model_copy(update={"gates": strict}), evaluated)
+    with pytest.raises(StepFailed):
+        evaluate.run(EVALUATE.model_copy(update={"gates": strict}), evaluated)
 
-        with pytest.raises(StepFailed, match="refusing to promote: 1 gate.*min:query_to_"):
-            promote.run(PromoteConfig(), evaluated)
-    finally:
-        evaluate.run(EVALUATE, evaluated)
+    with pytest.raises(StepFailed, match="refusing to promote: 1 gate.*min:query_to_"):
+        promote.run(PromoteConfig(), evaluated)
     assert production.read_pointer(store(evaluated)) == before
 
 
 def test_promote_refuses_an_index_that_changed_since_evaluate(evaluated):
     index.run(IndexConfig(factory="HNSW16"), evaluated)
-    try:
-        with pytest.raises(StepFailed, match="index changed since evaluate ran"):
-            promote.run(PromoteConfig(), evaluated)
-    finally:
-        index.run(IndexConfig(), evaluated)
-        evaluate.run(EVALUATE, evaluated)
+
+    with pytest.raises(StepFailed, match="index changed since evaluate ran"):
+        promote.run(PromoteConfig(), evaluated)
 
 
 def test_a_retrain_is_compared_with_the_champion_and_rollback_moves_the_alias_back(
@@ -154,6 +162,90 @@ def test_a_retrain_is_compared_with_the_champion_and_rollback_moves_the_alias_ba
     assert registry.alias_version(evaluated, NAME, ALIAS) == second_model
     assert main(["rollback", "--params", str(params), "--to", "nope"]) == 1
     assert "'nope' is not a complete version" in capsys.readouterr().err
+
+
+# barely trained from scratch: a genuinely weaker model than TINY on the same data
+WEAK = TINY.model_copy(update={"adapter": "mlp", "epochs": 1, "lr": 1e-6})
+REGRESSION = GatesConfig(
+    min={},
+    max_regression={"query_to_listing/recall@10": 0.03, "view_to_listing/recall@10": 0.03},
+    min_gain_over_frozen={},
+    min_queries=1,
+    max_ann_loss=None,
+)
+
+
+def _train_and_evaluate(paths, config, champion: str | None):
+    train.run(config, paths)
+    embed.run(EmbedConfig(device="cpu"), paths)
+    index.run(IndexConfig(), paths)
+    gated = EVALUATE.model_copy(update={"champion": champion, "gates": REGRESSION})
+    return evaluate.run(gated, paths)
+
+
+def _recall_at_10(paths, uri: str) -> dict[str, float]:
+    """Recall@10 of a registered model on the test split, computed here: its embeddings of
+    every listing and of the test queries, brute-force cosine top 10 in numpy, the share of
+    each query's relevant listings found, averaged over queries."""
+    import numpy as np
+    import torch
+
+    from components.core.retrieval import embed_queries, present
+    from components.io.embedder import ListingEmbedder, held_out_refs
+    from components.io.test_split import test_split_queries
+
+    cpu = torch.device("cpu")
+    loaded = registry.load_model(uri, paths, cpu)
+    embedder = ListingEmbedder(loaded.model, loaded.spec, paths, cpu)
+    ids, listings = embedder.embed_all(held_out_refs(paths), 1024)
+    recall = {}
+    for queries in present(test_split_queries(paths, embedder, {i: n for n, i in enumerate(ids)})):
+        top = np.argsort(-(embed_queries(loaded.model, queries, cpu) @ listings.T), axis=1)[:, :10]
+        found = [
+            len(set(row) & rel) / len(rel) for row, rel in zip(top, queries.relevant, strict=True)
+        ]
+        recall[queries.task] = float(np.mean(found))
+    return recall
+
+
+def test_the_regression_gate_passes_a_stronger_challenger_and_stops_a_weaker_one(
+    featurized, tmp_path
+):
+    paths = fresh_paths(featurized, tmp_path, "champions")
+    _train_and_evaluate(paths, WEAK, champion=None)
+    weak = promote.run(PromoteConfig(), paths)
+    weak_model = registered_version(paths)
+    weak_recall = _recall_at_10(paths, f"models:/{NAME}/{weak_model}")
+
+    # a stronger challenger against the weaker champion: compared, better, promoted
+    _train_and_evaluate(paths, TINY, champion="current")
+    strong_model = registered_version(paths)
+    strong_recall = _recall_at_10(paths, f"models:/{NAME}/{strong_model}")
+    out = paths.step_dir("evaluate")
+    compared = json.loads((out / "champion.json").read_text())
+    assert compared["reference"]["version"] == weak_model != strong_model
+    for task, recall in weak_recall.items():
+        assert compared["flat"][f"champion/{task}/recall@10"] == pytest.approx(recall)
+    gate = _gate(out, "max_regression:query_to_listing/recall@10")
+    drop = weak_recall["query_to_listing"] - strong_recall["query_to_listing"]
+    assert gate["passed"] and gate["value"] == pytest.approx(drop) and drop < -0.2
+    strong = promote.run(PromoteConfig(), paths)
+    assert strong.changed and production.read_pointer(store(paths)).previous == weak.version
+
+    # the weaker model again, now against the stronger champion: stopped before promotion
+    with pytest.raises(StepFailed, match="max_regression:query_to_listing/recall@10 = 0"):
+        _train_and_evaluate(paths, WEAK, champion="current")
+    gate = _gate(out, "max_regression:query_to_listing/recall@10")
+    assert not gate["passed"] and gate["value"] == pytest.approx(-drop)
+    with pytest.raises(StepFailed, match="refusing to promote"):
+        promote.run(PromoteConfig(), paths)
+    assert production.read_pointer(store(paths)).version == strong.version
+    assert registry.alias_version(paths, NAME, ALIAS) == strong_model
+
+
+def _gate(out, name: str) -> dict:
+    (row,) = [g for g in json.loads((out / "gates.json").read_text()) if g["gate"] == name]
+    return row
 
 
 SECRET_ID, SECRET_KEY = "AKIAPROMOTETEST7777", "s3cr3t/promote+Never-Logged"
@@ -203,10 +295,18 @@ def test_promote_to_s3_keeps_credentials_out_of_logs_manifests_and_mlflow(
     s3_client.cache_clear()
 
 
-def test_storage_paths_default_to_the_workdir(evaluated):
-    assert store(evaluated).uri == (evaluated.workdir / "production").as_posix()
-    other = dataclasses.replace(evaluated, storage=StorageConfig(uri="s3://bucket/x"))
-    assert other.storage_uri == "s3://bucket/x"
+def test_promote_publishes_to_the_workdir_store_unless_storage_uri_names_another(
+    evaluated, tmp_path
+):
+    elsewhere = dataclasses.replace(evaluated, storage=StorageConfig(uri=str(tmp_path / "other")))
+    production.create_store(open_storage(elsewhere.storage))
+
+    promote.run(PromoteConfig(), elsewhere)
+
+    assert production.read_pointer(open_storage(elsewhere.storage)) is not None
+    assert not (evaluated.workdir / "production").exists()
+    promote.run(PromoteConfig(), evaluated)
+    assert (evaluated.workdir / "production" / "indices" / "CURRENT").is_file()
 
 
 def test_a_renamed_registered_model_is_registered_promoted_and_aliased_under_its_name(

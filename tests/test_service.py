@@ -17,28 +17,34 @@ from components import evaluate, index, promote
 from components.config import IndexConfig, PromoteConfig, load_params
 from components.release import production
 from components.release.storage import open_storage
+from components.service.app import Metrics, create_app
 from components.service.server import build
 from tests.conftest import REPO_ROOT, png_claiming
-from tests.test_promote import EVALUATE, evaluated  # noqa: F401  (the module's fixture)
+from tests.test_promote import EVALUATE, copy_of, evaluated_once  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def service(evaluated, tmp_path_factory):  # noqa: F811
+def service(evaluated_once, tmp_path_factory):  # noqa: F811
+    evaluated = copy_of(evaluated_once, tmp_path_factory.mktemp("service") / "work")
     promote.run(PromoteConfig(), evaluated)
-    params = load_params(
+    params = _serve_params(evaluated)
+    app, keeper = build(params, evaluated.mlflow_uri, tmp_path_factory.mktemp("releases"))
+    with TestClient(app) as client:
+        yield client, keeper, evaluated
+
+
+def _serve_params(paths):
+    return load_params(
         REPO_ROOT / "params.yaml",
         [
-            f"paths.workdir={evaluated.workdir}",
-            f"paths.catalog={evaluated.catalog}",
+            f"paths.workdir={paths.workdir}",
+            f"paths.catalog={paths.catalog}",
             "serve.device=cpu",
             "serve.max_upload_mb=1",
         ],
     )
-    app, keeper = build(params, evaluated.mlflow_uri, tmp_path_factory.mktemp("releases"))
-    with TestClient(app) as client:
-        yield client, keeper, evaluated
 
 
 def _catalog_rows(paths) -> list[dict]:
@@ -218,15 +224,17 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 @pytest.fixture
 def live_url(service):
-    """The service's app behind a real uvicorn server on 127.0.0.1, in a thread."""
+    """An app of the service's release keeper behind a real uvicorn server on 127.0.0.1, in
+    a thread: an app of its own, since a server's shutdown ends its app's lifespan."""
     import uvicorn
 
-    client, _, _ = service
+    _, keeper, paths = service
+    app = create_app(_serve_params(paths).serve, keeper, Metrics())
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -306,3 +314,13 @@ def test_a_one_megabyte_query_to_the_real_server_is_a_4xx(live_url):
 
     assert 400 <= answer.status < 500, answer.status  # from the app or the HTTP parser
     connection.close()
+
+
+def test_a_closed_batcher_refuses_at_once_instead_of_leaving_a_request_waiting():
+    from components.service.batching import SearchBatcher
+
+    batcher = SearchBatcher(lambda: None)
+    batcher.close()
+
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit("red heart", 3)

@@ -15,19 +15,26 @@ from components.config import PromoteConfig, StorageConfig
 from components.release import production
 from components.release.storage import open_storage
 from tests.harness.fault_proxy import Fault, FaultProxy
-from tests.test_promote import NAME, evaluated  # noqa: F401  (the module's fixture)
+from tests.test_promote import NAME, evaluated, evaluated_once  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
 CURRENT = "indices/CURRENT"
 INF = float("inf")
 
+# a request unanswered this long is retried: long enough that a loaded 2-core machine
+# never times out a healthy request, and half the proxy's stall, so a stall always does
+TIMEOUT_S = 3.0
+
+
 RECOVERED = {
     "503 SlowDown on 3 uploads": [Fault("503", method="PUT", times=3)],
     "500 on 2 reads back": [Fault("500", method="GET", times=2)],
     "reset on 2 uploads": [Fault("reset", method="PUT", times=2)],
     "upload answer lost after it landed": [Fault("reset", method="PUT", after_forward=True)],
-    "timeout on the CURRENT write": [Fault("stall", method="PUT", key_contains=CURRENT)],
+    "timeout on the CURRENT write": [
+        Fault("stall", method="PUT", key_contains=CURRENT, stall_s=2 * TIMEOUT_S)
+    ],
     "CURRENT landed, its answer lost": [
         Fault("reset", method="PUT", key_contains=CURRENT, after_forward=True)
     ],
@@ -45,7 +52,7 @@ FAILED = {
 
 def _store_behind(proxy_url: str, bucket: str) -> StorageConfig:
     return StorageConfig(
-        uri=f"s3://{bucket}/prod", endpoint_url=proxy_url, max_attempts=4, timeout_s=1.0
+        uri=f"s3://{bucket}/prod", endpoint_url=proxy_url, max_attempts=4, timeout_s=TIMEOUT_S
     )
 
 

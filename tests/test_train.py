@@ -338,7 +338,9 @@ def test_a_killed_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
 def test_a_registered_model_altered_in_the_artifact_store_is_named_not_loaded(featurized, tmp_path):
     paths = _fresh(featurized, tmp_path, "tampered")
     train.run(TINY, paths)
-    assert registry.load_model("models:/listing-encoder/1", paths, torch.device("cpu")).model
+    trained = torch.load(paths.path(contract.MODEL_WEIGHTS), weights_only=True)
+    loaded = registry.load_model("models:/listing-encoder/1", paths, torch.device("cpu"))
+    assert all(torch.equal(v, trained[k]) for k, v in loaded.model.state_dict().items())
     (stored,) = [p for p in (paths.workdir / "mlartifacts").rglob("model.pt") if p.is_file()]
     stored.write_bytes(stored.read_bytes()[:-8] + b"tampered")
 

@@ -144,7 +144,11 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
     ) -> dict:
         if not q.strip():
             raise HTTPException(422, "q is blank")
-        served, hits = await asyncio.wrap_future(batcher.submit(q, k))
+        try:
+            pending = batcher.submit(q, k)
+        except RuntimeError as err:  # shutting down: answer now rather than never
+            raise HTTPException(503, str(err)) from err
+        served, hits = await asyncio.wrap_future(pending)
         return answer(served, hits, query=q)
 
     @app.post("/search/image")

@@ -29,7 +29,13 @@ class SearchBatcher:
         self._thread.start()
 
     def submit(self, text: str, k: int) -> Future:
-        """A future of (the release that answered, its k best hits)."""
+        """A future of (the release that answered, its k best hits).
+
+        Raises:
+            RuntimeError: the batcher was closed (its app shut down): nothing would answer.
+        """
+        if not self._thread.is_alive():
+            raise RuntimeError("the search batcher is closed: the service is shutting down")
         future: Future = Future()
         self._queue.put((text, k, future))
         return future

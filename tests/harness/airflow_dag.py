@@ -4,6 +4,7 @@ configuration at import, so tests keep it out of the pytest process).
     python tests/harness/airflow_dag.py integrity
     python tests/harness/airflow_dag.py test '<overrides JSON list>'
     python tests/harness/airflow_dag.py render
+    python tests/harness/airflow_dag.py launch '<overrides JSON list>'
 
 Prints one JSON document on the last line of stdout.
 """
@@ -90,12 +91,60 @@ def render() -> dict:
     return {"types": sorted(types), "pods": pods, "upstream": upstream}
 
 
+def launch(overrides: list[str]) -> dict:
+    """Run the kubernetes mode's `train_launch` task twice (a retry) against an API server
+    on 127.0.0.1 that answers the custom-objects endpoint like Kubernetes: created (201),
+    then already exists (409). Returns what the task sent and what it returned."""
+    import os
+    import tempfile
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    requests: list[dict] = []
+
+    class CustomObjects(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append({"method": "POST", "path": self.path, "body": body})
+            status = 201 if len(requests) == 1 else 409
+            answer = body if status == 201 else {"kind": "Status", "code": 409}
+            payload = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CustomObjects)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = Path(tempfile.mkdtemp()) / "kubeconfig"
+    config.write_text(
+        KUBECONFIG.replace("https://127.0.0.1:9", f"http://127.0.0.1:{server.server_port}")
+    )
+    os.environ["KUBECONFIG"] = str(config)
+    sys.path.insert(0, str(DAGS))
+    import listing_embeddings_retrain as module
+
+    task = module.build_dag(mode="kubernetes").get_task("train_launch")
+    returned = [
+        task.python_callable(params={"overrides": overrides}, ts_nodash="20261201T030000")
+        for _ in range(2)
+    ]
+    server.shutdown()
+    return {"requests": requests, "returned": returned}
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "integrity":
         result = integrity()
     elif command == "test":
         result = test(json.loads(sys.argv[2]))
+    elif command == "launch":
+        result = launch(json.loads(sys.argv[2]))
     else:
         result = render()
     print(json.dumps(result))
