@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from components.config import (
@@ -36,7 +37,10 @@ COMMANDS = {
     "create-store": "create an empty production store at storage.uri (once, before promoting)",
     "versions": "list the versions in the production store, their metrics, the current one",
     "rollback": "point CURRENT back (default: the version before it) and move the alias",
+    "remove": "take listings out of search now (tombstones; the next release leaves them out)",
     "serve": "serve the store's CURRENT release: search API and page (params: serve)",
+    "refresh": "embed new and changed listings with the current model, update its index, "
+    "evaluate, promote (never trains)",
 }
 STORE_USERS = ("promote", "evaluate", *COMMANDS)  # what reads or writes storage.uri
 # the params sections each command reads, shown by its --help
@@ -44,7 +48,9 @@ COMMAND_SECTIONS = {
     "create-store": ("storage",),
     "versions": ("storage",),
     "rollback": ("storage", "registry"),
+    "remove": ("storage",),
     "serve": ("serve", "storage"),
+    "refresh": ("embed", "index", "evaluate", "storage"),
 }
 
 
@@ -102,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
         _common(command)
         if name == "rollback":
             command.add_argument("--to", metavar="VERSION", help="version to make current")
+        if name == "remove":
+            command.add_argument("listing_ids", nargs="*", metavar="LISTING_ID")
+            command.add_argument(
+                "--from",
+                dest="from_file",
+                type=Path,
+                metavar="FILE",
+                help="more listing ids, one per line ('-': standard input)",
+            )
+            command.add_argument("--reason", help="why, recorded with the tombstone")
     return parser
 
 
@@ -148,9 +164,21 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(params, os.environ.get("MLFLOW_TRACKING_URI"))  # until interrupted
             return 0
+        if args.step == "refresh":
+            from components import refresh
+
+            result = refresh.run(params, os.environ.get("MLFLOW_TRACKING_URI"))
+            if _is_rank_zero():
+                print(result.summary)
+            return 0
         if args.step in COMMANDS:
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-            print(run_command(args.step, params, tracking_uri, getattr(args, "to", None)))
+            removing = {}
+            if args.step == "remove":
+                ids = args.listing_ids + _ids_from(args.from_file)
+                removing = {"listing_ids": ids, "reason": args.reason}
+            to = getattr(args, "to", None)
+            print(run_command(args.step, params, tracking_uri, to, **removing))
             return 0
         result = run_step(
             args.step,
@@ -187,6 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     if _is_rank_zero():  # under torchrun every rank runs the step; one prints its summary
         print(result.summary)
     return 0
+
+
+def _ids_from(source: Path | None) -> list[str]:
+    if source is None:
+        return []
+    try:
+        text = sys.stdin.read() if str(source) == "-" else source.read_text()
+    except OSError as err:
+        raise ConfigError(f"remove --from {source}: cannot read ({err.strerror})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _json_overrides(text: str | None) -> list[str]:
@@ -268,13 +306,20 @@ def run_step(
 
 
 def run_command(
-    name: str, params: Params, tracking_uri: str | None = None, to: str | None = None
+    name: str,
+    params: Params,
+    tracking_uri: str | None = None,
+    to: str | None = None,
+    listing_ids: list[str] | None = None,
+    reason: str | None = None,
 ) -> str:
-    """Run an operator command (`create-store`, `versions`, `rollback`) and return what it
-    prints."""
+    """Run an operator command (`create-store`, `versions`, `rollback`, `remove`) and
+    return what it prints."""
     from components import promote
 
     paths = StepPaths.from_params(params, tracking_uri)
+    if name == "remove":
+        return promote.remove(paths, listing_ids or [], reason)
     if name == "versions":
         return promote.versions(paths)
     if name == "rollback":

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from components.contract import Artifact, StepName
 
@@ -318,11 +325,25 @@ class EmbedConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
     batch_size: int = Field(1024, ge=1, description="Listings per forward pass.")
+    reuse_current: bool = Field(
+        False,
+        description="A refresh: embed with the production store's current release's model, "
+        "and take that release's vector for every listing whose views did not change.",
+    )
 
     @field_validator("model")
     @classmethod
     def _model(cls, value: str | None) -> str | None:
         return value if value is None else _model_uri(value, ())
+
+    @model_validator(mode="after")
+    def _one_model(self) -> EmbedConfig:
+        if self.reuse_current and self.model is not None:
+            raise ValueError(
+                "embed.reuse_current embeds with the current release's model: leave "
+                f"embed.model null (it is {self.model!r})"
+            )
+        return self
 
 
 class IndexConfig(Section):
@@ -347,6 +368,25 @@ class IndexConfig(Section):
     )
     gpu: Literal["auto", "always", "never"] = Field(
         "auto", description="Build on GPU: auto when faiss sees one; always fails without."
+    )
+    update_current: bool = Field(
+        False,
+        description="A refresh: update the index of the release the embed step built on "
+        "(remove the listings that left or changed, add the new and changed) instead of "
+        "building one.",
+    )
+    max_delta: float = Field(
+        0.2,
+        ge=0.0,
+        description="A refresh builds in full when the listings added, changed and removed "
+        "pass this share of the release's.",
+    )
+    max_imbalance: float = Field(
+        3.0,
+        ge=1.0,
+        description="A refresh builds in full when an IVF index's lists would be more "
+        "unbalanced than this (faiss's imbalance factor; 1.0 is even): its coarse quantizer "
+        "is never retrained in place.",
     )
 
 
@@ -379,6 +419,40 @@ class GatesConfig(Section):
     )
 
 
+class StalenessConfig(Section):
+    """When a refresh says the model is stale (components/release/staleness.py)."""
+
+    max_new_share: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Stale when more than this share of today's listings is new or changed "
+        "since the model's training catalog.",
+    )
+    drift_alpha: float = Field(
+        0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Stale when the drift test of today's listings against the training "
+        "catalog gives a p-value below this (a false alarm once in 1/alpha refreshes).",
+    )
+    max_recall_drop: float = Field(
+        0.03,
+        ge=0.0,
+        description="Stale when a task's recall@10 fell more than this below its value at "
+        "training.",
+    )
+    profile_listings: int = Field(
+        1000,
+        ge=10,
+        description="Listings sampled (by a hash of their id) for the catalog's profile, "
+        "which the drift test compares.",
+    )
+    permutations: int = Field(
+        500, ge=20, description="Relabellings in the drift test's permutation p-value."
+    )
+
+
 class EvaluateConfig(Section):
     champion: str | None = Field(
         "current",
@@ -391,6 +465,11 @@ class EvaluateConfig(Section):
     bootstrap: int = Field(
         1000, ge=10, description="Bootstrap resamples for the champion comparison's CI."
     )
+    diagnostics: bool = Field(
+        True,
+        description="Report the diagnostics (modality gap, alignment, uniformity, recall under "
+        "other scorings); a refresh leaves them out: its model is the release's, measured.",
+    )
     diagnostics_sample: int = Field(
         1000, ge=10, description="Views per modality (and listings) sampled for diagnostics."
     )
@@ -399,6 +478,7 @@ class EvaluateConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
     gates: GatesConfig = GatesConfig()
+    staleness: StalenessConfig = StalenessConfig()
 
     @field_validator("champion")
     @classmethod
@@ -751,6 +831,17 @@ ParamsLoader.add_constructor("tag:yaml.org,2002:float", _yaml12_float)
 def parse_yaml(text: str) -> Any:
     """`text` read with `ParamsLoader`: params.yaml and every `--set` value."""
     return yaml.load(text, Loader=ParamsLoader)
+
+
+def with_overrides(params: Params, overrides: list[str] | tuple[str, ...]) -> Params:
+    """`params` with more `section.key=value` overrides, checked like `--set`'s."""
+    raw = params.model_dump(mode="json", by_alias=True)
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe_errors(err, raw)) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

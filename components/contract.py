@@ -89,9 +89,20 @@ EMBEDDINGS = Artifact("embed", "embeddings", "float32 unit rows, part-NNNNNN.npy
 EMBEDDED_IDS = Artifact("embed", "listing_ids.parquet", "listing_id of each embedding row")
 MISSING = Artifact("embed", "missing.parquet", "clean listings without an embedding, why")
 
+EMBED_BASE = Artifact(
+    "embed",
+    "base",
+    "a refresh's cache of the release it builds on: ids, fingerprints, embeddings",
+    folder=True,
+    persistent=True,
+)
+
 # index
-INDEX = Artifact("index", "index.faiss", "the FAISS index; row i is listing i of ids")
-INDEX_IDS = Artifact("index", "ids.parquet", "listing_id of each index row")
+INDEX = Artifact("index", "index.faiss", "the FAISS index, its vectors labelled")
+INDEX_IDS = Artifact("index", "ids.parquet", "the listing of each label (listing_id, id)")
+INDEX_BASE = Artifact(
+    "index", "base", "a refresh's cache of the index it updates", folder=True, persistent=True
+)
 
 # evaluate
 METRICS = Artifact(
@@ -114,6 +125,24 @@ CHAMPION = Artifact(
     "champion.json",
     "the champion compared with: which, its metrics, the difference with a CI (empty when none)",
     local=True,
+)
+PROFILE = Artifact(
+    "evaluate",
+    "profile.npy",
+    "the catalog's profile: frozen features of a sample of listings (the drift test's)",
+)
+STALENESS = Artifact(
+    "evaluate",
+    "staleness.json",
+    "a refresh's staleness: new share, drift, recall against training; stale or not",
+    local=True,
+)
+EVALUATE_BASE = Artifact(
+    "evaluate",
+    "base",
+    "a refresh's cache of the model's training release (its profile, fingerprints)",
+    folder=True,
+    persistent=True,
 )
 RECALL_PLOT = Artifact(
     "evaluate", "recall_at_k.png", "recall@K per task, champion included, as a figure", local=True
@@ -192,19 +221,29 @@ _STEPS = (
     Step(
         "embed",
         "write one fused embedding per clean listing (streamed)",
-        writes=(EMBEDDINGS, EMBEDDED_IDS, MISSING),
+        writes=(EMBEDDINGS, EMBEDDED_IDS, MISSING, EMBED_BASE),
         reads=(IMAGES, CLEAN, *FEATURES, *TRAINED_MODEL),
     ),
     Step(
         "index",
         "build the FAISS index of the listing embeddings",
-        writes=(INDEX, INDEX_IDS),
+        writes=(INDEX, INDEX_IDS, INDEX_BASE),
         reads=EMBEDDED,
     ),
     Step(
         "evaluate",
         "recall on the test split, champion comparison, recall gates",
-        writes=(METRICS, DETAILS, CURVES, GATES, CHAMPION, RECALL_PLOT),
+        writes=(
+            METRICS,
+            DETAILS,
+            CURVES,
+            PROFILE,
+            GATES,
+            CHAMPION,
+            STALENESS,
+            RECALL_PLOT,
+            EVALUATE_BASE,
+        ),
         reads=(IMAGES, QUERY_FEATURES, *FEATURES, *TRAINED_MODEL, *EMBEDDED, *INDEXED),
     ),
     Step(
@@ -219,8 +258,10 @@ _STEPS = (
             *INDEXED,
             METRICS,
             DETAILS,
+            PROFILE,
             GATES,
             CHAMPION,
+            STALENESS,
             manifest_of("evaluate"),
         ),
     ),
@@ -231,6 +272,15 @@ if tuple(STEPS) != STEP_ORDER:  # pragma: no cover - a mistake in this file
 
 # What a production version holds (besides its own manifest): store name -> artifact.
 # `embeddings/part-*.npy` are added part by part by the promote step.
-RELEASE_FILES = (INDEX, INDEX_IDS, EMBEDDED_IDS, METRICS, DETAILS, GATES, RELEASE_MODEL)
+RELEASE_FILES = (
+    INDEX,
+    INDEX_IDS,
+    EMBEDDED_IDS,
+    METRICS,
+    DETAILS,
+    PROFILE,
+    GATES,
+    RELEASE_MODEL,
+)
 # stored with a version, not part of its content
 RELEASE_REPORTS = (METRICS, DETAILS, GATES)

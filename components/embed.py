@@ -5,13 +5,23 @@ chunks featurize wrote, so memory stays bounded at any catalog size) and writes 
 `<workdir>/embed/`:
 
     embeddings/part-NNNNNN.npy   float32 [n, dim] per chunk, unit rows
-    listing_ids.parquet          listing_id of each row, parts in order
+    listing_ids.parquet          listing_id and fingerprint of each row, parts in order
     missing.parquet              clean listings with no usable view (never silently lost)
     manifest.json                model reference, inputs, counts, timings
 
 Every view of a listing is fused with the model's marginals, except the image views the
-train step held out for evaluation (`splits.parquet`): those serve only as queries.
-Running again with the same model, features and splits recomputes nothing.
+train step held out for evaluation (`splits.parquet`): those serve only as queries. A
+listing's fingerprint hashes exactly those views' contents and types. Running again with
+the same model, features and splits recomputes nothing.
+
+A refresh (`embed.reuse_current`) embeds with the current release's model and takes that
+release's vector for every listing with the same fingerprint (the same model and the same
+content give the same vector), embedding only the new and changed listings; the manifest
+counts listings added, changed, removed and reused.
+
+A listing with a tombstone in the production store (`python -m components remove`) is left
+out of every embed, retrain or refresh: it goes to `missing.parquet` with the reason
+`removed`, and promote retires the tombstones the release folded in.
 
 Sharded (`--shard I/N`, components/core/shards.py): shard I embeds the listings whose id
 hashes to I, writing the same files under `shards/I-of-N/` (one part per chunk, possibly
@@ -33,9 +43,19 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from components.config import EmbedConfig, StepPaths
-from components.contract import CLEAN, EMBEDDED_IDS, EMBEDDINGS, MISSING, SPLITS, STEPS, VIEWS
+from components.contract import (
+    CLEAN,
+    EMBED_BASE,
+    EMBEDDED_IDS,
+    EMBEDDINGS,
+    MISSING,
+    SPLITS,
+    STEPS,
+    VIEWS,
+)
 from components.core.encoders import pick_device
 from components.core.shards import Shard, every_shard
+from components.core.views import GroupedViews, fingerprints, subset
 from components.io import atomic
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.id_sets import IdSet
@@ -51,11 +71,14 @@ from components.io.manifest import (
     write_manifest,
 )
 from components.io.parquet_rows import RowReader
-from components.release import registry
+from components.release import base_release, production, registry, tombstones
+from components.release.base_release import ADDED, CHANGED, REUSED, ReusableVectors
 
 STEP = STEPS["embed"]
-OUTPUTS = tuple(artifact.name for artifact in STEP.writes)
+OUTPUTS = tuple(artifact.name for artifact in STEP.writes if artifact.tracked)
 SHARDS = "shards"  # <embed>/shards/I-of-N/: one shard's files until they are gathered
+ID_SCHEMA = pa.schema([("listing_id", pa.string()), ("fingerprint", pa.string())])
+REMOVED = "removed"  # missing.parquet's reason for a listing with a tombstone
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +98,48 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
     out = paths.step_dir(STEP.name) if shard is None else shard_dir(paths, shard)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
-    loaded = registry.load_model(config.model, paths, device)
+    base = None
+    if config.reuse_current:
+        base = base_release.current(
+            paths, paths.path(EMBED_BASE), (EMBEDDED_IDS.name, EMBEDDINGS.name)
+        )
+    loaded = registry.load_model(base.model_uri if base else config.model, paths, device)
+    if base is not None and loaded.reference["sha256"] != base.model.get("sha256"):
+        raise ValueError(
+            f"{base.model_uri}: its weights are not the ones release {base.version} recorded"
+        )
     inputs = {
         "featurize": features_manifest["outputs"],
         "model": registry.identity(loaded.reference),
         "splits_sha256": sha256_file(paths.path(SPLITS)),
     }
+    if base is not None:
+        inputs["base"] = {"version": base.version, "kind": base.manifest.get("kind", "retrain")}
+    removals = tombstones.read_all(production.open_store(paths))
+    removed = tombstones.removed_ids(removals)
+    if removals:
+        inputs["tombstones"] = [tombstone.key for tombstone in removals]
     if (done := _unchanged(out, config, inputs)) is not None:
         log.info("%s", done.summary)
         return done
     embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
     held_out = held_out_refs(paths)
-    counts, rate = _write(embedder, out, held_out, config.batch_size, shard)
+    reusable = ReusableVectors(base) if base is not None else None
+    counts, rate = _write(embedder, out, held_out, config.batch_size, shard, reusable, removed)
     missing = _write_missing(paths.path(CLEAN), out, embedder.left_out, shard)
     counts["missing"] = missing
     where = "" if shard is None else f" shard {shard}"
+    delta = ""
+    if reusable is not None:
+        delta = (
+            f" (refresh of {base.version}: {counts[REUSED]} reused, {counts[ADDED]} added, "
+            f"{counts[CHANGED]} changed, {counts['removed']} removed)"
+        )
     summary = (
         f"embed{where}: {counts['listings']} listings -> {loaded.model.dim}-d embeddings "
-        f"with model {_describe(loaded.reference)} on {device}, {counts['held_out_views']} "
-        f"held-out views left out, {missing} listings without a usable view; "
-        f"{rate:.0f} listings/s"
+        f"with model {_describe(loaded.reference)} on {device}{delta}, "
+        f"{counts['held_out_views']} held-out views left out, {missing} listings without a "
+        f"usable view; {rate:.0f} listings/s"
     )
     write_manifest(
         out,
@@ -154,30 +199,31 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
         )
         for s in shards
     ]
-    readers = [RowReader(shard_dir(paths, s) / EMBEDDED_IDS.name, ["listing_id"]) for s in shards]
+    readers = [
+        RowReader(shard_dir(paths, s) / EMBEDDED_IDS.name, ["listing_id", "fingerprint"])
+        for s in shards
+    ]
     parts = out / EMBEDDINGS.name
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir()
     total = 0
-    schema = pa.schema([("listing_id", pa.string())])
     with (
         atomic.writing(out / EMBEDDED_IDS.name) as ids_path,
-        pq.ParquetWriter(ids_path, schema) as ids_out,
+        pq.ParquetWriter(ids_path, ID_SCHEMA) as ids_out,
     ):
         for part in range(views.num_row_groups):
             listing_ids = views.read_row_group(part, columns=["listing_id"]).column(0)
             first_seen = {lid: i for i, lid in enumerate(dict.fromkeys(listing_ids.to_pylist()))}
             name = f"part-{part:06d}.npy"
             vectors = [np.load(shard_dir(paths, s) / EMBEDDINGS.name / name) for s in shards]
-            merged_ids = [
-                lid
-                for reader, counts in zip(readers, rows, strict=True)
-                for lid in reader.take(int(counts[part])).column(0).to_pylist()
-            ]
+            merged = pa.concat_tables(
+                reader.take(int(counts[part])) for reader, counts in zip(readers, rows, strict=True)
+            )
+            merged_ids = merged.column("listing_id").to_pylist()
             order = np.argsort([first_seen[lid] for lid in merged_ids], kind="stable")
             with atomic.writing(parts / name) as tmp, tmp.open("wb") as handle:
                 np.save(handle, np.concatenate(vectors)[order])
-            ids_out.write_table(pa.table({"listing_id": [merged_ids[i] for i in order]}))
+            ids_out.write_table(merged.take(pa.array(order)).cast(ID_SCHEMA))
             total += len(merged_ids)
     left_out = {}
     for shard in shards:
@@ -190,6 +236,9 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
         "missing": missing,
         "shards": count,
     }
+    for delta in (REUSED, ADDED, CHANGED, "removed"):  # a refresh's, summed over shards
+        if delta in first["counts"]:
+            counts[delta] = sum(manifest["counts"][delta] for manifest in manifests)
     rate = total / _wall_seconds(runs)
     summary = (
         f"embed: {total} listings gathered from {count} shards (model "
@@ -252,26 +301,38 @@ def _write(
     held_out: set[tuple[str, str]],
     batch_size: int,
     shard: Shard | None = None,
-) -> dict:
-    """Embed chunk by chunk: one part file per chunk, and the ids of its rows (a shard's:
-    with the part of each)."""
+    reusable: ReusableVectors | None = None,
+    removed: frozenset[str] = frozenset(),
+) -> tuple[dict, float]:
+    """Embed chunk by chunk: one part file per chunk, and the ids and fingerprints of its
+    rows (a shard's: with the part of each); with `reusable`, only the listings whose
+    fingerprint it does not hold are embedded. Listings in `removed` are left out."""
     parts = out / EMBEDDINGS.name
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir()
     total = 0
+    statuses = dict.fromkeys((REUSED, ADDED, CHANGED), 0)
     progress = tqdm(desc="embed: listings", unit="listing", mininterval=2)
-    schema = pa.schema([("listing_id", pa.string())])
-    if shard is not None:
-        schema = schema.append(pa.field("part", pa.int64()))
+    schema = ID_SCHEMA if shard is None else ID_SCHEMA.append(pa.field("part", pa.int64()))
     with (
         atomic.writing(out / EMBEDDED_IDS.name) as ids_path,
         pq.ParquetWriter(ids_path, schema) as ids,
     ):
-        for part, chunk in enumerate(embedder.chunks(held_out, shard)):
-            vectors = embedder.embed(chunk, batch_size)
+        for part, grouped in enumerate(embedder.chunks(held_out, shard)):
+            chunk = _without(grouped, removed, embedder.left_out)
+            prints = fingerprints(chunk)
+            if reusable is None:
+                vectors = embedder.embed(chunk, batch_size)
+            else:
+                found, vectors = reusable.lookup(chunk.listing_ids, prints)
+                todo = [i for i, status in enumerate(found) if status != REUSED]
+                if todo:
+                    vectors[todo] = embedder.embed(subset(chunk, todo), batch_size)
+                for status in found:
+                    statuses[status] += 1
             with atomic.writing(parts / f"part-{part:06d}.npy") as tmp, tmp.open("wb") as handle:
                 np.save(handle, vectors)
-            written = {"listing_id": chunk.listing_ids}
+            written = {"listing_id": chunk.listing_ids, "fingerprint": prints}
             if shard is not None:
                 written["part"] = [part] * len(chunk.listing_ids)
             ids.write_table(pa.table(written, schema=schema))
@@ -279,7 +340,22 @@ def _write(
             progress.update(len(chunk.listing_ids))
     rate = progress.format_dict["n"] / max(progress.format_dict["elapsed"], 1e-9)
     progress.close()
-    return {"listings": total, "held_out_views": len(held_out)}, rate
+    counts = {"listings": total, "held_out_views": len(held_out)}
+    if reusable is not None:  # what the release held (of this shard) and now does not
+        held = len(reusable) if shard is None else reusable.owned(shard.owns)
+        statuses["removed"] = held - statuses[REUSED] - statuses[CHANGED]
+        counts |= statuses
+    return counts, rate
+
+
+def _without(chunk: GroupedViews, removed: frozenset[str], left_out: dict) -> GroupedViews:
+    """The chunk but its removed listings, which are recorded in `left_out`."""
+    gone = [i for i, listing_id in enumerate(chunk.listing_ids) if listing_id in removed]
+    if not gone:
+        return chunk
+    left_out.update(dict.fromkeys((chunk.listing_ids[i] for i in gone), REMOVED))
+    kept = subset(chunk, [i for i in range(len(chunk.listing_ids)) if i not in set(gone)])
+    return kept
 
 
 def _wall_seconds(runs: list[dict]) -> float:

@@ -38,9 +38,22 @@ import numpy as np
 import torch
 
 from components.config import EvaluateConfig, StepPaths
-from components.contract import CHAMPION, CURVES, DETAILS, GATES, METRICS, RECALL_PLOT, STEPS
+from components.contract import (
+    CHAMPION,
+    CURVES,
+    DETAILS,
+    EMBEDDED_IDS,
+    EVALUATE_BASE,
+    GATES,
+    METRICS,
+    PROFILE,
+    RECALL_PLOT,
+    STALENESS,
+    STEPS,
+)
 from components.core import gates
 from components.core.diagnostics import embedding_diagnostics
+from components.core.drift import projection
 from components.core.encoders import pick_device
 from components.core.retrieval import (
     TASKS,
@@ -52,12 +65,12 @@ from components.core.retrieval import (
 )
 from components.errors import StepFailed
 from components.io import atomic
-from components.io.embedder import ListingEmbedder, held_out_refs
+from components.io.embedder import ListingEmbedder, held_out_refs, profile_sample
 from components.io.embedding_files import read_embeddings
-from components.io.faiss_index import load_index
+from components.io.faiss_index import RowIndex, coverage, load_index
 from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
 from components.io.test_split import test_split_queries
-from components.release import registry, tracking
+from components.release import production, registry, staleness, tombstones, tracking
 from components.release.champion import load_champion
 
 STEP = STEPS["evaluate"]
@@ -104,22 +117,28 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     challenger = Challenger(loaded, listing_ids, listings, tops)
     metrics |= _frozen_baseline(paths, device, held_out, sets, challenger, config.ks, depth)
     index, index_ids, index_manifest = load_index(paths.step_dir("index"))
-    if index_ids != listing_ids:
-        raise ValueError(f"{paths.step_dir('index')}: built from other embeddings; rebuild it")
-    metrics |= index_metrics(sets, vectors, index, tops, config.ks, depth, config.latency_queries)
-    sample = embedder.view_sample(held_out, config.diagnostics_sample)
-    metrics |= embedding_diagnostics(*sample, listings, sets, vectors, config.diagnostics_sample)
+    removed = tombstones.removed_ids(tombstones.read_all(production.open_store(paths)))
+    metrics |= coverage(index_ids, listing_ids, removed)  # gated: every listing once
+    rows = RowIndex(index, index_ids, listing_ids)
+    metrics |= index_metrics(sets, vectors, rows, tops, config.ks, depth, config.latency_queries)
+    if config.diagnostics:
+        size = config.diagnostics_sample
+        sample = embedder.view_sample(held_out, size)
+        metrics |= embedding_diagnostics(*sample, listings, sets, vectors, size)
     champion = _compare_with_champion(config, paths, device, sets, held_out, depth, challenger)
     results = gates.check_gates(metrics, champion.get("metrics"), config.gates)
     _write_outputs(out, metrics, results, champion, config.ks, len(listing_ids))
+    profile = _profile(paths, device, held_out, listing_ids, config.staleness.profile_listings)
+    np.save(paths.path(PROFILE), profile)
+    stale = _staleness(config, paths, embedded, profile, metrics)
     report = gates.table(results)
-    summary = _summary(metrics, results, champion)
+    summary = _summary(metrics, results, champion) + _stale_summary(stale)
     passed = not gates.failed(results)
     evaluation = tracking.log_evaluation(
         paths,
         loaded.reference,
         [paths.path(RECALL_PLOT), paths.path(GATES)],
-        metrics | champion.get("flat", {}),
+        metrics | champion.get("flat", {}) | (staleness.flat(stale) if stale else {}),
         passed,
     )
     write_manifest(
@@ -137,6 +156,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
         run={
             "summary": summary,
             "gates_passed": passed,
+            "staleness": stale,
             "champion": champion.get("reference"),
             "measured": {k: v for k, v in metrics.items() if k.startswith(MEASURED)},
             "mlflow": evaluation,
@@ -147,6 +167,42 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
         raise StepFailed(gates.failure_message(results), report=report)
     log.info("%s", summary)
     return EvaluateResult(out, metrics, [r.as_dict() for r in results], report + "\n" + summary)
+
+
+def _profile(paths, device, held_out, listing_ids: list[str], size: int) -> np.ndarray:
+    """The catalog's profile (core/drift.py) from a hash-chosen sample of its listings."""
+    frozen = ListingEmbedder.frozen(paths, device)
+    dims = frozen.image_store.dim + frozen.text_store.dim
+    return frozen.profiles(held_out, profile_sample(listing_ids, size), projection(dims))
+
+
+def _staleness(config: EvaluateConfig, paths: StepPaths, embedded, profile, metrics) -> dict:
+    """A refresh's staleness (components/release/staleness.py), written to
+    staleness.json; {} (and an empty file) for a retrain, whose model is new."""
+    base = embedded["inputs"].get("base")
+    found = {}
+    if base is not None:
+        found = staleness.measure(
+            paths,
+            base["version"],
+            paths.path(EMBEDDED_IDS),
+            profile,
+            metrics,
+            config.staleness,
+            paths.path(EVALUATE_BASE),
+        )
+    atomic.write_text(paths.path(STALENESS), json.dumps(found, indent=2) + "\n")
+    return found
+
+
+def _stale_summary(found: dict) -> str:
+    if not found:
+        return ""
+    if found["stale"]:
+        return "; STALE: " + "; ".join(found["reasons"])
+    new = found["new_or_changed"]
+    share = "" if new is None else f"{new:.1%} new or changed "
+    return f"; fresh ({share}since training release {found['trained_on']})"
 
 
 def _embed_model(embedded: dict, paths: StepPaths, device) -> registry.LoadedModel:
@@ -172,12 +228,16 @@ def _frozen_baseline(paths, device, held_out, sets, challenger, ks, depth) -> di
 
 
 def _in_listing_order(batches, listing_ids: list[str]):
-    """The (image views, text views) of `batches`, checked to follow the embed step's rows."""
-    first = 0
+    """The (image views, text views) of `batches` for the listings embed embedded (not
+    those it left out as removed), checked to follow the embed step's rows."""
+    embedded, first = set(listing_ids), 0
     for ids, images, texts in batches:
-        if ids != listing_ids[first : first + len(ids)]:
+        keep = [i for i, listing_id in enumerate(ids) if listing_id in embedded]
+        if [ids[i] for i in keep] != listing_ids[first : first + len(keep)]:
             raise ValueError("the featurize step's views changed since embed ran; run embed again")
-        first += len(ids)
+        first += len(keep)
+        if len(keep) < len(ids):
+            images, texts = images.rows(keep), texts.rows(keep)
         yield images, texts
 
 

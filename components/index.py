@@ -6,32 +6,50 @@ trained on a seeded sample; vectors are added part by part. Built on a GPU when 
 visible and faiss has GPU support (IVF and flat types), else on the CPU. Writes to
 `<workdir>/index/`:
 
-    index.faiss     the index; row i is listing i of ids.parquet
-    ids.parquet     the id map: listing_id per index row
-    manifest.json   factory, search params, size, build time, inputs
+    index.faiss     the index, every vector labelled (components/io/faiss_index.py)
+    ids.parquet     the id map: listing_id and label (id) of every vector
+    manifest.json   factory, search params, size, how it was built, inputs
 
 A factory that does not fit the data (fewer vectors than IVF lists or PQ centroids, PQ
 sub-quantizers not dividing the dimension, a typo) is an error naming `index.factory`
 before any long work.
+
+A refresh (`index.update_current`) starts from the index of the release the embed step
+built on: the vectors of listings that left or changed are removed by label, those of new
+and changed listings added (a changed listing keeps its label, a new one gets the next
+free label). It builds in full instead, and says why, when the index type or the model
+changed, when the type cannot remove vectors (HNSW, Refine), when the delta passes
+`index.max_delta` of the release's listings, or when an IVF index's lists end up more
+unbalanced than `index.max_imbalance` (its coarse quantizer is never retrained in place).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from components.config import IndexConfig, StepPaths
-from components.contract import EMBEDDED_IDS, INDEX, INDEX_IDS, STEPS
+from components.contract import EMBEDDED_IDS, INDEX, INDEX_BASE, INDEX_IDS, STEPS
 from components.io import atomic
 from components.io.embedding_files import embedding_parts, verify_embeddings
-from components.io.faiss_index import apply_search_params, new_index, search_params
+from components.io.faiss_index import (
+    IndexIds,
+    apply_search_params,
+    imbalance,
+    labelled,
+    new_index,
+    read_ids,
+    removable,
+    search_params,
+    write_ids,
+)
 from components.io.manifest import (
     Timer,
     describe_files,
@@ -40,9 +58,10 @@ from components.io.manifest import (
     unchanged_manifest,
     write_manifest,
 )
+from components.release import base_release
 
 STEP = STEPS["index"]
-OUTPUTS = tuple(artifact.name for artifact in STEP.writes)
+OUTPUTS = tuple(artifact.name for artifact in STEP.writes if artifact.tracked)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +73,8 @@ class IndexResult:
 
 
 def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
-    """Build the index of `<workdir>/embed` and save it with its id map."""
+    """Build the index of `<workdir>/embed` (or update the release's, in a refresh) and
+    save it with its id map."""
     timer = Timer()
     embed_dir = paths.step_dir("embed")
     embedded = read_manifest(embed_dir)
@@ -68,24 +88,25 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     verify_embeddings(embed_dir, embedded)
     parts = embedding_parts(embed_dir)
     count, dim = _count_and_dim(parts)
-    index = new_index(config.factory, dim, count)
-    gpu = _maybe_to_gpu(index, config.gpu)
     build_start = time.perf_counter()
-    if not index.is_trained:
-        sample = _sample(parts, count, config.train_sample, paths.seed)
-        log.info("index: training %s on %d of %d vectors", config.factory, len(sample), count)
-        gpu.train(sample)
-    _add(gpu, parts, count)
-    index = faiss.index_gpu_to_cpu(gpu) if gpu is not index else index
+    built = _update(config, paths, embedded, parts) if config.update_current else None
+    if built is None or isinstance(built, str):
+        if built is not None:
+            log.info("index: building in full: %s", built)
+        index, ids, on_gpu = _full_build(config, paths, parts, count, dim)
+        how = {"build": "full"} | ({"reason": built} if built else {})
+    else:
+        index, ids, how = built
+        on_gpu = False
     build_seconds = time.perf_counter() - build_start
     apply_search_params(index, config.factory, search_params(config))
     with atomic.writing(out / INDEX.name) as tmp:
         faiss.write_index(index, str(tmp))
-    shutil.copyfile(paths.path(EMBEDDED_IDS), out / INDEX_IDS.name)
+    write_ids(out / INDEX_IDS.name, ids)
     size = (out / INDEX.name).stat().st_size
     summary = (
-        f"index: {config.factory} over {count} x {dim} vectors, {size / 2**20:.1f} MiB, "
-        f"built in {build_seconds:.1f} s on {'GPU' if gpu is not index else 'CPU'}"
+        f"index: {config.factory} over {index.ntotal} x {dim} vectors, {size / 2**20:.1f} MiB, "
+        f"{_describe(how)} in {build_seconds:.1f} s on {'GPU' if on_gpu else 'CPU'}"
     )
     write_manifest(
         out,
@@ -94,12 +115,147 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
         timer=timer,
         inputs=inputs,
         outputs=describe_files(out, OUTPUTS),
-        counts={"vectors": count, "dim": dim},
-        extra={"index_bytes": size, "search_params": search_params(config)},
-        run={"summary": summary, "build_seconds": build_seconds, "gpu": gpu is not index},
+        counts={"vectors": index.ntotal, "dim": dim} | how.pop("counts", {}),
+        extra={"index_bytes": size, "search_params": search_params(config)} | how,
+        run={"summary": summary, "build_seconds": build_seconds, "gpu": on_gpu},
     )
     log.info("%s", summary)
     return IndexResult(out_dir=out, summary=summary)
+
+
+def _describe(how: dict) -> str:
+    if how["build"] == "update":
+        c = how["counts"]
+        return (
+            f"updated from {how['base']} ({c['kept']} kept, {c['added']} added, "
+            f"{c['changed']} changed, {c['removed']} removed)"
+        )
+    return f"built in full ({how['reason']})" if "reason" in how else "built"
+
+
+def _full_build(config: IndexConfig, paths: StepPaths, parts, count: int, dim: int):
+    """A new index of every embedding, labelled 0..N-1 in the embeddings' order."""
+    index = new_index(config.factory, dim, count)
+    gpu = _maybe_to_gpu(index, config.gpu)
+    if not index.is_trained:
+        sample = _sample(parts, count, config.train_sample, paths.seed)
+        log.info("index: training %s on %d of %d vectors", config.factory, len(sample), count)
+        gpu.train(sample)
+    _add(gpu, parts, count)
+    on_gpu = gpu is not index
+    index = faiss.index_gpu_to_cpu(gpu) if on_gpu else index
+    listing_ids = pq.read_table(paths.path(EMBEDDED_IDS)).column("listing_id").to_pylist()
+    return index, IndexIds(listing_ids, np.arange(count, dtype=np.int64)), on_gpu
+
+
+def _update(config: IndexConfig, paths: StepPaths, embedded: dict, parts):
+    """The release's index with the delta applied, its ids and how it was built; or why
+    it must be built in full instead (a string).
+
+    Raises:
+        ValueError: the embed step built on no release (run it with reuse_current).
+    """
+    based_on = embedded["inputs"].get("base")
+    if based_on is None:
+        raise ValueError(
+            "index.update_current updates the index of the release the embed step built on, "
+            "and it built on none: run embed with --set embed.reuse_current=true"
+        )
+    base = base_release.version(
+        paths,
+        based_on["version"],
+        paths.path(INDEX_BASE),
+        (INDEX.name, INDEX_IDS.name, EMBEDDED_IDS.name),
+    )
+    if base.manifest.get("index", {}).get("factory") != config.factory:
+        return f"index.factory is {config.factory!r}, {base.version} has another type"
+    index = faiss.read_index(str(base.local / INDEX.name))
+    if not labelled(index):
+        return f"{base.version}'s index was built before vectors were labelled"
+    if not removable(index):
+        return f"a {config.factory} index cannot remove vectors"
+    delta = _delta(read_ids(base.local / INDEX_IDS.name), paths, base.local / EMBEDDED_IDS.name)
+    share = (len(delta.removed) + len(delta.changed) + len(delta.added)) / max(1, index.ntotal)
+    if share > config.max_delta:
+        return f"the delta is {share:.1%} of {base.version}, more than index.max_delta"
+    gone = np.array([delta.labels[i] for i in [*delta.removed, *delta.changed]], np.int64)
+    if index.remove_ids(gone) != len(gone):
+        return f"{base.version}'s index did not hold every label it should"
+    fresh = [*delta.changed, *delta.added]
+    labels = np.array([delta.labels[i] for i in fresh], np.int64)
+    index.add_with_ids(_vectors_of(parts, delta.rows, fresh), labels)
+    unbalanced = imbalance(index)
+    if unbalanced > config.max_imbalance:
+        return f"its lists' imbalance would be {unbalanced:.2f}, over index.max_imbalance"
+    kept = [i for i in delta.base_ids.listing_ids if i not in delta.dropped]
+    ids = IndexIds(
+        kept + delta.added,
+        np.array([delta.labels[i] for i in kept + delta.added], np.int64),
+    )
+    counts = {
+        "kept": len(kept) - len(delta.changed),
+        "added": len(delta.added),
+        "changed": len(delta.changed),
+        "removed": len(delta.removed),
+    }
+    how = {"build": "update", "base": base.version, "imbalance": round(unbalanced, 4)}
+    return index, ids, how | {"counts": counts}
+
+
+@dataclass(frozen=True)
+class _Delta:
+    base_ids: IndexIds
+    labels: dict[str, int]  # label of every listing, kept or new
+    rows: dict[str, int]  # row of every embedded listing in the embeddings
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+
+    @property
+    def dropped(self) -> set[str]:
+        return set(self.removed)
+
+
+def _delta(base_ids: IndexIds, paths: StepPaths, released: Path) -> _Delta:
+    """What changed between the release's listings and the embeddings: listings new,
+    changed (another fingerprint) and gone, by the fingerprints embed recorded (`released`:
+    the release's listing_ids.parquet)."""
+    now = pq.read_table(paths.path(EMBEDDED_IDS), columns=["listing_id", "fingerprint"])
+    rows = {i: r for r, i in enumerate(now.column("listing_id").to_pylist())}
+    prints = dict(zip(rows, now.column("fingerprint").to_pylist(), strict=True))
+    before = _fingerprints(released)
+    labels = base_ids.label_of()
+    removed = [i for i in base_ids.listing_ids if i not in rows]
+    changed = [i for i in base_ids.listing_ids if i in rows and before.get(i) != prints[i]]
+    added = [i for i in rows if i not in labels]
+    next_label = int(base_ids.labels.max()) + 1 if len(base_ids) else 0
+    labels |= {i: next_label + n for n, i in enumerate(added)}
+    return _Delta(base_ids, labels, rows, added, changed, removed)
+
+
+def _fingerprints(path: Path) -> dict[str, str | None]:
+    """Listing id -> fingerprint of a listing_ids.parquet (None: recorded before there
+    were fingerprints)."""
+    table = pq.read_table(path)
+    prints = (
+        table.column("fingerprint").to_pylist()
+        if "fingerprint" in table.column_names
+        else [None] * table.num_rows
+    )
+    return dict(zip(table.column("listing_id").to_pylist(), prints, strict=True))
+
+
+def _vectors_of(parts: list[Path], rows: dict[str, int], listing_ids: list[str]) -> np.ndarray:
+    """The embeddings of `listing_ids`, read part by part."""
+    wanted = np.array([rows[i] for i in listing_ids], np.int64)
+    out = np.zeros((len(wanted), np.load(parts[0], mmap_mode="r").shape[1]), np.float32)
+    first = 0
+    for part in parts:
+        vectors = np.load(part, mmap_mode="r")
+        mine = (wanted >= first) & (wanted < first + len(vectors))
+        out[mine] = vectors[wanted[mine] - first]
+        first += len(vectors)
+    return out
 
 
 def _count_and_dim(parts: list[Path]) -> tuple[int, int]:
@@ -141,8 +297,11 @@ def _sample(parts: list[Path], count: int, size: int, seed: int) -> np.ndarray:
 
 
 def _add(index: faiss.Index, parts: list[Path], count: int) -> None:
+    """Every part's vectors, labelled by their row in the embeddings (0..N-1)."""
+    first = 0
     with tqdm(total=count, desc="index: adding", unit="vec", mininterval=2) as progress:
         for part in parts:
             vectors = np.ascontiguousarray(np.load(part), dtype=np.float32)
-            index.add(vectors)
+            index.add_with_ids(vectors, np.arange(first, first + len(vectors), dtype=np.int64))
+            first += len(vectors)
             progress.update(len(vectors))

@@ -28,6 +28,7 @@ from components.config import PromoteConfig, StepPaths
 from components.contract import (
     EMBEDDINGS,
     GATES,
+    INDEX_IDS,
     METRICS,
     RELEASE_FILES,
     RELEASE_MODEL,
@@ -37,6 +38,7 @@ from components.core import gates
 from components.errors import StepFailed
 from components.io import atomic
 from components.io.embedding_files import embedding_parts
+from components.io.faiss_index import read_ids
 from components.io.manifest import (
     Timer,
     describe_files,
@@ -45,7 +47,7 @@ from components.io.manifest import (
     verify_outputs,
     write_manifest,
 )
-from components.release import production, registry, tracking
+from components.release import production, registry, tombstones, tracking
 from components.release.storage import open_storage
 
 STEP = STEPS["promote"]
@@ -90,6 +92,9 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         "evaluation": {
             key: evaluation.get(key) for key in ("mlflow", "champion", "measured", "started_at")
         },
+        "embedding_model_sha256": manifests["embed"]["model"]["sha256"],
+        "staleness": evaluation.get("staleness") or None,
+        **_kind(manifests, storage),
     }
     published = production.publish(
         storage, files, metadata, model, progress=lambda message: log.info("promote: %s", message)
@@ -106,6 +111,9 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         evaluation.get("mlflow"),
         {"release.version": published.version, "release.store": storage.uri},
     )
+    folded = manifests["embed"]["inputs"].get("tombstones", [])
+    if published.changed and folded:  # the release leaves those listings out: retire them
+        tombstones.retire(storage, folded)
     deleted = production.apply_retention(
         storage, config.retain, timedelta(hours=config.abandoned_after_hours)
     )
@@ -136,6 +144,23 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     )
     log.info("%s", summary)
     return PromoteResult(out, published.version, published.changed, deleted, summary)
+
+
+def _kind(manifests: dict, storage) -> dict:
+    """What kind of release this is: a retrain (trained on its own catalog), or a refresh
+    built on a release, with its model's training release and what changed since."""
+    base = manifests["embed"]["inputs"].get("base")
+    if base is None:
+        return {"kind": "retrain", "built_on": None, "trained_on": None}
+    before = production.read_manifest(storage, base["version"])
+    counts = manifests["embed"]["counts"]
+    return {
+        "kind": "refresh",
+        "built_on": base["version"],
+        "trained_on": before.get("trained_on") or base["version"],
+        "delta": {k: counts.get(k) for k in ("reused", "added", "changed", "removed")}
+        | {"index": manifests["index"].get("build", "full")},
+    }
 
 
 def _passed_gates(paths: StepPaths, manifests: dict) -> list[dict]:
@@ -310,3 +335,24 @@ def create_store(paths: StepPaths) -> str:
     if not production.create_store(storage):
         return f"create-store: {storage.uri} already holds a production store; nothing changed"
     return f"create-store: created an empty production store at {storage.uri}"
+
+
+def remove(paths: StepPaths, listing_ids: list[str], reason: str | None) -> str:
+    """Tombstones for `listing_ids` in the production store (the `remove` command): the
+    search service stops answering them within serve.poll_s, the next release leaves them
+    out. Returns a one-line account."""
+    storage = production.open_store(paths)
+    current = production.read_pointer(storage)
+    if current is None:
+        raise ValueError(f"nothing was promoted to {storage.uri} yet: nothing to remove from")
+    written = tombstones.write(storage, listing_ids, reason)
+    manifest = production.read_manifest(storage, current.version, current.manifest_sha256)
+    local = paths.workdir / ".release-cache" / current.version
+    production.download(storage, current.version, manifest, [INDEX_IDS.name], local)
+    known = set(read_ids(local / INDEX_IDS.name).listing_ids)
+    served = sum(1 for listing_id in written.listing_ids if listing_id in known)
+    return (
+        f"remove: {len(written.listing_ids)} listing(s) tombstoned in {storage.locate(written.key)}"
+        f"; {served} of them in the current release {current.version}, which the search "
+        "service stops answering within serve.poll_s; the next release leaves them all out"
+    )

@@ -47,7 +47,7 @@ def embedded(tmp_path) -> StepPaths:
 def _search_params_of(index: faiss.Index) -> dict:
     """The search params a loaded index holds, where they differ from faiss's defaults."""
     found = {}
-    inner = faiss.downcast_index(index)
+    inner = faiss_index.unwrapped(index)
     if isinstance(inner, faiss.IndexRefine):
         found["refine_k_factor"] = int(inner.k_factor)
         inner = faiss.downcast_index(inner.base_index)
@@ -86,7 +86,8 @@ def test_index_finds_what_brute_force_finds(embedded, factory, params, min_recal
     scores = np.take_along_axis(queries @ vectors.T, np.maximum(found, 0), axis=1)
     recall = float(np.mean((scores >= tenth[:, None] - 1e-6) & (found >= 0)))
     assert recall >= min_recall
-    assert ids == [f"L{i}" for i in range(N)] and loaded.ntotal == N
+    assert ids.listing_ids == [f"L{i}" for i in range(N)] and loaded.ntotal == N
+    assert ids.labels.tolist() == list(range(N))  # a full build labels rows 0..N-1
     assert manifest["counts"] == {"vectors": N, "dim": DIM}
     assert _search_params_of(loaded) == params  # read back from the loaded index itself
     if factory == "Flat":

@@ -68,7 +68,7 @@ def test_a_published_version_loads_back_verified_and_searchable(storage, tmp_pat
     loaded = production.load_current_index(storage, tmp_path / "cache")
 
     assert published.changed and loaded.version == published.version
-    assert loaded.ids == [f"L1-{i}" for i in range(40)] and loaded.index.ntotal == 40
+    assert loaded.ids.listing_ids == [f"L1-{i}" for i in range(40)] and loaded.index.ntotal == 40
     vectors = np.load(tmp_path / "r1" / "part-000000.npy")
     _, found = loaded.index.search(vectors[:5], 1)
     assert found[:, 0].tolist() == [0, 1, 2, 3, 4]
@@ -104,7 +104,7 @@ def test_two_promotions_then_rollback_and_roll_forward(storage, tmp_path):
 
     assert (old.version, new.version) == (second.version, first.version)
     assert new.reason == "rollback" and new.model["version"] == "1"
-    assert production.load_current_index(storage).ids[0] == "L1-0"
+    assert production.load_current_index(storage).ids.listing_ids[0] == "L1-0"
     _, forward = production.rollback(storage, to=second.version)
     assert forward.version == second.version
     with pytest.raises(ValueError, match="not a complete version"):
@@ -198,7 +198,7 @@ def test_a_failure_after_some_uploads_leaves_current_alone_and_the_next_run_succ
     assert [v.version for v in production.list_versions(storage)] == [first.version]
     second = publish(storage, tmp_path, 2)
     assert production.read_pointer(storage).version == second.version
-    assert production.load_current_index(storage).ids[0] == "L2-0"
+    assert production.load_current_index(storage).ids.listing_ids[0] == "L2-0"
 
 
 def test_a_corrupted_object_is_caught_and_named(storage, tmp_path):
@@ -222,7 +222,7 @@ def test_a_corrupted_cached_copy_is_downloaded_again(storage, tmp_path):
     production.load_current_index(storage, cache)
     (cache / published.version / "ids.parquet").write_bytes(b"garbage")
 
-    assert production.load_current_index(storage, cache).ids[0] == "L1-0"
+    assert production.load_current_index(storage, cache).ids.listing_ids[0] == "L1-0"
 
 
 def test_retention_keeps_the_newest_the_current_and_the_previous(storage, tmp_path):

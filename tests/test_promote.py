@@ -76,7 +76,7 @@ def test_promote_publishes_the_evaluated_release_and_moves_the_champion(evaluate
     loaded = production.load_current_index(store(evaluated))
     listing_ids = pq.read_table(evaluated.step_dir("embed") / "listing_ids.parquet")
     assert result.changed and loaded.version == result.version
-    assert loaded.ids == listing_ids.column(0).to_pylist() and loaded.index.ntotal == 60
+    assert loaded.ids.listing_ids == listing_ids.column(0).to_pylist() and loaded.index.ntotal == 60
     version = registered_version(evaluated)
     assert registry.alias_version(evaluated, NAME, ALIAS) == version
     manifest = loaded.manifest
@@ -155,8 +155,8 @@ def test_a_retrain_is_compared_with_the_champion_and_rollback_moves_the_alias_ba
 
     assert main(["versions", "--params", str(params)]) == 0
     listed = capsys.readouterr().out
-    assert f"*  {first.version}  {NAME}/{first_model}" in listed
-    assert f"   {second.version}  {NAME}/{second_model}" in listed
+    assert f"*  {first.version}  retrain  {NAME}/{first_model}" in listed
+    assert f"   {second.version}  retrain  {NAME}/{second_model}" in listed
 
     assert main(["rollback", "--params", str(params), "--to", second.version]) == 0
     assert registry.alias_version(evaluated, NAME, ALIAS) == second_model

@@ -8,7 +8,9 @@ Three kinds, from `evaluate.gates` in params.yaml:
   no-training baseline (`<task>/frozen/...`, `<task>/frozen_max/...`) by at least the
   threshold, relative (0.1: 10% better);
 - `max_ann_loss`: for each task, recall@10 through the index may be at most the
-  threshold below recall@10 of exact search.
+  threshold below recall@10 of exact search;
+- and always, `index:every_listing_once`: the index holds every embedded listing exactly
+  once and no other listing (a refresh that left a removed listing in is stopped).
 
 A gate on a task with fewer than `min_queries` test queries (absent: `<task>/queries` is
 0) is skipped: it passes with a note, since there is too little to measure.
@@ -61,7 +63,27 @@ def check_gates(
             or _ann_loss(metrics, task, limit)
             for task in TASKS
         ]
+    if any(key in metrics for key in COVERAGE):
+        results.append(_coverage(metrics))
     return results
+
+
+# what the index holds besides every embedded listing once (components/io/faiss_index.py)
+COVERAGE = (
+    "index/missing_listings",
+    "index/repeated_listings",
+    "index/foreign_listings",
+    "index/removed_listings",
+)
+
+
+def _coverage(metrics: dict) -> GateResult:
+    """Always on: the index holds every embedded listing exactly once and no other (a
+    removed listing included)."""
+    found = {key.removeprefix("index/"): int(metrics.get(key, 0)) for key in COVERAGE}
+    wrong = sum(found[k] for k in ("missing_listings", "repeated_listings", "foreign_listings"))
+    note = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in found.items() if n)
+    return GateResult("index:every_listing_once", "index/listings", 0, wrong, wrong == 0, note)
 
 
 def _skipped(

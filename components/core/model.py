@@ -43,6 +43,10 @@ class Views:
                 f"{tuple(self.features.shape)} and {tuple(self.mask.shape)}"
             )
 
+    def rows(self, keep: list[int]) -> Views:
+        """The views of the listings `keep` (positions in the batch) only."""
+        return Views(self.features[keep], self.mask[keep], self.kinds[keep])
+
     def to(self, device: torch.device) -> Views:
         return Views(self.features.to(device), self.mask.to(device), self.kinds.to(device))
 

@@ -10,6 +10,7 @@ everywhere.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -90,6 +91,38 @@ def group_views(rows: Iterable[dict], held_out: Collection[tuple[str, str]] = ()
             )
         )
     return grouped
+
+
+def subset(grouped: GroupedViews, members: Iterable[int]) -> GroupedViews:
+    """The listings `members` (positions in `grouped`) alone, with tables of only their
+    contents: what embedding just those listings reads."""
+    part = GroupedViews()
+    for i in members:
+        images, texts = grouped.images[i], grouped.texts[i]
+        part.listing_ids.append(grouped.listing_ids[i])
+        image_rows = [
+            part.image_row(grouped.image_keys[r], grouped.image_refs[r]) for r in images.rows
+        ]
+        text_rows = [part.text_row(grouped.text_keys[r]) for r in texts.rows]
+        part.images.append(ListingViews(tuple(image_rows), images.kinds))
+        part.texts.append(ListingViews(tuple(text_rows), texts.kinds))
+    return part
+
+
+def fingerprints(grouped: GroupedViews) -> list[str]:
+    """Per listing of `grouped`, a hash of exactly what its embedding is made of: the
+    content key and view type of each of its views, in order. The same fingerprint and the
+    same model give the same vector, so a refresh reuses the vector of a listing whose
+    fingerprint did not change."""
+    found = []
+    for images, texts in zip(grouped.images, grouped.texts, strict=True):
+        digest = hashlib.sha256()
+        for kind, row in zip(images.kinds, images.rows, strict=True):
+            digest.update(f"i{kind}:{grouped.image_keys[row]}\n".encode())
+        for kind, row in zip(texts.kinds, texts.rows, strict=True):
+            digest.update(f"t{kind}:{grouped.text_keys[row]}\n".encode())
+        found.append(digest.hexdigest()[:32])
+    return found
 
 
 def image_kind(slot: int) -> int:

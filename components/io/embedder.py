@@ -21,6 +21,7 @@ from components.core.model import ListingModel
 from components.core.shards import Shard
 from components.core.views import GroupedViews, group_views
 from components.io import activations
+from components.io.feature_store import unit_hash
 from components.io.id_sets import IdSet
 from components.io.manifest import read_manifest
 from components.io.training_data import modality_store
@@ -130,6 +131,23 @@ class ListingEmbedder:
                     pad_views(texts, chunk.texts[members], None, rng).to(self.device),
                 )
 
+    @torch.inference_mode()
+    def profiles(
+        self, held_out: set[tuple[str, str]], wanted: set[str], projection: np.ndarray
+    ) -> np.ndarray:
+        """The profile of each listing in `wanted` (in listing order): its normalised mean
+        unit image feature and mean unit text feature, concatenated, times `projection`
+        (core/drift.py). Reads the features as they are (a `frozen` embedder's)."""
+        rows = []
+        for ids, images, texts in self.padded_batches(held_out):
+            keep = [i for i, listing_id in enumerate(ids) if listing_id in wanted]
+            if keep:
+                means = [_unit_mean(views, keep) for views in (images, texts)]
+                rows.append(np.concatenate(means, axis=1) @ projection)
+        if not rows:
+            return np.zeros((0, projection.shape[1]), np.float32)
+        return np.concatenate(rows).astype(np.float32)
+
     def embed_all(self, held_out: set[tuple[str, str]], batch_size: int):
         """Every listing's embedding in memory: (listing ids, [n, dim] array)."""
         ids, parts = [], []
@@ -137,6 +155,18 @@ class ListingEmbedder:
             ids += chunk.listing_ids
             parts.append(self.embed(chunk, batch_size))
         return ids, np.concatenate(parts)
+
+
+def _unit_mean(views, keep: list[int]) -> np.ndarray:
+    features = torch.nn.functional.normalize(views.features[keep].float(), dim=-1)
+    summed = (features * views.mask[keep][..., None]).sum(dim=1)
+    return torch.nn.functional.normalize(summed, dim=-1).cpu().numpy()
+
+
+def profile_sample(listing_ids: list[str], size: int) -> set[str]:
+    """The `size` listings whose id hashes lowest: the same listings from run to run,
+    whatever the catalog's order."""
+    return set(sorted(listing_ids, key=lambda i: unit_hash("profile:" + i))[:size])
 
 
 def _first(parts: list[np.ndarray], size: int) -> np.ndarray:

@@ -1,19 +1,70 @@
 """FAISS indexes on disk: building an empty index of an `index_factory` string checked
 to fit the data, query-time search params, and loading the index step's output.
 
-Inner product on unit vectors throughout: the index answers cosine similarity.
+Inner product on unit vectors throughout: the index answers cosine similarity. Every
+vector carries a 64-bit label, which `ids.parquet` maps to its listing (`listing_id`,
+`id`): IVF indexes store labels themselves, the others are wrapped in an `IDMap2`, so that a
+refresh can remove a listing's vector by its label and add new ones under new labels. A
+full build labels the vectors 0..N-1 in the embeddings' order.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.config import IndexConfig
 from components.contract import INDEX, INDEX_IDS
+from components.io import atomic
 from components.io.manifest import verify_outputs
+
+
+@dataclass(frozen=True)
+class IndexIds:
+    """Which listing each label of an index is: `ids.parquet` in memory."""
+
+    listing_ids: list[str]
+    labels: np.ndarray  # int64, one per listing id
+
+    def __post_init__(self) -> None:
+        if len(self.listing_ids) != len(self.labels):
+            raise ValueError(f"{len(self.listing_ids)} listing ids but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.listing_ids)
+
+    def listing_of(self) -> dict[int, str]:
+        return dict(zip(self.labels.tolist(), self.listing_ids, strict=True))
+
+    def label_of(self) -> dict[str, int]:
+        return dict(zip(self.listing_ids, self.labels.tolist(), strict=True))
+
+
+def read_ids(path: Path) -> IndexIds:
+    """An index's id map; one written before labels were stored labels its rows 0..N-1."""
+    table = pq.read_table(path)
+    listing_ids = table.column("listing_id").to_pylist()
+    if "id" in table.column_names:
+        labels = table.column("id").to_numpy().astype(np.int64)
+    else:
+        labels = np.arange(len(listing_ids), dtype=np.int64)
+    return IndexIds(listing_ids, labels)
+
+
+def write_ids(path: Path, ids: IndexIds) -> None:
+    table = pa.table(
+        {
+            "listing_id": pa.array(ids.listing_ids, pa.string()),
+            "id": pa.array(ids.labels, pa.int64()),
+        }
+    )
+    atomic.write_table(table, path)
 
 
 def new_index(factory: str, dim: int, count: int) -> faiss.Index:
@@ -35,7 +86,46 @@ def new_index(factory: str, dim: int, count: int) -> faiss.Index:
             f"index.factory {factory!r} needs at least {needs} vectors to train "
             f"({what}), there are {count}: use fewer lists/centroids or Flat"
         )
-    return index
+    if isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+        return index  # IVF types store each vector's label themselves
+    return faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+
+
+def unwrapped(index: faiss.Index) -> faiss.Index:
+    """The index inside an IDMap wrapper (or the index itself)."""
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.downcast_index(index.index)
+    return faiss.downcast_index(index)
+
+
+def labelled(index: faiss.Index) -> bool:
+    """Whether the index takes vectors under labels of our choosing (one built before
+    labels were stored does not)."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexIVF | faiss.IndexIDMap2)
+
+
+def removable(index: faiss.Index) -> bool:
+    """Whether vectors can be removed by label: IVF types and the flat-code types (Flat,
+    PQ, SQ) can; graph types (HNSW) and re-ranking wrappers (Refine) cannot."""
+    inner = unwrapped(index)
+    return isinstance(inner, faiss.IndexIVF | faiss.IndexFlatCodes)
+
+
+def imbalance(index: faiss.Index) -> float:
+    """How unevenly an IVF index's lists are filled (1.0: evenly; faiss's imbalance
+    factor); 1.0 for other types."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or ivf.ntotal == 0:
+        return 1.0
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.float64)
+    return float(ivf.nlist * np.sum(sizes**2) / np.sum(sizes) ** 2)
+
+
+def allow_reconstruct(index: faiss.Index) -> None:
+    """Let `reconstruct(label)` work on any label (IVF types need a direct map)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
 
 
 def _training_points_needed(index: faiss.Index) -> tuple[int, str]:
@@ -72,20 +162,54 @@ def apply_search_params(index: faiss.Index, factory: str, params: dict[str, int]
             continue
         if name == "efSearch" and "HNSW" not in factory:
             continue
-        if name == "k_factor_rf" and not isinstance(index, faiss.IndexRefine):
+        if name == "k_factor_rf" and not isinstance(unwrapped(index), faiss.IndexRefine):
             continue
         space.set_index_parameter(index, name, value)
 
 
-def load_index(index_dir: Path) -> tuple[faiss.Index, list[str], dict]:
+def load_index(index_dir: Path) -> tuple[faiss.Index, IndexIds, dict]:
     """The saved index with its search params applied, its id map and its manifest; both
     files are checked against the manifest's sha256 first (AlteredFile)."""
     manifest = verify_outputs(index_dir, (INDEX.name, INDEX_IDS.name))
     index = faiss.read_index(str(index_dir / INDEX.name))
     apply_search_params(index, manifest["params"]["factory"], manifest["search_params"])
-    ids = pq.read_table(index_dir / INDEX_IDS.name).column("listing_id").to_pylist()
+    ids = read_ids(index_dir / INDEX_IDS.name)
     if len(ids) != index.ntotal:
         raise ValueError(
             f"{index_dir}: {index.ntotal} vectors but {len(ids)} ids in {INDEX_IDS.name}"
         )
     return index, ids, manifest
+
+
+def coverage(ids: IndexIds, listing_ids: list[str], removed: set[str]) -> dict[str, int]:
+    """How far the index is from holding every embedded listing exactly once and nothing
+    else: embedded listings it lacks, listings it holds more than once, listings it holds
+    that were not embedded, and of those the removed ones (`removed`: tombstoned)."""
+    held = Counter(ids.listing_ids)
+    embedded = set(listing_ids)
+    foreign = [i for i in held if i not in embedded]
+    return {
+        "index/missing_listings": sum(1 for i in embedded if i not in held),
+        "index/repeated_listings": sum(1 for n in held.values() if n > 1),
+        "index/foreign_listings": len(foreign),
+        "index/removed_listings": sum(1 for i in foreign if i in removed),
+    }
+
+
+class RowIndex:
+    """An index whose search answers rows of `listing_ids` (the embeddings' order)
+    instead of labels (-1 for a label of no embedded listing): what evaluation compares
+    with exact search."""
+
+    def __init__(self, index: faiss.Index, ids: IndexIds, listing_ids: list[str]) -> None:
+        row_of = {listing_id: row for row, listing_id in enumerate(listing_ids)}
+        self.index = index
+        rows = np.array([row_of.get(i, -1) for i in ids.listing_ids], dtype=np.int64)
+        order = np.argsort(ids.labels)
+        self._labels, self._rows = ids.labels[order], rows[order]
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, labels = self.index.search(vectors, k)
+        at = np.clip(np.searchsorted(self._labels, labels), 0, max(0, len(self._labels) - 1))
+        known = (labels >= 0) & (self._labels[at] == labels) if len(self._labels) else labels < -1
+        return scores, np.where(known, self._rows[at] if len(self._rows) else -1, -1)

@@ -28,18 +28,18 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import faiss
-import pyarrow.parquet as pq
 
 from components.config import StepPaths
 from components.contract import INDEX, INDEX_IDS, MANIFEST, RELEASE_REPORTS
 from components.errors import StepFailed
+from components.io.faiss_index import IndexIds, read_ids
 from components.io.manifest import sha256_file
 from components.release.storage import MissingObject, PointerConflict, Storage, open_storage
 
@@ -104,7 +104,7 @@ class Published:
 class CurrentIndex:
     version: str
     index: Any  # faiss.Index
-    ids: list[str]
+    ids: IndexIds
     manifest: dict
     files: Path  # local copies of the version's files
 
@@ -423,24 +423,36 @@ def load_current_index(storage: Storage, cache_dir: Path | None = None) -> Curre
         raise ValueError(f"{storage.locate(POINTER)} does not exist: nothing was promoted yet")
     manifest = read_manifest(storage, current.version, current.manifest_sha256)
     local = Path(cache_dir or tempfile.mkdtemp(prefix="listing-index-")) / current.version
-    for name in (INDEX.name, INDEX_IDS.name):
-        expected = manifest["files"][name]
-        path = local / name
-        if not (path.is_file() and sha256_file(path) == expected["sha256"]):
-            storage.get_file(prefix_of(current.version) + name, path)
-            digest = sha256_file(path)
-            if digest != expected["sha256"]:
-                path.unlink()
-                raise CorruptObject(
-                    f"{storage.locate(prefix_of(current.version) + name)}: sha256 "
-                    f"{digest[:16]}... is not the manifest's {expected['sha256'][:16]}...; "
-                    "the stored file is corrupted"
-                )
+    download(storage, current.version, manifest, (INDEX.name, INDEX_IDS.name), local)
     index = faiss.read_index(str(local / INDEX.name))
-    ids = pq.read_table(local / INDEX_IDS.name).column(0).to_pylist()
+    ids = read_ids(local / INDEX_IDS.name)
     if index.ntotal != len(ids):
         raise CorruptObject(f"version {current.version}: {index.ntotal} vectors but {len(ids)} ids")
     return CurrentIndex(current.version, index, ids, manifest, local)
+
+
+def download(
+    storage: Storage, version: str, manifest: dict, names: Iterable[str], local: Path
+) -> None:
+    """Copies of the named files of `version` in `local`, each checked against the
+    manifest's sha256; one already there with the right sha256 is not downloaded again.
+
+    Raises:
+        CorruptObject: a stored file is not what the manifest says (named).
+    """
+    for name in names:
+        expected = manifest["files"][name]
+        path = local / name
+        if path.is_file() and sha256_file(path) == expected["sha256"]:
+            continue
+        storage.get_file(prefix_of(version) + name, path)
+        digest = sha256_file(path)
+        if digest != expected["sha256"]:
+            path.unlink()
+            raise CorruptObject(
+                f"{storage.locate(prefix_of(version) + name)}: sha256 {digest[:16]}... is not "
+                f"the manifest's {expected['sha256'][:16]}...; the stored file is corrupted"
+            )
 
 
 def listing_count(manifest: dict) -> int | None:
@@ -453,11 +465,11 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
     metrics."""
     current = read_pointer(storage)
     metric_names = [k.replace("/recall@10", " R@10") for k in metric_keys]
-    rows = [("", "version", "model", "listings", *metric_names)]
+    rows = [("", "version", "kind", "model", "listings", *metric_names)]
     for info in list_versions(storage):
         mark = "*" if current and info.version == current.version else ""
         if not info.complete:
-            rows.append((mark, info.version, "(incomplete)", "", *["" for _ in metric_keys]))
+            rows.append((mark, info.version, "", "(incomplete)", "", *["" for _ in metric_keys]))
             continue
         metrics = info.manifest.get("metrics", {})
         model = info.manifest.get("model", {})
@@ -466,6 +478,7 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
             (
                 mark,
                 info.version,
+                info.manifest.get("kind", "retrain"),
                 f"{model.get('name')}/{model.get('version')}",
                 "-" if count is None else f"{count:,}",
                 *[f"{metrics[k]:.3f}" if k in metrics else "-" for k in metric_keys],

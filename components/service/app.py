@@ -171,7 +171,8 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         served = release()
         vector = served.vector_of(listing_id)
         if vector is None:
-            raise HTTPException(404, f"listing {listing_id!r} is not in release {served.version}")
+            why = "was removed" if listing_id in served.removed else "is not"
+            raise HTTPException(404, f"listing {listing_id!r} {why} in release {served.version}")
         hits = [hit for hit in served.search(vector, k + 1)[0] if hit[0] != listing_id][:k]
         return answer(served, hits, listing_id=listing_id)
 
@@ -180,6 +181,9 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         media = mimetypes.guess_type(ref)[0] or "application/octet-stream"
         if not media.startswith("image/"):
             raise HTTPException(400, f"{ref!r} is not an image")
+        served = keeper.current
+        if served is not None and ref in served.removed_photos:
+            raise HTTPException(404, f"{ref!r} is a photo of a removed listing")
         try:
             location = catalog.resolve_image(ref, [], None)  # relative refs inside the root
             data = read_image_bytes(location, TRUSTED_MAX_BYTES)  # validated already
@@ -208,7 +212,8 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         return {
             "release": served.version,
             "model": {k: served.model.get(k) for k in ("name", "version", "run_id")},
-            "listings": len(served.ids),
+            "listings": served.size,
+            "removed": len(served.removed),
             "metrics": {k: v for k, v in metrics_.items() if "recall@10" in k},
             "loaded_at": served.loaded_at,
             "last_error": keeper.last_error,

@@ -6,11 +6,18 @@ weights' sha256 it recorded) with its frozen query encoders, and the catalog's t
 photos. `ReleaseKeeper` polls the store's pointer; when it moves (a promotion, a
 rollback) it loads the new release beside the old one and swaps the reference in one
 assignment, so a request sees one release or the other, never a mix. A release that fails
-to load or verify leaves the old one serving, and is logged and counted.
+to load or verify leaves the old one serving, and is logged and counted. A release whose
+index was embedded by another model than the one it names is refused: queries and index
+always come from one model version.
+
+With `CURRENT` it reads the store's tombstones (components/release/tombstones.py): a
+removed listing is kept out of every answer from the next poll on; searches fetch as many
+more neighbours as there are removed listings still in the index, so they still answer k.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,7 +31,8 @@ import torch
 
 from components.config import StepPaths
 from components.io.catalog_reader import CatalogRoot, read_listings
-from components.release import production, registry
+from components.io.faiss_index import IndexIds, allow_reconstruct
+from components.release import production, registry, tombstones
 from components.release.serving import QueryEmbedder
 from components.release.storage import Storage
 
@@ -34,38 +42,75 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Listing:
     title: str
-    photo: str | None  # the primary photo's reference inside the catalog root
+    photos: tuple[str, ...]  # references inside the catalog root, the primary first
+
+    @property
+    def photo(self) -> str | None:
+        return self.photos[0] if self.photos else None
 
 
-@dataclass
+@dataclass(frozen=True)
+class Labels:
+    """Which listing each label of a release's index is, and back (built once per
+    release)."""
+
+    listing_of: dict[int, str]
+    label_of: dict[str, int]
+
+    @classmethod
+    def of(cls, ids: IndexIds) -> Labels:
+        return cls(ids.listing_of(), ids.label_of())
+
+
+@dataclass(frozen=True)
 class ServedRelease:
     version: str
     index: faiss.Index
-    ids: list[str]
+    labels: Labels
     manifest: dict
     embedder: QueryEmbedder
     listings: dict[str, Listing]
+    removed: frozenset[str] = frozenset()  # tombstoned listings this release still holds
+    removed_photos: frozenset[str] = frozenset()  # their photos' references
     loaded_at: float = field(default_factory=time.time)
-    rows: dict[str, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.rows = {listing_id: row for row, listing_id in enumerate(self.ids)}
 
     @property
     def model(self) -> dict:
         return self.manifest.get("model", {})
 
+    @property
+    def size(self) -> int:
+        return len(self.labels.label_of)
+
+    def with_removed(self, removed: frozenset[str]) -> ServedRelease:
+        """This release with the tombstones `removed` applied (those it holds)."""
+        here = frozenset(i for i in removed if i in self.labels.label_of)
+        if here == self.removed:
+            return self
+        photos = frozenset(p for i in here if i in self.listings for p in self.listings[i].photos)
+        return dataclasses.replace(self, removed=here, removed_photos=photos)
+
     def search(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """The k nearest listings of each query vector, best first."""
-        scores, rows = self.index.search(np.ascontiguousarray(vectors, np.float32), k)
-        return [
-            [(self.ids[r], float(s)) for r, s in zip(row, score, strict=True) if r >= 0]
-            for row, score in zip(rows, scores, strict=True)
-        ]
+        """The k nearest listings of each query vector, best first, none removed."""
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        scores, labels = self.index.search(vectors, k + len(self.removed))
+        out = []
+        for row, score in zip(labels, scores, strict=True):
+            hits = []
+            for label, value in zip(row.tolist(), score.tolist(), strict=True):
+                listing_id = self.labels.listing_of.get(label) if label >= 0 else None
+                if listing_id is not None and listing_id not in self.removed:
+                    hits.append((listing_id, float(value)))
+                if len(hits) == k:
+                    break
+            out.append(hits)
+        return out
 
     def vector_of(self, listing_id: str) -> np.ndarray | None:
-        row = self.rows.get(listing_id)
-        return None if row is None else self.index.reconstruct(row)[None, :]
+        label = self.labels.label_of.get(listing_id)
+        if label is None or listing_id in self.removed:
+            return None
+        return self.index.reconstruct(label)[None, :]
 
 
 class ReleaseKeeper:
@@ -84,6 +129,7 @@ class ReleaseKeeper:
         self.device, self.cache_dir, self.on_load = device, cache_dir, on_load
         self.current: ServedRelease | None = None
         self.last_error: str | None = None
+        self.removed: frozenset[str] = frozenset()  # every tombstoned listing
         self._embedders: dict[tuple, QueryEmbedder] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,11 +144,13 @@ class ReleaseKeeper:
         if pointer is None:
             self.last_error = f"nothing promoted yet in {self.storage.uri}"
             return False
+        self._read_tombstones()
         if self.current is not None and self.current.version == pointer.version:
+            self.current = self.current.with_removed(self.removed)
             return False
         started = time.perf_counter()
         try:
-            release = self._load()
+            release = self._load().with_removed(self.removed)
         except Exception as err:
             return self._failed(pointer.version, f"{type(err).__name__}: {err}")
         previous, self.current = self.current, release  # one assignment: the swap
@@ -112,7 +160,7 @@ class ReleaseKeeper:
             release.version,
             release.model.get("name"),
             release.model.get("version"),
-            len(release.ids),
+            release.size,
             time.perf_counter() - started,
             f", was {previous.version}" if previous else "",
         )
@@ -126,14 +174,29 @@ class ReleaseKeeper:
         self.on_load(version, "failed")
         return False
 
+    def _read_tombstones(self) -> None:
+        """The store's removed listings now; on a read error the last ones known stay."""
+        try:
+            self.removed = tombstones.removed_ids(tombstones.read_all(self.storage))
+        except Exception as err:
+            log.error("serve: cannot read the tombstones of %s: %s", self.storage.uri, err)
+
     def _load(self) -> ServedRelease:
         loaded = production.load_current_index(self.storage, self.cache_dir)
-        _allow_reconstruct(loaded.index)
+        allow_reconstruct(loaded.index)
         reference = loaded.manifest["model"]
+        embedded_with = loaded.manifest.get("embedding_model_sha256", reference.get("sha256"))
+        if embedded_with != reference.get("sha256"):
+            raise ValueError(
+                f"release {loaded.version}: its index was embedded by weights "
+                f"{str(embedded_with)[:16]}..., not by the model it names "
+                f"({reference['name']} v{reference['version']}): queries and index would "
+                "come from two models"
+            )
         return ServedRelease(
             version=loaded.version,
             index=loaded.index,
-            ids=loaded.ids,
+            labels=Labels.of(loaded.ids),
             manifest=loaded.manifest,
             embedder=self._embedder(reference),
             listings=_listings(self.catalog),
@@ -170,19 +233,11 @@ class ReleaseKeeper:
             self._thread.join(timeout=30)
 
 
-def _allow_reconstruct(index: faiss.Index) -> None:
-    """IVF indexes reconstruct a stored vector only with a direct map."""
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.make_direct_map()
-
-
 def _listings(catalog: CatalogRoot) -> dict[str, Listing]:
     table = read_listings(catalog).select(["listing_id", "title", "image_uris"]).to_pylist()
     return {
         str(row["listing_id"]): Listing(
-            title=str(row["title"] or ""),
-            photo=row["image_uris"][0] if row["image_uris"] else None,
+            title=str(row["title"] or ""), photos=tuple(row["image_uris"] or ())
         )
         for row in table
     }

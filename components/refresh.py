@@ -1,0 +1,67 @@
+"""`python -m components refresh`: keep the served index current between retrains.
+
+    validate -> featurize (content cache) -> embed (the current release's model, only
+    new and changed listings) -> index (the current release's, updated) -> evaluate (the
+    same gates on the same test split, against the current release; staleness) -> promote
+
+A refresh never trains. It is the same step functions as a retrain, with the two params
+that make embed and index build on the current release (`REFRESH`); the Airflow refresh DAG
+and the Kubeflow refresh pipeline pass the same overrides. Here one run holds the workdir
+for its whole length, so no other run interleaves with it. What the model's staleness is
+(`evaluate/staleness.json`) ends the summary; a stale model calls for a retrain.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass
+
+from components.config import Params, StepPaths, with_overrides
+from components.contract import STALENESS, StepName
+from components.io.workdir_lock import holding
+
+STEPS: tuple[StepName, ...] = ("validate", "featurize", "embed", "index", "evaluate", "promote")
+# the overrides that make the steps a refresh (the DAG and the Kubeflow pipeline pass them)
+REFRESH = (
+    "embed.reuse_current=true",
+    "index.update_current=true",
+    "evaluate.diagnostics=false",  # the release's model, measured when it was trained
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    summaries: list[str]
+    staleness: dict
+
+    @property
+    def summary(self) -> str:
+        return "\n".join(self.summaries)
+
+
+def run(params: Params, tracking_uri: str | None = None) -> RefreshResult:
+    """Refresh the production store's current release from today's catalog.
+
+    Raises:
+        StepFailed: a step stopped it (too many bad rows, a failed gate): nothing promoted.
+        ValueError: nothing was promoted yet to build on, or bad input named by a step.
+    """
+    params = with_overrides(params, REFRESH)
+    paths = StepPaths.from_params(params, tracking_uri)
+    summaries = []
+    with holding(paths.workdir, "refresh"):
+        for step in STEPS:
+            module = importlib.import_module(f"components.{step}")
+            log.info("refresh: %s", step)
+            summaries.append(module.run(params.section(step), paths).summary)
+    found = json.loads(paths.path(STALENESS).read_text())
+    if found.get("stale"):
+        summaries.append(
+            "refresh: the model is stale, retrain it (make run, or the retrain DAG): "
+            + "; ".join(found["reasons"])
+        )
+    return RefreshResult(summaries, found)

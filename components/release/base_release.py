@@ -1,0 +1,124 @@
+"""The release a refresh builds on: a version of the production store, the files a step
+needs from it downloaded once into a local cache and verified against its manifest.
+
+The embed step reuses its vector of every listing whose views did not change
+(`embed.reuse_current`); the index step updates its index in place of a full build
+(`index.update_current`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from components.config import StepPaths
+from components.contract import EMBEDDED_IDS, EMBEDDINGS
+from components.release import production
+
+ADDED, CHANGED, REUSED = "added", "changed", "reused"
+
+
+@dataclass(frozen=True)
+class BaseRelease:
+    version: str
+    manifest: dict
+    local: Path  # the downloaded files
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model['name']}/{self.model['version']}"
+
+
+def current(paths: StepPaths, cache: Path, names: tuple[str, ...]) -> BaseRelease:
+    """The store's CURRENT version with the files `names` (`embeddings/` for every part).
+
+    Raises:
+        ValueError: nothing was promoted yet (a refresh needs a release to build on).
+    """
+    storage = production.open_store(paths)
+    pointer = production.read_pointer(storage)
+    if pointer is None:
+        raise ValueError(
+            f"nothing was promoted to {storage.uri} yet: a refresh builds on the current "
+            "release, so run a retrain first (make run, or the retrain DAG)"
+        )
+    return _fetch(storage, pointer.version, pointer.manifest_sha256, cache, names)
+
+
+def version(paths: StepPaths, name: str, cache: Path, names: tuple[str, ...]) -> BaseRelease:
+    """A given version (the one the embed step built on), with the files `names`."""
+    return _fetch(production.open_store(paths), name, None, cache, names)
+
+
+def _fetch(storage, name: str, manifest_sha256: str | None, cache: Path, names) -> BaseRelease:
+    manifest = production.read_manifest(storage, name, manifest_sha256)
+    wanted = [f for f in manifest["files"] if any(_named(f, n) for n in names)]
+    for older in cache.iterdir() if cache.is_dir() else ():
+        if older.name != name:  # one release in the cache at a time
+            shutil.rmtree(older, ignore_errors=True)
+    production.download(storage, name, manifest, wanted, cache / name)
+    return BaseRelease(name, manifest, cache / name)
+
+
+def _named(file: str, name: str) -> bool:
+    return file == name or file.startswith(f"{name}/")
+
+
+class ReusableVectors:
+    """The base release's vector of each listing, found by listing id and fingerprint
+    (memory-mapped: only the rows reused are read)."""
+
+    def __init__(self, base: BaseRelease) -> None:
+        table = pq.read_table(base.local / EMBEDDED_IDS.name)
+        ids = table.column("listing_id").to_pylist()
+        # a release from before fingerprints were recorded: nothing can be reused
+        prints = (
+            table.column("fingerprint").to_pylist()
+            if "fingerprint" in table.column_names
+            else [None] * len(ids)
+        )
+        self._where = {i: (p, row) for row, (i, p) in enumerate(zip(ids, prints, strict=True))}
+        parts = sorted((base.local / EMBEDDINGS.name).glob("part-*.npy"))
+        self._parts = [np.load(part, mmap_mode="r") for part in parts]
+        self._starts = np.cumsum([0] + [len(part) for part in self._parts])
+        if self._starts[-1] != len(ids):
+            raise ValueError(
+                f"release {base.version}: {self._starts[-1]} embeddings for {len(ids)} listings"
+            )
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def owned(self, owns: Callable[[str], bool]) -> int:
+        """How many of its listings `owns` (a shard's test) accepts."""
+        return sum(1 for listing_id in self._where if owns(listing_id))
+
+    def lookup(self, listing_ids: list[str], fingerprints: list[str]):
+        """Per listing: reused (same id and fingerprint: its vector is taken), changed
+        (same id, other views) or added; and the vectors of those reused ([n, dim], zero
+        rows for the others)."""
+        statuses, rows = [], []
+        for listing_id, fingerprint in zip(listing_ids, fingerprints, strict=True):
+            before = self._where.get(listing_id)
+            if before is None:
+                statuses.append(ADDED)
+            elif before[0] is None or before[0] != fingerprint:
+                statuses.append(CHANGED)
+            else:
+                statuses.append(REUSED)
+                rows.append((len(statuses) - 1, before[1]))
+        dim = self._parts[0].shape[1] if self._parts else 0
+        vectors = np.zeros((len(listing_ids), dim), np.float32)
+        for at, row in rows:
+            part = int(np.searchsorted(self._starts, row, side="right")) - 1
+            vectors[at] = self._parts[part][row - self._starts[part]]
+        return statuses, vectors
