@@ -580,6 +580,11 @@ class AirflowConfig(Section):
     schedule: str | None = Field(
         "0 3 * * 0", description="Cron schedule of the retraining DAG (null: manual only)."
     )
+    refresh_schedule: str | None = Field(
+        "0 * * * *",
+        description="Cron schedule of the refresh DAG (null: manual only): new and changed "
+        "listings searchable within this period; the retrain DAG starts when it says stale.",
+    )
     retries: int = Field(2, ge=0, description="Retries of a failed task (not of a failed gate).")
     retry_delay_minutes: float = Field(10.0, ge=0.0, description="Wait before a retry.")
     timeout_minutes: dict[StepName, float] = Field(

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -66,11 +68,12 @@ def harness(env: dict, *args: str) -> dict:
 
 
 def test_the_dag_imports_cleanly_with_one_task_per_step(airflow_env):
-    found = harness(airflow_env, "integrity")["result"]
+    every = harness(airflow_env, "integrity")["result"]
+    found = every["dags"]["listing_embeddings_retrain"]
 
-    assert found["import_errors"] == {}
-    assert found["warnings"] == []
-    assert found["dag_ids"] == ["listing_embeddings_retrain"]
+    assert every["import_errors"] == {}
+    assert every["warnings"] == []
+    assert every["dag_ids"] == ["listing_embeddings_refresh", "listing_embeddings_retrain"]
     assert set(found["task_ids"]) == {*STEP_ORDER, *(f"{s}_shard" for s in SHARDED_STEPS)}
     # a step's first task runs after the last tasks of the steps whose outputs it reads;
     # a sharded step's shards come first, its gather (the task named after it) last
@@ -82,6 +85,22 @@ def test_the_dag_imports_cleanly_with_one_task_per_step(airflow_env):
     assert set(found["retries"].values()) == {CONFIG.airflow.retries}
     assert found["timeouts"]["train"] == CONFIG.airflow.timeout_minutes["train"] * 60
     assert found["schedule"] == CONFIG.airflow.schedule and found["doc_md"]
+
+
+def test_the_refresh_dag_runs_the_steps_but_train_then_checks_staleness(airflow_env):
+    found = harness(airflow_env, "integrity")["result"]["dags"]["listing_embeddings_refresh"]
+
+    steps = [s for s in STEP_ORDER if s not in ("catalog", "train")]
+    assert set(found["task_ids"]) == {
+        *steps,
+        *(f"{s}_shard" for s in SHARDED_STEPS),
+        "staleness",
+        "retrain",
+    }
+    assert found["upstream"]["embed_shard"] == ["featurize", "validate"]  # no train
+    assert found["upstream"]["staleness"] == ["promote"]
+    assert found["upstream"]["retrain"] == ["staleness"]
+    assert found["schedule"] == CONFIG.airflow.refresh_schedule == "0 * * * *"
 
 
 def _overrides(work: Path, **gates: str) -> list[str]:
@@ -123,6 +142,25 @@ def test_dag_test_runs_every_step_and_ends_with_a_promoted_version(airflow_env, 
     assert all(tasks[step] == "success" for step in STEP_ORDER[:-2])
     assert "min:query_to_listing/recall@10" in failed["log"] and "FAIL" in failed["log"]
     assert json.loads((work / "production" / "indices" / "CURRENT").read_text()) == current
+
+    # the refresh DAG on the same workdir, two listings retitled since: a release of kind
+    # refresh, and (nothing new allowed) the retrain DAG started with the reason in its conf
+    listings = work / "catalog" / "listings.parquet"
+    rows = pq.read_table(listings).to_pylist()
+    for row in rows[:2]:
+        row["title"] += " (second edition)"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(listings)), listings)
+    stale = [*_overrides(work), "evaluate.staleness.max_new_share=0"]
+    refreshed = harness(airflow_env, "test", json.dumps(stale), "listing_embeddings_refresh")
+
+    assert refreshed["result"]["state"] == "success", refreshed["log"][-4000:]
+    tasks = refreshed["result"]["tasks"]
+    assert tasks["embed"] == tasks["staleness"] == tasks["retrain"] == "success"
+    (started,) = refreshed["result"]["triggered"]
+    assert "max_new_share" in started["conf"]["reason"]
+    pointer = json.loads((work / "production" / "indices" / "CURRENT").read_text())
+    manifest = work / "production" / "indices" / pointer["version"] / "manifest.json"
+    assert json.loads(manifest.read_text())["kind"] == "refresh"
 
 
 def test_kubernetes_mode_renders_pods_with_the_image_gpus_and_tolerations(airflow_env):
@@ -179,7 +217,7 @@ def test_kubernetes_mode_launches_multi_node_training_as_a_pytorchjob(airflow_en
     assert found["import_errors"] == {}
     ours = [w for w in found["warnings"] if "site-packages" not in w]  # not the provider's
     assert ours == []
-    upstream = found["upstream"]
+    upstream = found["dags"]["listing_embeddings_retrain"]["upstream"]
     assert upstream["train_launch"] == sorted(STEPS["train"].upstream)  # after featurize's gather
     assert upstream["train"] == ["train_launch"]  # waits for the job to end
     assert "train" in upstream["embed_shard"] and "train_launch" not in upstream["embed_shard"]

@@ -2,7 +2,7 @@
 configuration at import, so tests keep it out of the pytest process).
 
     python tests/harness/airflow_dag.py integrity
-    python tests/harness/airflow_dag.py test '<overrides JSON list>'
+    python tests/harness/airflow_dag.py test '<overrides JSON list>' [DAG_ID]
     python tests/harness/airflow_dag.py render
     python tests/harness/airflow_dag.py launch '<overrides JSON list>'
 
@@ -25,31 +25,46 @@ def integrity() -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         bag = DagBag(dag_folder=str(DAGS))
-    dag = bag.dags.get("listing_embeddings_retrain")
     return {
         "import_errors": {k: str(v) for k, v in bag.import_errors.items()},
         "warnings": [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught],
         "dag_ids": sorted(bag.dags),
-        "task_ids": [t.task_id for t in dag.tasks] if dag else [],
-        "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks} if dag else {},
-        "tags": sorted(dag.tags) if dag else [],
-        "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
-        "timeouts": {t.task_id: t.execution_timeout.total_seconds() for t in dag.tasks}
-        if dag
-        else {},
-        "schedule": dag.schedule if dag else None,
-        "doc_md": bool(dag and dag.doc_md),
+        "dags": {dag_id: _described(dag) for dag_id, dag in bag.dags.items()},
     }
 
 
-def test(overrides: list[str]) -> dict:
-    sys.path.insert(0, str(DAGS))
-    import listing_embeddings_retrain as module
+def _described(dag) -> dict:
+    timeouts = {t.task_id: t.execution_timeout for t in dag.tasks}
+    return {
+        "task_ids": [t.task_id for t in dag.tasks],
+        "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
+        "tags": sorted(dag.tags),
+        "retries": {t.task_id: t.retries for t in dag.tasks},
+        "timeouts": {k: v.total_seconds() for k, v in timeouts.items() if v is not None},
+        "schedule": dag.schedule,
+        "doc_md": bool(dag.doc_md),
+    }
 
+
+def test(overrides: list[str], dag_id: str = "listing_embeddings_retrain") -> dict:
+    import importlib
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.types import DagRunTriggeredByType
+
+    sys.path.insert(0, str(DAGS))
+    module = importlib.import_module(dag_id)
     run = module.dag.test(run_conf={"overrides": overrides})
+    # runs another DAG's task started (TriggerDagRunOperator), not earlier dag.test() runs
+    triggered = [
+        {"dag_id": r.dag_id, "conf": r.conf}
+        for r in DagRun.find(dag_id="listing_embeddings_retrain")
+        if r.triggered_by == DagRunTriggeredByType.OPERATOR
+    ]
     return {
         "state": str(run.state),
         "tasks": {ti.task_id: str(ti.state) for ti in run.get_task_instances()},
+        "triggered": triggered,
     }
 
 
@@ -142,7 +157,7 @@ if __name__ == "__main__":
     if command == "integrity":
         result = integrity()
     elif command == "test":
-        result = test(json.loads(sys.argv[2]))
+        result = test(json.loads(sys.argv[2]), *sys.argv[3:])
     elif command == "launch":
         result = launch(json.loads(sys.argv[2]))
     else:
