@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 OPTIONAL_DATA := .cache/debian/.fetched
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint serve mlflow-ui screenshot params-doc lock venv clean-artifacts browser
+.PHONY: help run refresh test lint serve mlflow-ui screenshot params-doc lock venv clean-artifacts browser
 
 help: ## list the targets
 	@echo "make <target>   (the first run of any target creates .venv from requirements.lock)"
@@ -20,6 +20,10 @@ run: $(STAMP) $(OPTIONAL_DATA) ## the pipeline on the sample catalog (dvc repro)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/python -m components versions
 	@echo "Search the current release: make serve, then open http://127.0.0.1:8000/"
+
+refresh: $(STAMP) ## between retrains: embed new and changed listings with the current model, update the index, promote
+	$(BIN)/python -m components refresh
+	$(BIN)/python -m components versions
 
 serve: $(STAMP) ## the search service and page over the store's CURRENT release (params: serve)
 	$(BIN)/python -m components serve

@@ -88,6 +88,12 @@ ACTIVATIONS = Artifact(
 EMBEDDINGS = Artifact("embed", "embeddings", "float32 unit rows, part-NNNNNN.npy", folder=True)
 EMBEDDED_IDS = Artifact("embed", "listing_ids.parquet", "listing_id of each embedding row")
 MISSING = Artifact("embed", "missing.parquet", "clean listings without an embedding, why")
+EMBED_SPLITS = Artifact(
+    "embed",
+    "splits.parquet",
+    "the splits the model was trained with (held-out views, test queries): train's, or in "
+    "a refresh the release's",
+)
 
 EMBED_BASE = Artifact(
     "embed",
@@ -221,7 +227,7 @@ _STEPS = (
     Step(
         "embed",
         "write one fused embedding per clean listing (streamed)",
-        writes=(EMBEDDINGS, EMBEDDED_IDS, MISSING, EMBED_BASE),
+        writes=(EMBEDDINGS, EMBEDDED_IDS, EMBED_SPLITS, MISSING, EMBED_BASE),
         reads=(IMAGES, CLEAN, *FEATURES, *TRAINED_MODEL),
     ),
     Step(
@@ -244,7 +250,17 @@ _STEPS = (
             RECALL_PLOT,
             EVALUATE_BASE,
         ),
-        reads=(IMAGES, QUERY_FEATURES, *FEATURES, *TRAINED_MODEL, *EMBEDDED, *INDEXED),
+        reads=(
+            IMAGES,
+            QUERY_FEATURES,
+            *FEATURES,
+            MODEL_WEIGHTS,  # a retrain's model (a refresh's comes from the registry)
+            ACTIVATIONS,
+            manifest_of("train"),
+            *EMBEDDED,
+            EMBED_SPLITS,  # the model's own test split
+            *INDEXED,
+        ),
     ),
     Step(
         "promote",
@@ -255,6 +271,7 @@ _STEPS = (
             manifest_of("featurize"),
             manifest_of("train"),
             *EMBEDDED,
+            EMBED_SPLITS,
             *INDEXED,
             METRICS,
             DETAILS,
@@ -276,6 +293,7 @@ RELEASE_FILES = (
     INDEX,
     INDEX_IDS,
     EMBEDDED_IDS,
+    EMBED_SPLITS,  # a refresh evaluates on its model's splits
     METRICS,
     DETAILS,
     PROFILE,

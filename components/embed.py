@@ -6,6 +6,7 @@ chunks featurize wrote, so memory stays bounded at any catalog size) and writes 
 
     embeddings/part-NNNNNN.npy   float32 [n, dim] per chunk, unit rows
     listing_ids.parquet          listing_id and fingerprint of each row, parts in order
+    splits.parquet               the splits the model was trained with (evaluate's test set)
     missing.parquet              clean listings with no usable view (never silently lost)
     manifest.json                model reference, inputs, counts, timings
 
@@ -14,8 +15,9 @@ train step held out for evaluation (`splits.parquet`): those serve only as queri
 listing's fingerprint hashes exactly those views' contents and types. Running again with
 the same model, features and splits recomputes nothing.
 
-A refresh (`embed.reuse_current`) embeds with the current release's model and takes that
-release's vector for every listing with the same fingerprint (the same model and the same
+A refresh (`embed.reuse_current`) embeds with the current release's model, with that
+release's splits (no train step needed), and takes its vector for every listing with the
+same fingerprint (the same model and the same
 content give the same vector), embedding only the new and changed listings; the manifest
 counts listings added, changed, removed and reused.
 
@@ -46,6 +48,7 @@ from components.config import EmbedConfig, StepPaths
 from components.contract import (
     CLEAN,
     EMBED_BASE,
+    EMBED_SPLITS,
     EMBEDDED_IDS,
     EMBEDDINGS,
     MISSING,
@@ -72,7 +75,13 @@ from components.io.manifest import (
 )
 from components.io.parquet_rows import RowReader
 from components.release import base_release, production, registry, tombstones
-from components.release.base_release import ADDED, CHANGED, REUSED, ReusableVectors
+from components.release.base_release import (
+    ADDED,
+    CHANGED,
+    REUSED,
+    BaseRelease,
+    ReusableVectors,
+)
 
 STEP = STEPS["embed"]
 OUTPUTS = tuple(artifact.name for artifact in STEP.writes if artifact.tracked)
@@ -101,17 +110,18 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
     base = None
     if config.reuse_current:
         base = base_release.current(
-            paths, paths.path(EMBED_BASE), (EMBEDDED_IDS.name, EMBEDDINGS.name)
+            paths, paths.path(EMBED_BASE), (EMBEDDED_IDS.name, EMBEDDINGS.name, EMBED_SPLITS.name)
         )
     loaded = registry.load_model(base.model_uri if base else config.model, paths, device)
     if base is not None and loaded.reference["sha256"] != base.model.get("sha256"):
         raise ValueError(
             f"{base.model_uri}: its weights are not the ones release {base.version} recorded"
         )
+    splits = _splits(paths, base)
     inputs = {
         "featurize": features_manifest["outputs"],
         "model": registry.identity(loaded.reference),
-        "splits_sha256": sha256_file(paths.path(SPLITS)),
+        "splits_sha256": sha256_file(splits),
     }
     if base is not None:
         inputs["base"] = {"version": base.version, "kind": base.manifest.get("kind", "retrain")}
@@ -123,7 +133,8 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
         log.info("%s", done.summary)
         return done
     embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
-    held_out = held_out_refs(paths)
+    held_out = held_out_refs(splits)
+    atomic.copy_file(splits, out / EMBED_SPLITS.name)
     reusable = ReusableVectors(base) if base is not None else None
     counts, rate = _write(embedder, out, held_out, config.batch_size, shard, reusable, removed)
     missing = _write_missing(paths.path(CLEAN), out, embedder.left_out, shard)
@@ -159,6 +170,23 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
     )
     log.info("%s", summary)
     return EmbedResult(out_dir=out, counts=counts | {"listings_per_s": rate}, summary=summary)
+
+
+def _splits(paths: StepPaths, base: BaseRelease | None) -> Path:
+    """The splits the model was trained with: the train step's, or in a refresh those of
+    the release it builds on (a release from before releases carried them: the train
+    step's, when it has run here)."""
+    if base is not None and (base.local / EMBED_SPLITS.name).is_file():
+        return base.local / EMBED_SPLITS.name
+    splits = paths.path(SPLITS)
+    if not splits.is_file():
+        raise FileNotFoundError(
+            f"{splits} does not exist"
+            + ("" if base is None else f" and release {base.version} holds no splits.parquet")
+            + ": the held-out views and test queries come from the model's training; run "
+            "train (python -m components train), or refresh from a newer release"
+        )
+    return splits
 
 
 def shard_dir(paths: StepPaths, shard: Shard) -> Path:
@@ -225,6 +253,7 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
                 np.save(handle, np.concatenate(vectors)[order])
             ids_out.write_table(merged.take(pa.array(order)).cast(ID_SCHEMA))
             total += len(merged_ids)
+    atomic.copy_file(shard_dir(paths, shards[0]) / EMBED_SPLITS.name, out / EMBED_SPLITS.name)
     left_out = {}
     for shard in shards:
         for row in pq.read_table(shard_dir(paths, shard) / MISSING.name).to_pylist():

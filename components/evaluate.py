@@ -42,6 +42,7 @@ from components.contract import (
     CHAMPION,
     CURVES,
     DETAILS,
+    EMBED_SPLITS,
     EMBEDDED_IDS,
     EVALUATE_BASE,
     GATES,
@@ -109,7 +110,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     loaded = _embed_model(embedded, paths, device)
     listing_ids, listings = read_embeddings(paths)
     embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
-    held_out = held_out_refs(paths)
+    held_out = held_out_refs(paths.path(EMBED_SPLITS))
     row_of = {lid: i for i, lid in enumerate(listing_ids)}
     sets = test_split_queries(paths, embedder, row_of)
     depth = min(max(config.ks), len(listing_ids))

@@ -70,7 +70,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     timer = Timer()
     out = paths.step_dir(STEP.name)
     out.mkdir(parents=True, exist_ok=True)
-    manifests = {step: read_manifest(paths.step_dir(step)) for step in STEP.upstream}
+    manifests = _upstream_manifests(paths)
     evaluation = require_run(paths.step_dir("evaluate"))
     _verify_release_files(paths, manifests, evaluation)
     gate_rows = _passed_gates(paths, manifests)
@@ -96,6 +96,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         "staleness": evaluation.get("staleness") or None,
         **_kind(manifests, storage),
     }
+    _inherit_training(metadata, manifests, storage)
     published = production.publish(
         storage, files, metadata, model, progress=lambda message: log.info("promote: %s", message)
     )
@@ -144,6 +145,29 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     )
     log.info("%s", summary)
     return PromoteResult(out, published.version, published.changed, deleted, summary)
+
+
+def _upstream_manifests(paths: StepPaths) -> dict[str, dict]:
+    """The manifests of the steps promote reads; a refresh's model was trained for the
+    release it builds on, so this workdir's train step (if any) is not part of it."""
+    embedded = read_manifest(paths.step_dir("embed"))
+    refresh = embedded["inputs"].get("base") is not None
+    return {
+        step: embedded if step == "embed" else read_manifest(paths.step_dir(step))
+        for step in STEP.upstream
+        if not (refresh and step == "train")
+    }
+
+
+def _inherit_training(metadata: dict, manifests: dict, storage) -> None:
+    """A refresh's release records its model's training lineage and params as the release
+    it builds on recorded them."""
+    if "train" in manifests:
+        return
+    before = production.read_manifest(storage, metadata["built_on"])
+    for key in ("lineage", "params"):
+        if "train" in before.get(key, {}):
+            metadata[key]["train"] = before[key]["train"]
 
 
 def _kind(manifests: dict, storage) -> dict:
@@ -269,7 +293,7 @@ def _lineage(manifests: dict) -> dict:
     return {
         step: {name: entry["sha256"] for name, entry in manifests[step]["outputs"].items()}
         for step in STEP.upstream
-        if step != "evaluate"
+        if step in manifests and step != "evaluate"
     }
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from components.config import Params, StepPaths, with_overrides
 from components.contract import STALENESS, StepName
+from components.contract import STEPS as CONTRACT
 from components.io.workdir_lock import holding
 
 STEPS: tuple[StepName, ...] = ("validate", "featurize", "embed", "index", "evaluate", "promote")
@@ -31,6 +32,13 @@ REFRESH = (
 )
 
 log = logging.getLogger(__name__)
+
+
+def upstream(step: StepName) -> tuple[StepName, ...]:
+    """The steps whose outputs `step` reads in a refresh: those of a retrain that a
+    refresh runs. Not train: the model and its splits come from the release the refresh
+    builds on; not catalog: validate reads the configured catalog (`paths.catalog`)."""
+    return tuple(name for name in CONTRACT[step].upstream if name in STEPS)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ def run_isolated(
     mlflow_uri: str | None = None,
     shard: str | None = None,
     shard_outputs: list[str] | None = None,
+    refresh: bool = False,
 ) -> str:
     """Run `step` on the `upstream` folders ({step name: path}), copy its output folder to
     `output`, and return its summary. `storage_uri` sets `storage.uri` and `mlflow_uri`
@@ -40,15 +41,20 @@ def run_isolated(
     of its N shards) gathers them: their files are linked into one step folder first (the
     shards write distinct file names) and the gather writes the step's outputs beside them.
 
+    `refresh`: run the step as part of a refresh (components/refresh.py): with its
+    overrides, and without the train step's folder.
+
     Raises:
         ValueError: `upstream` lacks a step that `step` reads, or names an unknown one.
     """
+    from components import refresh as refreshing
     from components.cli import run_step
 
-    _check_upstream(step, upstream)
+    reads = refreshing.upstream(step) if refresh and step in STEPS else None
+    _check_upstream(step, upstream, reads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix=f"listing-{step}-"))
-    settings = [*overrides, f"paths.workdir={work}"]
+    settings = [*(refreshing.REFRESH if refresh else ()), *overrides, f"paths.workdir={work}"]
     if storage_uri is not None:
         settings.append(f"storage.uri={storage_uri}")
     try:
@@ -59,11 +65,23 @@ def run_isolated(
         gather = None if shard_outputs is None else len(shard_outputs)
         params = load_params(params_file, settings)
         result = run_step(step, params, mlflow_uri, shard=shard, gather=gather)
-        shutil.copytree(work / step, output, symlinks=False)
+        shutil.copytree(work / step, output, symlinks=False, ignore=_own_caches(step, work / step))
     finally:
         _clean(work, step, upstream)
     print(result.summary)
     return result.summary
+
+
+def _own_caches(step: str, root: Path):
+    """copytree's ignore: the step's caches that no other step reads (a refresh's copy
+    of the release it builds on, train's checkpoints) stay out of its output artifact."""
+    read = {artifact for other in STEPS.values() for artifact in other.reads}
+    caches = {a.name for a in STEPS[step].writes if a.persistent and a not in read}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return caches & set(names) if Path(folder) == root else set()
+
+    return ignore
 
 
 def _link(source: str, target: str) -> None:
@@ -71,10 +89,10 @@ def _link(source: str, target: str) -> None:
     Path(target).symlink_to(source)
 
 
-def _check_upstream(step: str, upstream: dict[str, str]) -> None:
+def _check_upstream(step: str, upstream: dict[str, str], reads: tuple | None = None) -> None:
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; steps are {list(STEPS)}")
-    missing = set(STEPS[step].upstream) - set(upstream)
+    missing = set(STEPS[step].upstream if reads is None else reads) - set(upstream)
     unknown = set(upstream) - set(STEPS)
     if missing or unknown:
         raise ValueError(

@@ -5,11 +5,15 @@ end on kfp's local SubprocessRunner on a tiny catalog."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from components import refresh
 from components.cli import main
 from components.config import load_params
 from components.contract import SHARDED_STEPS, STEP_ORDER
@@ -23,13 +27,29 @@ import pipeline  # noqa: E402
 KUBE = load_params(REPO_ROOT / "params.yaml").orchestration.kubernetes
 
 
-def test_the_committed_yaml_is_what_the_pipeline_compiles_to(tmp_path):
-    fresh = pipeline.compile_pipeline(tmp_path / "compiled.yaml")
+@pytest.mark.parametrize("name", ["retrain", "refresh"])
+def test_the_committed_yaml_is_what_the_pipeline_compiles_to(tmp_path, name):
+    committed = pipeline.COMPILED if name == "retrain" else pipeline.COMPILED_REFRESH
+    fresh = pipeline.compile_pipeline(tmp_path / "compiled.yaml", getattr(pipeline, name))
 
-    assert fresh.read_text() == pipeline.COMPILED.read_text(), (
-        "infra/kubeflow/listing_embeddings_retrain.yaml is stale: "
+    assert fresh.read_text() == committed.read_text(), (
+        f"{committed.relative_to(REPO_ROOT)} is stale: "
         "run .venv/bin/python infra/kubeflow/pipeline.py"
     )
+
+
+def test_the_refresh_pipeline_has_no_train_and_builds_on_the_release():
+    spec = yaml.safe_load_all(pipeline.COMPILED_REFRESH.read_text()).__next__()
+    tasks = spec["root"]["dag"]["tasks"]
+    steps = {name for name in tasks if not name.startswith("for-loop-")}
+    assert steps == {"validate", "featurize", "embed", "index", "evaluate", "promote"}
+    for name in ("embed", "evaluate", "promote"):  # what a retrain reads from train
+        gathered = {"shards"} if name in SHARDED_STEPS else set()
+        assert set(tasks[name]["inputs"]["artifacts"]) == {*refresh.upstream(name), *gathered}
+        assert "train" not in refresh.upstream(name)
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        source = " ".join(executor["container"]["command"])
+        assert "refresh=True" in source, name  # the refresh's overrides, in every component
 
 
 def test_gpu_steps_request_accelerators_on_the_gpu_pool():
@@ -68,7 +88,7 @@ def test_gpu_steps_request_accelerators_on_the_gpu_pool():
 # requests, accelerators and placement only mean something on a cluster
 @pytest.mark.filterwarnings("ignore:.*have no effect in the current local runner")
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom")
-def test_the_pipeline_runs_on_the_local_runner_and_promotes(tmp_path):
+def test_the_pipelines_run_on_the_local_runner_retrain_then_refresh(tmp_path):
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
@@ -105,3 +125,30 @@ def test_the_pipeline_runs_on_the_local_runner_and_promotes(tmp_path):
         )
     evaluated = list((tmp_path / "root").glob("*/evaluate/out/gates.json"))
     assert evaluated and all(g["passed"] for g in json.loads(evaluated[0].read_text()))
+
+    # the refresh pipeline on the same store and registry, the catalog changed since: no
+    # train step, one listing added and one retitled, embedded with the release's model
+    catalog = tmp_path / "catalog"
+    (built,) = (tmp_path / "root").glob("*/catalog/out")
+    shutil.copytree(built, catalog)
+    table = pq.read_table(catalog / "listings.parquet")
+    rows = table.to_pylist()
+    rows[0]["title"] += " (second edition)"
+    rows.append(dict(rows[1], listing_id="brand-new", title=f"New: {rows[1]['title']}"))
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), catalog / "listings.parquet")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "again"))
+
+    pipeline.build_refresh_pipeline(shards=2)(
+        params_file=str(REPO_ROOT / "params.yaml"),
+        overrides=[*overrides, f"paths.catalog={catalog}"],
+        storage_uri=str(store),
+        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+
+    refreshed = json.loads((store / "indices" / "CURRENT").read_text())
+    release = json.loads((store / "indices" / refreshed["version"] / "manifest.json").read_text())
+    assert release["kind"] == "refresh" and release["built_on"] == current["version"]
+    assert (release["delta"]["added"], release["delta"]["changed"]) == (1, 1)
+    assert not list((tmp_path / "again").glob("*/train"))
+    (embedded,) = (tmp_path / "again").glob("*/embed/out")
+    assert not (embedded / "base").exists()  # the release's copy stays out of the artifact

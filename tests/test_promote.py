@@ -26,6 +26,7 @@ from components.config import (
     RegistryConfig,
     StorageConfig,
 )
+from components.contract import SPLITS
 from components.errors import StepFailed
 from components.io.manifest import AlteredFile, read_run
 from components.release import production, registry
@@ -197,7 +198,7 @@ def _recall_at_10(paths, uri: str) -> dict[str, float]:
     cpu = torch.device("cpu")
     loaded = registry.load_model(uri, paths, cpu)
     embedder = ListingEmbedder(loaded.model, loaded.spec, paths, cpu)
-    ids, listings = embedder.embed_all(held_out_refs(paths), 1024)
+    ids, listings = embedder.embed_all(held_out_refs(paths.path(SPLITS)), 1024)
     recall = {}
     for queries in present(test_split_queries(paths, embedder, {i: n for n, i in enumerate(ids)})):
         top = np.argsort(-(embed_queries(loaded.model, queries, cpu) @ listings.T), axis=1)[:, :10]

@@ -28,6 +28,7 @@ from components.config import (
     load_params,
     with_overrides,
 )
+from components.contract import SPLITS
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import read_embeddings
 from components.release import production, registry, tombstones
@@ -163,7 +164,7 @@ def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied,
     ids, vectors = read_embeddings(paths)
     model = registry.load_model(_uri(current), paths, CPU)
     full_ids, full = ListingEmbedder(model.model, model.spec, paths, CPU).embed_all(
-        held_out_refs(paths), 1024
+        held_out_refs(paths.path(SPLITS)), 1024
     )
     assert full_ids == ids
     fresh = set(changes["changed"] + changes["added"])
@@ -252,3 +253,28 @@ def test_a_catalog_changed_past_the_threshold_since_training_is_stale(copied):
     stored = production.load_current_index(open_storage(paths.storage, paths.storage_uri))
     assert stored.manifest["staleness"]["stale"] is True  # the release records it
     assert stored.manifest["staleness"]["drift"]["p_value"] > 0.01  # same kind of listings
+
+
+def test_a_refresh_reads_nothing_of_this_workdir_s_train_step(copied):
+    """The model and its splits come from the release (a Kubeflow refresh has no train
+    folder; a retrain that failed its gates leaves another model's in the workdir)."""
+    paths = copied
+    store = open_storage(paths.storage, paths.storage_uri)
+    before = production.load_current_index(store)
+    tested = json.loads((paths.step_dir("evaluate") / "manifest.json").read_text())["counts"]
+    shutil.rmtree(paths.step_dir("train"))
+    _change_catalog(paths.workdir / "catalog", 2, 1, 0, 0)
+
+    refresh.run(_params(paths), paths.tracking_uri)
+
+    current = production.load_current_index(store)
+    assert current.manifest["kind"] == "refresh" and current.version != before.version
+    assert current.manifest["files"]["splits.parquet"] == before.manifest["files"]["splits.parquet"]
+    assert current.manifest["lineage"]["train"] == before.manifest["lineage"]["train"]
+    assert current.manifest["params"]["train"] == before.manifest["params"]["train"]
+    evaluated = json.loads((paths.step_dir("evaluate") / "manifest.json").read_text())["counts"]
+    # the same test queries (the model's split), over two more listings
+    assert {k: v for k, v in evaluated.items() if k != "listings"} == {
+        k: v for k, v in tested.items() if k != "listings"
+    }
+    assert evaluated["listings"] == tested["listings"] + 2

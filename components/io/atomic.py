@@ -36,3 +36,11 @@ def write_table(table, path: Path) -> None:
 
     with writing(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def copy_file(source: Path, path: Path) -> None:
+    """A copy of `source` at `path`, atomically."""
+    import shutil
+
+    with writing(path) as tmp:
+        shutil.copyfile(source, tmp)

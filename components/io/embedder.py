@@ -9,13 +9,14 @@ frozen encoders' features for the no-training baseline, the diagnostics' view sa
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from components.config import StepPaths
-from components.contract import ACTIVATIONS, SPLITS, VIEWS
+from components.contract import ACTIVATIONS, VIEWS
 from components.core.batching import fuse_listings, pad_views
 from components.core.model import ListingModel
 from components.core.shards import Shard
@@ -27,9 +28,10 @@ from components.io.manifest import read_manifest
 from components.io.training_data import modality_store
 
 
-def held_out_refs(paths: StepPaths) -> set[tuple[str, str]]:
-    """(listing_id, image ref) of every view the train step held out for evaluation."""
-    table = pq.read_table(paths.path(SPLITS), columns=["kind", "id", "listing_id"]).to_pylist()
+def held_out_refs(splits: Path) -> set[tuple[str, str]]:
+    """(listing_id, image ref) of every view the train step held out for evaluation
+    (`splits`: its splits.parquet, or a copy)."""
+    table = pq.read_table(splits, columns=["kind", "id", "listing_id"]).to_pylist()
     return {(r["listing_id"], r["id"]) for r in table if r["kind"] == "held_out_view"}
 
 

@@ -1,5 +1,5 @@
 """The test split's queries, as the evaluate step measures them: the text queries and
-the held-out photos the train step assigned to `test` (`splits.parquet`), with the
+the held-out photos the train step assigned to `test` (the embed step's `splits.parquet`), with the
 listings relevant to each, and their features for a given model."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import StepPaths
-from components.contract import QUERY_FEATURES, SPLITS, VIEWS
+from components.contract import EMBED_SPLITS, QUERY_FEATURES, VIEWS
 from components.core.retrieval import QUERY_TO_LISTING, VIEW_TO_LISTING, QuerySet
 from components.core.views import group_queries
 from components.io.embedder import ListingEmbedder
@@ -21,8 +21,9 @@ def test_split_queries(
 ) -> list[QuerySet]:
     """The test split's text queries and held-out views, with their relevant listings
     (`row_of`: listing id -> row of the listing embeddings); inputs for `embedder`'s
-    model. Text queries carry their language when the catalog's queries have one."""
-    splits = pq.read_table(paths.path(SPLITS)).to_pylist()
+    model. Text queries carry their language when the catalog's queries have one. The
+    split is the one the embedded model was trained with (the embed step's copy)."""
+    splits = pq.read_table(paths.path(EMBED_SPLITS)).to_pylist()
     test = [s for s in splits if s["split"] == "test"]
     query_ids = {s["id"] for s in test if s["kind"] == "query"}
     queries = pq.read_table(paths.path(QUERY_FEATURES)).to_pylist()

@@ -1,4 +1,4 @@
-"""Kubeflow Pipelines (kfp 2.17) definition of the retraining pipeline.
+"""Kubeflow Pipelines (kfp 2.17) definitions of the retraining and refresh pipelines.
 
 One component per step, generated from the artifact contract (`components.contract`):
 each takes the output artifacts of the steps it reads and calls the same function as
@@ -9,7 +9,13 @@ pool's node selector and tolerations. The image, accelerator and pool settings c
 params.yaml's `orchestration.kubernetes`, retries and timeouts from
 `orchestration.kubeflow`.
 
-    python infra/kubeflow/pipeline.py    # rewrites infra/kubeflow/listing_embeddings_retrain.yaml
+    python infra/kubeflow/pipeline.py    # rewrites infra/kubeflow/listing_embeddings_*.yaml
+
+The refresh pipeline (`refresh`, components/refresh.py) has the same components but train:
+embed and index build on the production store's current release (its model from the
+registry, its splits, vectors and index from the store), so `storage_uri` and `mlflow_uri`
+are required; a KFP recurring run schedules it (hourly, like the Airflow refresh DAG). Its
+evaluate records the model's staleness in the release; the Airflow refresh DAG acts on it.
 
 featurize and embed run in `orchestration.shards` shards: a `dsl.ParallelFor` over the shard
 indices (one GPU pod each), then the step's own component gathers the collected shard
@@ -26,11 +32,13 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Artifact, Input, Output
 
+from components import refresh as refreshing
 from components.config import load_params
 from components.contract import SHARDED_STEPS, STEPS, Step
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = Path(__file__).with_name("listing_embeddings_retrain.yaml")
+COMPILED_REFRESH = Path(__file__).with_name("listing_embeddings_refresh.yaml")
 ORCHESTRATION = load_params(ROOT / "params.yaml").orchestration
 KUBE = ORCHESTRATION.kubernetes
 KUBEFLOW = ORCHESTRATION.kubeflow
@@ -69,18 +77,20 @@ _KINDS = {
 }
 
 
-def step_function(step: Step, kind: str = "step"):
-    """The component function of `step` (`kind`: step, shard or gather), with source KFP
-    can read (`inspect.getsource`)."""
+def step_function(step: Step, kind: str = "step", refresh: bool = False):
+    """The component function of `step` (`kind`: step, shard or gather; `refresh`: as a
+    refresh runs it, without train's output), with source KFP can read
+    (`inspect.getsource`)."""
     suffix, parameters, arguments = _KINDS[kind]
     function = step.name + suffix
+    reads = refreshing.upstream(step.name) if refresh else step.upstream
     source = _TEMPLATE.format(
         function=function,
         name=step.name,
         parameters=parameters,
-        arguments=arguments,
-        inputs="".join(f"    {name}: Input[Artifact],\n" for name in step.upstream),
-        upstream=", ".join(f'"{name}": {name}.path' for name in step.upstream),
+        arguments=arguments + (", refresh=True" if refresh else ""),
+        inputs="".join(f"    {name}: Input[Artifact],\n" for name in reads),
+        upstream=", ".join(f'"{name}": {name}.path' for name in reads),
     )
     filename = f"<kubeflow component {function}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -89,17 +99,26 @@ def step_function(step: Step, kind: str = "step"):
     return namespace[function]
 
 
-COMPONENTS = {
-    name: dsl.component(
-        step_function(step, "gather" if name in SHARDED_STEPS else "step"),
-        base_image=IMAGE,
-    )
-    for name, step in STEPS.items()
-}
-SHARD_COMPONENTS = {
-    name: dsl.component(step_function(STEPS[name], "shard"), base_image=IMAGE)
-    for name in SHARDED_STEPS
-}
+def _components(steps, refresh: bool = False) -> tuple[dict, dict]:
+    """Each step's component (a sharded step's gathers) and each sharded step's shard
+    component."""
+    whole = {
+        name: dsl.component(
+            step_function(STEPS[name], "gather" if name in SHARDED_STEPS else "step", refresh),
+            base_image=IMAGE,
+        )
+        for name in steps
+    }
+    shard = {
+        name: dsl.component(step_function(STEPS[name], "shard", refresh), base_image=IMAGE)
+        for name in SHARDED_STEPS
+        if name in steps
+    }
+    return whole, shard
+
+
+COMPONENTS, SHARD_COMPONENTS = _components(STEPS)
+REFRESH_COMPONENTS, REFRESH_SHARD_COMPONENTS = _components(refreshing.STEPS, refresh=True)
 
 
 def _on_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -137,6 +156,31 @@ def _placed(task: dsl.PipelineTask, step: str, gpu: bool | None = None) -> dsl.P
     return task
 
 
+def _step_tasks(common: dict, shards: int, refresh: bool) -> None:
+    """Every step's task(s), in pipeline order (upstream tasks exist already)."""
+    steps = refreshing.STEPS if refresh else tuple(STEPS)
+    whole, sharded = (
+        (REFRESH_COMPONENTS, REFRESH_SHARD_COMPONENTS)
+        if refresh
+        else (COMPONENTS, SHARD_COMPONENTS)
+    )
+    tasks: dict[str, dsl.PipelineTask] = {}
+    for name in steps:
+        reads = refreshing.upstream(name) if refresh else STEPS[name].upstream
+        upstream = {up: tasks[up].outputs["out"] for up in reads}
+        if name not in SHARDED_STEPS:
+            tasks[name] = _placed(whole[name](**common, **upstream), name)
+            tasks[name].set_display_name(name)
+            continue
+        with dsl.ParallelFor(list(range(shards))) as index:
+            shard = sharded[name](**common, shard=index, shards=shards, **upstream)
+            _placed(shard, name).set_display_name(f"{name} shard")
+        gathered = dsl.Collected(shard.outputs["out"])
+        gather = whole[name](**common, shards=gathered, **upstream)
+        tasks[name] = _placed(gather, name, gpu=False)  # it moves files: no GPU
+        tasks[name].set_display_name(f"{name} (gather)")
+
+
 def build_pipeline(shards: int = ORCHESTRATION.shards):
     """The pipeline with featurize and embed in `shards` shards (params: orchestration.shards)."""
 
@@ -157,31 +201,47 @@ def build_pipeline(shards: int = ORCHESTRATION.shards):
             "storage_uri": storage_uri,
             "mlflow_uri": mlflow_uri,
         }
-        tasks: dict[str, dsl.PipelineTask] = {}
-        for name, step in STEPS.items():  # in pipeline order: upstream tasks exist already
-            upstream = {up: tasks[up].outputs["out"] for up in step.upstream}
-            if name not in SHARDED_STEPS:
-                tasks[name] = _placed(COMPONENTS[name](**common, **upstream), name)
-                tasks[name].set_display_name(name)
-                continue
-            with dsl.ParallelFor(list(range(shards))) as index:
-                shard = SHARD_COMPONENTS[name](**common, shard=index, shards=shards, **upstream)
-                _placed(shard, name).set_display_name(f"{name} shard")
-            gathered = dsl.Collected(shard.outputs["out"])
-            gather = COMPONENTS[name](**common, shards=gathered, **upstream)
-            tasks[name] = _placed(gather, name, gpu=False)  # it moves files: no GPU
-            tasks[name].set_display_name(f"{name} (gather)")
+        _step_tasks(common, shards, refresh=False)
 
     return retrain
 
 
+def build_refresh_pipeline(shards: int = ORCHESTRATION.shards):
+    """The refresh (components/refresh.py): no training; embed and index build on the
+    store's current release, whose model and splits they read from the registry and the
+    store. Schedule it with a recurring run (hourly, as the Airflow refresh DAG)."""
+
+    @dsl.pipeline(
+        name="listing-embeddings-refresh",
+        description="Validate, featurize, embed the new and changed listings with the current "
+        "model, update the current index, evaluate with recall gates and staleness, promote.",
+    )
+    def refresh(
+        params_file: str = IMAGE_PARAMS,
+        overrides: list = [],  # noqa: B006 (KFP reads the default as the parameter's default)
+        storage_uri: str = "",
+        mlflow_uri: str = "",
+    ):
+        common = {
+            "params_file": params_file,
+            "overrides": overrides,
+            "storage_uri": storage_uri,
+            "mlflow_uri": mlflow_uri,
+        }
+        _step_tasks(common, shards, refresh=True)
+
+    return refresh
+
+
 retrain = build_pipeline()
+refresh = build_refresh_pipeline()
 
 
-def compile_pipeline(path: Path = COMPILED) -> Path:
-    compiler.Compiler().compile(retrain, str(path))
+def compile_pipeline(path: Path = COMPILED, pipeline=retrain) -> Path:
+    compiler.Compiler().compile(pipeline, str(path))
     return path
 
 
 if __name__ == "__main__":
     print(f"wrote {compile_pipeline()}")
+    print(f"wrote {compile_pipeline(COMPILED_REFRESH, refresh)}")
