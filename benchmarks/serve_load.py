@@ -6,10 +6,14 @@ Starts `python -m components serve` on 127.0.0.1 over the promoted release of `-
 concurrent clients (asyncio, keep-alive HTTP/1.1) sending text searches drawn from the
 catalog's queries for `--seconds`. With `--swap` (the default), a last run at 16 clients
 rebuilds the index as another type, promotes it, waits until the service answers with it,
-and rolls back, counting failed requests and the time until each release is served.
+and rolls back, the load running until the rollback is served, counting failed requests,
+answers per release and the time until each release is served. Then (unless
+`--no-remove`) a last run at 16 clients removes 20 listings that searches return and reports the
+last time one of them was answered after `remove` returned.
 127.0.0.1 only; every run is bounded in time.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 1 4 16 64] [--seconds 10]
+    .venv/bin/python benchmarks/serve_load.py [--clients 1 4 16 64] [--seconds 10] \
+        [--no-swap] [--no-remove]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
+POLL_S = 0.5  # the service's serve.poll_s here
 
 
 def free_port() -> int:
@@ -80,18 +85,31 @@ class Connection:
             self.writer.close()
 
 
-async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict:
+async def load(
+    url: str,
+    texts: list[str],
+    clients: int,
+    seconds: float,
+    until: threading.Event | None = None,
+    answers: list | None = None,
+) -> dict:
+    """`clients` concurrent clients for `seconds`, or (`until`) for at least `seconds` and
+    until the event is set. `answers`: each answer's (sent, received, listing ids) is
+    appended (perf_counter seconds)."""
     latencies: list[float] = []
     failures: list[str] = []
     versions: dict[str, int] = {}
     deadline = time.perf_counter() + seconds
     parts = urllib.parse.urlsplit(url)
 
+    def going() -> bool:
+        return time.perf_counter() < deadline or (until is not None and not until.is_set())
+
     async def client(offset: int) -> None:
         i = offset
         connection = Connection(parts.hostname, parts.port)
         try:
-            while time.perf_counter() < deadline:
+            while going():
                 target = "/search?" + urllib.parse.urlencode({"q": texts[i % len(texts)], "k": 10})
                 i += clients
                 start = time.perf_counter()
@@ -105,9 +123,13 @@ async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict
                 if status != 200:
                     failures.append(f"{status}: {body[:100]!r}")
                     continue
-                latencies.append(time.perf_counter() - start)
-                release = json.loads(body)["release"]
-                versions[release] = versions.get(release, 0) + 1
+                received = time.perf_counter()
+                latencies.append(received - start)
+                answer = json.loads(body)
+                versions[answer["release"]] = versions.get(answer["release"], 0) + 1
+                if answers is not None:
+                    found = [hit["listing_id"] for hit in answer["results"]]
+                    answers.append((start, received, found))
         finally:
             connection.close()
 
@@ -187,12 +209,19 @@ def swap_under_load(url: str, workdir: Path, texts: list[str], seconds: float, p
             timings["operator failed"] = float("nan")
             print(f"operator failed: {err}", file=sys.stderr)
 
+    done = threading.Event()
+
+    def operate_then_stop() -> None:
+        operate()
+        done.set()
+
     watcher = threading.Thread(target=watch_memory, daemon=True)
-    worker = threading.Thread(target=operate)
+    worker = threading.Thread(target=operate_then_stop)
     before = rss_mb(pid)
     watcher.start()
     worker.start()
-    result = asyncio.run(load(url, texts, 16, seconds))
+    # at least `seconds`, and until the operator has rolled back
+    result = asyncio.run(load(url, texts, 16, seconds, until=done))
     worker.join()
     stop.set()
     print()
@@ -211,12 +240,75 @@ def swap_under_load(url: str, workdir: Path, texts: list[str], seconds: float, p
     step("evaluate", workdir, "evaluate.champion=null")
 
 
+def removal_under_load(url: str, workdir: Path, texts: list[str], poll_s: float) -> None:
+    """16 clients while `remove` takes 20 listings that searches return out of search:
+    the last time each came back after `remove` returned, against serve.poll_s + 1 s.
+    The tombstones are retired afterwards (the store as it was)."""
+    from components.config import StorageConfig
+    from components.release import tombstones
+    from components.release.storage import open_storage
+
+    found = asyncio.run(_first_results(url, texts[:200]))
+    removed = sorted(found)[:20]
+    answers: list = []
+    done = threading.Event()
+    moments: dict[str, float] = {}
+
+    def operator() -> None:
+        time.sleep(3)
+        moments["remove called"] = time.perf_counter()
+        step("remove", workdir, args=(*removed, "--reason", "benchmark"))
+        moments["remove returned"] = time.perf_counter()
+        time.sleep(poll_s + 5)
+        done.set()
+
+    worker = threading.Thread(target=operator)
+    worker.start()
+    result = asyncio.run(load(url, texts, 16, 10.0, until=done, answers=answers))
+    worker.join()
+    gone = set(removed)
+    returned = moments["remove returned"]
+    # when each answer holding a removed listing arrived, against when remove returned
+    late = [received - returned for sent, received, ids in answers if gone & set(ids)]
+    over = [sent for sent, _, ids in answers if sent > returned + poll_s + 1 and gone & set(ids)]
+    called = moments["remove called"]
+    before = sum(1 for sent, _, ids in answers if sent < called and gone & set(ids))
+    print()
+    print(
+        f"removal under load (16 clients, {len(removed)} listings returned by searches "
+        f"removed, serve.poll_s {poll_s}): {result['requests']} requests, "
+        f"{result['failed']} failed, {result['qps']:.0f} req/s, p99 {result['p99']:.0f} ms; "
+        f"{before} answers before remove held one of them; "
+        f"remove took {returned - called:.2f} s; the last answer holding one arrived "
+        f"{max(late):+.2f} s from remove's return (bound +{poll_s + 1:.1f} s); "
+        f"{len(over)} answers sent later than the bound held one"
+    )
+    if result["failures"]:
+        print("failures:", result["failures"])
+    store = open_storage(StorageConfig(uri=str(workdir / "production")))
+    tombstones.retire(store, [t.key for t in tombstones.read_all(store)])
+
+
+async def _first_results(url: str, texts: list[str]) -> set[str]:
+    parts = urllib.parse.urlsplit(url)
+    connection = Connection(parts.hostname, parts.port)
+    seen: set[str] = set()
+    try:
+        for text in texts:
+            _, body = await connection.get("/search?" + urllib.parse.urlencode({"q": text}))
+            seen.update(hit["listing_id"] for hit in json.loads(body)["results"][:3])
+    finally:
+        connection.close()
+    return seen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "artifacts")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--no-swap", action="store_true")
+    parser.add_argument("--no-remove", action="store_true")
     args = parser.parse_args()
     workdir = args.workdir.resolve()
     port = free_port()
@@ -232,7 +324,7 @@ def main() -> None:
             "--set",
             f"serve.port={port}",
             "--set",
-            "serve.poll_s=0.5",
+            f"serve.poll_s={POLL_S}",
         ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -267,6 +359,8 @@ def main() -> None:
             )
         if not args.no_swap:
             swap_under_load(url, workdir, texts, max(args.seconds, 40.0), server.pid)
+        if not args.no_remove:
+            removal_under_load(url, workdir, texts, POLL_S)
     finally:
         server.terminate()
         server.wait(timeout=30)
