@@ -98,7 +98,12 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
     }
     _inherit_training(metadata, manifests, storage)
     published = production.publish(
-        storage, files, metadata, model, progress=lambda message: log.info("promote: %s", message)
+        storage,
+        files,
+        metadata,
+        model,
+        progress=lambda message: log.info("promote: %s", message),
+        built_on=metadata["built_on"],  # a refresh replaces only the release it updated
     )
     registry.move_alias(
         paths,

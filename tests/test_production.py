@@ -94,6 +94,21 @@ def test_promoting_the_same_content_again_is_a_no_op(storage, tmp_path):
     assert not production.publish(storage, files, {}, model).changed
 
 
+def test_an_update_lands_only_on_the_release_it_updates(storage, tmp_path):
+    first = publish(storage, tmp_path, 1)
+    second = publish(storage, tmp_path, 2)  # promoted since the update started from first
+
+    with pytest.raises(production.PromotionConflict, match=f"not {first.version}, the release"):
+        publish(storage, tmp_path, 3, built_on=first.version)
+
+    assert production.read_pointer(storage).version == second.version
+    assert len(production.list_versions(storage)) == 2  # nothing uploaded
+    updated = publish(storage, tmp_path, 3, built_on=second.version)
+    assert updated.changed and production.read_pointer(storage).version == updated.version
+    again = publish(storage, tmp_path, 3, built_on=second.version)  # a rerun once it landed
+    assert not again.changed and again.version == updated.version
+
+
 def test_two_promotions_then_rollback_and_roll_forward(storage, tmp_path):
     first = publish(storage, tmp_path, 1)
     second = publish(storage, tmp_path, 2)

@@ -238,7 +238,7 @@ def test_nothing_promoted_yet_is_a_one_line_error_for_refresh(featurized, tmp_pa
     assert code == 1 and len(err) == 1 and "nothing was promoted to" in err[0]
 
 
-def test_a_catalog_changed_past_the_threshold_since_training_is_stale(copied):
+def test_a_catalog_changed_past_the_threshold_since_training_is_stale(copied, capsys):
     paths = copied
     _change_catalog(paths.workdir / "catalog", 6, 0, 0, 0)  # 6 of 66: 9% new
     params = _params(paths)
@@ -253,6 +253,12 @@ def test_a_catalog_changed_past_the_threshold_since_training_is_stale(copied):
     stored = production.load_current_index(open_storage(paths.storage, paths.storage_uri))
     assert stored.manifest["staleness"]["stale"] is True  # the release records it
     assert stored.manifest["staleness"]["drift"]["p_value"] > 0.01  # same kind of listings
+    capsys.readouterr()
+    assert main(["versions", "--set", f"paths.workdir={paths.workdir}"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[-1].startswith("the current model is stale: ") and "max_new_share" in shown[-1]
+    (row,) = [line for line in shown if line.startswith("*  ")]
+    assert row.split()[2] == "refresh" and row.split()[-1] == "yes"
 
 
 def test_a_refresh_reads_nothing_of_this_workdir_s_train_step(copied):

@@ -250,16 +250,19 @@ def publish(
     manifest: dict,
     model: dict,
     progress: Callable[[str], None] = log.info,
+    built_on: str | None = None,
 ) -> Published:
     """Upload `files` as a new version, write its manifest last, verify what landed, then
     point `CURRENT` at it with a conditional write.
 
     `manifest` holds the extra fields of the version's manifest (lineage, params, metrics);
     `model` the model reference. The same content as the current version is a no-op.
+    `built_on`: the version this one updates (a refresh); it must still be current.
 
     Raises:
         PromotionConflict: `CURRENT` moved since this call read it (a concurrent
-            promotion won); this call's upload is removed and nothing it did is visible.
+            promotion won), or is not `built_on`; this call's upload is removed (or never
+            made) and nothing it did is visible.
         Any storage error: `CURRENT` is unchanged and the partial upload is removed.
     """
     current = read_pointer(storage)  # read first: a promotion that lands meanwhile wins
@@ -270,6 +273,13 @@ def publish(
     if current is not None and current.content_sha256 == content:
         existing = read_manifest(storage, current.version, current.manifest_sha256)
         return Published(current.version, False, current.previous, existing)
+    if built_on is not None and (current is None or current.version != built_on):
+        raise PromotionConflict(
+            f"{storage.locate(POINTER)} names {current.version if current else None}, not "
+            f"{built_on}, the release this one updates (another release was promoted or "
+            "rolled back to since): nothing was uploaded. Run the refresh again to build on "
+            "the current release."
+        )
     version = new_version(content)
     prefix = prefix_of(version)
     full = {
@@ -461,16 +471,23 @@ def listing_count(manifest: dict) -> int | None:
 
 
 def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
-    """One line per version, oldest first: current marker, model version, listings,
-    metrics."""
+    """One line per version, oldest first: current marker, kind, model version, listings,
+    metrics, and a refresh's staleness verdict (the reasons under the table for the
+    current version)."""
     current = read_pointer(storage)
     metric_names = [k.replace("/recall@10", " R@10") for k in metric_keys]
-    rows = [("", "version", "kind", "model", "listings", *metric_names)]
+    rows = [("", "version", "kind", "model", "listings", *metric_names, "stale")]
+    reasons: list[str] = []
     for info in list_versions(storage):
         mark = "*" if current and info.version == current.version else ""
         if not info.complete:
-            rows.append((mark, info.version, "", "(incomplete)", "", *["" for _ in metric_keys]))
+            rows.append(
+                (mark, info.version, "", "(incomplete)", "", *["" for _ in metric_keys], "")
+            )
             continue
+        staleness = info.manifest.get("staleness") or {}
+        if mark and staleness.get("stale"):
+            reasons = staleness.get("reasons", [])
         metrics = info.manifest.get("metrics", {})
         model = info.manifest.get("model", {})
         count = listing_count(info.manifest)
@@ -482,6 +499,7 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
                 f"{model.get('name')}/{model.get('version')}",
                 "-" if count is None else f"{count:,}",
                 *[f"{metrics[k]:.3f}" if k in metrics else "-" for k in metric_keys],
+                "-" if not staleness else "yes" if staleness.get("stale") else "no",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -489,4 +507,7 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
     where = f"store: {storage.uri}"
     if current is None:
         return "\n".join([where, "no version is current (nothing promoted yet)", *lines])
-    return "\n".join([where, *lines, f"* current ({current.reason} at {current.updated_at})"])
+    stale = [f"the current model is stale: {reason}" for reason in reasons]
+    return "\n".join(
+        [where, *lines, f"* current ({current.reason} at {current.updated_at})", *stale]
+    )
