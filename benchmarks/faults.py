@@ -12,12 +12,17 @@ under promote, hostile images under validate. Prints one table per part.
    whole store's tables) and inside the model's first registration (the registered model
    written, its first version not yet), then run again; the store left in place, the
    registered versions and the weights are compared with an uninterrupted run.
-3. **Storage faults** (`--storage`): the scenarios of tests/test_storage_faults.py
+3. **Refresh**: on the reference's release, the catalog changed (3 listings retitled, 2
+   removed, 1 new), `refresh` killed at `--refresh-at` shares of its uninterrupted
+   duration, checked as above after each kill, then run again to completion and compared
+   with an uninterrupted refresh.
+4. **Storage faults** (`--storage`): the scenarios of tests/test_storage_faults.py
    through tests/harness/fault_proxy.py, with the error each failure printed.
-4. **Bad inputs**: the hostile-image catalog of benchmarks/large_images.py (validate's
+5. **Bad inputs**: the hostile-image catalog of benchmarks/large_images.py (validate's
    decisions and peak memory are printed there).
 
-    .venv/bin/python benchmarks/faults.py [--listings 120] [--fractions 0.2 0.5 0.8]
+    .venv/bin/python benchmarks/faults.py [--listings 120] [--fractions 0.2 0.5 0.8] \
+        [--suites kill creation refresh] [--storage]
 """
 
 from __future__ import annotations
@@ -196,13 +201,15 @@ def _compare_releases(ref: Path, got: Path) -> str:
         )
         for w in (ref, got)
     ]
-    same_ids = releases[0].ids == releases[1].ids
+    a, b = releases[0].ids, releases[1].ids
+    same_ids = a.listing_ids == b.listing_ids and np.array_equal(a.labels, b.labels)
     complete = sum(
         v.complete
         for v in production.list_versions(open_storage(StorageConfig(uri=str(got / "production"))))
     )
     return (
-        f"CURRENT whole, same listing ids: {same_ids}; complete versions in the store: {complete}"
+        f"CURRENT whole, same listing ids and labels: {same_ids}; complete versions in the "
+        f"store: {complete}"
     )
 
 
@@ -325,6 +332,51 @@ def _kill_inside_registration(argv: list[str], db: Path, timeout: float = 300.0)
             process.wait()
 
 
+def refresh_suite(base: Path, extra: list[str], fractions: list[float]) -> None:
+    """Kill `refresh` at `fractions` of its uninterrupted duration on a changed catalog,
+    then rerun it; CURRENT must be whole after every kill and the rerun's release the
+    uninterrupted one's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    reference = base.parent / "reference"  # a promoted retrain (the kill suite's)
+    changed = base.parent / "refresh-base"
+    shutil.copytree(reference, changed)
+    listings = changed / "catalog" / "listings.parquet"
+    rows = pq.read_table(listings).to_pylist()
+    for row in rows[:3]:
+        row["title"] += " (second edition)"
+    rows = [*rows[:-2], dict(rows[5], listing_id="new-listing", title="A new " + rows[5]["title"])]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(listings)), listings)
+    ref, killed = base.parent / "refresh-reference", base.parent / "refresh-killed"
+    for target in (ref, killed):
+        shutil.copytree(changed, target)
+    duration = run("refresh", ref, extra)
+    print()
+    print(f"refresh (3 retitled, 2 removed, 1 new), uninterrupted {duration:.1f} s:")
+    print()
+    print("| kill at s | killed | visible files unreadable | CURRENT after kill |")
+    print("|---|---|---|---|")
+    for fraction in fractions:
+        after = fraction * duration
+        killed_it = kill_at("refresh", killed, extra, after)
+        bad = [f"{step}/{b}" for step in STEPS for b in unreadable_files(killed / step)]
+        try:
+            current = store_whole(killed)
+        except Exception as err:
+            current = f"BROKEN: {err}"
+        print(
+            f"| {after:.1f} | {'yes' if killed_it else 'no (done first)'} | "
+            f"{', '.join(bad) or 'none'} | {current} |"
+        )
+    run("refresh", killed, extra)
+    print()
+    print("| refresh rerun after the kills vs the uninterrupted refresh | |")
+    print("|---|---|")
+    for step in ("embed", "index", "evaluate", "promote"):
+        print(f"| {step} | {compare(step, ref, killed)} |")
+
+
 def storage_suite() -> None:
     import pytest
 
@@ -346,12 +398,33 @@ def main() -> None:
         default=[0.0, 0.25, 0.5, 0.75, 0.95],
         help="kill points inside the tracking store's creation, as shares of its tables",
     )
+    parser.add_argument(
+        "--refresh-at",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 0.85, 0.97],
+        help="kill points of refresh, as shares of its uninterrupted duration",
+    )
+    parser.add_argument(
+        "--suites",
+        nargs="+",
+        choices=["kill", "creation", "refresh"],
+        default=["kill", "creation", "refresh"],
+    )
     parser.add_argument("--storage", action="store_true", help="also run the storage faults")
     parser.add_argument("--out", type=Path, default=None, help="keep the workdirs here")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="faults-"))
-    kill_suite(root / "base", args.listings, args.fractions)
-    creation_suite(root / "base", [f"catalog.max_listings={args.listings}"], args.init_shares)
+    extra = [f"catalog.max_listings={args.listings}"]
+    if "kill" in args.suites:
+        kill_suite(root / "base", args.listings, args.fractions)
+    else:  # the other suites start from the uninterrupted reference run
+        for step in ("catalog", "validate", *STEPS):
+            run(step, root / "reference", extra)
+    if "creation" in args.suites:
+        creation_suite(root / "base", extra, args.init_shares)
+    if "refresh" in args.suites:
+        refresh_suite(root / "base", extra, args.refresh_at)
     if args.storage:
         storage_suite()
 

@@ -85,7 +85,9 @@ def test_gpu_steps_request_accelerators_on_the_gpu_pool():
             assert "tolerations" not in placement[executor]
 
 
-# requests, accelerators and placement only mean something on a cluster
+# requests, accelerators and placement only mean something on a cluster; about 100 s, so
+# with the slow tests (CI runs them after make test)
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*have no effect in the current local runner")
 @pytest.mark.filterwarnings("ignore:You may be attemping to run a task that uses custom")
 def test_the_pipelines_run_on_the_local_runner_retrain_then_refresh(tmp_path):
