@@ -43,7 +43,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from components.contract import STEP_ORDER  # noqa: E402
-from tests.harness.creation_kills import kill_during_creation, table_count  # noqa: E402
+from tests.harness.creation_kills import (  # noqa: E402
+    kill_during_creation,
+    kill_when,
+    table_count,
+)
 
 STEPS = [step for step in STEP_ORDER if step not in ("catalog", "validate")]
 OVERRIDES = [
@@ -306,30 +310,21 @@ def creation_suite(base: Path, extra: list[str], shares: list[float]) -> None:
         )
 
 
-def _kill_inside_registration(argv: list[str], db: Path, timeout: float = 300.0) -> bool:
+def _kill_inside_registration(argv: list[str], db: Path) -> bool:
     """Run train and SIGKILL it once its registered model exists without a version."""
     import sqlite3
 
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
     query = "select (select count(*) from registered_models), (select count(*) from model_versions)"
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            try:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0) as conn:
-                    models, versions = conn.execute(query).fetchone()
-            except sqlite3.Error:
-                models = versions = 0
-            if models and not versions:
-                process.kill()
-                process.wait()
-                return True
-            time.sleep(0.001)
-        return False
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+
+    def reached() -> bool | None:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0) as conn:
+                models, versions = conn.execute(query).fetchone()
+        except sqlite3.Error:
+            return None
+        return True if models and not versions else None
+
+    return kill_when(argv, REPO, reached, every=0.001) is not None
 
 
 def refresh_suite(base: Path, extra: list[str], fractions: list[float]) -> None:

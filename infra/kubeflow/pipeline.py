@@ -181,15 +181,11 @@ def _step_tasks(common: dict, shards: int, refresh: bool) -> None:
         tasks[name].set_display_name(f"{name} (gather)")
 
 
-def build_pipeline(shards: int = ORCHESTRATION.shards):
-    """The pipeline with featurize and embed in `shards` shards (params: orchestration.shards)."""
+def _pipeline(name: str, description: str, shards: int, refresh: bool):
+    """A pipeline of the steps' tasks; its run-time parameters are the same for both."""
 
-    @dsl.pipeline(
-        name="listing-embeddings-retrain",
-        description="Validate, featurize, train, embed, index, evaluate with recall gates, "
-        "promote.",
-    )
-    def retrain(
+    @dsl.pipeline(name=name, description=description)
+    def pipeline(
         params_file: str = IMAGE_PARAMS,
         overrides: list = [],  # noqa: B006 (KFP reads the default as the parameter's default)
         storage_uri: str = "",
@@ -201,36 +197,32 @@ def build_pipeline(shards: int = ORCHESTRATION.shards):
             "storage_uri": storage_uri,
             "mlflow_uri": mlflow_uri,
         }
-        _step_tasks(common, shards, refresh=False)
+        _step_tasks(common, shards, refresh)
 
-    return retrain
+    return pipeline
+
+
+def build_pipeline(shards: int = ORCHESTRATION.shards):
+    """The pipeline with featurize and embed in `shards` shards (params: orchestration.shards)."""
+    return _pipeline(
+        "listing-embeddings-retrain",
+        "Validate, featurize, train, embed, index, evaluate with recall gates, promote.",
+        shards,
+        refresh=False,
+    )
 
 
 def build_refresh_pipeline(shards: int = ORCHESTRATION.shards):
     """The refresh (components/refresh.py): no training; embed and index build on the
     store's current release, whose model and splits they read from the registry and the
     store. Schedule it with a recurring run (hourly, as the Airflow refresh DAG)."""
-
-    @dsl.pipeline(
-        name="listing-embeddings-refresh",
-        description="Validate, featurize, embed the new and changed listings with the current "
-        "model, update the current index, evaluate with recall gates and staleness, promote.",
+    return _pipeline(
+        "listing-embeddings-refresh",
+        "Validate, featurize, embed the new and changed listings with the current model, "
+        "update the current index, evaluate with recall gates and staleness, promote.",
+        shards,
+        refresh=True,
     )
-    def refresh(
-        params_file: str = IMAGE_PARAMS,
-        overrides: list = [],  # noqa: B006 (KFP reads the default as the parameter's default)
-        storage_uri: str = "",
-        mlflow_uri: str = "",
-    ):
-        common = {
-            "params_file": params_file,
-            "overrides": overrides,
-            "storage_uri": storage_uri,
-            "mlflow_uri": mlflow_uri,
-        }
-        _step_tasks(common, shards, refresh=True)
-
-    return refresh
 
 
 retrain = build_pipeline()

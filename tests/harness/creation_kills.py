@@ -21,6 +21,27 @@ def table_count(db: Path) -> int | None:
         return None
 
 
+def kill_when(argv: list[str], cwd: Path, reached, timeout: float = 300.0, every: float = 0.002):
+    """Run `argv` and SIGKILL it as soon as `reached()` (polled every `every` seconds)
+    returns something other than None; return that, or None when the process ended (or the
+    timeout passed) first."""
+    process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            found = reached()
+            if found is not None:
+                process.kill()
+                process.wait()
+                return found
+            time.sleep(every)
+        return None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def kill_during_creation(
     argv: list[str], cwd: Path, db: Path, at_tables: int, timeout: float = 300.0
 ) -> int | None:
@@ -28,19 +49,12 @@ def kill_during_creation(
     `.<name>.creating-*` file beside it) holds `at_tables` tables (0: as soon as that file
     exists). Returns the tables it held when killed, or None when the process ended (or
     the store was renamed into place) before that point."""
-    process = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            for creating in db.parent.glob(f".{db.name}.creating-*"):
-                tables = 0 if at_tables == 0 else table_count(creating)
-                if tables is not None and tables >= at_tables:
-                    process.kill()
-                    process.wait()
-                    return tables
-            time.sleep(0.002)
+
+    def reached() -> int | None:
+        for creating in db.parent.glob(f".{db.name}.creating-*"):
+            tables = 0 if at_tables == 0 else table_count(creating)
+            if tables is not None and tables >= at_tables:
+                return tables
         return None
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+
+    return kill_when(argv, cwd, reached, timeout)
