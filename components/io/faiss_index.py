@@ -46,25 +46,32 @@ class IndexIds:
         return dict(zip(self.listing_ids, self.labels.tolist(), strict=True))
 
 
-def read_ids(path: Path) -> IndexIds:
-    """An index's id map; one written before labels were stored labels its rows 0..N-1."""
+ID_SCHEMA = pa.schema(
+    [("listing_id", pa.string()), ("id", pa.int64()), ("fingerprint", pa.string())]
+)
+
+
+def read_id_table(path: Path) -> pa.Table:
+    """An index's id map as a table: listing_id, id (its label) and the fingerprint of the
+    listing's views when it was embedded. One written before labels were stored labels its
+    rows 0..N-1; before fingerprints were, they are null."""
     table = pq.read_table(path)
-    listing_ids = table.column("listing_id").to_pylist()
-    if "id" in table.column_names:
-        labels = table.column("id").to_numpy().astype(np.int64)
-    else:
-        labels = np.arange(len(listing_ids), dtype=np.int64)
-    return IndexIds(listing_ids, labels)
+    if "id" not in table.column_names:
+        table = table.append_column("id", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    if "fingerprint" not in table.column_names:
+        table = table.append_column("fingerprint", pa.nulls(table.num_rows, pa.string()))
+    return table.select(ID_SCHEMA.names).cast(ID_SCHEMA)
 
 
-def write_ids(path: Path, ids: IndexIds) -> None:
-    table = pa.table(
-        {
-            "listing_id": pa.array(ids.listing_ids, pa.string()),
-            "id": pa.array(ids.labels, pa.int64()),
-        }
-    )
-    atomic.write_table(table, path)
+def read_ids(path: Path) -> IndexIds:
+    """An index's id map, in memory."""
+    table = read_id_table(path)
+    return IndexIds(table["listing_id"].to_pylist(), table["id"].to_numpy().astype(np.int64))
+
+
+def write_ids(path: Path, table: pa.Table) -> None:
+    """The id map: a table of listing_id, id and fingerprint, one row per vector."""
+    atomic.write_table(table.select(ID_SCHEMA.names).cast(ID_SCHEMA), path)
 
 
 def new_index(factory: str, dim: int, count: int) -> faiss.Index:
