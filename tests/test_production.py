@@ -256,6 +256,22 @@ def test_retention_keeps_the_newest_the_current_and_the_previous(storage, tmp_pa
     assert production.load_current_index(storage).version == versions[0]
 
 
+def test_retention_keeps_the_release_the_current_model_was_trained_on(storage, tmp_path):
+    trained = publish(storage, tmp_path, 1).version
+    refreshes = [trained]
+    for seed in range(2, 7):  # hourly refreshes, each built on the one before
+        files = release(tmp_path / f"r{seed}", seed)
+        extra = {"kind": "refresh", "trained_on": trained}
+        published = production.publish(storage, files, extra, MODEL, built_on=refreshes[-1])
+        refreshes.append(published.version)
+
+    deleted = production.apply_retention(storage, keep=2, abandoned_after=timedelta(hours=24))
+
+    assert deleted == sorted(refreshes[1:-2])  # not the training release, older than them
+    left = {v.version for v in production.list_versions(storage)}
+    assert left == {trained, *refreshes[-2:]}
+
+
 def test_versions_table_marks_the_current_and_incomplete_versions(storage, tmp_path):
     first = publish(storage, tmp_path, 1)
     publish(storage, tmp_path, 2)

@@ -395,7 +395,8 @@ def apply_retention(
     storage: Storage, keep: int, abandoned_after: timedelta, now: datetime | None = None
 ) -> list[str]:
     """Delete complete versions beyond the newest `keep` (never the current one, the one
-    before it, or the one it replaced) and incomplete ones older than `abandoned_after`.
+    before it, the one it replaced, or the release their model was trained on, which a
+    refresh measures staleness against) and incomplete ones older than `abandoned_after`.
     Returns the deleted versions."""
     now = now or datetime.now(UTC)
     current = read_pointer(storage)
@@ -406,6 +407,11 @@ def apply_retention(
         protected |= {current.version, current.previous}
         older = [v for v in complete if v < current.version]
         protected |= set(older[-1:])
+        by_version = {v.version: v.manifest for v in versions if v.complete}
+        for kept in (current.version, current.previous, *older[-1:]):
+            trained_on = (by_version.get(kept) or {}).get("trained_on")
+            if trained_on:
+                protected.add(trained_on)
     doomed = [v for v in complete if v not in protected]
     for info in versions:
         started = version_time(info.version)
