@@ -2,11 +2,13 @@
 
     validate -> featurize (content cache) -> embed (the current release's model, only
     new and changed listings) -> index (the current release's, updated) -> evaluate (the
-    same gates on the same test split, against the current release; staleness) -> promote
+    same gates on the model's own test split, against the current release; staleness)
+    -> promote (only over the release it updated)
 
-A refresh never trains. It is the same step functions as a retrain, with the two params
-that make embed and index build on the current release (`REFRESH`); the Airflow refresh DAG
-and the Kubeflow refresh pipeline pass the same overrides. Here one run holds the workdir
+A refresh never trains. It is the same step functions as a retrain, with the overrides
+(`REFRESH`) that make embed and index build on the current release and leave out
+evaluate's diagnostics; the Airflow refresh DAG and the Kubeflow refresh pipeline pass the
+same overrides, and its steps read no train output (`upstream`). Here one run holds the workdir
 for its whole length, so no other run interleaves with it. What the model's staleness is
 (`evaluate/staleness.json`) ends the summary; a stale model calls for a retrain.
 """
