@@ -272,7 +272,7 @@ class TrainConfig(Section):
         0.5, gt=0.0, le=1.0, description="Marginal weight of the primary view per modality."
     )
     aux_samples: int = Field(
-        1, ge=0, description="factorized: auxiliary views sampled per modality per step (k)."
+        2, ge=0, description="factorized: auxiliary views sampled per modality per step (k)."
     )
     image_share: float = Field(
         0.5, ge=0.0, le=1.0, description="Weight of the image mean in the fused embedding."
@@ -560,6 +560,23 @@ class ServeConfig(Section):
     max_upload_mb: float = Field(10.0, gt=0.0, description="Largest photo upload accepted.")
     decode_memory_mb: int = Field(
         256, ge=1, description="Decoded pixels of uploads held at once (see validate)."
+    )
+    facet_hits: int = Field(
+        100,
+        ge=0,
+        le=1000,
+        description="Top hits of a search (without its filter) whose top-level categories "
+        "its facets count (0: no facets).",
+    )
+    max_filter_values: int = Field(
+        20, ge=1, description="Most category values one request may filter by."
+    )
+    overfetch_min_share: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="A filter keeping at least this share of the listings over-fetches "
+        "from the unfiltered index; a more selective one searches only its listings.",
     )
 
 

@@ -116,6 +116,37 @@ def test_factorized_sampling_is_unbiased():
     assert views.features.shape[1] == 3  # constant cost: primary + k, whatever V
 
 
+def test_factorized_is_pairwise_under_the_product_plan():
+    """With equal marginals (two views per modality, alpha 0.5) the product plan weighs
+    every pair the same: factorized is the pairwise loss. With alpha elsewhere it weighs
+    the pairs of primaries more, and a listing's weight scales its pairs alone."""
+    torch.manual_seed(0)
+    model = ListingModel(IMAGE_DIM, TEXT_DIM, dim=16, hidden=32, alpha=0.5)
+    batch = _batch()
+    every = torch.ones(6, 2, dtype=torch.bool)  # every listing has both views of each
+    batch = Batch(
+        Views(batch.images.features[:, :2], every, batch.images.kinds[:, :2]),
+        Views(batch.texts.features[:, :2], every, batch.texts.kinds[:, :2]),
+    )
+    out = model(batch.images, batch.texts)
+    factorized = build_objective("factorized", 1, 0.1, 10).terms(out, batch)["transport_loss"]
+    pairwise = build_objective("pairwise", 1, 0.1, 10).terms(out, batch)["pairwise_loss"]
+    torch.testing.assert_close(factorized, pairwise)
+
+    primaries = dataclasses.replace(out, alpha=0.9)
+    weighted = build_objective("factorized", 1, 0.1, 10).terms(primaries, batch)
+    assert not torch.isclose(weighted["transport_loss"], pairwise)
+    one = torch.zeros(6)
+    one[3] = 1.0  # listing 3 alone: its pairs' weighted mean, whatever the others do
+    alone = build_objective("factorized", 1, 0.1, 10).terms(out, batch, one)["transport_loss"]
+    shuffled = out.image_emb.clone()
+    shuffled[[0, 1]] = shuffled[[1, 0]]  # other listings' positives change, not listing 3's
+    moved = build_objective("factorized", 1, 0.1, 10).terms(
+        dataclasses.replace(out, image_emb=shuffled), batch, one
+    )["transport_loss"]
+    torch.testing.assert_close(alone, moved)
+
+
 def test_choose_views_keeps_the_primary_and_respects_k_and_cap():
     rng = np.random.default_rng(3)
 
@@ -372,7 +403,7 @@ def test_a_listing_without_one_modality_has_no_contrastive_terms():
     alone = objective.terms(out, batch, torch.tensor([1.0, 1, 0, 1, 1, 1]))
 
     assert torch.isfinite(sum(terms.values()))
-    torch.testing.assert_close(terms["contrastive_loss"], alone["contrastive_loss"])
+    torch.testing.assert_close(terms["transport_loss"], alone["transport_loss"])
 
 
 def test_the_ema_teacher_follows_the_student_at_its_momentum():
