@@ -1,8 +1,12 @@
-"""Load on the search service: requests/s and latency at several client counts, and a
-promotion plus a rollback under load.
+"""Load on the search service: a mixed load (text, photo and filtered text searches),
+requests/s and latency at several client counts, and a promotion plus a rollback under
+load.
 
 Starts `python -m components serve` on 127.0.0.1 over the promoted release of `--workdir`
-(default `artifacts/`, after `make run`), then for each client count runs that many
+(default `artifacts/`, after `make run`). First a mixed load at `--mix-clients` (16):
+each client sends in turn 8 text searches, a photo search (one of 64 catalog photos,
+multipart) and a text search filtered by a top-level category, reported per kind. Then
+for each client count it runs that many
 concurrent clients (asyncio, keep-alive HTTP/1.1) sending text searches drawn from the
 catalog's queries for `--seconds`. With `--swap` (the default), a last run at 16 clients
 rebuilds the index as another type, promotes it, waits until the service answers with it,
@@ -13,7 +17,7 @@ last time one of them was answered after `remove` returned.
 127.0.0.1 only; every run is bounded in time.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 1 4 16 64] [--seconds 10] \
-        [--no-swap] [--no-remove]
+        [--mix-clients 16] [--text-only] [--no-swap] [--no-remove]
 """
 
 from __future__ import annotations
@@ -69,9 +73,19 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def get(self, target: str) -> tuple[int, bytes]:
+        return await self.request(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+
+    async def post(self, target: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        return await self.request(head.encode() + body)
+
+    async def request(self, data: bytes) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        self.writer.write(data)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         length = 0
@@ -147,6 +161,108 @@ async def load(
         "versions": versions,
         "failures": failures[:3],
     }
+
+
+MIX = ("text",) * 8 + ("photo", "filtered")  # 80% text, 10% photo, 10% filtered text
+
+
+def photo_bodies(workdir: Path, count: int = 64) -> list[tuple[bytes, str]]:
+    """Multipart bodies of `count` catalog photos (primary photos of listings), ready to
+    post to /search/image, with their content type."""
+    catalog = workdir / "catalog"
+    rows = pq.read_table(catalog / "listings.parquet", columns=["image_uris"]).to_pylist()
+    bodies = []
+    for row in rows[:: max(1, len(rows) // count)][:count]:
+        data = (catalog / row["image_uris"][0]).read_bytes()
+        boundary = f"load{len(bodies):06d}"
+        body = (
+            (
+                f"--{boundary}\r\nContent-Disposition: form-data; "
+                f'name="photo"; filename="p.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + data
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        bodies.append((body, f"multipart/form-data; boundary={boundary}"))
+    return bodies
+
+
+def top_categories(workdir: Path) -> list[str]:
+    table = pq.read_table(workdir / "catalog" / "listings.parquet", columns=["category"])
+    return sorted({c.split(">")[0].strip() for c in table.column(0).to_pylist() if c})
+
+
+async def mixed_load(
+    url: str, texts: list[str], photos: list, categories: list[str], clients: int, seconds: float
+) -> dict[str, dict]:
+    """`clients` concurrent clients for `seconds`, each sending the mix MIX in turn: text
+    searches, photo searches and text searches filtered by a top-level category. Per kind:
+    requests, failures, rate and latency percentiles."""
+    latencies: dict[str, list[float]] = {kind: [] for kind in set(MIX)}
+    failures: dict[str, list[str]] = {kind: [] for kind in set(MIX)}
+    deadline = time.perf_counter() + seconds
+    parts = urllib.parse.urlsplit(url)
+
+    async def client(offset: int) -> None:
+        i = offset
+        connection = Connection(parts.hostname, parts.port)
+        try:
+            while time.perf_counter() < deadline:
+                kind = MIX[i % len(MIX)]
+                text = texts[i % len(texts)]
+                start = time.perf_counter()
+                try:
+                    if kind == "photo":
+                        body, content_type = photos[i % len(photos)]
+                        status, answer = await connection.post(
+                            "/search/image?k=10", body, content_type
+                        )
+                    else:
+                        query = {"q": text, "k": 10}
+                        if kind == "filtered":
+                            query["category"] = categories[i % len(categories)]
+                        status, answer = await connection.get(
+                            "/search?" + urllib.parse.urlencode(query)
+                        )
+                except (OSError, asyncio.IncompleteReadError, ValueError) as err:
+                    failures[kind].append(f"{type(err).__name__}: {err}")
+                    connection.close()
+                    connection = Connection(parts.hostname, parts.port)
+                    continue
+                finally:
+                    i += clients
+                if status != 200:
+                    failures[kind].append(f"{status}: {answer[:100]!r}")
+                    continue
+                latencies[kind].append(time.perf_counter() - start)
+        finally:
+            connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    elapsed = time.perf_counter() - started
+    rows = {}
+    for kind in ("text", "filtered", "photo"):
+        ms = np.array(latencies[kind]) * 1000 if latencies[kind] else np.zeros(1)
+        rows[kind] = {
+            "requests": len(latencies[kind]),
+            "failed": len(failures[kind]),
+            "qps": len(latencies[kind]) / elapsed,
+            "p50": float(np.percentile(ms, 50)),
+            "p99": float(np.percentile(ms, 99)),
+            "failures": failures[kind][:3],
+        }
+    everything = np.concatenate([np.array(v) for v in latencies.values()]) * 1000
+    rows["all"] = {
+        "requests": len(everything),
+        "failed": sum(len(v) for v in failures.values()),
+        "qps": len(everything) / elapsed,
+        "p50": float(np.percentile(everything, 50)) if len(everything) else 0.0,
+        "p99": float(np.percentile(everything, 99)) if len(everything) else 0.0,
+        "failures": [],
+    }
+    return rows
 
 
 def step(name: str, workdir: Path, *overrides: str, args: tuple[str, ...] = ()) -> None:
@@ -309,6 +425,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--no-swap", action="store_true")
     parser.add_argument("--no-remove", action="store_true")
+    parser.add_argument(
+        "--mix-clients", type=int, nargs="*", default=[16], help="mixed load rows (none: skip)"
+    )
+    parser.add_argument("--text-only", action="store_true", help="skip the text-only rows")
     args = parser.parse_args()
     workdir = args.workdir.resolve()
     port = free_port()
@@ -349,9 +469,34 @@ def main() -> None:
             f"{len(texts)} distinct queries; {args.seconds:.0f} s per row; server RSS "
             f"{rss_mb(server.pid):.0f} MB"
         )
+        if args.mix_clients:
+            photos, categories = photo_bodies(workdir), top_categories(workdir)
+            print(
+                f"mixed load: {' '.join(MIX)} in turn; filters: {len(categories)} "
+                "top-level categories"
+            )
+            print("| clients | kind | requests | failed | req/s | p50 ms | p99 ms |")
+            print("|---|---|---|---|---|---|---|")
+            for clients in args.mix_clients:
+                rows = asyncio.run(
+                    mixed_load(url, texts, photos, categories, clients, args.seconds)
+                )
+                for kind, row in rows.items():
+                    print(
+                        f"| {clients} | {kind} | {row['requests']} | {row['failed']} | "
+                        f"{row['qps']:.0f} | {row['p50']:.1f} | {row['p99']:.1f} |"
+                    )
+                    for failure in row["failures"]:
+                        print(f"  failed: {failure}")
+            filters = httpx.get(f"{url}/metrics").text.splitlines()
+            print(
+                "\n".join(
+                    line for line in filters if line.startswith("search_filter_strategy_total")
+                )
+            )
         print("| clients | requests | failed | req/s | p50 ms | p99 ms |")
         print("|---|---|---|---|---|---|")
-        for clients in args.clients:
+        for clients in [] if args.text_only else args.clients:
             row = asyncio.run(load(url, texts, clients, args.seconds))
             print(
                 f"| {clients} | {row['requests']} | {row['failed']} | {row['qps']:.0f} | "

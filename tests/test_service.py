@@ -7,8 +7,10 @@ import shutil
 import socket
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +20,7 @@ from components.config import IndexConfig, PromoteConfig, load_params
 from components.release import production
 from components.release.storage import open_storage
 from components.service.app import Metrics, create_app
+from components.service.filters import parts
 from components.service.server import build
 from tests.conftest import REPO_ROOT, png_claiming
 from tests.test_promote import EVALUATE, copy_of, evaluated_once  # noqa: F401  (a fixture)
@@ -89,6 +92,90 @@ def test_similar_listings_leave_out_the_listing_itself(service):
     assert answer.status_code == 200 and len(hits) == 5 and listing_id not in hits
     missing = client.get("/listings/no-such-listing/similar")
     assert missing.status_code == 404 and "no-such-listing" in missing.json()["detail"]
+
+
+def _exact_filtered(keeper, query_vector, category: str, k: int) -> list[str]:
+    """The k best listings under `category` by brute force over the index's vectors."""
+    served = keeper.current
+    key = parts(category)
+    ids = [
+        i
+        for i, listing in served.listings.items()
+        if i in served.labels.label_of and parts(listing.category or "")[: len(key)] == key
+    ]
+    vectors = np.stack([served.vector_of(i)[0] for i in ids])
+    order = np.argsort(-(vectors @ query_vector[0]), kind="stable")[:k]
+    return [ids[j] for j in order]
+
+
+@pytest.mark.parametrize("endpoint", ["text", "photo", "similar"])
+def test_a_category_filter_keeps_k_results_all_under_it(service, endpoint):
+    """Each search endpoint with a top-level category (broad: over-fetch) and a
+    subcategory (selective: restricted): k results, every one under the category, the
+    same listings as exact search among that category's listings; facets count the top
+    hits without the filter; /metrics says which strategy ran."""
+    client, keeper, paths = service
+    rows = _catalog_rows(paths)
+    row = rows[11]
+    top, sub = row["category"].split(" > ")[0], row["category"]
+    category_of = {r["listing_id"]: r["category"] for r in rows}
+    for category in (top, sub):
+        matching = sum(1 for c in category_of.values() if c.startswith(category))
+        k = min(10, matching)
+        if endpoint == "text":
+            answer = client.get(
+                "/search", params={"q": "smiling red", "k": k, "category": category}
+            )
+            query = keeper.current.embedder.texts(["smiling red"])
+        elif endpoint == "photo":
+            data = (REPO_ROOT / paths.catalog / row["image_uris"][0]).read_bytes()
+            answer = client.post(
+                "/search/image",
+                params={"k": k, "category": category},
+                files={"photo": ("p.png", data, "image/png")},
+            )
+            query = None
+        else:
+            answer = client.get(
+                f"/listings/{row['listing_id']}/similar", params={"k": k, "category": category}
+            )
+            query = keeper.current.vector_of(row["listing_id"])
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        found = [hit["listing_id"] for hit in body["results"]]
+        assert body["category"] == [category]
+        assert all(category_of[i].startswith(category) for i in found), found
+        expected = k - 1 if endpoint == "similar" and matching == k else k
+        assert len(found) == expected
+        if query is not None:
+            exact = [i for i in _exact_filtered(keeper, query, category, k + 1)]
+            exact = [i for i in exact if i != row["listing_id"] or endpoint != "similar"][:expected]
+            assert found == exact
+        assert sum(body["facets"].values()) == min(
+            100, keeper.current.size - (endpoint == "similar")
+        )
+        assert set(body["facets"]) <= {c.split(" > ")[0] for c in category_of.values()}
+    shares = {c: sum(v.startswith(c) for v in category_of.values()) / len(rows) for c in (top, sub)}
+    metrics = client.get("/metrics").text
+    for share in shares.values():
+        strategy = "overfetch" if share >= 0.25 else "restricted"
+        assert f'search_filter_strategy_total{{strategy="{strategy}"}}' in metrics
+
+
+def test_several_categories_match_any_and_case_and_spaces_do_not_matter(service):
+    client, _, paths = service
+    rows = _catalog_rows(paths)
+    tops = sorted({r["category"].split(" > ")[0] for r in rows})[:2]
+    written = [tops[0].upper(), tops[1].replace(" ", "  ")]
+    matching = sum(r["category"].split(" > ")[0] in tops for r in rows)
+
+    answer = client.get("/search", params={"q": "flag", "k": 100, "category": written})
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["category"] == tops
+    found = {r["listing_id"]: r["category"] for r in rows}
+    hits = [found[h["listing_id"]].split(" > ")[0] for h in answer.json()["results"]]
+    assert len(hits) == matching and set(hits) == set(tops)  # all of them, from both
 
 
 def test_photos_are_served_from_the_catalog_root_only(service):
@@ -163,6 +250,40 @@ def test_health_version_and_metrics(service):
             "larger than 1.0 MB",
         ),
         (("post", "/search/image", {}), 422, "Field required"),
+        (("get", "/search", {"params": {"q": "heart", "category": ""}}), 422, "blank value"),
+        (
+            ("get", "/search", {"params": {"q": "heart", "category": "x" * 5000}}),
+            422,
+            "5000 characters",
+        ),
+        (
+            (
+                "get",
+                "/search",
+                {"params": {"q": "heart", "category": [f"c{i}" for i in range(3000)]}},
+            ),
+            422,
+            "3000 values, at most 20",
+        ),
+        (
+            ("get", "/search", {"params": {"q": "heart", "category": "Smileys & Emotions"}}),
+            422,
+            "nearest: 'Smileys & Emotion'",
+        ),
+        (
+            ("get", "/listings/emoji-1f600/similar", {"params": {"category": "Nope"}}),
+            422,
+            "'Nope' is not a category",
+        ),
+        (
+            (
+                "post",
+                "/search/image",
+                {"params": {"category": "Flagz"}, "files": {"photo": ("a.png", b"x", "image/png")}},
+            ),
+            422,
+            "nearest: 'Flags'",
+        ),
     ],
     ids=[
         "1MB-query",
@@ -175,6 +296,12 @@ def test_health_version_and_metrics(service):
         "bomb",
         "oversize",
         "none",
+        "category-empty",
+        "category-long",
+        "category-3000",
+        "category-unknown",
+        "similar-unknown",
+        "photo-unknown",
     ],
 )
 def test_hostile_requests_are_a_4xx_with_a_message(service, request_, status, says):
@@ -252,12 +379,15 @@ SCREENSHOTS = REPO_ROOT / "build" / "screenshots"
     "chromium-driver; .ci/run installs them where apt-get works)",
 )
 def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(service, live_url):
+    """Text search, a category chip, "more like this", the back button, an address opened
+    directly, and photo search, in Chromium."""
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     _, keeper, paths = service
     rows = _catalog_rows(paths)
+    category_of = {r["listing_id"]: r["category"] for r in rows}
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
@@ -273,30 +403,68 @@ def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(service, live_
         "return Array.from(document.querySelectorAll('#results img'))"
         ".filter(img => img.complete && img.naturalWidth > 0).length"
     )
+
+    def shown() -> list[str]:
+        return [
+            e.get_attribute("data-listing-id")
+            for e in driver.find_elements(By.CSS_SELECTOR, ".result")
+        ]
+
+    def status() -> str:
+        return driver.find_element(By.ID, "status").text
+
     try:
         driver.get(live_url)
         wait.until(lambda d: keeper.current.version in d.find_element(By.ID, "release").text)
 
-        driver.find_element(By.ID, "q").send_keys(rows[7]["title"])
+        title = rows[7]["title"]
+        driver.find_element(By.ID, "q").send_keys(title)
         wait.until(lambda d: d.execute_script(loaded_photos) >= 5)
-        shown = [
-            e.get_attribute("data-listing-id")
-            for e in driver.find_elements(By.CSS_SELECTOR, ".result")
-        ]
-        assert rows[7]["listing_id"] in shown
+        assert rows[7]["listing_id"] in shown()
+        assert "q=" in driver.current_url  # the address holds the query
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)  # git-ignored; `make screenshot` copies
         driver.save_screenshot(str(SCREENSHOTS / "search-page.png"))
+
+        # a facet chip filters the results to its category
+        chip = driver.find_elements(By.CSS_SELECTOR, ".chip[data-category]")[0]
+        category = chip.get_attribute("data-category")
+        chip.click()
+        wait.until(lambda d: "in " + category in status())
+        assert shown() and all(category_of[i].startswith(category) for i in shown())
+        assert "category=" in driver.current_url
+        filtered = shown()
+
+        # "more like this" on the first result, in place, with a way back
+        first = filtered[0]
+        driver.find_element(By.CSS_SELECTOR, ".result .more").click()
+        wait.until(lambda d: "more like" in status())
+        wait.until(lambda d: first not in shown() and len(shown()) > 0)
+        assert f"similar={first}" in driver.current_url
+        assert all(category_of[i].startswith(category) for i in shown())
+        driver.find_element(By.ID, "back").click()
+        wait.until(lambda d: "more like" not in status() and "in " + category in status())
+        assert shown() == filtered
+        driver.back()  # the browser's own button: the unfiltered search again
+        wait.until(lambda d: "in " + category not in status() and "results for" in status())
+        assert rows[7]["listing_id"] in shown()
+
+        # an address opened directly runs its search
+        other = rows[20]
+        top = other["category"].split(" > ")[0]
+        driver.get(
+            f"{live_url}/?q={urllib.parse.quote(other['title'])}&category={urllib.parse.quote(top)}"
+        )
+        wait.until(lambda d: "in " + top in status())
+        assert driver.find_element(By.ID, "q").get_attribute("value") == other["title"]
+        assert other["listing_id"] in shown()
+        assert all(category_of[i].startswith(top) for i in shown())
 
         upload = driver.find_element(By.ID, "photo")
         driver.execute_script("arguments[0].hidden = false", upload)
         upload.send_keys(str(Path(paths.catalog) / rows[3]["image_uris"][0]))
-        wait.until(lambda d: "results for photo" in d.find_element(By.ID, "status").text)
-        wait.until(lambda d: d.execute_script(loaded_photos) >= 5)
-        shown = [
-            e.get_attribute("data-listing-id")
-            for e in driver.find_elements(By.CSS_SELECTOR, ".result")
-        ]
-        assert rows[3]["listing_id"] in shown[:5]
+        wait.until(lambda d: "results for photo" in status())
+        wait.until(lambda d: d.execute_script(loaded_photos) >= 1)
+        assert all(category_of[i].startswith(top) for i in shown())  # the filter stays
     finally:
         driver.quit()
 
@@ -315,10 +483,10 @@ def test_a_one_megabyte_query_to_the_real_server_is_a_4xx(live_url):
 
 
 def test_a_closed_batcher_refuses_at_once_instead_of_leaving_a_request_waiting():
-    from components.service.batching import SearchBatcher
+    from components.service.batching import TEXT, Search, SearchBatcher
 
     batcher = SearchBatcher(lambda: None)
     batcher.close()
 
     with pytest.raises(RuntimeError, match="closed"):
-        batcher.submit("red heart", 3)
+        batcher.submit(Search(TEXT, "red heart", 3))

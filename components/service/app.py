@@ -2,7 +2,11 @@
 
     GET  /search?q=...&k=...      text search
     POST /search/image            photo upload (multipart field `photo`)
-    GET  /listings/{id}/similar   listings near one listing
+    GET  /listings/{id}/similar   listings near one listing ("more like this")
+
+The three searches take `category=` (repeatable): a taxonomy prefix the results must fall
+under (components/service/filters.py), and answer with `facets`, the counts per top-level
+category over the query's top `serve.facet_hits` hits without the filter.
     GET  /photos/{ref}            a photo of the catalog, only from inside its root
     GET  /healthz, /readyz        alive; ready once a release is loaded
     GET  /version                 release, model version, its test metrics
@@ -32,11 +36,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.concurrency import run_in_threadpool
 
 from components.config import ServeConfig
 from components.io.catalog_reader import TRUSTED_MAX_BYTES, read_image_bytes
 from components.io.images import DecodeBudget, ImageBounds, ImageRefError, decode_image
-from components.service.batching import SearchBatcher
+from components.service.batching import PHOTO, TEXT, Answer, Search, SearchBatcher
+from components.service.filters import FilterError
 from components.service.releases import ReleaseKeeper, ServedRelease
 
 STATIC = resources.files("components.service") / "static"
@@ -73,6 +79,12 @@ class Metrics:
             ["version", "model_version"],
             registry=self.registry,
         )
+        self.filters = Counter(
+            "search_filter_strategy_total",
+            "Filtered searches by how the filter was applied (overfetch, restricted)",
+            ["strategy"],
+            registry=self.registry,
+        )
         self.loads = Counter(
             "search_release_loads_total",
             "Release loads by outcome (loaded, failed)",
@@ -92,7 +104,11 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
             raise HTTPException(503, f"no release loaded yet: {keeper.last_error or 'loading'}")
         return served
 
-    batcher = SearchBatcher(release)
+    batcher = SearchBatcher(
+        release,
+        overfetch_min_share=config.overfetch_min_share,
+        on_filter=lambda strategy: metrics.filters.labels(strategy).inc(),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -132,49 +148,97 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
             )
         return out
 
-    def answer(served: ServedRelease, hits, **extra) -> dict:
-        return {"release": served.version, **extra, "results": results(served, hits)}
+    def answer(served: ServedRelease, hits, facets=None, category=(), **extra) -> dict:
+        out = {"release": served.version, **extra}
+        if category:
+            out["category"] = list(category)
+        if facets is not None:
+            out["facets"] = facets
+        return out | {"results": results(served, hits)}
 
     k_param = Query(10, ge=1, le=config.max_k, description=f"results, 1..{config.max_k}")
     photo_param = File(..., description="the photo to search by")
+    category_param = Query(
+        None,
+        description="taxonomy prefix the results must fall under (repeatable: any of them)",
+    )
+
+    def checked(category: list[str] | None) -> tuple[str, ...]:
+        """The category values, canonical, checked against the served release (a 422
+        naming the value otherwise)."""
+        if category is None:
+            return ()
+        try:
+            return release().taxonomy.resolve(tuple(category)).values
+        except FilterError as err:
+            raise HTTPException(422, str(err)) from None
+
+    async def batched(search: Search) -> Answer:
+        try:
+            pending = batcher.submit(search)
+        except RuntimeError as err:  # shutting down: answer now rather than never
+            raise HTTPException(503, str(err)) from err
+        try:
+            return await asyncio.wrap_future(pending)
+        except FilterError as err:  # the release changed under the request
+            raise HTTPException(422, str(err)) from None
 
     @app.get("/search")
     async def search(
-        q: str = Query(..., min_length=1, max_length=config.max_query_chars), k: int = k_param
+        q: str = Query(..., min_length=1, max_length=config.max_query_chars),
+        k: int = k_param,
+        category: list[str] | None = category_param,
     ) -> dict:
         if not q.strip():
             raise HTTPException(422, "q is blank")
-        try:
-            pending = batcher.submit(q, k)
-        except RuntimeError as err:  # shutting down: answer now rather than never
-            raise HTTPException(503, str(err)) from err
-        served, hits = await asyncio.wrap_future(pending)
-        return answer(served, hits, query=q)
+        values = checked(category)
+        found = await batched(Search(TEXT, q, k, values, config.facet_hits))
+        return answer(found.release, found.hits, found.facets, found.category, query=q)
 
     @app.post("/search/image")
-    def search_image(photo: UploadFile = photo_param, k: int = k_param) -> dict:
-        data = photo.file.read(max_upload + 1)
+    async def search_image(
+        photo: UploadFile = photo_param,
+        k: int = k_param,
+        category: list[str] | None = category_param,
+    ) -> dict:
+        values = checked(category)
+        data = await photo.read(max_upload + 1)
         if len(data) > max_upload:
             raise HTTPException(413, f"photo larger than {config.max_upload_mb} MB")
         name = photo.filename or "upload"
         try:
-            image = decode_image(data, name, bounds, budget, fit=_fit(keeper))
+            image = await run_in_threadpool(
+                decode_image, data, name, bounds, budget, fit=_fit(keeper)
+            )
         except ImageRefError as err:
             status = 413 if err.code in ("image_too_large", "image_bomb") else 422
             raise HTTPException(status, f"{err.code}: {err.detail}") from None
-        served = release()
-        hits = served.search(served.embedder.images([image]), k)[0]
-        return answer(served, hits, photo=name)
+        found = await batched(Search(PHOTO, image, k, values, config.facet_hits))
+        return answer(found.release, found.hits, found.facets, found.category, photo=name)
 
     @app.get("/listings/{listing_id}/similar")
-    def similar(listing_id: str, k: int = k_param) -> dict:
+    def similar(
+        listing_id: str, k: int = k_param, category: list[str] | None = category_param
+    ) -> dict:
+        values = checked(category)
         served = release()
         vector = served.vector_of(listing_id)
         if vector is None:
             why = "was removed" if listing_id in served.removed else "is not"
             raise HTTPException(404, f"listing {listing_id!r} {why} in release {served.version}")
-        hits = [hit for hit in served.search(vector, k + 1)[0] if hit[0] != listing_id][:k]
-        return answer(served, hits, listing_id=listing_id)
+        depth = max(k, config.facet_hits) + 1
+        nearest = [hit for hit in served.search(vector, depth)[0] if hit[0] != listing_id]
+        facets = served.facets(nearest[: config.facet_hits]) if config.facet_hits else None
+        if not values:
+            return answer(served, nearest[:k], facets, listing_id=listing_id)
+        try:
+            where = served.taxonomy.resolve(values)
+        except FilterError as err:
+            raise HTTPException(422, str(err)) from None
+        hits, strategy = served.search_where(vector, k + 1, where, config.overfetch_min_share)
+        metrics.filters.labels(strategy).inc()
+        hits = [hit for hit in hits[0] if hit[0] != listing_id][:k]
+        return answer(served, hits, facets, values, listing_id=listing_id)
 
     @app.get("/photos/{ref:path}")
     def photo(ref: str) -> Response:

@@ -13,12 +13,16 @@ always come from one model version.
 With `CURRENT` it reads the store's tombstones (components/release/tombstones.py): a
 removed listing is kept out of every answer from the next poll on; searches fetch as many
 more neighbours as there are removed listings still in the index, so they still answer k.
+
+Each release also carries its listings' taxonomy (components/service/filters.py), for
+category filters and facets.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +39,7 @@ from components.io.faiss_index import IndexIds, allow_reconstruct
 from components.release import production, registry, tombstones
 from components.release.serving import QueryEmbedder
 from components.release.storage import Storage
+from components.service.filters import OVERFETCH, RESTRICTED, Filter, Taxonomy, search_params
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 class Listing:
     title: str
     photos: tuple[str, ...]  # references inside the catalog root, the primary first
+    category: str | None = None  # its taxonomy path
 
     @property
     def photo(self) -> str | None:
@@ -70,6 +76,7 @@ class ServedRelease:
     manifest: dict
     embedder: QueryEmbedder
     listings: dict[str, Listing]
+    taxonomy: Taxonomy
     removed: frozenset[str] = frozenset()  # tombstoned listings this release still holds
     removed_photos: frozenset[str] = frozenset()  # their photos' references
     loaded_at: float = field(default_factory=time.time)
@@ -94,17 +101,46 @@ class ServedRelease:
         """The k nearest listings of each query vector, best first, none removed."""
         vectors = np.ascontiguousarray(vectors, np.float32)
         scores, labels = self.index.search(vectors, k + len(self.removed))
-        out = []
-        for row, score in zip(labels, scores, strict=True):
-            hits = []
-            for label, value in zip(row.tolist(), score.tolist(), strict=True):
-                listing_id = self.labels.listing_of.get(label) if label >= 0 else None
-                if listing_id is not None and listing_id not in self.removed:
-                    hits.append((listing_id, float(value)))
-                if len(hits) == k:
-                    break
-            out.append(hits)
-        return out
+        return [self._hits(row, score, k) for row, score in zip(labels, scores, strict=True)]
+
+    def search_where(
+        self, vectors: np.ndarray, k: int, where: Filter, overfetch_min_share: float
+    ) -> tuple[list[list[tuple[str, float]]], str]:
+        """The k nearest listings of each query vector among those `where` keeps, and the
+        strategy used (filters.py): over-fetch when it keeps at least
+        `overfetch_min_share` of the listings, else (or when over-fetching came back
+        short) a search restricted to its labels."""
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        extra = len(self.removed)
+        wanted = min(k, len(where.labels))  # fewer only when fewer listings match
+        if where.selectivity >= overfetch_min_share:
+            depth = min(self.size, math.ceil((k + extra) / where.selectivity * 2))
+            params = search_params(self.index, where.selectivity, depth)
+            scores, labels = self.index.search(vectors, depth, params=params)
+            labels = np.where(where.keeps(labels), labels, -1)
+            hits = [self._hits(row, score, k) for row, score in zip(labels, scores, strict=True)]
+            if all(len(found) >= wanted for found in hits):
+                return hits, OVERFETCH
+        params = search_params(self.index, where.selectivity, k + extra, where)
+        scores, labels = self.index.search(vectors, k + extra, params=params)
+        hits = [self._hits(row, score, k) for row, score in zip(labels, scores, strict=True)]
+        return hits, RESTRICTED
+
+    def _hits(self, labels: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """Up to k (listing, score) of one result row, skipping empty and removed ones."""
+        hits = []
+        for label, value in zip(labels.tolist(), scores.tolist(), strict=True):
+            listing_id = self.labels.listing_of.get(label) if label >= 0 else None
+            if listing_id is not None and listing_id not in self.removed:
+                hits.append((listing_id, float(value)))
+            if len(hits) == k:
+                break
+        return hits
+
+    def facets(self, hits: list[tuple[str, float]]) -> dict[str, int]:
+        """Counts per top-level category over `hits`."""
+        label_of = self.labels.label_of
+        return self.taxonomy.facets([label_of[i] for i, _ in hits if i in label_of])
 
     def vector_of(self, listing_id: str) -> np.ndarray | None:
         label = self.labels.label_of.get(listing_id)
@@ -124,9 +160,11 @@ class ReleaseKeeper:
         device: torch.device,
         cache_dir: Path,
         on_load: Callable[[str, str], None] = lambda version, outcome: None,
+        max_filter_values: int = 20,
     ) -> None:
         self.storage, self.paths, self.catalog = storage, paths, catalog
         self.device, self.cache_dir, self.on_load = device, cache_dir, on_load
+        self.max_filter_values = max_filter_values
         self.current: ServedRelease | None = None
         self.last_error: str | None = None
         self.removed: frozenset[str] = frozenset()  # every tombstoned listing
@@ -193,13 +231,19 @@ class ReleaseKeeper:
                 f"({reference['name']} v{reference['version']}): queries and index would "
                 "come from two models"
             )
+        labels = Labels.of(loaded.ids)
+        listings = _listings(self.catalog)
         return ServedRelease(
             version=loaded.version,
             index=loaded.index,
-            labels=Labels.of(loaded.ids),
+            labels=labels,
             manifest=loaded.manifest,
             embedder=self._embedder(reference),
-            listings=_listings(self.catalog),
+            listings=listings,
+            taxonomy=Taxonomy(
+                {label: _category(listings, i) for label, i in labels.listing_of.items()},
+                self.max_filter_values,
+            ),
         )
 
     def _embedder(self, reference: dict) -> QueryEmbedder:
@@ -234,10 +278,19 @@ class ReleaseKeeper:
 
 
 def _listings(catalog: CatalogRoot) -> dict[str, Listing]:
-    table = read_listings(catalog).select(["listing_id", "title", "image_uris"]).to_pylist()
+    table = read_listings(catalog)
+    columns = ["listing_id", "title", "image_uris"]
+    rows = table.select([*columns, "category"] if "category" in table.column_names else columns)
     return {
         str(row["listing_id"]): Listing(
-            title=str(row["title"] or ""), photos=tuple(row["image_uris"] or ())
+            title=str(row["title"] or ""),
+            photos=tuple(row["image_uris"] or ()),
+            category=row.get("category"),
         )
-        for row in table
+        for row in rows.to_pylist()
     }
+
+
+def _category(listings: dict[str, Listing], listing_id: str) -> str | None:
+    listing = listings.get(listing_id)
+    return listing.category if listing else None

@@ -39,6 +39,7 @@ def build(
         device=pick_device(config.device),
         cache_dir=cache_dir or Path(tempfile.mkdtemp(prefix="search-releases-")),
         on_load=on_load,
+        max_filter_values=config.max_filter_values,
     )
     keeper.refresh()
     return create_app(config, keeper, metrics), keeper
