@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 OPTIONAL_DATA := .cache/debian/.fetched
 
 .DEFAULT_GOAL := help
-.PHONY: help run refresh test lint serve mlflow-ui screenshot params-doc lock venv clean-artifacts browser
+.PHONY: help run refresh test lint serve mlflow-ui screenshot gpu-check params-doc lock venv clean-artifacts browser
 
 help: ## list the targets
 	@echo "make <target>   (the first run of any target creates .venv from requirements.lock)"
@@ -52,6 +52,9 @@ lint: $(STAMP) ## ruff check and format check, the layer and DVC-stage checks
 screenshot: $(STAMP) browser ## refresh docs/search-page.png from the browser test
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_service.py -k real_browser
 	cp build/screenshots/search-page.png docs/search-page.png
+
+gpu-check: $(STAMP) ## the prepared GPU check's table (benchmarks/gpu.sh; --device cpu here)
+	PYTHON=$(BIN)/python benchmarks/gpu.sh $(if $(DEVICE),--device $(DEVICE),)
 
 params-doc: $(STAMP) ## regenerate docs/params.md from the config models
 	$(BIN)/python scripts/params_doc.py
