@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) give the same loss and gradients as one process on the same
 global batch: embeddings are gathered across ranks and DDP averages the gradients, also
-when the ranks hold different numbers of queries (or none)."""
+when the ranks hold different numbers of queries (or none) or batches of different widths
+(each rank pads its views to its own widest listing)."""
 
 from __future__ import annotations
 
@@ -23,14 +24,19 @@ QUERY_TARGETS = {
     "even": ([0, 1, 3], [4, 6, 7]),
     "uneven": ([0, 1, 2, 3], [5, 6]),
     "one rank has none": ([0, 1, 2, 3, 1, 2], []),
+    "ranks of different widths": ([0, 1, 3], [4, 6, 7]),
 }
+NARROW = "ranks of different widths"  # rank 1's listings have one photo: its batch is 1 wide
 
 
 def _global_batch(queries: str) -> Batch:
     generator = torch.Generator().manual_seed(11)
+    image_mask = torch.ones(GLOBAL_BATCH, 3, dtype=torch.bool)
+    if queries == NARROW:
+        image_mask[GLOBAL_BATCH // 2 :, 1:] = False
     images = Views(
         torch.randn(GLOBAL_BATCH, 3, 12, generator=generator),
-        torch.ones(GLOBAL_BATCH, 3, dtype=torch.bool),
+        image_mask,
         torch.full((GLOBAL_BATCH, 3), KIND["image"]),
     )
     texts = Views(
@@ -63,12 +69,18 @@ def _worker(rank: int, world: int, port: int, name: str, queries: str, results) 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         full = _global_batch(queries)
+        narrow = queries == NARROW and rank == 1
         half = GLOBAL_BATCH // world
         rows = slice(rank * half, (rank + 1) * half)
         before = sum(len(t) for t in QUERY_TARGETS[queries][:rank])
         queries = slice(before, before + len(QUERY_TARGETS[queries][rank]))
+        width = 1 if narrow else 3  # as pad_views would pad it
         local = Batch(
-            Views(full.images.features[rows], full.images.mask[rows], full.images.kinds[rows]),
+            Views(
+                full.images.features[rows, :width],
+                full.images.mask[rows, :width],
+                full.images.kinds[rows, :width],
+            ),
             Views(full.texts.features[rows], full.texts.mask[rows], full.texts.kinds[rows]),
             full.query_features[queries],
             full.query_targets[queries] - rank * half,
@@ -89,6 +101,8 @@ def _worker(rank: int, world: int, port: int, name: str, queries: str, results) 
         ("factorized", "even"),
         ("factorized", "uneven"),
         ("factorized", "one rank has none"),
+        ("factorized", NARROW),
+        ("pairwise", NARROW),
         ("single_view", "even"),
         ("pairwise", "even"),
         ("sinkhorn", "uneven"),

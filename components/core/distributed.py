@@ -99,6 +99,25 @@ def global_sum(count: int) -> int:
     return int(tensor.item())
 
 
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """A scalar's mean over the ranks, detached (itself, detached, in one process): a
+    per-rank normaliser that makes the ranks' averaged losses the global batch's mean."""
+    value = value.detach().clone()
+    if not is_distributed():
+        return value
+    dist.all_reduce(value)
+    return value / world_size()
+
+
+def global_max(count: int) -> int:
+    """The largest of a per-rank count over all ranks (the count itself in one process)."""
+    if not is_distributed():
+        return count
+    tensor = torch.tensor([count], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average scalars over ranks (for logging the global batch's losses)."""
     if not is_distributed() or not values:

@@ -45,7 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.core.distributed import gather_with_grad, global_sum, rank, world_size
+from components.core.distributed import (
+    gather_with_grad,
+    global_max,
+    global_sum,
+    mean_over_ranks,
+    rank,
+    world_size,
+)
 from components.core.model import Outputs, Views, marginal_weights
 
 
@@ -165,13 +172,11 @@ class Factorized(Objective):
         self.aux_views = aux_samples
 
     def terms(self, out, batch, weights=None):
-        p = marginal_weights(batch.images.mask, out.alpha)  # [B, 1 + k]: sums to 1 per row
-        q = marginal_weights(batch.texts.mask, out.alpha)
-        mass = torch.cat([p, q], dim=1).T  # [V, B]: the mass each sampled view stands for
-        pair_mass = mass[:, None, :] * mass[None, :, :]  # the product plan [V, V, B]
-        if weights is not None:
-            pair_mass = pair_mass * weights[None, None, :]
-        return {"transport_loss": view_pairs_loss(out, batch, pair_mass)}
+        marginals = (
+            marginal_weights(batch.images.mask, out.alpha),  # [B, 1 + k]: sums to 1 per row
+            marginal_weights(batch.texts.mask, out.alpha),
+        )
+        return {"transport_loss": view_pairs_loss(out, batch, marginals, weights)}
 
 
 class Pairwise(Objective):
@@ -179,17 +184,29 @@ class Pairwise(Objective):
     view a of listing i must pick view b of listing i among view b of every listing. Every
     view is taken (`train.max_views` at most), so a step costs O(V^2) per listing."""
 
-    def terms(self, out, batch, weights=None):  # pairs of views: no per-listing weights
+    def terms(self, out, batch, weights=None):  # every pair counts the same
         return {"pairwise_loss": view_pairs_loss(out, batch)}
 
 
-def view_pairs_loss(out: Outputs, batch: Batch, pair_mass: torch.Tensor | None = None):
+def view_pairs_loss(
+    out: Outputs,
+    batch: Batch,
+    marginals: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """InfoNCE from view a of listing i to view b of listing i, against view b of every
     listing (every rank's), for each ordered pair a != b of the batch's view slots (image
-    slots first, then text slots) that both exist; averaged with `pair_mass` [V, V, B]
-    (None: every existing pair counts the same)."""
-    views = torch.cat([out.image_emb, out.text_emb], dim=1)  # [B, V, d]
-    mask = torch.cat([batch.images.mask, batch.texts.mask], dim=1)  # [B, V]
+    slots first, then text slots) that both exist, averaged with the weight mass_a mass_b
+    from `marginals` (p [B, Vi], q [B, Vt]; None: every existing pair the same) times the
+    listing's `weights` [B] (None: 1)."""
+    image_mask, text_mask = batch.images.mask, batch.texts.mask
+    p, q = marginals if marginals is not None else (image_mask.float(), text_mask.float())
+    # every rank's slots must line up for the gathered negatives: pad to the widest rank
+    images, image_mask, p = _widest(out.image_emb, image_mask, p)
+    texts, text_mask, q = _widest(out.text_emb, text_mask, q)
+    views = torch.cat([images, texts], dim=1)  # [B, V, d]
+    mask = torch.cat([image_mask, text_mask], dim=1)  # [B, V]
+    mass = torch.cat([p, q], dim=1).T  # [V, B]
     views_all = gather_with_grad(views)  # negatives from every rank: [B', V, d]
     mask_all = gather_with_grad(mask.float()) > 0
     logits = out.scale * torch.einsum("iad,jbd->abij", views, views_all)  # [V, V, B, B']
@@ -201,9 +218,27 @@ def view_pairs_loss(out: Outputs, batch: Batch, pair_mass: torch.Tensor | None =
     n_views = mask.shape[1]
     distinct = ~torch.eye(n_views, dtype=torch.bool, device=mask.device)[:, :, None]
     valid = mask.T[:, None, :] & mask.T[None, :, :] & distinct  # both views exist
-    mass = valid.to(log_prob.dtype) if pair_mass is None else pair_mass * valid
+    pair_mass = mass[:, None, :] * mass[None, :, :] * valid  # the product plan [V, V, B]
+    if weights is not None:
+        pair_mass = pair_mass * weights[None, None, :]
     picked = torch.where(valid, log_prob, torch.zeros_like(log_prob))  # no 0 * inf
-    return -(picked * mass).sum() / mass.sum().clamp(min=1e-6)
+    # the global batch's weighted mean once DDP averages the ranks' gradients
+    return -(picked * pair_mass).sum() / mean_over_ranks(pair_mass.sum()).clamp(min=1e-6)
+
+
+def _widest(embeddings: torch.Tensor, mask: torch.Tensor, mass: torch.Tensor):
+    """The view slots [B, V, ...] padded (absent views, no mass) to the most slots any rank
+    has: a batch is padded to its own widest listing, and ranks' batches differ."""
+    width = global_max(embeddings.shape[1])
+    missing = width - embeddings.shape[1]
+    if missing == 0:
+        return embeddings, mask, mass
+    rows = embeddings.shape[0]
+    return (
+        torch.cat([embeddings, embeddings.new_zeros(rows, missing, embeddings.shape[2])], 1),
+        torch.cat([mask, mask.new_zeros(rows, missing)], dim=1),
+        torch.cat([mass, mass.new_zeros(rows, missing)], dim=1),
+    )
 
 
 class Sinkhorn(Objective):
