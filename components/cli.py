@@ -37,11 +37,14 @@ COMMANDS = {
     "create-store": "create an empty production store at storage.uri (once, before promoting)",
     "versions": "list the versions in the production store, their metrics, the current one",
     "rollback": "point CURRENT back (default: the version before it) and move the alias",
-    "remove": "take listings out of search now (tombstones; the next release leaves them out)",
+    "remove": "take listings out of search now (tombstones: every release leaves them out "
+    "until the catalog drops them or they are restored)",
+    "restore": "undo a removal: the listings leave the tombstones, the next release holds them",
     "serve": "serve the store's CURRENT release: search API and page (params: serve)",
     "refresh": "embed new and changed listings with the current model, update its index, "
     "evaluate, promote (never trains)",
 }
+TOMBSTONE_COMMANDS = ("remove", "restore")  # take listing ids (and --from, --reason)
 STORE_USERS = ("promote", "evaluate", *COMMANDS)  # what reads or writes storage.uri
 # the params sections each command reads, shown by its --help
 COMMAND_SECTIONS = {
@@ -49,6 +52,7 @@ COMMAND_SECTIONS = {
     "versions": ("storage",),
     "rollback": ("storage", "registry"),
     "remove": ("storage",),
+    "restore": ("storage",),
     "serve": ("serve", "storage"),
     "refresh": ("embed", "index", "evaluate", "storage"),
 }
@@ -108,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(command)
         if name == "rollback":
             command.add_argument("--to", metavar="VERSION", help="version to make current")
-        if name == "remove":
+        if name in TOMBSTONE_COMMANDS:
             command.add_argument("listing_ids", nargs="*", metavar="LISTING_ID")
             command.add_argument(
                 "--from",
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="FILE",
                 help="more listing ids, one per line ('-': standard input)",
             )
-            command.add_argument("--reason", help="why, recorded with the tombstone")
+            command.add_argument("--reason", help="why, recorded in the store")
     return parser
 
 
@@ -174,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.step in COMMANDS:
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
             removing = {}
-            if args.step == "remove":
-                ids = args.listing_ids + _ids_from(args.from_file)
+            if args.step in TOMBSTONE_COMMANDS:
+                ids = args.listing_ids + _ids_from(args.step, args.from_file)
                 removing = {"listing_ids": ids, "reason": args.reason}
             to = getattr(args, "to", None)
             print(run_command(args.step, params, tracking_uri, to, **removing))
@@ -217,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ids_from(source: Path | None) -> list[str]:
+def _ids_from(command: str, source: Path | None) -> list[str]:
     if source is None:
         return []
     try:
         text = sys.stdin.read() if str(source) == "-" else source.read_text()
     except OSError as err:
-        raise ConfigError(f"remove --from {source}: cannot read ({err.strerror})") from None
+        raise ConfigError(f"{command} --from {source}: cannot read ({err.strerror})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -313,13 +317,15 @@ def run_command(
     listing_ids: list[str] | None = None,
     reason: str | None = None,
 ) -> str:
-    """Run an operator command (`create-store`, `versions`, `rollback`, `remove`) and
-    return what it prints."""
+    """Run an operator command (`create-store`, `versions`, `rollback`, `remove`,
+    `restore`) and return what it prints."""
     from components import promote
 
     paths = StepPaths.from_params(params, tracking_uri)
     if name == "remove":
         return promote.remove(paths, listing_ids or [], reason)
+    if name == "restore":
+        return promote.restore(paths, listing_ids or [], reason)
     if name == "versions":
         return promote.versions(paths)
     if name == "rollback":

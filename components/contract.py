@@ -228,7 +228,8 @@ _STEPS = (
         "embed",
         "write one fused embedding per clean listing (streamed)",
         writes=(EMBEDDINGS, EMBEDDED_IDS, EMBED_SPLITS, MISSING, EMBED_BASE),
-        reads=(IMAGES, CLEAN, *FEATURES, *TRAINED_MODEL),
+        # the quarantine too: a removal holds while the catalog lists the listing at all
+        reads=(IMAGES, CLEAN, QUARANTINE, *FEATURES, *TRAINED_MODEL),
     ),
     Step(
         "index",

@@ -23,7 +23,9 @@ counts listings added, changed, removed and reused.
 
 A listing with a tombstone in the production store (`python -m components remove`) is left
 out of every embed, retrain or refresh: it goes to `missing.parquet` with the reason
-`removed`, and promote retires the tombstones the release folded in.
+`removed` (counted as `tombstoned`). Its inputs name the tombstones read and, of those,
+the ones settled: none of their listings is in the catalog any more (clean or
+quarantined), which promote retires; the others hold for the next release too.
 
 Sharded (`--shard I/N`, components/core/shards.py): shard I embeds the listings whose id
 hashes to I, writing the same files under `shards/I-of-N/` (one part per chunk, possibly
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -52,6 +55,7 @@ from components.contract import (
     EMBEDDED_IDS,
     EMBEDDINGS,
     MISSING,
+    QUARANTINE,
     SPLITS,
     STEPS,
     VIEWS,
@@ -127,8 +131,9 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
         inputs["base"] = {"version": base.version, "kind": base.manifest.get("kind", "retrain")}
     removals = tombstones.read_all(production.open_store(paths))
     removed = tombstones.removed_ids(removals)
-    if removals:
+    if removals:  # and those whose listings the catalog dropped (promote retires them)
         inputs["tombstones"] = [tombstone.key for tombstone in removals]
+        inputs["settled_tombstones"] = tombstones.settled(removals, _still_listed(paths, removed))
     if (done := _unchanged(out, config, inputs)) is not None:
         log.info("%s", done.summary)
         return done
@@ -139,6 +144,7 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
     counts, rate = _write(embedder, out, held_out, config.batch_size, shard, reusable, removed)
     missing = _write_missing(paths.path(CLEAN), out, embedder.left_out, shard)
     counts["missing"] = missing
+    counts["tombstoned"] = _tombstoned(embedder.left_out)
     where = "" if shard is None else f" shard {shard}"
     delta = ""
     if reusable is not None:
@@ -150,7 +156,7 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
         f"embed{where}: {counts['listings']} listings -> {loaded.model.dim}-d embeddings "
         f"with model {_describe(loaded.reference)} on {device}{delta}, "
         f"{counts['held_out_views']} held-out views left out, {missing} listings without a "
-        f"usable view; {rate:.0f} listings/s"
+        f"usable view{_removal_note(counts['tombstoned'])}; {rate:.0f} listings/s"
     )
     write_manifest(
         out,
@@ -263,6 +269,7 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
         "listings": total,
         "held_out_views": first["counts"]["held_out_views"],
         "missing": missing,
+        "tombstoned": _tombstoned(left_out),
         "shards": count,
     }
     for delta in (REUSED, ADDED, CHANGED, "removed"):  # a refresh's, summed over shards
@@ -272,6 +279,7 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
     summary = (
         f"embed: {total} listings gathered from {count} shards (model "
         f"{_describe(runs[0]['model'])}), {missing} listings without a usable view"
+        f"{_removal_note(counts['tombstoned'])}"
     )
     write_manifest(
         out,
@@ -385,6 +393,31 @@ def _without(chunk: GroupedViews, removed: frozenset[str], left_out: dict) -> Gr
     left_out.update(dict.fromkeys((chunk.listing_ids[i] for i in gone), REMOVED))
     kept = subset(chunk, [i for i in range(len(chunk.listing_ids)) if i not in set(gone)])
     return kept
+
+
+def _still_listed(paths: StepPaths, removed: frozenset[str]) -> set[str]:
+    """The removed listings the catalog still lists, clean or quarantined (validate's
+    outputs): their removals must hold. One Arrow lookup per batch of ids."""
+    listed: set[str] = set()
+    if not removed:
+        return listed
+    wanted = pa.array(sorted(removed), pa.string())
+    for artifact in (CLEAN, QUARANTINE):
+        table = pq.ParquetFile(paths.path(artifact))
+        if "listing_id" not in table.schema_arrow.names:
+            continue
+        for batch in table.iter_batches(columns=["listing_id"]):
+            ids = batch.column(0).cast(pa.string())
+            listed.update(pc.filter(ids, pc.is_in(ids, value_set=wanted)).to_pylist())
+    return listed
+
+
+def _tombstoned(left_out: dict[str, str]) -> int:
+    return sum(1 for reason in left_out.values() if reason == REMOVED)
+
+
+def _removal_note(tombstoned: int) -> str:
+    return f", {tombstoned} held out by a removal" if tombstoned else ""
 
 
 def _wall_seconds(runs: list[dict]) -> float:

@@ -9,7 +9,9 @@ promote, only after every gate passed (it re-reads the evaluate step's gates.jso
 3. points `indices/CURRENT` at it with a conditional write (a concurrent promotion that
    got there first makes this one fail, with nothing of it visible);
 4. moves the MLflow alias `listing-encoder@champion` to the promoted model version;
-5. deletes versions beyond `promote.retain` (never the current one or the one before).
+5. retires the tombstones the embed step found settled (the catalog dropped their
+   listings; a removal the catalog still lists holds for the next release too);
+6. deletes versions beyond `promote.retain` (never the current one or the one before).
 
 Promoting content that is already current changes nothing and says so. Writes
 `<workdir>/promote/manifest.json` (what was promoted: the evaluated outputs and the model's
@@ -117,9 +119,9 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         evaluation.get("mlflow"),
         {"release.version": published.version, "release.store": storage.uri},
     )
-    folded = manifests["embed"]["inputs"].get("tombstones", [])
-    if published.changed and folded:  # the release leaves those listings out: retire them
-        tombstones.retire(storage, folded)
+    # a removal holds until the catalog drops its listings (or they are restored): only
+    # tombstones none of whose listings the release's catalog lists are retired
+    tombstones.retire(storage, manifests["embed"]["inputs"].get("settled_tombstones", []))
     deleted = production.apply_retention(
         storage, config.retain, timedelta(hours=config.abandoned_after_hours)
     )
@@ -224,6 +226,7 @@ def _listing_gate(storage, manifests: dict, config: PromoteConfig) -> dict:
     record = {
         "indexed": manifests["index"]["counts"]["vectors"],
         "clean": manifests["validate"]["counts"]["clean"],
+        "tombstoned": manifests["embed"]["counts"].get("tombstoned", 0),  # held out
         "current": None,
         "shrink_allowed": config.allow_shrink,
     }
@@ -383,5 +386,24 @@ def remove(paths: StepPaths, listing_ids: list[str], reason: str | None) -> str:
     return (
         f"remove: {len(written.listing_ids)} listing(s) tombstoned in {storage.locate(written.key)}"
         f"; {served} of them in the current release {current.version}, which the search "
-        "service stops answering within serve.poll_s; the next release leaves them all out"
+        "service stops answering within serve.poll_s; every release leaves them out until "
+        "the catalog drops them or they are restored (python -m components restore)"
+    )
+
+
+def restore(paths: StepPaths, listing_ids: list[str], reason: str | None) -> str:
+    """Undo removals (the `restore` command): the listings leave every tombstone, the
+    decision is recorded in the store, and the next release (refresh or retrain) embeds
+    them again if the catalog lists them. Returns a one-line account."""
+    storage = production.open_store(paths)
+    done = tombstones.restore(storage, listing_ids, reason)
+    unknown = (
+        f"; not removed, nothing to restore: {', '.join(done.not_removed)}"
+        if done.not_removed
+        else ""
+    )
+    return (
+        f"restore: {len(done.listing_ids)} listing(s) no longer removed, recorded in "
+        f"{storage.locate(done.key)}; the service answers them again once a release holds "
+        f"them (the next refresh){unknown}"
     )

@@ -245,3 +245,21 @@ def fresh_paths(paths: StepPaths, tmp_path, name: str) -> StepPaths:
     return StepPaths(
         workdir=work, catalog=paths.catalog, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", seed=3
     )
+
+
+@pytest.fixture(scope="session")
+def released(featurized, tmp_path_factory) -> StepPaths:
+    """A workdir of its own (features copied) with a retrain of the tiny model promoted,
+    once per run: what a refresh builds on (tests/harness/refresh.py)."""
+    from tests.harness import refresh
+
+    return refresh.release(featurized, tmp_path_factory.mktemp("refresh") / "work")
+
+
+@pytest.fixture
+def copied(released, tmp_path) -> StepPaths:
+    """The released workdir copied for one test (store and registry included): no test
+    sees what another refreshed or removed."""
+    from tests.harness import refresh
+
+    return refresh.copy(released, tmp_path / "work")

@@ -5,137 +5,40 @@ refresh."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image, ImageOps
+from fastapi.testclient import TestClient
 
-from components import embed, evaluate, index, promote, refresh, train
+from components import refresh
 from components.cli import main
-from components.config import (
-    EmbedConfig,
-    FeaturizeConfig,
-    IndexConfig,
-    Params,
-    PromoteConfig,
-    ValidateConfig,
-    load_params,
-    with_overrides,
-)
+from components.config import load_params, with_overrides
 from components.contract import SPLITS
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import read_embeddings
 from components.release import production, registry, tombstones
 from components.release.serving import QueryEmbedder
 from components.release.storage import open_storage
+from components.service.server import build
 from tests.conftest import REPO_ROOT
+from tests.harness.refresh import change_catalog, drop_listings
+from tests.harness.refresh import params as refresh_params
 from tests.test_evaluate import TINY
-from tests.test_promote import EVALUATE
 
 pytestmark = pytest.mark.integration
-
-FEATURIZE = FeaturizeConfig(device="cpu", image_size=96, workers=2)
-VALIDATE = ValidateConfig(workers=2)
-
-
-@pytest.fixture(scope="module")
-def released(featurized, tmp_path_factory):
-    """A workdir of its own (features copied, not shared) with a retrain promoted."""
-    work = tmp_path_factory.mktemp("refresh") / "work"
-    for step in ("catalog", "validate", "featurize"):
-        shutil.copytree(featurized.step_dir(step), work / step)
-    paths = dataclasses.replace(
-        featurized,
-        workdir=work,
-        catalog=str(work / "catalog"),
-        tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
-    )
-    train.run(TINY, paths)
-    embed.run(EmbedConfig(device="cpu"), paths)
-    index.run(IndexConfig(), paths)
-    evaluate.run(EVALUATE, paths)
-    promote.run(PromoteConfig(), paths)
-    return paths
-
-
-@pytest.fixture
-def copied(released, tmp_path):
-    """The released workdir copied for one test (store and registry included): no test
-    sees what another refreshed or removed."""
-    work = tmp_path / "work"
-    shutil.copytree(released.workdir, work, symlinks=True)
-    return dataclasses.replace(
-        released,
-        workdir=work,
-        catalog=str(work / "catalog"),
-        tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
-    )
-
-
-def _params(paths) -> Params:
-    return load_params(
-        REPO_ROOT / "params.yaml",
-        [
-            f"paths.workdir={paths.workdir}",
-            f"paths.catalog={paths.catalog}",
-            "validate.workers=2",
-            *(f"featurize.{k}={v}" for k, v in FEATURIZE.model_dump().items() if k != "text_views"),
-            "embed.device=cpu",
-            "evaluate.gates.min={}",
-            "evaluate.gates.min_gain_over_frozen={}",
-            "evaluate.gates.min_queries=1",
-            "evaluate.ks=[1, 10, 50]",
-            "evaluate.bootstrap=100",
-            "evaluate.staleness.profile_listings=50",
-            "evaluate.staleness.permutations=100",
-        ],
-    )
-
-
-def _change_catalog(root, added: int, retitled: int, rephotographed: int, removed: int):
-    """The catalog with `added` new listings (copies of others under new ids, photos
-    mirrored), `retitled` and `rephotographed` listings, and `removed` ones gone. Returns
-    the ids of each group."""
-    table = pq.read_table(root / "listings.parquet")
-    rows = table.to_pylist()
-    gone = [r["listing_id"] for r in rows[-removed:]] if removed else []
-    rows = rows[: len(rows) - removed]
-    retitle = [r["listing_id"] for r in rows[:retitled]]
-    for row in rows[:retitled]:
-        row["title"] = f"{row['title']} (new edition)"
-    rephoto = [r["listing_id"] for r in rows[retitled : retitled + rephotographed]]
-    for row in rows[retitled : retitled + rephotographed]:
-        row["image_uris"] = [_mirrored(root, row["image_uris"][0]), *row["image_uris"][1:]]
-    new = []
-    for n, source in enumerate(rows[10 : 10 + added]):
-        copy = dict(source, listing_id=f"new-{n}", title=f"Brand new {source['title']}")
-        copy["image_uris"] = [_mirrored(root, ref) for ref in source["image_uris"]]
-        rows.append(copy)
-        new.append(copy["listing_id"])
-    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), root / "listings.parquet")
-    return {"added": new, "changed": retitle + rephoto, "removed": gone}
-
-
-def _mirrored(root, ref: str) -> str:
-    target = f"{ref.rsplit('.', 1)[0]}-flipped.png"
-    if not (root / target).exists():
-        ImageOps.flip(Image.open(root / ref).convert("RGBA")).save(root / target)
-    return target
 
 
 def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied, capsys):
     paths = copied
     store = open_storage(paths.storage, paths.storage_uri)
     before = production.read_pointer(store)
-    changes = _change_catalog(paths.workdir / "catalog", 4, 2, 1, 2)
+    changes = change_catalog(paths.workdir / "catalog", 4, 2, 1, 2)
 
-    result = refresh.run(_params(paths), paths.tracking_uri)
+    result = refresh.run(refresh_params(paths), paths.tracking_uri)
 
     counts = json.loads((paths.step_dir("embed") / "manifest.json").read_text())["counts"]
     assert (counts["added"], counts["changed"], counts["removed"]) == (4, 3, 2)
@@ -218,13 +121,93 @@ def test_a_removed_listing_leaves_search_at_once_and_the_next_refresh_folds_it(c
     (tombstone,) = tombstones.read_all(store)
     assert tombstone.listing_ids == (gone,) and tombstone.reason == "sold"
 
-    refresh.run(_params(paths), paths.tracking_uri)
+    refresh.run(refresh_params(paths), paths.tracking_uri)
 
     current = production.load_current_index(store)
     assert gone not in current.ids.listing_ids and current.manifest["kind"] == "refresh"
     missing = pq.read_table(paths.step_dir("embed") / "missing.parquet").to_pylist()
     assert {"listing_id": gone, "reason": "removed"} in missing  # never silently dropped
-    assert tombstones.read_all(store) == []  # folded into the release: retired
+    assert current.manifest["listings"]["tombstoned"] == 1
+    # the catalog still lists it: the removal holds for the next release too
+    assert tombstones.read_all(store) == [tombstone]
+
+
+def _service(paths, tmp_path):
+    """The search service over the store of `paths` (its keeper polled by hand)."""
+    params = load_params(
+        REPO_ROOT / "params.yaml",
+        [f"paths.workdir={paths.workdir}", f"paths.catalog={paths.catalog}", "serve.device=cpu"],
+    )
+    return build(params, paths.mlflow_uri, tmp_path / "releases")
+
+
+def _answers(client, keeper, listing_id: str, title: str) -> dict:
+    """Where `listing_id` shows in the service after its next poll: the status of its
+    similar listings, and whether a search for its own title answers it."""
+    keeper.refresh()
+    similar = client.get(f"/listings/{listing_id}/similar")
+    found = [
+        hit["listing_id"] for hit in client.get("/search", params={"q": title}).json()["results"]
+    ]
+    return {"similar": similar.status_code, "in_search": listing_id in found}
+
+
+def test_a_removal_holds_across_refreshes_until_the_operator_restores_it(copied, tmp_path, capsys):
+    paths = copied
+    store = open_storage(paths.storage, paths.storage_uri)
+    gone = production.load_current_index(store).ids.listing_ids[3]
+    title = {r["listing_id"]: r["title"] for r in _catalog(paths)}[gone]
+    app, keeper = _service(paths, tmp_path)
+    with TestClient(app) as client:
+        assert _answers(client, keeper, gone, title) == {"similar": 200, "in_search": True}
+        workdir = ["--set", f"paths.workdir={paths.workdir}"]
+
+        assert main(["remove", gone, "--reason", "sold", *workdir]) == 0
+        released = []
+        for _ in range(2):  # the catalog still lists it, hour after hour
+            refresh.run(refresh_params(paths), paths.tracking_uri)
+            current = production.load_current_index(store)
+            released.append(current.version)
+            assert gone not in current.ids.listing_ids
+            assert _answers(client, keeper, gone, title) == {"similar": 404, "in_search": False}
+        assert len(tombstones.read_all(store)) == 1
+        assert released[0] == released[1]  # the second had nothing new to publish
+        capsys.readouterr()
+        assert main(["versions", *workdir]) == 0
+        (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("*  ")]
+        assert row.split()[1] == released[0] and row.split()[5] == "1"  # held out: 1
+
+        assert main(["restore", gone, "--reason", "sale cancelled", *workdir]) == 0
+        assert "1 listing(s) no longer removed" in capsys.readouterr().out
+        assert tombstones.read_all(store) == []
+        (record,) = store.list_keys(tombstones.RESTORES)
+        assert json.loads(store.get_bytes(record))["listing_ids"] == [gone]
+        refresh.run(refresh_params(paths), paths.tracking_uri)
+
+        assert gone in production.load_current_index(store).ids.listing_ids
+        assert _answers(client, keeper, gone, title) == {"similar": 200, "in_search": True}
+
+
+def test_a_removal_is_retired_once_the_catalog_drops_the_listing(copied):
+    paths = copied
+    store = open_storage(paths.storage, paths.storage_uri)
+    sold, kept = production.load_current_index(store).ids.listing_ids[:2]
+    tombstones.write(store, [sold], "sold")
+    tombstones.write(store, [kept, "not-in-the-catalog"], "sold")
+
+    drop_listings(paths.workdir / "catalog", {sold})
+    refresh.run(refresh_params(paths), paths.tracking_uri)
+
+    # the one whose listing left the catalog is retired; the other still holds `kept`
+    (left,) = tombstones.read_all(store)
+    assert left.listing_ids == (kept, "not-in-the-catalog")
+    current = production.load_current_index(store)
+    assert sold not in current.ids.listing_ids and kept not in current.ids.listing_ids
+    assert current.manifest["listings"]["tombstoned"] == 1  # sold is not a catalog listing
+
+
+def _catalog(paths) -> list[dict]:
+    return pq.read_table(f"{paths.catalog}/listings.parquet").to_pylist()
 
 
 def test_nothing_promoted_yet_is_a_one_line_error_for_refresh(featurized, tmp_path, capsys):
@@ -240,8 +223,8 @@ def test_nothing_promoted_yet_is_a_one_line_error_for_refresh(featurized, tmp_pa
 
 def test_a_catalog_changed_past_the_threshold_since_training_is_stale(copied, capsys):
     paths = copied
-    _change_catalog(paths.workdir / "catalog", 6, 0, 0, 0)  # 6 of 66: 9% new
-    params = _params(paths)
+    change_catalog(paths.workdir / "catalog", 6, 0, 0, 0)  # 6 of 66: 9% new
+    params = refresh_params(paths)
 
     strict = refresh.run(
         with_overrides(params, ["evaluate.staleness.max_new_share=0.05"]), paths.tracking_uri
@@ -269,9 +252,9 @@ def test_a_refresh_reads_nothing_of_this_workdir_s_train_step(copied):
     before = production.load_current_index(store)
     tested = json.loads((paths.step_dir("evaluate") / "manifest.json").read_text())["counts"]
     shutil.rmtree(paths.step_dir("train"))
-    _change_catalog(paths.workdir / "catalog", 2, 1, 0, 0)
+    change_catalog(paths.workdir / "catalog", 2, 1, 0, 0)
 
-    refresh.run(_params(paths), paths.tracking_uri)
+    refresh.run(refresh_params(paths), paths.tracking_uri)
 
     current = production.load_current_index(store)
     assert current.manifest["kind"] == "refresh" and current.version != before.version

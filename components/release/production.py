@@ -478,17 +478,17 @@ def listing_count(manifest: dict) -> int | None:
 
 def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
     """One line per version, oldest first: current marker, kind, model version, listings,
-    metrics, and a refresh's staleness verdict (the reasons under the table for the
-    current version)."""
+    listings held out by a removal, metrics, and a refresh's staleness verdict (the
+    reasons under the table for the current version)."""
     current = read_pointer(storage)
     metric_names = [k.replace("/recall@10", " R@10") for k in metric_keys]
-    rows = [("", "version", "kind", "model", "listings", *metric_names, "stale")]
+    rows = [("", "version", "kind", "model", "listings", "held out", *metric_names, "stale")]
     reasons: list[str] = []
     for info in list_versions(storage):
         mark = "*" if current and info.version == current.version else ""
         if not info.complete:
             rows.append(
-                (mark, info.version, "", "(incomplete)", "", *["" for _ in metric_keys], "")
+                (mark, info.version, "", "(incomplete)", "", "", *["" for _ in metric_keys], "")
             )
             continue
         staleness = info.manifest.get("staleness") or {}
@@ -504,6 +504,7 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
                 info.manifest.get("kind", "retrain"),
                 f"{model.get('name')}/{model.get('version')}",
                 "-" if count is None else f"{count:,}",
+                _held_out(info.manifest),
                 *[f"{metrics[k]:.3f}" if k in metrics else "-" for k in metric_keys],
                 "-" if not staleness else "yes" if staleness.get("stale") else "no",
             )
@@ -517,3 +518,10 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
     return "\n".join(
         [where, *lines, f"* current ({current.reason} at {current.updated_at})", *stale]
     )
+
+
+def _held_out(manifest: dict) -> str:
+    """Listings the catalog listed that a removal kept out of the version ("-": a version
+    from before releases counted them)."""
+    count = manifest.get("listings", {}).get("tombstoned")
+    return "-" if count is None else f"{count:,}"
