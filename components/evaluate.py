@@ -68,7 +68,7 @@ from components.errors import StepFailed
 from components.io import atomic
 from components.io.embedder import ListingEmbedder, held_out_refs, profile_sample
 from components.io.embedding_files import read_embeddings
-from components.io.faiss_index import RowIndex, coverage, load_index
+from components.io.faiss_index import RowIndex, coverage, labels_of, load_index
 from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
 from components.io.test_split import test_split_queries
 from components.release import production, registry, staleness, tombstones, tracking
@@ -119,7 +119,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     metrics |= _frozen_baseline(paths, device, held_out, sets, challenger, config.ks, depth)
     index, index_ids, index_manifest = load_index(paths.step_dir("index"))
     removed = tombstones.removed_ids(tombstones.read_all(production.open_store(paths)))
-    metrics |= coverage(index_ids, listing_ids, removed)  # gated: every listing once
+    metrics |= coverage(index_ids, listing_ids, removed, labels_of(index))  # gated
     rows = RowIndex(index, index_ids, listing_ids)
     metrics |= index_metrics(sets, vectors, rows, tops, config.ks, depth, config.latency_queries)
     if config.diagnostics:
@@ -316,6 +316,9 @@ def _curves(metrics: dict, tasks: tuple[str, ...], ks: list[int]) -> list[dict]:
 
 def _summary(metrics, results, champion) -> str:
     verdict = "all gates passed" if not gates.failed(results) else "GATES FAILED"
+    if skipped := gates.skipped(results):  # a small catalog can skip them all: say so
+        recall = [r for r in results if r.gate != gates.COVERAGE_GATE]
+        verdict += f" ({len(skipped)} of {len(recall)} recall gates skipped (too few test queries))"
     against = f"champion v{champion['reference']['version']}" if champion else "no champion yet"
     tasks = "; ".join(_task_summary(metrics, task) for task in TASKS)
     return (

@@ -18,9 +18,11 @@ A refresh (`index.update_current`) starts from the index of the release the embe
 built on: the vectors of listings that left or changed are removed by label, those of new
 and changed listings added (a changed listing keeps its label, a new one gets the next
 free label). It builds in full instead, and says why, when the index type or the model
-changed, when the type cannot remove vectors (HNSW, Refine), when the delta passes
-`index.max_delta` of the release's listings, or when an IVF index's lists end up more
-unbalanced than `index.max_imbalance` (its coarse quantizer is never retrained in place).
+changed, when the type cannot remove vectors (HNSW, Refine) or the index was written
+before vectors were labelled, when it lacks a label its id map names, when the delta
+passes `index.max_delta` of the release's listings, or when an IVF index's lists end up
+more unbalanced than `index.max_imbalance` (its coarse quantizer is never retrained in
+place).
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ def _update(config: IndexConfig, paths: StepPaths, embedded: dict, parts):
     )
     if base.manifest.get("index", {}).get("factory") != config.factory:
         return f"index.factory is {config.factory!r}, {base.version} has another type"
+    embedded_with = base.manifest.get("embedding_model_sha256", base.model.get("sha256"))
+    if embedded_with != embedded["model"]["sha256"]:
+        return f"{base.version}'s index was embedded by another model than these embeddings"
     index = faiss.read_index(str(base.local / INDEX.name))
     if not labelled(index):
         return f"{base.version}'s index was built before vectors were labelled"

@@ -43,6 +43,13 @@ def upstream(step: StepName) -> tuple[StepName, ...]:
     return tuple(name for name in CONTRACT[step].upstream if name in STEPS)
 
 
+def run_step(step: StepName, params: Params, paths: StepPaths):
+    """One step of a refresh, with `params` already holding the refresh's overrides
+    (`with_overrides(params, REFRESH)`); returns the step's result."""
+    module = importlib.import_module(f"components.{step}")
+    return module.run(params.section(step), paths)
+
+
 @dataclass(frozen=True)
 class RefreshResult:
     summaries: list[str]
@@ -65,9 +72,8 @@ def run(params: Params, tracking_uri: str | None = None) -> RefreshResult:
     summaries = []
     with holding(paths.workdir, "refresh"):
         for step in STEPS:
-            module = importlib.import_module(f"components.{step}")
             log.info("refresh: %s", step)
-            summaries.append(module.run(params.section(step), paths).summary)
+            summaries.append(run_step(step, params, paths).summary)
     found = json.loads(paths.path(STALENESS).read_text())
     if found.get("stale"):
         summaries.append(

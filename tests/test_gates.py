@@ -136,3 +136,23 @@ def test_gates_on_a_task_without_test_queries_are_skipped_not_failed():
     skipped = [r for r in results if r.metric.startswith("view_to_listing")]
     assert len(skipped) == 4 and all(r.value is None for r in skipped)
     assert all(r.note == "skipped: no test queries for this task" for r in skipped)
+
+
+@pytest.mark.parametrize(("queries", "skipped"), [(1, True), (4, True), (5, False), (50, False)])
+def test_gates_on_fewer_test_queries_than_min_queries_are_skipped_with_the_count(queries, skipped):
+    metrics = _metrics(0.1) | {"query_to_listing/queries": queries}  # below the minimum 0.4
+    gates = GatesConfig(
+        min={"query_to_listing/recall@10": 0.4},
+        max_regression={},
+        min_gain_over_frozen={},
+        max_ann_loss=None,
+        min_queries=5,
+    )
+
+    (result,) = check_gates(metrics, None, gates)
+
+    if skipped:
+        assert result.passed and result.value is None
+        assert result.note == f"skipped: only {queries} test queries (< 5) for this task"
+    else:  # measured: 0.1 < 0.4 fails
+        assert not result.passed and result.value == pytest.approx(0.1)

@@ -188,18 +188,52 @@ def load_index(index_dir: Path) -> tuple[faiss.Index, IndexIds, dict]:
     return index, ids, manifest
 
 
-def coverage(ids: IndexIds, listing_ids: list[str], removed: set[str]) -> dict[str, int]:
+def labels_of(index: faiss.Index) -> np.ndarray:
+    """The label of every vector the index holds (int64, in no particular order): an
+    IDMap's id map, an IVF index's inverted lists, else 0..ntotal-1 (an index built before
+    labels were stored)."""
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return np.arange(index.ntotal, dtype=np.int64)
+    lists = ivf.invlists
+    return np.concatenate(
+        [np.zeros(0, np.int64)]
+        + [
+            faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+            for i in range(ivf.nlist)
+            if lists.list_size(i)
+        ]
+    ).astype(np.int64)
+
+
+def coverage(
+    ids: IndexIds, listing_ids: list[str], removed: set[str], labels: np.ndarray
+) -> dict[str, int]:
     """How far the index is from holding every embedded listing exactly once and nothing
-    else: embedded listings it lacks, listings it holds more than once, listings it holds
-    that were not embedded, and of those the removed ones (`removed`: tombstoned)."""
-    held = Counter(ids.listing_ids)
+    else. `labels`: those of the index's vectors (`labels_of`), matched to listings by the
+    id map `ids`. Counts embedded listings it lacks (no vector under any of their labels),
+    listings it holds more than once, listings it holds that were not embedded, and of
+    those the removed ones (`removed`: tombstoned), and vectors whose label is no
+    listing's."""
+    present, per_label = np.unique(labels, return_counts=True)
+    at = np.clip(np.searchsorted(present, ids.labels), 0, max(0, len(present) - 1))
+    mapped = (present[at] == ids.labels) if len(present) else np.zeros(len(ids), bool)
+    vectors = np.where(mapped, per_label[at] if len(present) else 0, 0)
+    held: Counter[str] = Counter()
+    for listing_id, count in zip(ids.listing_ids, vectors.tolist(), strict=True):
+        if count:
+            held[listing_id] += count
     embedded = set(listing_ids)
     foreign = [i for i in held if i not in embedded]
+    owned = np.isin(present, ids.labels)
     return {
         "index/missing_listings": sum(1 for i in embedded if i not in held),
         "index/repeated_listings": sum(1 for n in held.values() if n > 1),
         "index/foreign_listings": len(foreign),
         "index/removed_listings": sum(1 for i in foreign if i in removed),
+        "index/unlabelled_vectors": int(per_label[~owned].sum()),
     }
 
 
