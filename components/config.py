@@ -143,6 +143,12 @@ class ValidateConfig(Section):
     max_tags: int = Field(100, ge=0, description="Most tags a listing may have.")
     max_tag_chars: int = Field(200, ge=1, description="Longest allowed tag.")
     workers: int = Field(8, ge=1, description="Threads that open and decode images.")
+    verify_content: bool = Field(
+        True,
+        description="Open and check every image. Off (a refresh): an image whose size and "
+        "modification time (S3: size and ETag) are those it had when last checked keeps "
+        "that verdict and its feature key without being read; featurize follows this.",
+    )
     min_clean_listings: int = Field(
         10,
         ge=0,

@@ -64,11 +64,23 @@ QUARANTINE = Artifact("validate", "quarantine.parquet", "rows that failed, with 
 CLEAN_QUERIES = Artifact("validate", "queries.parquet", "queries of clean listings")
 QUARANTINED_QUERIES = Artifact("validate", "queries_quarantine.parquet", "bad query rows")
 VALIDATION_REPORT = Artifact("validate", "report.json", "counts per reason, examples")
+IMAGE_CHECKS = Artifact(
+    "validate",
+    "image_checks.parquet",
+    "each image's verdict under its identity (size, mtime or ETag): what a refresh trusts",
+    persistent=True,
+)
 
 # featurize
 VIEWS = Artifact("featurize", "views.parquet", "one row per usable view, its content key")
 QUERY_FEATURES = Artifact("featurize", "queries.parquet", "clean queries with content keys")
 SKIPPED_VIEWS = Artifact("featurize", "skipped.parquet", "views that could not be read")
+IMAGE_KEYS = Artifact(
+    "featurize",
+    "image_keys.parquet",
+    "each image's content key under its identity: what a refresh trusts",
+    persistent=True,
+)
 FEATURE_STORE = Artifact(
     "featurize", "store", "feature vectors by content key, per encoder", True, True
 )
@@ -200,13 +212,20 @@ _STEPS = (
     Step(
         "validate",
         "validate listings, quarantine bad rows, write the clean set",
-        writes=(CLEAN, QUARANTINE, CLEAN_QUERIES, QUARANTINED_QUERIES, VALIDATION_REPORT),
+        writes=(
+            CLEAN,
+            QUARANTINE,
+            CLEAN_QUERIES,
+            QUARANTINED_QUERIES,
+            VALIDATION_REPORT,
+            IMAGE_CHECKS,
+        ),
         reads=(LISTINGS, QUERIES, IMAGES),
     ),
     Step(
         "featurize",
         "encode every view and query with frozen encoders (cached)",
-        writes=(VIEWS, QUERY_FEATURES, SKIPPED_VIEWS, FEATURE_STORE),
+        writes=(VIEWS, QUERY_FEATURES, SKIPPED_VIEWS, FEATURE_STORE, IMAGE_KEYS),
         reads=(IMAGES, CLEAN, CLEAN_QUERIES, manifest_of("validate")),
     ),
     Step(

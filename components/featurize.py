@@ -6,10 +6,14 @@ Outputs:
     queries.parquet   the clean queries with the content key of their text
     skipped.parquet   views that could not be read or decoded, with listing id and reason
     store/<encoder>/  the content-addressed feature shards (kept between runs)
+    image_keys.parquet  each image's content key under its identity (kept between runs)
 
 Listings are read `listings_per_chunk` at a time and images encoded `image_batch_size` at
 a time, so memory stays bounded whatever the catalog size. A view whose content was
-encoded before (by this or an earlier run) is looked up, not recomputed.
+encoded before (by this or an earlier run) is looked up, not recomputed. Unless validate
+verified content (`validate.verify_content`, the retrain's default), an image whose size
+and mtime (S3: size and ETag) are those it had when last hashed, and whose features the
+store holds, is not read at all (components/io/image_identity.py).
 
 Sharded (`--shard I/N`, components/core/shards.py): shard I featurizes the listings whose
 id hashes to I and writes its views, skipped views and a per-chunk row count under
@@ -38,6 +42,7 @@ from components.contract import (
     CLEAN,
     CLEAN_QUERIES,
     FEATURE_STORE,
+    IMAGE_KEYS,
     QUERY_FEATURES,
     SKIPPED_VIEWS,
     STEPS,
@@ -55,6 +60,14 @@ from components.io.catalog_reader import (
     read_image_bytes,
 )
 from components.io.feature_store import FeatureStore, content_key
+from components.io.image_identity import (
+    Identities,
+    ImageRecords,
+    ReadCounter,
+    fingerprint,
+    read_records,
+    write_records,
+)
 from components.io.images import DecodeBudget, ImageRefError, decode_image
 from components.io.manifest import (
     Timer,
@@ -95,6 +108,8 @@ log = logging.getLogger(__name__)
 
 # counts that depend on what the feature store already held: run.json, not the manifest
 ENCODED = ("images_encoded", "texts_encoded", "encode_seconds")
+READS = tuple(ReadCounter().as_dict())  # what was read from the catalog: run.json too
+KEYS = fingerprint(content_key="sha256 of the bytes")  # what the recorded keys are
 
 
 @dataclass
@@ -149,16 +164,25 @@ def run(config: FeaturizeConfig, paths: StepPaths, shard: Shard | None = None) -
     )
     counts = Counts()
     root = CatalogRoot(paths.catalog)
+    # what validate trusted, featurize trusts: validate.verify_content reads everything
+    records = ImageRecords(
+        paths.path(IMAGE_KEYS), KEYS, trusted=not validated["params"].get("verify_content", True)
+    )
     featurizer = _Featurizer(
-        config, root, image_encoder, text_encoder, image_store, text_store, counts
+        config, root, image_encoder, text_encoder, image_store, text_store, counts, records
     )
     featurizer.listings(paths.path(CLEAN), out, shard)
+    records.save(out / IMAGE_KEYS.name)  # a shard's: gathered with its files
     query_count = 0
     if shard is None or shard.index == 0:
         query_count = featurizer.queries(paths.path(CLEAN_QUERIES), out)
     image_store.flush()
     text_store.flush()
-    summary = _summary(counts, query_count, device, shard)
+    reads = featurizer.reads
+    summary = _summary(counts, query_count, device, shard) + (
+        f"; {reads.images_opened} images read ({reads.bytes_read / 2**20:.1f} MiB), "
+        f"{reads.images_trusted} unchanged since read"
+    )
     names = OUTPUTS if shard is None or shard.index == 0 else (VIEWS.name, SKIPPED_VIEWS.name)
     _record(
         out,
@@ -168,6 +192,7 @@ def run(config: FeaturizeConfig, paths: StepPaths, shard: Shard | None = None) -
         timer,
         outputs=[*names, *([CHUNK_ROWS] if shard else [])],
         counts={**counts.__dict__, "queries": query_count},
+        reads=reads.as_dict(),
         summary=summary,
         device=str(device),
         encoders={
@@ -181,7 +206,19 @@ def run(config: FeaturizeConfig, paths: StepPaths, shard: Shard | None = None) -
 
 
 def _record(
-    out, config, paths, validated, timer, *, outputs, summary, device, encoders, counts, **extra
+    out,
+    config,
+    paths,
+    validated,
+    timer,
+    *,
+    outputs,
+    summary,
+    device,
+    encoders,
+    counts,
+    reads,
+    **extra,
 ):
     """Write the manifest of a run, a shard or a gather (what was encoded now, rather
     than found in the store, goes to its run record)."""
@@ -198,7 +235,12 @@ def _record(
         outputs=describe_files(out, outputs),
         counts={key: value for key, value in counts.items() if key not in ENCODED},
         extra={"encoders": encoders, **extra},
-        run={"summary": summary, "device": device, **{key: counts[key] for key in ENCODED}},
+        run={
+            "summary": summary,
+            "device": device,
+            "reads": reads,
+            **{key: counts[key] for key in ENCODED},
+        },
     )
 
 
@@ -268,6 +310,11 @@ def gather(config: FeaturizeConfig, paths: StepPaths, count: int) -> FeaturizeRe
                 setattr(counts, key, getattr(counts, key) + value)
     queries = manifests[0]["counts"]["queries"]
     summary = _summary(counts, queries, runs[0]["device"]) + f" (gathered from {count} shards)"
+    found = {}
+    for shard in shards:  # each shard's image keys, for the next run to trust
+        if (shard_dir(paths, shard) / IMAGE_KEYS.name).is_file():
+            found |= read_records(shard_dir(paths, shard) / IMAGE_KEYS.name, KEYS)
+    write_records(paths.path(IMAGE_KEYS), found, KEYS)
     _record(
         out,
         config,
@@ -276,6 +323,7 @@ def gather(config: FeaturizeConfig, paths: StepPaths, count: int) -> FeaturizeRe
         timer,
         outputs=OUTPUTS,
         counts={**counts.__dict__, "queries": queries, "shards": count},
+        reads={k: sum(r.get("reads", {}).get(k, 0) for r in runs) for k in READS},
         summary=summary,
         device=runs[0]["device"],
         encoders=manifests[0]["encoders"],
@@ -346,10 +394,21 @@ class _Featurizer:
     """Holds the encoders and stores for one run; streams listings chunk by chunk."""
 
     def __init__(
-        self, config, root, image_encoder, text_encoder, image_store, text_store, counts: Counts
+        self,
+        config,
+        root,
+        image_encoder,
+        text_encoder,
+        image_store,
+        text_store,
+        counts: Counts,
+        records: ImageRecords,
     ) -> None:
         self.config = config
         self.root = root
+        self.records = records  # each image's content key under its identity
+        self.identities = Identities(root)
+        self.reads = ReadCounter()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.image_store = image_store
@@ -496,12 +555,22 @@ class _Featurizer:
         return good, bad
 
     def _load(self, job: ImageJob) -> tuple[str | None, Image.Image | None, ImageRefError | None]:
-        """Read and hash one image; decode it only if its features are not cached yet."""
+        """Read and hash one image; decode it only if its features are not cached yet. An
+        image whose identity is the one it had when last hashed, and whose features the
+        store holds, is not read at all."""
         try:
             # validation already enforced the scheme, bucket and size rules on the clean set
             location = self.root.resolve_image(job.ref, list(TRUSTED_SCHEMES), None)
+            identity = self.identities.of(location)
+            key = self.records.get(location, identity)
+            if key is not None and key in self.image_store:
+                self.records.put(location, identity, key)
+                self.reads.trusted()
+                return key, None, None
             data = read_image_bytes(location, TRUSTED_MAX_BYTES)
+            self.reads.opened(len(data))
             key = content_key(data)
+            self.records.put(location, identity, key)
             if key in self.image_store:
                 return key, None, None
             image = decode_image(

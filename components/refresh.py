@@ -28,6 +28,7 @@ from components.io.workdir_lock import holding
 STEPS: tuple[StepName, ...] = ("validate", "featurize", "embed", "index", "evaluate", "promote")
 # the overrides that make the steps a refresh (the DAG and the Kubeflow pipeline pass them)
 REFRESH = (
+    "validate.verify_content=false",  # unchanged images keep their verdicts and keys
     "embed.reuse_current=true",
     "index.update_current=true",
     "evaluate.diagnostics=false",  # the release's model, measured when it was trained

@@ -4,6 +4,10 @@ Two layers of checks: the Great Expectations suite over the table (schema, types
 uniqueness, lengths; components/io/expectations.py) and per-row checks GE cannot do (every
 image resolves inside the catalog, is allowed, exists, decodes fully, has a sane size).
 Every input row ends up in exactly one of clean.parquet and quarantine.parquet.
+
+Each image's verdict is recorded under its identity (size and mtime, S3: size and ETag) in
+`image_checks.parquet`; with `verify_content` off (a refresh) an image whose identity did
+not move keeps that verdict without being opened (components/io/image_identity.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from components.contract import (
     CLEAN,
     CLEAN_QUERIES,
     HELD_OUT_MIN_PHOTOS,
+    IMAGE_CHECKS,
     LISTINGS,
     QUARANTINE,
     QUARANTINED_QUERIES,
@@ -38,6 +43,12 @@ from components.io.catalog_reader import (
     read_image_bytes,
     read_listings,
     read_queries,
+)
+from components.io.image_identity import (
+    Identities,
+    ImageRecords,
+    ReadCounter,
+    fingerprint,
 )
 from components.io.images import DecodeBudget, ImageBounds, ImageRefError, verify_image
 from components.io.manifest import Timer, describe_files, write_manifest
@@ -72,7 +83,11 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     listings = read_listings(root)
     log.info("validate: %d listings read from %s", listings.num_rows, root.uri)
     issues = table_issues(listings, config)
-    image_issues(listings, root, config, issues)
+    records = ImageRecords(
+        out / IMAGE_CHECKS.name, image_rules(config), trusted=not config.verify_content
+    )
+    reads = image_issues(listings, root, config, issues, records)
+    records.save()
     clean, quarantine = split_rows(listings, issues)
     atomic.write_table(clean, out / CLEAN.name)
     atomic.write_table(quarantine, out / QUARANTINE.name)
@@ -81,7 +96,7 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     atomic.write_text(
         out / VALIDATION_REPORT.name, json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     )
-    summary = format_summary(report)
+    summary = format_summary(report, reads)
     outputs = [CLEAN.name, QUARANTINE.name, VALIDATION_REPORT.name]
     if queries_report is not None:
         outputs += [CLEAN_QUERIES.name, QUARANTINED_QUERIES.name]
@@ -96,7 +111,7 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
         },
         outputs=describe_files(out, outputs),
         counts={k: report[k] for k in ("total", "clean", "quarantined")},
-        run={"summary": summary},
+        run={"summary": summary, "reads": reads.as_dict()},
     )
     log.info("%s", summary.splitlines()[0])
     if not report["passed"]:
@@ -146,17 +161,22 @@ def table_issues(listings: pa.Table, config: ValidateConfig) -> Issues:
 
 
 def image_issues(
-    listings: pa.Table, root: CatalogRoot, config: ValidateConfig, issues: Issues
-) -> None:
+    listings: pa.Table,
+    root: CatalogRoot,
+    config: ValidateConfig,
+    issues: Issues,
+    records: ImageRecords | None = None,
+) -> ReadCounter:
     """Judge every image of every row whose image_uris is a list of strings: its header
-    against the bounds, then a full decode within the shared decode budget."""
+    against the bounds, then a full decode within the shared decode budget (an image
+    `records` vouches for: its recorded verdict). Returns what was read."""
     uris = listings.column("image_uris").to_pylist()
     rows = [
         row
         for row, value in enumerate(uris)
         if expectations.type_name(value) == expectations.STRING_LIST and value
     ]
-    checker = ImageChecker(root, config)
+    checker = ImageChecker(root, config, records)
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
         checked = pool.map(lambda row: checker.listing(uris[row]), rows)
         for row, found in tqdm(
@@ -167,18 +187,42 @@ def image_issues(
             mininterval=2,
         ):
             issues[row].extend(found)
+    return checker.reads
+
+
+def image_rules(config: ValidateConfig) -> str:
+    """What an image's recorded verdict depends on: the image rules and their version."""
+    return fingerprint(
+        version=1,
+        sides=(config.min_image_side, config.max_image_side),
+        bytes=config.max_image_bytes,
+        frames=config.max_image_frames,
+    )
 
 
 class ImageChecker:
-    """The image rules of `validate`, shared by every worker thread (one decode budget)."""
+    """The image rules of `validate`, shared by every worker thread (one decode budget).
 
-    def __init__(self, root: CatalogRoot, config: ValidateConfig) -> None:
+    With `records`, an image whose identity (size and mtime, size and ETag) is the one it
+    had when last checked takes that verdict without being opened
+    (components/io/image_identity.py); `reads` counts what is opened."""
+
+    def __init__(
+        self,
+        root: CatalogRoot,
+        config: ValidateConfig,
+        records: ImageRecords | None = None,
+        reads: ReadCounter | None = None,
+    ) -> None:
         self.root = root
         self.config = config
         self.bounds = ImageBounds(
             config.min_image_side, config.max_image_side, config.max_image_frames
         )
         self.budget = DecodeBudget(config.decode_memory_mb << 20)
+        self.records = records
+        self.identities = Identities(root)
+        self.reads = reads or ReadCounter()
 
     def listing(self, refs: list[str]) -> list[tuple]:
         """All problems with one listing's images, as (reason, detail) pairs naming the
@@ -195,11 +239,40 @@ class ImageChecker:
         """Raise ImageRefError if one image reference is not a usable image."""
         config = self.config
         location = self.root.resolve_image(ref, config.allowed_schemes, config.allowed_buckets)
+        identity = self.identities.of(location) if self.records is not None else None
+        if (known := self._recorded(location, identity)) is not None:
+            self.reads.trusted()
+            if known:
+                raise ImageRefError(*json.loads(known))
+            return
         try:
             data = read_image_bytes(location, config.max_image_bytes)
         except OSError as err:  # permissions, a directory, an I/O error: this row's problem
             raise ImageRefError("image_unreadable", f"{ref!r}: {err}") from None
-        verify_image(data, ref, self.bounds, self.budget)
+        except ImageRefError as err:  # missing (no identity) or too large (by its size)
+            self._record(location, identity, err)
+            raise
+        self.reads.opened(len(data))
+        try:
+            verify_image(data, ref, self.bounds, self.budget)
+        except ImageRefError as err:
+            self._record(location, identity, err)
+            raise
+        self._record(location, identity, None)
+
+    def _recorded(self, location, identity: str | None) -> str | None:
+        """The verdict recorded under this identity: "" (usable) or [code, detail]."""
+        if self.records is None:
+            return None
+        known = self.records.get(location, identity)
+        if known is not None:
+            self.records.put(location, identity, known)  # still today's: keep it
+        return known
+
+    def _record(self, location, identity: str | None, error: ImageRefError | None) -> None:
+        if self.records is not None:
+            verdict = "" if error is None else json.dumps([error.code, error.detail])
+            self.records.put(location, identity, verdict)
 
 
 def split_rows(listings: pa.Table, issues: Issues) -> tuple[pa.Table, pa.Table]:
@@ -292,11 +365,17 @@ def _printable(value: object) -> object:
     return value if isinstance(value, str | int | float) or value is None else repr(value)
 
 
-def format_summary(report: dict) -> str:
+def format_summary(report: dict, reads: ReadCounter | None = None) -> str:
+    opened = ""
+    if reads is not None:
+        opened = (
+            f"; {reads.images_opened} images opened ({reads.bytes_read / 2**20:.1f} MiB), "
+            f"{reads.images_trusted} unchanged since checked"
+        )
     lines = [
         f"validate: {report['total']} listings: {report['clean']} clean, "
         f"{report['quarantined']} quarantined ({report['bad_fraction']:.2%} bad; "
-        f"limit {report['max_bad_fraction']:.2%})"
+        f"limit {report['max_bad_fraction']:.2%}){opened}"
     ]
     for reason, count in list(report["reasons"].items())[:10]:
         lines.append(f"  {reason:<32} {count}")

@@ -1,0 +1,200 @@
+"""What an image is without opening it, and what reading it found before.
+
+An image's identity is its size and modification time for a local file (one `stat`), its
+size and ETag for an S3 object (from a LIST of the catalog's prefix, 1,000 objects a call;
+a HEAD for an object outside it). As sync tools do (rsync, DVC, git-annex), an image whose
+identity has not moved is taken to hold what it held: validate keeps each image's verdict
+and featurize its content key (`ImageRecords`), and trust them while the identity holds,
+so a refresh opens only new and changed images. A catalog that rewrites an image keeping
+its size and mtime is caught only by `validate.verify_content`, which reads everything (the
+retrain's default).
+
+`ReadCounter` counts what a step really read from the catalog: images opened, bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components.io import atomic
+from components.io.catalog_reader import CatalogRoot, ImageLocation
+from components.io.s3 import is_missing_key_error, s3_client, split_s3_uri
+
+SCHEMA = pa.schema([("location", pa.string()), ("identity", pa.string()), ("value", pa.string())])
+FINGERPRINT = b"records.fingerprint"  # parquet metadata: what the values depend on
+
+log = logging.getLogger(__name__)
+
+
+class Identities:
+    """Identities of a catalog's images; thread-safe (validate and featurize ask from
+    their worker threads)."""
+
+    def __init__(self, root: CatalogRoot) -> None:
+        self.root = root
+        self._listed: dict[tuple[str, str], str] | None = None
+        self._lock = threading.Lock()
+
+    def of(self, location: ImageLocation) -> str | None:
+        """`size:mtime_ns` (a local file) or `size:etag` (an S3 object); None when there is
+        nothing there (the read that follows says what is wrong)."""
+        if location.path is not None:
+            try:
+                status = os.stat(location.path)
+            except OSError:
+                return None
+            return f"{status.st_size}:{status.st_mtime_ns}" if _regular(status) else None
+        listed = self._catalog_objects()
+        found = listed.get((location.bucket, location.key))
+        if found is not None or self._under_root(location):
+            return found
+        return _head(location)
+
+    def _catalog_objects(self) -> dict[tuple[str, str], str]:
+        """Every object under the catalog's S3 prefix: one paginated LIST, made once."""
+        with self._lock:
+            if self._listed is None:
+                self._listed = _list_prefix(self.root) if self.root.is_s3 else {}
+            return self._listed
+
+    def _under_root(self, location: ImageLocation) -> bool:
+        if not self.root.is_s3:
+            return False
+        bucket, prefix = split_s3_uri(self.root.uri)
+        prefix = prefix.strip("/")
+        return location.bucket == bucket and (not prefix or location.key.startswith(prefix + "/"))
+
+
+def _regular(status: os.stat_result) -> bool:
+    return stat.S_ISREG(status.st_mode)
+
+
+def _list_prefix(root: CatalogRoot) -> dict[tuple[str, str], str]:
+    bucket, prefix = split_s3_uri(root.uri)
+    prefix = prefix.strip("/")
+    found = {}
+    pages = s3_client().get_paginator("list_objects_v2")
+    for page in pages.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+        for item in page.get("Contents", []):
+            found[(bucket, item["Key"])] = f"{item['Size']}:{item['ETag'].strip(chr(34))}"
+    log.debug("listed %d objects under %s", len(found), root.uri)
+    return found
+
+
+def _head(location: ImageLocation) -> str | None:
+    try:
+        head = s3_client().head_object(Bucket=location.bucket, Key=location.key)
+    except Exception as err:
+        if is_missing_key_error(err) or "404" in str(err):
+            return None
+        raise
+    return f"{head['ContentLength']}:{head['ETag'].strip(chr(34))}"
+
+
+@dataclass
+class ImageRecords:
+    """What reading each image location found, under the identity it had then: a file of
+    (location, identity, value) rows. Values recorded under another `fingerprint` (other
+    rules, another version of this code) are not used.
+
+    `trusted=False` (verify_content): nothing recorded is used, every image is read, and
+    what it finds is recorded for the next run."""
+
+    path: Path
+    fingerprint: str
+    trusted: bool = True
+    _known: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _found: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.trusted and self.path.is_file():
+            self._known = read_records(self.path, self.fingerprint)
+
+    def get(self, location: ImageLocation, identity: str | None) -> str | None:
+        """The value recorded for `location` if its identity is still `identity`."""
+        if identity is None:
+            return None
+        known = self._known.get(str(location))
+        return known[1] if known is not None and known[0] == identity else None
+
+    def put(self, location: ImageLocation, identity: str | None, value: str) -> None:
+        """Record `value` (found, or trusted) for the file written next."""
+        if identity is not None:
+            with self._lock:
+                self._found[str(location)] = (identity, value)
+
+    def save(self, path: Path | None = None) -> int:
+        """Write what this run found or trusted (the images of today's catalog only, so
+        the file follows the catalog's size); returns the rows written."""
+        write_records(path or self.path, self._found, self.fingerprint)
+        return len(self._found)
+
+
+def read_records(path: Path, fingerprint: str) -> dict[str, tuple[str, str]]:
+    table = pq.read_table(path)
+    recorded = (table.schema.metadata or {}).get(FINGERPRINT, b"").decode()
+    if recorded != fingerprint:
+        log.info("%s was recorded under other rules: every image is read again", path)
+        return {}
+    return {
+        location: (identity, value)
+        for location, identity, value in zip(
+            *(table.column(name).to_pylist() for name in SCHEMA.names), strict=True
+        )
+    }
+
+
+def write_records(path: Path, found: dict[str, tuple[str, str]], fingerprint: str) -> None:
+    locations = sorted(found)
+    table = pa.table(
+        {
+            "location": locations,
+            "identity": [found[loc][0] for loc in locations],
+            "value": [found[loc][1] for loc in locations],
+        },
+        schema=SCHEMA.with_metadata({FINGERPRINT: fingerprint.encode()}),
+    )
+    atomic.write_table(table, path)
+
+
+def fingerprint(**rules) -> str:
+    """A short hash of what recorded values depend on."""
+    raw = json.dumps(rules, sort_keys=True, default=str).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+@dataclass
+class ReadCounter:
+    """What a step read from the catalog's images (thread-safe)."""
+
+    images_opened: int = 0
+    bytes_read: int = 0
+    images_trusted: int = 0  # taken from the records without being opened
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def opened(self, size: int) -> None:
+        with self._lock:
+            self.images_opened += 1
+            self.bytes_read += size
+
+    def trusted(self) -> None:
+        with self._lock:
+            self.images_trusted += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "images_opened": self.images_opened,
+            "bytes_read": self.bytes_read,
+            "images_trusted": self.images_trusted,
+        }

@@ -1,0 +1,199 @@
+"""Validate and featurize read only what changed: an image whose identity (size and mtime;
+size and ETag in S3) is the one it had when last read keeps its verdict and content key
+without being opened, unless validate.verify_content says to read everything. New
+content is always read; content rewritten under the same identity only by verify_content."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from components import featurize, validate
+from components.config import FeaturizeConfig, StepPaths, ValidateConfig
+from components.io.manifest import require_run
+from components.io.s3 import s3_client
+from tests.conftest import listing, png_bytes
+from tests.harness.fault_proxy import FaultProxy
+
+pytestmark = pytest.mark.integration
+
+TRUSTING = ValidateConfig(
+    max_bad_fraction=1.0,
+    workers=2,
+    min_clean_listings=0,
+    require_eval_queries=False,
+    verify_content=False,
+)
+VERIFYING = TRUSTING.model_copy(update={"verify_content": True})
+FEATURIZE = FeaturizeConfig(device="cpu", image_size=64, workers=2)
+
+
+def _reads(paths: StepPaths, step: str) -> dict:
+    return require_run(paths.step_dir(step))["reads"]
+
+
+def _outcome(paths: StepPaths) -> tuple[list, list]:
+    out = paths.step_dir("validate")
+    clean = pq.read_table(out / "clean.parquet")["listing_id"].to_pylist()
+    bad = pq.read_table(out / "quarantine.parquet").select(["listing_id", "reasons"])
+    return clean, bad.to_pylist()
+
+
+@pytest.fixture
+def catalog(make_catalog, step_paths):
+    """Four listings, one of them with an image that does not decode."""
+    rows = [listing(name) for name in ("a", "b", "c")]
+    rows.append(listing("broken"))
+    root = make_catalog(rows)
+    for name, colour in (("a", (250, 0, 0)), ("b", (0, 250, 0)), ("c", (0, 0, 250))):
+        (root / "images" / f"{name}.png").write_bytes(png_bytes((40, 40), colour))
+    (root / "images" / "broken.png").write_bytes(b"not a picture at all")
+    return root, step_paths(root)
+
+
+def _rewrite(path: Path, data: bytes, keep_identity: bool) -> None:
+    """New bytes for an image; with `keep_identity`, of the same size and mtime."""
+    before = path.stat()
+    if keep_identity:
+        assert len(data) == before.st_size
+    path.write_bytes(data)
+    if keep_identity:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    else:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+
+
+def test_a_second_validate_opens_no_image_and_gives_the_same_verdicts(catalog):
+    _, paths = catalog
+    validate.run(TRUSTING, paths)
+    first = _outcome(paths)
+    assert _reads(paths, "validate")["images_opened"] == 4
+
+    validate.run(TRUSTING, paths)
+
+    assert _reads(paths, "validate") | {"bytes_read": 0} == {
+        "images_opened": 0,
+        "bytes_read": 0,
+        "images_trusted": 4,
+    }
+    assert _outcome(paths) == first  # the broken one still quarantined, with its reason
+    assert first[1] == [{"listing_id": "broken", "reasons": ["image_undecodable"]}]
+
+
+def test_an_image_with_new_content_is_read_again(catalog):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+
+    _rewrite(root / "images" / "a.png", b"now this is broken too", keep_identity=False)
+    validate.run(TRUSTING, paths)
+
+    assert _reads(paths, "validate")["images_opened"] == 1
+    clean, bad = _outcome(paths)
+    assert clean == ["b", "c"] and {row["listing_id"] for row in bad} == {"a", "broken"}
+
+
+def test_content_rewritten_under_the_same_identity_is_caught_by_verify_content(catalog):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+    image = root / "images" / "a.png"
+    _rewrite(image, b"x" * image.stat().st_size, keep_identity=True)
+
+    validate.run(TRUSTING, paths)
+    assert "a" in _outcome(paths)[0]  # trusted: what the identity rule cannot see
+
+    validate.run(VERIFYING, paths)
+    assert "a" not in _outcome(paths)[0]
+    assert _reads(paths, "validate")["images_opened"] == 4
+
+
+def test_other_image_rules_make_every_verdict_be_checked_again(catalog):
+    _, paths = catalog
+    validate.run(TRUSTING, paths)
+
+    stricter = TRUSTING.model_copy(update={"min_image_side": 41})  # the images are 40 px
+    validate.run(stricter, paths)
+
+    assert _reads(paths, "validate")["images_opened"] == 4
+    assert _outcome(paths)[0] == []
+
+
+def test_featurize_reads_only_new_content_and_re_encodes_it(catalog):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+    featurize.run(FEATURIZE, paths)
+    views = paths.step_dir("featurize") / "views.parquet"
+    before = pq.read_table(views).to_pylist()
+    assert _reads(paths, "featurize")["images_opened"] == 3  # the clean ones
+
+    featurize.run(FEATURIZE, paths)
+    assert _reads(paths, "featurize")["images_opened"] == 0
+    assert pq.read_table(views).to_pylist() == before  # the same keys, none read
+
+    _rewrite(root / "images" / "b.png", png_bytes((40, 40), (9, 9, 9)), keep_identity=False)
+    validate.run(TRUSTING, paths)
+    featurize.run(FEATURIZE, paths)
+
+    assert _reads(paths, "featurize")["images_opened"] == 1
+    assert require_run(paths.step_dir("featurize"))["images_encoded"] == 1
+    after = {(r["listing_id"], r["modality"]): r["key"] for r in pq.read_table(views).to_pylist()}
+    was = {(r["listing_id"], r["modality"]): r["key"] for r in before}
+    changed = [k for k in was if was[k] != after[k]]
+    assert changed == [("b", "image")]
+
+
+def test_featurize_rehashes_everything_when_validate_verified_content(catalog):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+    featurize.run(FEATURIZE, paths)
+    image = root / "images" / "c.png"
+    new = png_bytes((40, 40), (1, 2, 3))
+    padded = new + b"\0" * (image.stat().st_size - len(new))  # PNG ignores trailing bytes
+    _rewrite(image, padded, keep_identity=True)
+
+    validate.run(VERIFYING, paths)
+    featurize.run(FEATURIZE, paths)
+
+    assert _reads(paths, "featurize")["images_opened"] == 3
+    assert require_run(paths.step_dir("featurize"))["images_encoded"] == 1  # the new c
+
+
+def _upload(root: Path, bucket: str, prefix: str) -> None:
+    client = s3_client()
+    client.create_bucket(Bucket=bucket)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        key = f"{prefix}/{path.relative_to(root).as_posix()}"
+        client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def test_an_s3_catalog_is_listed_and_only_changed_images_are_fetched(
+    catalog, s3_endpoint, s3_env, monkeypatch, tmp_path
+):
+    root, _ = catalog
+    _upload(root, "shop", "v1")
+    paths = StepPaths(workdir=tmp_path / "s3work", catalog="s3://shop/v1")
+    with FaultProxy(s3_endpoint, []) as proxy:  # no faults: it counts what reaches S3
+        from components.io.s3 import s3_client as client
+
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        client.cache_clear()
+        validate.run(TRUSTING, paths)
+        featurize.run(FEATURIZE, paths)
+        s3_client().put_object(Bucket="shop", Key="v1/images/a.png", Body=png_bytes((40, 40)))
+        proxy.log.clear()
+
+        validate.run(TRUSTING, paths)
+        featurize.run(FEATURIZE, paths)
+
+        images = [path for method, path, *_ in proxy.log if method == "GET" and "images/" in path]
+        heads = [path for method, path, *_ in proxy.log if method == "HEAD"]
+        # the catalog's images listed (not the existence checks of queries.parquet)
+        lists = [path for method, path, *_ in proxy.log if "list-type=2&prefix=v1%2F&" in path]
+    client.cache_clear()
+    # a.png changed: validate and featurize each fetch it once; nothing else is fetched
+    assert [path.split("?")[0] for path in images] == ["/shop/v1/images/a.png"] * 2
+    assert len(lists) == 2 and heads == []  # one LIST of the catalog per step, no HEADs
+    assert _reads(paths, "validate")["images_opened"] == 1
+    assert _reads(paths, "featurize")["images_opened"] == 1
