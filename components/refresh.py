@@ -74,7 +74,10 @@ def run(params: Params, tracking_uri: str | None = None) -> RefreshResult:
     with holding(paths.workdir, "refresh"):
         for step in STEPS:
             log.info("refresh: %s", step)
-            summaries.append(run_step(step, params, paths).summary)
+            result = run_step(step, params, paths)
+            summaries.append(result.summary)
+    if not result.changed:  # promote's: the current release already is this one
+        summaries.append(f"refresh: nothing new since {result.version}: nothing published")
     found = json.loads(paths.path(STALENESS).read_text())
     if found.get("stale"):
         summaries.append(

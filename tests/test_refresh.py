@@ -267,3 +267,31 @@ def test_a_refresh_reads_nothing_of_this_workdir_s_train_step(copied):
         k: v for k, v in tested.items() if k != "listings"
     }
     assert evaluated["listings"] == tested["listings"] + 2
+
+
+def test_a_refresh_with_nothing_new_publishes_nothing_even_after_a_rollback(copied):
+    paths = copied
+    store = open_storage(paths.storage, paths.storage_uri)
+    retrained = production.read_pointer(store).version
+    # the profile as the retrain's evaluation measured it (its listings all)
+    same = refresh_params(paths, "evaluate.staleness.profile_listings=1000")
+    catalog = paths.workdir / "catalog" / "listings.parquet"
+    original = catalog.read_bytes()
+
+    nothing = refresh.run(same, paths.tracking_uri)  # on the retrain's own release
+
+    assert [v.version for v in production.list_versions(store)] == [retrained]
+    assert nothing.summary.splitlines()[-1] == (
+        f"refresh: nothing new since {retrained}: nothing published"
+    )
+
+    change_catalog(paths.workdir / "catalog", 2, 0, 0, 0)
+    refresh.run(same, paths.tracking_uri)
+    assert main(["rollback", "--set", f"paths.workdir={paths.workdir}"]) == 0
+    catalog.write_bytes(original)  # the catalog the rolled-back release was built from
+
+    again = refresh.run(same, paths.tracking_uri)
+
+    assert len(production.list_versions(store)) == 2  # no third, byte-identical version
+    assert production.read_pointer(store).version == retrained
+    assert "nothing published" in again.summary.splitlines()[-1]

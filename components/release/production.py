@@ -37,7 +37,7 @@ from typing import Any
 import faiss
 
 from components.config import StepPaths
-from components.contract import INDEX, INDEX_IDS, MANIFEST, RELEASE_REPORTS
+from components.contract import INDEX, INDEX_IDS, MANIFEST, RELEASE_MODEL, RELEASE_REPORTS
 from components.errors import StepFailed
 from components.io.faiss_index import IndexIds, read_ids
 from components.io.manifest import sha256_file
@@ -173,11 +173,14 @@ def version_time(version: str) -> datetime | None:
 
 def content_hash(files: dict[str, dict], model: dict) -> str:
     """sha256 over what a version serves: its files' hashes (not the evaluation's reports,
-    which change with every evaluation, e.g. latency) and the model's weights."""
+    which change with every evaluation, e.g. latency, nor the model reference's bytes,
+    which say where this run loaded the model from) and the model's registered identity
+    and weights."""
     digest = hashlib.sha256()
-    for name in sorted(set(files) - set(REPORTS)):
+    for name in sorted(set(files) - set(REPORTS) - {RELEASE_MODEL.name}):
         digest.update(f"{name}\0{files[name]['sha256']}\n".encode())
-    digest.update(f"model\0{model.get('sha256')}\n".encode())
+    identity = "\0".join(str(model.get(key)) for key in ("name", "version", "sha256"))
+    digest.update(f"model\0{identity}\n".encode())
     return digest.hexdigest()
 
 
