@@ -3,9 +3,10 @@
 promote, only after every gate passed (it re-reads the evaluate step's gates.json):
 
 1. uploads the index, its id map, the embeddings, the model reference, metrics and gates
-   under `indices/<version>/` of `storage.uri`, then the version's manifest (sha256 and
-   size of every file, model, lineage, params, metrics, the previous champion);
-2. reads every file back and checks sizes and sha256;
+   that the store does not hold yet (objects are stored once by content and shared
+   between versions), then the version's manifest under `indices/<version>/` (sha256,
+   size and object of every file, model, lineage, params, metrics, the previous champion);
+2. reads every uploaded file back and checks sizes and sha256 (the shared ones by size);
 3. points `indices/CURRENT` at it with a conditional write (a concurrent promotion that
    got there first makes this one fail, with nothing of it visible);
 4. moves the MLflow alias `listing-encoder@champion` to the promoted model version;
@@ -146,6 +147,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
             "previous": published.previous,
             "model": model,
             "deleted_versions": deleted,
+            "uploaded_bytes": published.uploaded_bytes,
             "summary": summary,
             "local_outputs": describe_files(out, [RELEASE_MODEL.name]),
         },
@@ -330,9 +332,11 @@ def _summary(published, uri, model, previous_alias, alias: str, deleted) -> str:
         )
     metrics = published.manifest.get("metrics", {})
     shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in SUMMARY_METRICS if k in metrics)
+    whole = sum(entry["bytes"] for entry in published.manifest["files"].values())
     return (
         f"promote: {published.version} is now CURRENT in {uri} (previous: "
-        f"{published.previous or 'none'}); {alias} -> v{model['version']} (was "
+        f"{published.previous or 'none'}; uploaded {published.uploaded_bytes / 2**20:.1f} "
+        f"of its {whole / 2**20:.1f} MiB, the rest shared); {alias} -> v{model['version']} (was "
         f"{'v' + previous_alias if previous_alias else 'unset'}); {shown}; "
         f"retention deleted {len(deleted)} old version(s)"
     )

@@ -219,7 +219,7 @@ def test_a_failure_after_some_uploads_leaves_current_alone_and_the_next_run_succ
 def test_a_corrupted_object_is_caught_and_named(storage, tmp_path):
     published = publish(storage, tmp_path, 1)
     prefix = production.prefix_of(published.version)
-    storage.put_bytes(prefix + "index.faiss", b"not an index")
+    storage.put_bytes(published.manifest["files"]["index.faiss"]["object"], b"not an index")
 
     with pytest.raises(production.CorruptObject, match="index.faiss"):
         production.load_current_index(storage, tmp_path / "cache")
@@ -418,3 +418,111 @@ def test_promote_never_starts_a_store_at_an_explicit_uri(tmp_path):
     with pytest.raises(production.NoStore, match="no production store there"):
         production.open_store(paths, create=True)
     assert not (tmp_path / "x").exists()
+
+
+def _an_update_of(tmp_path: Path, seed: int) -> dict[str, Path]:
+    """The files of release `seed` with another index of the same vectors (in reverse):
+    what a refresh that changed the index but no embedding part or id map publishes."""
+    files = release(tmp_path / f"r{seed}", seed)
+    vectors = np.load(files["embeddings/part-000000.npy"])
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors[::-1]))
+    updated = tmp_path / f"u{seed}" / "index.faiss"
+    updated.parent.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(updated))
+    return files | {"index.faiss": updated}
+
+
+def test_a_version_stores_only_what_is_new_and_stays_whole_on_its_own(storage, tmp_path):
+    first = publish(storage, tmp_path, 1)
+    files = _an_update_of(tmp_path, 1)
+    uploads = []
+
+    second = production.publish(storage, files, {}, MODEL | {"version": "2"}, uploads.append)
+
+    index_bytes = files["index.faiss"].stat().st_size
+    assert second.uploaded_bytes == index_bytes == second.manifest["added_bytes"]
+    assert [line.split()[2] for line in uploads if line.startswith("uploaded")] == ["index.faiss"]
+    assert first.manifest["added_bytes"] == sum(
+        p.stat().st_size for p in release(tmp_path / "r1", 1).values()
+    )
+    shared = second.manifest["files"]["ids.parquet"]["object"]
+    assert shared == first.manifest["files"]["ids.parquet"]["object"]
+    assert len(storage.list_keys(production.OBJECTS)) == 4  # three, and the new index
+    for published in (first, second):  # each verifiable by its own manifest, every byte
+        production.verify(storage, published.version, published.manifest)
+    assert production.load_current_index(storage).index.ntotal == 40
+
+
+def test_retention_deletes_an_object_only_when_no_retained_version_names_it(storage, tmp_path):
+    first = publish(storage, tmp_path, 1)
+    second = production.publish(storage, _an_update_of(tmp_path, 1), {}, MODEL | {"version": "2"})
+    third = publish(storage, tmp_path, 3)  # nothing shared with the others
+    in_flight = production.new_version("e" * 64)
+    orphan = production.object_key("a" * 64)  # an upload in flight will need it
+    storage.put_bytes(orphan, b"being shared")
+    storage.put_bytes(
+        production.prefix_of(in_flight) + production.PENDING, json.dumps([orphan]).encode()
+    )
+    abandoned = production.object_key("b" * 64)  # a failed upload's, named by nothing
+    storage.put_bytes(abandoned, b"left behind")
+
+    deleted = production.apply_retention(storage, keep=2, abandoned_after=timedelta(hours=24))
+
+    assert first.version in deleted and second.version not in deleted
+    left = set(storage.list_keys(production.OBJECTS))
+    assert first.manifest["files"]["index.faiss"]["object"] not in left  # only v1 had it
+    assert {entry["object"] for entry in second.manifest["files"].values()} <= left
+    assert {entry["object"] for entry in third.manifest["files"].values()} <= left
+    assert orphan in left and abandoned not in left
+    production.verify(storage, second.version, second.manifest)
+
+
+def test_a_version_of_the_old_layout_is_read_where_it_is_and_kept_by_retention(storage, tmp_path):
+    old = "20240101T000000000000Z-0123456789ab"
+    files = release(tmp_path / "old", 7)
+    described = {
+        name: {"sha256": production.sha256_file(path), "bytes": path.stat().st_size}
+        for name, path in files.items()
+    }
+    for name, path in files.items():  # layout 1: every file under the version's prefix
+        storage.put_file(production.prefix_of(old) + name, path)
+    model = MODEL | {"version": "7"}
+    manifest = {
+        "version": old,
+        "content_sha256": production.content_hash(described, model),
+        "files": described,
+        "model": model,
+        "previous": None,
+    }
+    raw = json.dumps(manifest).encode()
+    storage.put_bytes(production.prefix_of(old) + "manifest.json", raw)
+    pointer = production._pointer_to(manifest, raw, None, "promote")
+    storage.write_pointer(production.POINTER, pointer.to_bytes(), None)
+
+    assert production.load_current_index(storage, tmp_path / "cache").ids.listing_ids[0] == "L7-0"
+    new = publish(storage, tmp_path, 8)
+    production.apply_retention(storage, keep=5, abandoned_after=timedelta(hours=24))
+
+    production.verify(storage, old, manifest)  # its files were not taken for orphans
+    assert production.read_pointer(storage).version == new.version
+    assert new.manifest["layout"] == production.LAYOUT
+
+
+def test_the_download_cache_reuses_what_an_earlier_version_brought(storage, tmp_path):
+    publish(storage, tmp_path, 1)
+    cache = tmp_path / "cache"
+    production.load_current_index(storage, cache)
+    production.publish(storage, _an_update_of(tmp_path, 1), {}, MODEL | {"version": "2"})
+    fetched = []
+    real_get = storage.get_file
+
+    def counting(key, dest):
+        fetched.append(key)
+        real_get(key, dest)
+
+    storage.get_file = counting
+    loaded = production.load_current_index(storage, cache)
+
+    assert loaded.version != production.list_versions(storage)[0].version
+    assert fetched == [loaded.manifest["files"]["index.faiss"]["object"]]  # ids.parquet: local

@@ -60,6 +60,11 @@ def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied,
     assert len(held) == len(current.ids) == 62  # every listing once
     assert set(changes["added"]) <= held and not set(changes["removed"]) & held
     assert "updated from" in result.summary
+    # the release uploaded only what changed: splits and profile are the base's objects
+    files = current.manifest["files"]
+    assert 0 < current.manifest["added_bytes"] < sum(f["bytes"] for f in files.values())
+    base = production.read_manifest(store, before.version)["files"]
+    assert files["splits.parquet"]["object"] == base["splits.parquet"]["object"]
     assert main(["versions", "--set", f"paths.workdir={paths.workdir}"]) == 0
     assert f"*  {current.version}  refresh" in capsys.readouterr().out
 

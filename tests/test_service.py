@@ -331,7 +331,8 @@ def test_releases_swap_on_promotion_and_rollback_and_a_broken_one_is_not_served(
         assert keeper.refresh() is True and keeper.current.version == first
 
         promote.rollback(paths, second)  # forward again, but its index is damaged in the store
-        key = production.prefix_of(second) + "index.faiss"
+        stored = production.read_manifest(store, second)["files"]["index.faiss"]
+        key = production.file_key(second, "index.faiss", stored)
         store.put_bytes(key, store.get_bytes(key)[:-4] + b"XXXX")
         for leftover in (keeper.cache_dir / second).glob("*"):
             leftover.unlink()  # no clean local copy either

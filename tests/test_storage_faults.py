@@ -40,8 +40,8 @@ RECOVERED = {
     ],
 }
 FAILED = {
-    "500 on every index upload": [
-        Fault("500", method="PUT", key_contains="index.faiss", times=INF)
+    "500 on every file upload": [  # files are content-addressed objects
+        Fault("500", method="PUT", key_contains="/objects/sha256/", times=INF)
     ],
     "503 on every CURRENT write": [Fault("503", method="PUT", key_contains=CURRENT, times=INF)],
     "reset on every try of the new manifest": [

@@ -3,11 +3,22 @@
 Layout under the store's root (`storage.uri`):
 
     store.json                        written once, when the store is created
-    indices/<version>/index.faiss, ids.parquet, embeddings/part-*.npy, listing_ids.parquet,
-                      model.json, metrics.json, gates.json
-    indices/<version>/manifest.json   written last: sha256 and size of every file above
+    objects/sha256/<ab>/<sha256>      every file of every version, stored once by content
+                                      (index.faiss, ids.parquet, embeddings/part-*.npy,
+                                      listing_ids.parquet, model.json, metrics.json, ...)
+    indices/<version>/pending.json    while a version uploads: the objects it will need
+    indices/<version>/manifest.json   written last: name, sha256, size and object of every
+                                      file the version holds
     indices/CURRENT                   {"version", "manifest_sha256", ...}; replaced only by
                                       a conditional write
+
+A version stores only what is new: a file whose content an earlier version stored is not
+uploaded again (its object is shared), so a refresh uploads its index and id map and the
+embedding parts that changed. Each manifest still names and checksums every file the
+version needs, so a version stays whole and verifiable on its own. Retention deletes an
+object only when no retained version (and no upload in flight: `pending.json`) names it.
+Versions written before objects were shared (layout 1: their files under
+`indices/<version>/`) are read where they are; the next promotion writes the new layout.
 
 A version is `<UTC timestamp to the microsecond>Z-<content hash>`: unique and sortable. A
 version without a manifest is incomplete (an upload that died) and is never pointed at.
@@ -27,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,6 +58,9 @@ from components.release.storage import MissingObject, PointerConflict, Storage, 
 STORE_RECORD = "store.json"  # a store's birth certificate, written once by create_store
 INDICES = "indices"
 POINTER = f"{INDICES}/CURRENT"
+OBJECTS = "objects/sha256/"  # content-addressed files, shared by the versions holding them
+PENDING = "pending.json"  # an upload in flight: the objects its version will need
+LAYOUT = 2  # versions whose files are shared objects (1: files under the version's prefix)
 _STAMP = "%Y%m%dT%H%M%S%fZ"
 REPORTS = tuple(a.name for a in RELEASE_REPORTS)  # stored with a version, not its content
 
@@ -98,6 +113,7 @@ class Published:
     changed: bool  # False: the content was already current
     previous: str | None
     manifest: dict
+    uploaded_bytes: int = 0  # what this publication added to the store
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,16 @@ def create_store(storage: Storage) -> bool:
 
 def prefix_of(version: str) -> str:
     return f"{INDICES}/{version}/"
+
+
+def object_key(sha256: str) -> str:
+    return f"{OBJECTS}{sha256[:2]}/{sha256}"
+
+
+def file_key(version: str, name: str, entry: dict) -> str:
+    """Where a file of `version` is stored: its shared object, or (a version written before
+    objects were shared) under the version's own prefix."""
+    return entry.get("object") or prefix_of(version) + name
 
 
 def new_version(content_sha256: str, now: datetime | None = None) -> str:
@@ -223,28 +249,37 @@ def list_versions(storage: Storage) -> list[VersionInfo]:
     return found
 
 
-def verify(storage: Storage, version: str, manifest: dict) -> None:
-    """Read every file of `version` back from the store and check size and sha256.
+def verify(
+    storage: Storage, version: str, manifest: dict, read_back: set[str] | None = None
+) -> None:
+    """Check size and sha256 of every file of `version` in the store, reading each back
+    (only the objects in `read_back`, when given: those just uploaded; the others are
+    checked by size, their content having been read back when they were uploaded).
 
     Raises:
         CorruptObject: naming the first file that is missing, short or different.
     """
-    prefix = prefix_of(version)
     for name, expected in sorted(manifest["files"].items()):
-        key = prefix + name
+        key = file_key(version, name, expected)
+        where = _named(storage, version, name, key)
         size = storage.size(key)
         if size is None:
-            raise CorruptObject(f"{storage.locate(key)} is missing from version {version}")
+            raise CorruptObject(f"{where} is missing")
         if size != expected["bytes"]:
-            raise CorruptObject(
-                f"{storage.locate(key)}: {size} bytes, the manifest says {expected['bytes']}"
-            )
+            raise CorruptObject(f"{where}: {size} bytes, the manifest says {expected['bytes']}")
+        if read_back is not None and key not in read_back:
+            continue
         digest = storage.sha256(key)
         if digest != expected["sha256"]:
             raise CorruptObject(
-                f"{storage.locate(key)}: sha256 {digest[:16]}... is not the manifest's "
+                f"{where}: sha256 {digest[:16]}... is not the manifest's "
                 f"{expected['sha256'][:16]}...; the stored file is corrupted"
             )
+
+
+def _named(storage: Storage, version: str, name: str, key: str) -> str:
+    """A file of a version, for messages: its name, and where it is stored."""
+    return f"{name} of version {version} ({storage.locate(key)})"
 
 
 def publish(
@@ -285,41 +320,58 @@ def publish(
         )
     version = new_version(content)
     prefix = prefix_of(version)
-    full = {
-        "version": version,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "content_sha256": content,
-        "files": described,
-        "model": model,
-        "previous": current.version if current else None,
-        **manifest,
-    }
-    raw = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode()
-    pointer = _pointer_to(full, raw, current, "promote")
+    for entry in described.values():
+        entry["object"] = object_key(entry["sha256"])
+    needed = sorted({entry["object"] for entry in described.values()})
     try:
-        total = len(files)
-        for done, (name, path) in enumerate(sorted(files.items()), start=1):
-            storage.put_file(prefix + name, path)
-            progress(f"uploaded {done}/{total} {name} ({path.stat().st_size:,} bytes)")
+        # named before anything is looked up or uploaded: retention keeps these objects
+        storage.put_bytes(prefix + PENDING, (json.dumps(needed) + "\n").encode())
+        fresh = {
+            name: path
+            for name, path in files.items()
+            if storage.size(described[name]["object"]) != described[name]["bytes"]
+        }
+        full = {
+            "version": version,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "content_sha256": content,
+            "layout": LAYOUT,
+            "files": described,
+            "model": model,
+            "previous": current.version if current else None,
+            "added_bytes": sum(described[name]["bytes"] for name in fresh),
+            **manifest,
+        }
+        raw = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode()
+        pointer = _pointer_to(full, raw, current, "promote")
+        for done, (name, path) in enumerate(sorted(fresh.items()), start=1):
+            storage.put_file(described[name]["object"], path)
+            progress(f"uploaded {done}/{len(fresh)} {name} ({path.stat().st_size:,} bytes)")
         storage.put_bytes(prefix + MANIFEST, raw)
         read_manifest(storage, version, pointer.manifest_sha256)
-        verify(storage, version, full)
-        progress(f"verified {total} files of {version} (sizes and sha256 read back)")
+        storage.delete([prefix + PENDING])  # the manifest names the objects now
+        verify(storage, version, full, {described[name]["object"] for name in fresh})
+        progress(
+            f"verified {len(files)} files of {version} ({len(fresh)} uploaded and read back, "
+            f"{len(files) - len(fresh)} shared with earlier versions)"
+        )
         _swap(storage, pointer, current)
     except BaseException as err:
         if _points_at(storage, version):  # the pointer write landed despite the error
-            return Published(version, True, pointer.previous, full)
+            return Published(version, True, pointer.previous, full, full["added_bytes"])
+        # its objects stay until retention finds no version naming them: another upload
+        # may already share one
         removed = _remove_quietly(storage, prefix)
         if isinstance(err, PointerConflict):
             now = read_pointer(storage)
             raise PromotionConflict(
                 f"{storage.locate(POINTER)} moved from {pointer.previous} to "
                 f"{now.version if now else None} while this promotion ran (a concurrent "
-                f"promotion won); {version} was not made current and its {removed} uploaded "
+                f"promotion won); {version} was not made current and its {removed} "
                 "objects were removed. Run promote again to compare with the new champion."
             ) from err
         raise
-    return Published(version, True, pointer.previous, full)
+    return Published(version, True, pointer.previous, full, full["added_bytes"])
 
 
 def _pointer_to(manifest: dict, raw: bytes, current: Pointer | None, reason: str) -> Pointer:
@@ -424,7 +476,33 @@ def apply_retention(
     for version in doomed:
         storage.delete_prefix(prefix_of(version))
         log.info("retention: deleted %s", storage.locate(prefix_of(version)))
+    _collect_objects(storage)
     return sorted(doomed)
+
+
+def _collect_objects(storage: Storage) -> int:
+    """Delete the shared objects no version names: neither a complete version's manifest
+    nor an upload in flight (`pending.json`). Objects are listed before the versions, so
+    one an upload starts to share meanwhile is named by then (or, deleted in a narrower
+    race, fails that upload's verification: it never becomes current)."""
+    stored = storage.list_keys(OBJECTS)
+    named: set[str] = set()
+    for info in list_versions(storage):
+        if info.complete:
+            named.update(
+                file_key(info.version, name, entry)
+                for name, entry in info.manifest["files"].items()
+            )
+            continue
+        try:
+            named.update(json.loads(storage.get_bytes(prefix_of(info.version) + PENDING)))
+        except MissingObject:  # an upload from before pending.json, or finished meanwhile
+            continue
+    unnamed = [key for key in stored if key not in named]
+    storage.delete(unnamed)
+    if unnamed:
+        log.info("retention: deleted %d objects no retained version names", len(unnamed))
+    return len(unnamed)
 
 
 def load_current_index(storage: Storage, cache_dir: Path | None = None) -> CurrentIndex:
@@ -454,7 +532,8 @@ def download(
     storage: Storage, version: str, manifest: dict, names: Iterable[str], local: Path
 ) -> None:
     """Copies of the named files of `version` in `local`, each checked against the
-    manifest's sha256; one already there with the right sha256 is not downloaded again.
+    manifest's sha256; one already there with the right sha256 is not downloaded again,
+    nor one another version's folder beside `local` holds (copied from there).
 
     Raises:
         CorruptObject: a stored file is not what the manifest says (named).
@@ -464,14 +543,30 @@ def download(
         path = local / name
         if path.is_file() and sha256_file(path) == expected["sha256"]:
             continue
-        storage.get_file(prefix_of(version) + name, path)
+        if _copy_cached(local.parent, name, expected, path):
+            continue
+        key = file_key(version, name, expected)
+        storage.get_file(key, path)
         digest = sha256_file(path)
         if digest != expected["sha256"]:
             path.unlink()
             raise CorruptObject(
-                f"{storage.locate(prefix_of(version) + name)}: sha256 {digest[:16]}... is not "
+                f"{_named(storage, version, name, key)}: sha256 {digest[:16]}... is not "
                 f"the manifest's {expected['sha256'][:16]}...; the stored file is corrupted"
             )
+
+
+def _copy_cached(cache: Path, name: str, expected: dict, path: Path) -> bool:
+    """Copy `name` from another version's folder of the local cache where it has the
+    expected size and sha256 (a version shares most files with the one before it)."""
+    for other in cache.glob(f"*/{name}"):
+        if other == path or other.stat().st_size != expected["bytes"]:
+            continue
+        if sha256_file(other) == expected["sha256"]:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(other, path)
+            return True
+    return False
 
 
 def listing_count(manifest: dict) -> int | None:
@@ -481,17 +576,20 @@ def listing_count(manifest: dict) -> int | None:
 
 def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
     """One line per version, oldest first: current marker, kind, model version, listings,
-    listings held out by a removal, metrics, and a refresh's staleness verdict (the
+    listings held out by a removal, the bytes it added to the store, metrics, and a
+    refresh's staleness verdict (the
     reasons under the table for the current version)."""
     current = read_pointer(storage)
     metric_names = [k.replace("/recall@10", " R@10") for k in metric_keys]
-    rows = [("", "version", "kind", "model", "listings", "held out", *metric_names, "stale")]
+    rows = [
+        ("", "version", "kind", "model", "listings", "held out", "added", *metric_names, "stale")
+    ]
     reasons: list[str] = []
     for info in list_versions(storage):
         mark = "*" if current and info.version == current.version else ""
         if not info.complete:
             rows.append(
-                (mark, info.version, "", "(incomplete)", "", "", *["" for _ in metric_keys], "")
+                (mark, info.version, "", "(incomplete)", "", "", "", *["" for _ in metric_keys], "")
             )
             continue
         staleness = info.manifest.get("staleness") or {}
@@ -508,6 +606,7 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
                 f"{model.get('name')}/{model.get('version')}",
                 "-" if count is None else f"{count:,}",
                 _held_out(info.manifest),
+                _added(info.manifest),
                 *[f"{metrics[k]:.3f}" if k in metrics else "-" for k in metric_keys],
                 "-" if not staleness else "yes" if staleness.get("stale") else "no",
             )
@@ -528,3 +627,10 @@ def _held_out(manifest: dict) -> str:
     from before releases counted them)."""
     count = manifest.get("listings", {}).get("tombstoned")
     return "-" if count is None else f"{count:,}"
+
+
+def _added(manifest: dict) -> str:
+    """What the version added to the store ("-": one from before objects were shared,
+    which stored every file of its own)."""
+    added = manifest.get("added_bytes")
+    return "-" if added is None else f"{added / 2**20:.1f} MiB"
