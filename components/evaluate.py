@@ -57,6 +57,7 @@ from components.core.diagnostics import embedding_diagnostics
 from components.core.drift import projection
 from components.core.encoders import pick_device
 from components.core.retrieval import (
+    FROZEN,
     TASKS,
     QuerySet,
     champion_comparison,
@@ -71,7 +72,14 @@ from components.io.embedding_files import read_embeddings
 from components.io.faiss_index import RowIndex, coverage, labels_of, load_index
 from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
 from components.io.test_split import test_split_queries
-from components.release import production, registry, staleness, tombstones, tracking
+from components.release import (
+    base_release,
+    production,
+    registry,
+    staleness,
+    tombstones,
+    tracking,
+)
 from components.release.champion import load_champion
 
 STEP = STEPS["evaluate"]
@@ -116,7 +124,12 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     depth = min(max(config.ks), len(listing_ids))
     metrics, vectors, tops = evaluate_tasks(loaded.model, sets, listings, config.ks, depth, device)
     challenger = Challenger(loaded, listing_ids, listings, tops)
-    metrics |= _frozen_baseline(paths, device, held_out, sets, challenger, config.ks, depth)
+    base = embedded["inputs"].get("base")
+    # a refresh: the model's test split, whose baseline was measured when it was trained
+    frozen = _frozen_at_training(paths, base["version"]) if base else {}
+    metrics |= frozen or _frozen_baseline(
+        paths, device, held_out, sets, challenger, config.ks, depth
+    )
     index, index_ids, index_manifest = load_index(paths.step_dir("index"))
     removed = tombstones.removed_ids(tombstones.read_all(production.open_store(paths)))
     metrics |= coverage(index_ids, listing_ids, removed, labels_of(index))  # gated
@@ -226,6 +239,25 @@ def _frozen_baseline(paths, device, held_out, sets, challenger, ks, depth) -> di
     batches = _in_listing_order(frozen.padded_batches(held_out), challenger.listing_ids)
     metrics, _ = frozen_metrics(sets, batches, ks, depth)
     return metrics
+
+
+def _frozen_at_training(paths: StepPaths, base_version: str) -> dict:
+    """The frozen encoders' metrics as the model's training release measured them (its
+    details.json): a refresh evaluates the same test queries with the same model, so the
+    no-training baseline its gate compares with is the one the model earned its place
+    against, and a refresh does not read every listing's frozen features again. {} when
+    that release recorded none."""
+    storage = production.open_store(paths)
+    trained_on = production.read_manifest(storage, base_version).get("trained_on")
+    training = base_release.version(
+        paths, trained_on or base_version, paths.path(EVALUATE_BASE), (DETAILS.name,)
+    )
+    details = json.loads((training.local / DETAILS.name).read_text())
+    return {key: value for key, value in details.items() if _is_frozen(key)}
+
+
+def _is_frozen(key: str) -> bool:
+    return any(f"/{baseline}/" in key for baseline in FROZEN)
 
 
 def _in_listing_order(batches, listing_ids: list[str]):

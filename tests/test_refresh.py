@@ -300,3 +300,18 @@ def test_a_refresh_with_nothing_new_publishes_nothing_even_after_a_rollback(copi
     assert len(production.list_versions(store)) == 2  # no third, byte-identical version
     assert production.read_pointer(store).version == retrained
     assert "nothing published" in again.summary.splitlines()[-1]
+
+
+def test_a_refresh_takes_the_frozen_baseline_from_the_model_s_training_release(copied, tmp_path):
+    paths = copied
+    store = open_storage(paths.storage, paths.storage_uri)
+    training = production.load_current_index(store)
+    production.download(store, training.version, training.manifest, ["details.json"], tmp_path)
+    then = json.loads((tmp_path / "details.json").read_text())
+    change_catalog(paths.workdir / "catalog", 8, 0, 0, 0)  # near-copies: they compete
+
+    refresh.run(refresh_params(paths), paths.tracking_uri)
+
+    now = json.loads((paths.step_dir("evaluate") / "details.json").read_text())
+    frozen = {key for key in then if "/frozen" in key}
+    assert frozen and {key: now[key] for key in frozen} == {key: then[key] for key in frozen}
