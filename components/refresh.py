@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from components.config import Params, StepPaths, with_overrides
 from components.contract import STALENESS, StepName
 from components.contract import STEPS as CONTRACT
+from components.io.manifest import read_manifest, require_run
 from components.io.workdir_lock import holding
 
 STEPS: tuple[StepName, ...] = ("validate", "featurize", "embed", "index", "evaluate", "promote")
@@ -55,6 +56,7 @@ def run_step(step: StepName, params: Params, paths: StepPaths):
 class RefreshResult:
     summaries: list[str]
     staleness: dict
+    counters: dict[str, int]  # what it read and wrote (`_counters`)
 
     @property
     def summary(self) -> str:
@@ -76,6 +78,8 @@ def run(params: Params, tracking_uri: str | None = None) -> RefreshResult:
             log.info("refresh: %s", step)
             result = run_step(step, params, paths)
             summaries.append(result.summary)
+    counters = _counters(paths)
+    summaries.append(_cost(counters))
     if not result.changed:  # promote's: the current release already is this one
         summaries.append(f"refresh: nothing new since {result.version}: nothing published")
     found = json.loads(paths.path(STALENESS).read_text())
@@ -84,4 +88,29 @@ def run(params: Params, tracking_uri: str | None = None) -> RefreshResult:
             "refresh: the model is stale, retrain it (make run, or the retrain DAG): "
             + "; ".join(found["reasons"])
         )
-    return RefreshResult(summaries, found)
+    return RefreshResult(summaries, found, counters)
+
+
+def _counters(paths: StepPaths) -> dict[str, int]:
+    """What this refresh cost, from its steps' records: listings embedded and reused,
+    images opened and bytes read from the catalog (validate and featurize), bytes
+    uploaded to the store."""
+    embedded = read_manifest(paths.step_dir("embed"))["counts"]
+    counters = {key: embedded.get(key, 0) for key in ("reused", "added", "changed", "removed")}
+    for step in ("validate", "featurize"):
+        reads = require_run(paths.step_dir(step)).get("reads", {})
+        counters[f"{step}_images_opened"] = reads.get("images_opened", 0)
+        counters[f"{step}_bytes_read"] = reads.get("bytes_read", 0)
+    counters["uploaded_bytes"] = require_run(paths.step_dir("promote")).get("uploaded_bytes", 0)
+    return counters
+
+
+def _cost(c: dict[str, int]) -> str:
+    read = (c["validate_bytes_read"] + c["featurize_bytes_read"]) / 2**20
+    return (
+        f"refresh: {c['reused']:,} listings reused, {c['added']:,} added, {c['changed']:,} "
+        f"changed, {c['removed']:,} removed; images opened: validate "
+        f"{c['validate_images_opened']:,}, featurize {c['featurize_images_opened']:,} "
+        f"({read:.1f} MiB read from the catalog); {c['uploaded_bytes'] / 2**20:.1f} MiB "
+        "uploaded to the store"
+    )

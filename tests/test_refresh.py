@@ -60,6 +60,17 @@ def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied,
     assert len(held) == len(current.ids) == 62  # every listing once
     assert set(changes["added"]) <= held and not set(changes["removed"]) & held
     assert "updated from" in result.summary
+    # what it read: the new photos (of the new listings, the rephotographed one's), once
+    new_photos = {
+        ref
+        for row in pq.read_table(paths.workdir / "catalog" / "listings.parquet").to_pylist()
+        for ref in row["image_uris"]
+        if ref.endswith("-flipped.png")
+    }
+    counters = result.counters
+    assert counters["validate_images_opened"] == counters["featurize_images_opened"]
+    assert counters["validate_images_opened"] == len(new_photos) >= 13
+    assert 0 < counters["uploaded_bytes"] == current.manifest["added_bytes"]
     # the release uploaded only what changed: splits and profile are the base's objects
     files = current.manifest["files"]
     assert 0 < current.manifest["added_bytes"] < sum(f["bytes"] for f in files.values())

@@ -103,8 +103,10 @@ def _head(location: ImageLocation) -> str | None:
 
 @dataclass
 class ImageRecords:
-    """What reading each image location found, under the identity it had then: a file of
-    (location, identity, value) rows. Values recorded under another `fingerprint` (other
+    """What reading each image found, under the identity it had then: a file of (location,
+    identity, value) rows, the location being the image's reference as the catalog writes
+    it (relative to the catalog's root, or a URI), so a catalog copied with its files'
+    times, or a workdir moved, keeps its records. Values recorded under another `fingerprint` (other
     rules, another version of this code) are not used.
 
     `trusted=False` (verify_content): nothing recorded is used, every image is read, and
@@ -125,14 +127,14 @@ class ImageRecords:
         """The value recorded for `location` if its identity is still `identity`."""
         if identity is None:
             return None
-        known = self._known.get(str(location))
+        known = self._known.get(location.ref)
         return known[1] if known is not None and known[0] == identity else None
 
     def put(self, location: ImageLocation, identity: str | None, value: str) -> None:
         """Record `value` (found, or trusted) for the file written next."""
         if identity is not None:
             with self._lock:
-                self._found[str(location)] = (identity, value)
+                self._found[location.ref] = (identity, value)
 
     def save(self, path: Path | None = None) -> int:
         """Write what this run found or trusted (the images of today's catalog only, so
