@@ -142,3 +142,32 @@ def test_the_cli_runs_shards_and_refuses_sharding_a_step_that_has_none(featurize
     assert "gathered from 2 shards" in gathered.stdout
     assert refused.returncode == 2 and "--shard" in refused.stderr
     assert bad.returncode == 2 and "0 <= I < N" in bad.stderr
+
+
+def test_sharded_featurize_reads_no_unchanged_image_twice_and_writes_the_same_files(
+    featurized, tmp_path
+):
+    from components import validate
+    from components.config import ValidateConfig
+
+    paths = _workdir(featurized, tmp_path, "trusting")
+    (paths.workdir / "validate").unlink()
+    shutil.copytree(featurized.step_dir("validate"), paths.workdir / "validate")
+    validate.run(ValidateConfig(workers=2, verify_content=False), paths)  # a refresh's
+    for shard in every_shard(3):
+        featurize.run(CONFIG, paths, shard)
+    featurize.gather(CONFIG, paths, 3)
+    out = paths.step_dir("featurize")
+    names = (contract.VIEWS.name, contract.QUERY_FEATURES.name, contract.SKIPPED_VIEWS.name)
+    first = {name: (out / name).read_bytes() for name in names}
+
+    for shard in every_shard(3):  # the next refresh: the image keys gathered are trusted
+        featurize.run(CONFIG, paths, shard)
+    featurize.gather(CONFIG, paths, 3)
+
+    opened = [
+        read_run(featurize.shard_dir(paths, shard))["reads"]["images_opened"]
+        for shard in every_shard(3)
+    ]
+    assert opened == [0, 0, 0] and read_run(out)["reads"]["images_opened"] == 0
+    assert {name: (out / name).read_bytes() for name in names} == first
