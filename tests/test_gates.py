@@ -156,3 +156,26 @@ def test_gates_on_fewer_test_queries_than_min_queries_are_skipped_with_the_count
         assert result.note == f"skipped: only {queries} test queries (< 5) for this task"
     else:  # measured: 0.1 < 0.4 fails
         assert not result.passed and result.value == pytest.approx(0.1)
+
+
+def test_a_refresh_s_gain_over_frozen_is_the_one_its_model_earned_at_training():
+    # today the catalog is harder for both; the model is the same: its gain is as trained
+    today = _metrics(0.3) | {
+        "query_to_listing/frozen/recall@10": 0.4,
+        "query_to_listing/frozen_max/recall@10": 0.4,
+    }
+    trained = {
+        "query_to_listing/recall@10": 0.6,
+        "query_to_listing/frozen/recall@10": 0.4,
+        "query_to_listing/frozen_max/recall@10": 0.5,
+    }
+    gates = GatesConfig(
+        min={}, max_regression={}, min_gain_over_frozen={"query_to_listing": 0.1}, max_ann_loss=None
+    )
+
+    (measured,) = check_gates(today, None, gates)
+    (earned,) = check_gates(today, None, gates, earned=trained)
+
+    assert not measured.passed  # 0.3 against 0.4
+    assert earned.passed and earned.value == pytest.approx(0.6 / 0.5 - 1)
+    assert earned.note == "model 0.6000, frozen best 0.5000 (at training: the same model)"

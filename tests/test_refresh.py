@@ -320,9 +320,16 @@ def test_a_refresh_takes_the_frozen_baseline_from_the_model_s_training_release(c
     production.download(store, training.version, training.manifest, ["details.json"], tmp_path)
     then = json.loads((tmp_path / "details.json").read_text())
     change_catalog(paths.workdir / "catalog", 8, 0, 0, 0)  # near-copies: they compete
+    gain = "evaluate.gates.min_gain_over_frozen={query_to_listing: -1.0}"
 
-    refresh.run(refresh_params(paths), paths.tracking_uri)
+    refresh.run(refresh_params(paths, gain), paths.tracking_uri)
 
     now = json.loads((paths.step_dir("evaluate") / "details.json").read_text())
     frozen = {key for key in then if "/frozen" in key}
     assert frozen and {key: now[key] for key in frozen} == {key: then[key] for key in frozen}
+    # the gain the same model earned at training: both sides measured on that catalog
+    rows = json.loads((paths.step_dir("evaluate") / "gates.json").read_text())
+    (row,) = [r for r in rows if r["gate"] == "min_gain_over_frozen:query_to_listing"]
+    model = training.manifest["metrics"]["query_to_listing/recall@10"]
+    best = max(then[f"query_to_listing/{b}/recall@10"] for b in ("frozen", "frozen_max"))
+    assert row["value"] == pytest.approx(model / best - 1) and "at training" in row["note"]
