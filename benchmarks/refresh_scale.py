@@ -62,7 +62,8 @@ def build_catalog(source: Path, target: Path, size: int) -> None:
         copy = i // len(rows)
         if copy:
             row["listing_id"] = f"{row['listing_id']}-{copy}"
-            row["title"] = row["title"] + SUFFIXES[copy % len(SUFFIXES)]
+            # no two listings alike: exact duplicates tie, and ties make recall unstable
+            row["title"] = f"{row['title']}{SUFFIXES[copy % len(SUFFIXES)]} no. {copy}"
         refs = []
         for ref in row["image_uris"]:
             linked_ref = f"images/c{copy}/{ref}"
