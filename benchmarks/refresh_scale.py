@@ -9,9 +9,9 @@ MLflow registry and feature cache). For each size N:
 
 1. a catalog of N listings built from the sample's: listing i is sample listing i mod S
    under a new id (the first S keep theirs, so the sample's queries still point at them),
-   its title perturbed by one of a few suffixes, every image path its own hard link to the
-   sample's file (so every image is a distinct file to stat, open and hash, and nothing
-   needs encoding but the perturbed titles);
+   its title perturbed (a suffix and the copy's number: no two listings alike), every image
+   path its own hard link to the sample's file (so every image is a distinct file to stat,
+   open and hash, and nothing needs encoding but the perturbed titles);
 2. a base release: a refresh of the sample release onto that catalog (every listing new:
    a full embed and index build). Its cost is reported, not a target;
 3. a refresh with nothing changed;
