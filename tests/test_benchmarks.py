@@ -32,3 +32,27 @@ def test_gpu_check_runs_on_the_cpu_and_prints_its_table():
     for row in rows[1:]:
         value = float(row.split(" | ")[2])
         assert value > 0, row
+
+
+def test_refresh_scale_builds_catalogs_of_distinct_listings_on_hard_linked_photos(
+    featurized, tmp_path
+):
+    """benchmarks/refresh_scale.py's catalog: N listings from the sample's, none alike
+    (exact duplicates tie and made its ANN gate unstable), every photo a hard link."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import refresh_scale
+
+    source = Path(featurized.catalog)
+    # more copies of the 60 than there are title suffixes
+    refresh_scale.build_catalog(source, tmp_path / "big", 500)
+
+    rows = pq.read_table(tmp_path / "big" / "listings.parquet").to_pylist()
+    assert len({r["listing_id"] for r in rows}) == len({r["title"] for r in rows}) == 500
+    first = rows[60]["image_uris"][0]  # the first copy's photo: its own path, the same file
+    assert first.startswith("images/c1/")
+    original = source / first.removeprefix("images/c1/")
+    assert os.path.samefile(tmp_path / "big" / first, original)
