@@ -290,8 +290,9 @@ def publish(
     progress: Callable[[str], None] = log.info,
     built_on: str | None = None,
 ) -> Published:
-    """Upload `files` as a new version, write its manifest last, verify what landed, then
-    point `CURRENT` at it with a conditional write.
+    """Upload the files the store does not hold yet as shared objects, write the new
+    version's manifest last, verify what landed, then point `CURRENT` at it with a
+    conditional write.
 
     `manifest` holds the extra fields of the version's manifest (lineage, params, metrics);
     `model` the model reference. The same content as the current version is a no-op.
@@ -299,9 +300,11 @@ def publish(
 
     Raises:
         PromotionConflict: `CURRENT` moved since this call read it (a concurrent
-            promotion won), or is not `built_on`; this call's upload is removed (or never
-            made) and nothing it did is visible.
-        Any storage error: `CURRENT` is unchanged and the partial upload is removed.
+            promotion won), or is not `built_on`; this call's version folder is removed (or
+            never made) and nothing it did is visible (objects it uploaded go with the next
+            retention that finds no version naming them).
+        Any storage error: `CURRENT` is unchanged and the version folder is removed, as
+            above.
     """
     current = read_pointer(storage)  # read first: a promotion that lands meanwhile wins
     described = {
