@@ -336,6 +336,14 @@ class EmbedConfig(Section):
         description="A refresh: embed with the production store's current release's model, "
         "and take that release's vector for every listing whose views did not change.",
     )
+    compact_above: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="A refresh appends its new and changed listings to the release's "
+        "embedding parts and deletes the rows they replace; once more than this fraction of "
+        "the rows stored would be deleted, it writes every live row anew instead.",
+    )
 
     @field_validator("model")
     @classmethod

@@ -36,7 +36,6 @@ shards, each part in the order one unsharded run gives it.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +64,7 @@ from components.core.shards import Shard, every_shard
 from components.core.views import GroupedViews, fingerprints, subset
 from components.io import atomic
 from components.io.embedder import ListingEmbedder, held_out_refs
+from components.io.embedding_files import ID_SCHEMA, KEPT, PART, AppendedParts, ChunkParts
 from components.io.id_sets import IdSet
 from components.io.manifest import (
     Timer,
@@ -90,7 +90,6 @@ from components.release.base_release import (
 STEP = STEPS["embed"]
 OUTPUTS = tuple(artifact.name for artifact in STEP.writes if artifact.tracked)
 SHARDS = "shards"  # <embed>/shards/I-of-N/: one shard's files until they are gathered
-ID_SCHEMA = pa.schema([("listing_id", pa.string()), ("fingerprint", pa.string())])
 REMOVED = "removed"  # missing.parquet's reason for a listing with a tombstone
 
 log = logging.getLogger(__name__)
@@ -141,7 +140,7 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
     held_out = held_out_refs(splits)
     atomic.copy_file(splits, out / EMBED_SPLITS.name)
     reusable = ReusableVectors(base) if base is not None else None
-    counts, rate = _write(embedder, out, held_out, config.batch_size, shard, reusable, removed)
+    counts, rate = _write(embedder, out, held_out, config, shard, reusable, removed)
     missing = _write_missing(paths.path(CLEAN), out, embedder.left_out, shard)
     counts["missing"] = missing
     counts["tombstoned"] = _tombstoned(embedder.left_out)
@@ -237,28 +236,28 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
         RowReader(shard_dir(paths, s) / EMBEDDED_IDS.name, ["listing_id", "fingerprint"])
         for s in shards
     ]
-    parts = out / EMBEDDINGS.name
-    shutil.rmtree(parts, ignore_errors=True)
-    parts.mkdir()
-    total = 0
-    with (
-        atomic.writing(out / EMBEDDED_IDS.name) as ids_path,
-        pq.ParquetWriter(ids_path, ID_SCHEMA) as ids_out,
-    ):
+    base = first["inputs"].get("base")  # a refresh: the shards hold only what is new
+    if base is not None:
+        release = base_release.version(
+            paths, base["version"], paths.path(EMBED_BASE), (EMBEDDED_IDS.name, EMBEDDINGS.name)
+        )
+    with ChunkParts(out, ID_SCHEMA) if base is None else _appended(out, release, config) as sink:
         for part in range(views.num_row_groups):
             listing_ids = views.read_row_group(part, columns=["listing_id"]).column(0)
             first_seen = {lid: i for i, lid in enumerate(dict.fromkeys(listing_ids.to_pylist()))}
-            name = f"part-{part:06d}.npy"
+            name = PART.format(part)
             vectors = [np.load(shard_dir(paths, s) / EMBEDDINGS.name / name) for s in shards]
             merged = pa.concat_tables(
                 reader.take(int(counts[part])) for reader, counts in zip(readers, rows, strict=True)
             )
             merged_ids = merged.column("listing_id").to_pylist()
             order = np.argsort([first_seen[lid] for lid in merged_ids], kind="stable")
-            with atomic.writing(parts / name) as tmp, tmp.open("wb") as handle:
-                np.save(handle, np.concatenate(vectors)[order])
-            ids_out.write_table(merged.take(pa.array(order)).cast(ID_SCHEMA))
-            total += len(merged_ids)
+            sink.add(part, merged.take(pa.array(order)), np.concatenate(vectors)[order])
+        for shard in shards if base is not None else ():
+            kept = shard_dir(paths, shard) / EMBEDDINGS.name / KEPT
+            if kept.is_file():
+                sink.keep(np.load(kept))
+    total = sum(manifest["counts"]["listings"] for manifest in manifests)
     atomic.copy_file(shard_dir(paths, shards[0]) / EMBED_SPLITS.name, out / EMBED_SPLITS.name)
     left_out = {}
     for shard in shards:
@@ -275,6 +274,8 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
     for delta in (REUSED, ADDED, CHANGED, "removed"):  # a refresh's, summed over shards
         if delta in first["counts"]:
             counts[delta] = sum(manifest["counts"][delta] for manifest in manifests)
+    if base is not None:
+        counts["compacted"] = sink.compacted
     rate = total / _wall_seconds(runs)
     summary = (
         f"embed: {total} listings gathered from {count} shards (model "
@@ -336,43 +337,40 @@ def _write(
     embedder: ListingEmbedder,
     out: Path,
     held_out: set[tuple[str, str]],
-    batch_size: int,
+    config: EmbedConfig,
     shard: Shard | None = None,
     reusable: ReusableVectors | None = None,
     removed: frozenset[str] = frozenset(),
 ) -> tuple[dict, float]:
-    """Embed chunk by chunk: one part file per chunk, and the ids and fingerprints of its
-    rows (a shard's: with the part of each); with `reusable`, only the listings whose
-    fingerprint it does not hold are embedded. Listings in `removed` are left out."""
-    parts = out / EMBEDDINGS.name
-    shutil.rmtree(parts, ignore_errors=True)
-    parts.mkdir()
+    """Embed chunk by chunk into the embeddings and their ids (a shard's: with the part of
+    each). With `reusable` (a refresh), only the listings whose fingerprint it does not
+    hold are embedded: appended to the release's parts (a shard: its part per chunk, and
+    the release's rows it kept). Listings in `removed` are left out."""
     total = 0
     statuses = dict.fromkeys((REUSED, ADDED, CHANGED), 0)
     progress = tqdm(desc="embed: listings", unit="listing", mininterval=2)
     schema = ID_SCHEMA if shard is None else ID_SCHEMA.append(pa.field("part", pa.int64()))
-    with (
-        atomic.writing(out / EMBEDDED_IDS.name) as ids_path,
-        pq.ParquetWriter(ids_path, schema) as ids,
-    ):
+    with _writer(out, schema, config, shard, reusable) as written:
         for part, grouped in enumerate(embedder.chunks(held_out, shard)):
             chunk = _without(grouped, removed, embedder.left_out)
-            prints = fingerprints(chunk)
+            ids = {"listing_id": chunk.listing_ids, "fingerprint": fingerprints(chunk)}
+            if shard is not None:
+                ids["part"] = [part] * len(chunk.listing_ids)
+            ids = pa.table(ids, schema=schema)
             if reusable is None:
-                vectors = embedder.embed(chunk, batch_size)
+                written.add(part, ids, embedder.embed(chunk, config.batch_size))
             else:
-                found, vectors = reusable.lookup(chunk.listing_ids, prints)
-                todo = [i for i, status in enumerate(found) if status != REUSED]
-                if todo:
-                    vectors[todo] = embedder.embed(subset(chunk, todo), batch_size)
+                found, stored = reusable.lookup(chunk.listing_ids, ids["fingerprint"].to_pylist())
+                fresh = np.flatnonzero(stored < 0)
+                vectors = (
+                    embedder.embed(subset(chunk, fresh.tolist()), config.batch_size)
+                    if len(fresh)
+                    else np.zeros((0, reusable.embeddings.dim), np.float32)
+                )
+                written.add(part, ids.take(fresh), vectors)
+                written.keep(stored[stored >= 0])
                 for status in found:
                     statuses[status] += 1
-            with atomic.writing(parts / f"part-{part:06d}.npy") as tmp, tmp.open("wb") as handle:
-                np.save(handle, vectors)
-            written = {"listing_id": chunk.listing_ids, "fingerprint": prints}
-            if shard is not None:
-                written["part"] = [part] * len(chunk.listing_ids)
-            ids.write_table(pa.table(written, schema=schema))
             total += len(chunk.listing_ids)
             progress.update(len(chunk.listing_ids))
     rate = progress.format_dict["n"] / max(progress.format_dict["elapsed"], 1e-9)
@@ -382,7 +380,23 @@ def _write(
         held = len(reusable) if shard is None else reusable.owned(shard.owns)
         statuses["removed"] = held - statuses[REUSED] - statuses[CHANGED]
         counts |= statuses
+    if isinstance(written, AppendedParts):
+        counts["compacted"] = written.compacted
     return counts, rate
+
+
+def _writer(out: Path, schema, config: EmbedConfig, shard: Shard | None, reusable):
+    """How the embeddings are written: a part per chunk (a retrain, any shard), or the
+    release's parts with the refresh appended (components/io/embedding_files.py)."""
+    if reusable is None or shard is not None:
+        return ChunkParts(out, schema)
+    return _appended(out, reusable.base, config)
+
+
+def _appended(out: Path, base: BaseRelease, config: EmbedConfig) -> AppendedParts:
+    return AppendedParts(
+        out, base.local / EMBEDDINGS.name, base.local / EMBEDDED_IDS.name, config.compact_above
+    )
 
 
 def _without(chunk: GroupedViews, removed: frozenset[str], left_out: dict) -> GroupedViews:

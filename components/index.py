@@ -40,9 +40,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from components.config import IndexConfig, StepPaths
-from components.contract import EMBEDDED_IDS, INDEX, INDEX_BASE, INDEX_IDS, STEPS
+from components.contract import EMBEDDED_IDS, EMBEDDINGS, INDEX, INDEX_BASE, INDEX_IDS, STEPS
 from components.io import atomic
-from components.io.embedding_files import embedding_parts, verify_embeddings
+from components.io.embedding_files import Embeddings, verify_embeddings
 from components.io.faiss_index import (
     apply_search_params,
     imbalance,
@@ -89,8 +89,8 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
         log.info("%s", summary)
         return IndexResult(out_dir=out, summary=summary)
     verify_embeddings(embed_dir, embedded)
-    parts = embedding_parts(embed_dir)
-    count, dim = _count_and_dim(parts)
+    parts = Embeddings(paths.path(EMBEDDINGS))
+    count, dim = len(parts), parts.dim
     build_start = time.perf_counter()
     built = _update(config, paths, embedded, parts) if config.update_current else None
     if built is None or isinstance(built, str):
@@ -136,7 +136,7 @@ def _describe(how: dict) -> str:
     return f"built in full ({how['reason']})" if "reason" in how else "built"
 
 
-def _full_build(config: IndexConfig, paths: StepPaths, parts, count: int, dim: int):
+def _full_build(config: IndexConfig, paths: StepPaths, parts: Embeddings, count: int, dim: int):
     """A new index of every embedding, labelled 0..N-1 in the embeddings' order."""
     index = new_index(config.factory, dim, count)
     gpu = _maybe_to_gpu(index, config.gpu)
@@ -160,7 +160,7 @@ def _embedded_ids(paths: StepPaths) -> pa.Table:
     return table.select(["listing_id", "fingerprint"])
 
 
-def _update(config: IndexConfig, paths: StepPaths, embedded: dict, parts):
+def _update(config: IndexConfig, paths: StepPaths, embedded: dict, parts: Embeddings):
     """The release's index with the delta applied, its ids and how it was built; or why
     it must be built in full instead (a string).
 
@@ -197,7 +197,7 @@ def _update(config: IndexConfig, paths: StepPaths, embedded: dict, parts):
         return f"the delta is {share:.1%} of {base.version}, more than index.max_delta"
     if index.remove_ids(delta.gone_labels) != len(delta.gone_labels):
         return f"{base.version}'s index did not hold every label it should"
-    index.add_with_ids(_vectors_of(parts, delta.fresh_rows), delta.fresh_labels)
+    index.add_with_ids(parts.take(delta.fresh_rows), delta.fresh_labels)
     unbalanced = imbalance(index)
     if unbalanced > config.max_imbalance:
         return f"its lists' imbalance would be {unbalanced:.2f}, over index.max_imbalance"
@@ -275,26 +275,6 @@ def _fingerprints(path: Path) -> pa.Table:
     return pa.table({"listing_id": table["listing_id"], "before": before})
 
 
-def _vectors_of(parts: list[Path], rows: np.ndarray) -> np.ndarray:
-    """The embeddings at `rows`, read part by part."""
-    out = np.zeros((len(rows), np.load(parts[0], mmap_mode="r").shape[1]), np.float32)
-    first = 0
-    for part in parts:
-        vectors = np.load(part, mmap_mode="r")
-        mine = (rows >= first) & (rows < first + len(vectors))
-        out[mine] = vectors[rows[mine] - first]
-        first += len(vectors)
-    return out
-
-
-def _count_and_dim(parts: list[Path]) -> tuple[int, int]:
-    shapes = [np.load(part, mmap_mode="r").shape for part in parts]
-    dims = {shape[1] for shape in shapes}
-    if len(dims) != 1:
-        raise ValueError(f"embedding parts disagree on the dimension: {sorted(dims)}")
-    return sum(shape[0] for shape in shapes), dims.pop()
-
-
 def _maybe_to_gpu(index: faiss.Index, mode: str) -> faiss.Index:
     """The index on GPU 0 when asked (auto: if faiss sees a GPU) and the type moves."""
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -313,24 +293,17 @@ def _maybe_to_gpu(index: faiss.Index, mode: str) -> faiss.Index:
         return index
 
 
-def _sample(parts: list[Path], count: int, size: int, seed: int) -> np.ndarray:
+def _sample(parts: Embeddings, count: int, size: int, seed: int) -> np.ndarray:
     """A seeded sample of up to `size` vectors, read part by part."""
     rows = np.sort(np.random.default_rng(seed).choice(count, min(size, count), replace=False))
-    taken, first = [], 0
-    for part in parts:
-        vectors = np.load(part, mmap_mode="r")
-        mine = rows[(rows >= first) & (rows < first + len(vectors))] - first
-        taken.append(np.ascontiguousarray(vectors[mine], dtype=np.float32))
-        first += len(vectors)
-    return np.concatenate(taken)
+    return parts.take(rows)
 
 
-def _add(index: faiss.Index, parts: list[Path], count: int) -> None:
-    """Every part's vectors, labelled by their row in the embeddings (0..N-1)."""
+def _add(index: faiss.Index, parts: Embeddings, count: int) -> None:
+    """Every live vector, labelled by its row in the embeddings (0..N-1)."""
     first = 0
     with tqdm(total=count, desc="index: adding", unit="vec", mininterval=2) as progress:
-        for part in parts:
-            vectors = np.ascontiguousarray(np.load(part), dtype=np.float32)
+        for vectors in parts.chunks():
             index.add_with_ids(vectors, np.arange(first, first + len(vectors), dtype=np.int64))
             first += len(vectors)
             progress.update(len(vectors))

@@ -40,7 +40,7 @@ from components.contract import (
 from components.core import gates
 from components.errors import StepFailed
 from components.io import atomic
-from components.io.embedding_files import embedding_parts
+from components.io.embedding_files import Embeddings
 from components.io.faiss_index import read_ids
 from components.io.manifest import (
     Timer,
@@ -293,8 +293,8 @@ def _registered_model(paths: StepPaths, embedded: dict, model_name: str) -> dict
 def release_files(paths: StepPaths) -> dict[str, Path]:
     """Store name -> local file of everything a version holds (its manifest aside)."""
     files = {artifact.name: paths.path(artifact) for artifact in RELEASE_FILES}
-    for part in embedding_parts(paths.step_dir("embed")):
-        files[f"{EMBEDDINGS.name}/{part.name}"] = part
+    for file in Embeddings(paths.path(EMBEDDINGS)).files:
+        files[f"{EMBEDDINGS.name}/{file.name}"] = file
     return files
 
 

@@ -76,6 +76,12 @@ def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied,
     assert 0 < current.manifest["added_bytes"] < sum(f["bytes"] for f in files.values())
     base = production.read_manifest(store, before.version)["files"]
     assert files["splits.parquet"]["object"] == base["splits.parquet"]["object"]
+    # and the release's embedding parts: kept as they were, the rows replaced deleted, the
+    # new and changed listings' vectors in one part appended
+    parts = [name for name in base if name.startswith("embeddings/part-")]
+    assert parts and all(files[name]["object"] == base[name]["object"] for name in parts)
+    appended = set(files) - set(base)
+    assert appended == {"embeddings/deleted.npy", f"embeddings/part-{len(parts):06d}.npy"}
     assert main(["versions", "--set", f"paths.workdir={paths.workdir}"]) == 0
     assert f"*  {current.version}  refresh" in capsys.readouterr().out
 
@@ -85,8 +91,12 @@ def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied,
     full_ids, full = ListingEmbedder(model.model, model.spec, paths, CPU).embed_all(
         held_out_refs(paths.path(SPLITS)), 1024
     )
-    assert full_ids == ids
+    # the release's rows in their order, then the new and changed listings
+    assert sorted(full_ids) == sorted(ids)
+    row_of = {listing_id: row for row, listing_id in enumerate(full_ids)}
+    full = full[[row_of[listing_id] for listing_id in ids]]
     fresh = set(changes["changed"] + changes["added"])
+    assert set(ids[-7:]) == fresh
     unchanged = [i for i, listing_id in enumerate(ids) if listing_id not in fresh]
     assert len(unchanged) == 55 and np.array_equal(vectors[unchanged], full[unchanged])
     np.testing.assert_allclose(vectors, full, atol=1e-6)  # the delta, by the same model

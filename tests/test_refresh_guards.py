@@ -26,6 +26,7 @@ from components.config import (
 from components.contract import EMBEDDED_IDS, INDEX, INDEX_IDS, PROFILE
 from components.errors import StepFailed
 from components.io.catalog_reader import CatalogRoot
+from components.io.embedding_files import Embeddings
 from components.io.faiss_index import new_index, read_id_table, write_ids
 from components.release import production, staleness, tombstones
 from components.service.releases import ReleaseKeeper
@@ -59,9 +60,7 @@ def _republish(paths: StepPaths, factory: str | None = None, wrap: bool = True, 
     production.download(store, current["version"], current, list(current["files"]), local)
     ids = read_id_table(local / INDEX_IDS.name)
     if factory is not None or "drop_label" in changes:
-        vectors = np.concatenate(
-            [np.load(p) for p in sorted((local / "embeddings").glob("part-*.npy"))]
-        )
+        vectors = Embeddings(local / "embeddings").all()
         order = pq.read_table(local / EMBEDDED_IDS.name)["listing_id"].to_pylist()
         assert ids["listing_id"].to_pylist() == order  # a retrain's: label = row
         built = _built(factory or current["index"]["factory"], vectors, wrap)

@@ -171,3 +171,48 @@ def test_sharded_featurize_reads_no_unchanged_image_twice_and_writes_the_same_fi
     ]
     assert opened == [0, 0, 0] and read_run(out)["reads"]["images_opened"] == 0
     assert {name: (out / name).read_bytes() for name in names} == first
+
+
+def test_a_refresh_embedded_in_three_shards_appends_what_one_run_appends(copied, tmp_path):
+    from components import refresh
+    from components.config import with_overrides
+    from components.io.embedding_files import DELETED
+    from tests.harness import refresh as harness
+
+    harness.change_catalog(copied.workdir / "catalog", 4, 2, 1, 2)
+    params = with_overrides(harness.params(copied), refresh.REFRESH)
+    for step in ("validate", "featurize"):
+        refresh.run_step(step, params, copied)
+    sharded = harness.copy(copied, tmp_path / "sharded")
+    config = params.section("embed")
+
+    embed.run(config, copied)
+    for shard in every_shard(3):
+        embed.run(config, sharded, shard)
+    result = embed.gather(config, sharded, 3)
+
+    one, three = copied.step_dir("embed"), sharded.step_dir("embed")
+    for name in (contract.EMBEDDED_IDS.name, contract.MISSING.name):
+        assert pq.read_table(one / name).equals(pq.read_table(three / name)), name
+    folders = [one / contract.EMBEDDINGS.name, three / contract.EMBEDDINGS.name]
+    names = [sorted(p.name for p in folder.iterdir()) for folder in folders]
+    assert names[0] == names[1] and DELETED in names[0]  # the release's parts, one appended
+    for name in names[0]:
+        a, b = (np.load(folder / name) for folder in folders)
+        if name == DELETED or name in _released_parts(copied):  # kept as they were
+            assert np.array_equal(a, b), name
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    counts = read_manifest(one)["counts"]
+    for key in ("listings", "reused", "added", "changed", "removed", "compacted"):
+        assert result.counts[key] == counts[key], key
+    assert (counts["added"], counts["changed"], counts["removed"]) == (4, 3, 2)
+
+
+def _released_parts(paths) -> set[str]:
+    from components.release import production
+
+    store = production.open_store(paths)
+    pointer = production.read_pointer(store)
+    files = production.read_manifest(store, pointer.version, pointer.manifest_sha256)["files"]
+    return {name.split("/", 1)[1] for name in files if name.startswith("embeddings/part-")}

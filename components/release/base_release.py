@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from components.config import StepPaths
 from components.contract import EMBEDDED_IDS, EMBEDDINGS
+from components.io.embedding_files import Embeddings
 from components.release import production
 
 ADDED, CHANGED, REUSED = "added", "changed", "reused"
@@ -86,14 +87,14 @@ class ReusableVectors:
             if "fingerprint" in table.column_names
             else [None] * len(ids)
         )
-        self._where = {i: (p, row) for row, (i, p) in enumerate(zip(ids, prints, strict=True))}
-        parts = sorted((base.local / EMBEDDINGS.name).glob("part-*.npy"))
-        self._parts = [np.load(part, mmap_mode="r") for part in parts]
-        self._starts = np.cumsum([0] + [len(part) for part in self._parts])
-        if self._starts[-1] != len(ids):
+        self.base = base
+        self.embeddings = Embeddings(base.local / EMBEDDINGS.name)
+        if len(self.embeddings) != len(ids):
             raise ValueError(
-                f"release {base.version}: {self._starts[-1]} embeddings for {len(ids)} listings"
+                f"release {base.version}: {len(self.embeddings)} embeddings for {len(ids)} listings"
             )
+        stored = self.embeddings.stored_rows().tolist()
+        self._where = {i: (p, row) for i, p, row in zip(ids, prints, stored, strict=True)}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -103,10 +104,10 @@ class ReusableVectors:
         return sum(1 for listing_id in self._where if owns(listing_id))
 
     def lookup(self, listing_ids: list[str], fingerprints: list[str]):
-        """Per listing: reused (same id and fingerprint: its vector is taken), changed
-        (same id, other views) or added; and the vectors of those reused ([n, dim], zero
-        rows for the others)."""
-        statuses, rows = [], []
+        """Per listing: reused (same id and fingerprint: its vector is the release's),
+        changed (same id, other views) or added; and the stored row of each reused one in
+        the release's embeddings (-1 for the others)."""
+        statuses, stored = [], []
         for listing_id, fingerprint in zip(listing_ids, fingerprints, strict=True):
             before = self._where.get(listing_id)
             if before is None:
@@ -115,10 +116,7 @@ class ReusableVectors:
                 statuses.append(CHANGED)
             else:
                 statuses.append(REUSED)
-                rows.append((len(statuses) - 1, before[1]))
-        dim = self._parts[0].shape[1] if self._parts else 0
-        vectors = np.zeros((len(listing_ids), dim), np.float32)
-        for at, row in rows:
-            part = int(np.searchsorted(self._starts, row, side="right")) - 1
-            vectors[at] = self._parts[part][row - self._starts[part]]
-        return statuses, vectors
+                stored.append(before[1])
+                continue
+            stored.append(-1)
+        return statuses, np.array(stored, dtype=np.int64)
