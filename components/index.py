@@ -223,17 +223,15 @@ class _Delta:
 def _delta(base_ids: pa.Table, paths: StepPaths, released: Path) -> _Delta:
     """What changed between the release's listings (`base_ids`: its id map) and the
     embeddings: listings new, changed (another fingerprint) and gone, by the fingerprints
-    embed recorded, which the id map keeps (for an id map from before it did, `released`:
-    the release's listing_ids.parquet). One Arrow hash lookup and numpy, no Python object
+    embed recorded (the release's, in `released`: its listing_ids.parquet; the id map
+    holds none, which keeps it small). One Arrow hash lookup and numpy, no Python object
     per listing: a million listings in well under a second."""
     now = _embedded_ids(paths)
     ids, labels = base_ids["listing_id"], base_ids["id"]
     row = pc.index_in(ids, value_set=now["listing_id"])  # each listing's row now; null: gone
     present = pc.is_valid(row)
-    then = base_ids["fingerprint"]
-    if then.null_count == len(then):  # an id map from before it kept fingerprints
-        before = _fingerprints(released)
-        then = pc.take(before["before"], pc.index_in(ids, value_set=before["listing_id"]))
+    before = _fingerprints(released)
+    then = pc.take(before["before"], pc.index_in(ids, value_set=before["listing_id"]))
     same = pc.fill_null(pc.equal(then, pc.take(now["fingerprint"], row)), False)
     changed = pc.and_(present, pc.invert(same))
     found = pc.filter(row, present).to_numpy().astype(np.int64)
@@ -251,7 +249,6 @@ def _delta(base_ids: pa.Table, paths: StepPaths, released: Path) -> _Delta:
             {
                 "listing_id": pc.take(now["listing_id"], np.concatenate([found, added_rows])),
                 "id": np.concatenate([pc.filter(labels, present).to_numpy(), added_labels]),
-                "fingerprint": pc.take(now["fingerprint"], np.concatenate([found, added_rows])),
             }
         ),
         counts={

@@ -10,6 +10,7 @@ import json
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -51,9 +52,10 @@ def _current(paths: StepPaths) -> dict:
 def _republish(paths: StepPaths, factory: str | None = None, wrap: bool = True, **changes):
     """The current release published again as the new CURRENT, as an older version of
     this code or another writer could have left it: its index rebuilt as `factory`
-    (without the IDMap2 that labels it unless `wrap`), the id map without fingerprints
-    (`fingerprints=False`), a label dropped from the index (`drop_label`), other model or
-    manifest fields (`model`, `manifest`). Returns the new version."""
+    (without the IDMap2 that labels it unless `wrap`), the id map with a fingerprint
+    column that disagrees with every listing (`stale_fingerprints=True`), a label dropped
+    from the index (`drop_label`), other model or manifest fields (`model`, `manifest`).
+    Returns the new version."""
     store = production.open_store(paths)
     current = _current(paths)
     local = paths.workdir / "republished" / current["version"]
@@ -67,10 +69,11 @@ def _republish(paths: StepPaths, factory: str | None = None, wrap: bool = True, 
         if "drop_label" in changes:
             built.remove_ids(np.array([changes["drop_label"]], dtype=np.int64))
         faiss.write_index(built, str(local / INDEX.name))
-    if changes.get("fingerprints", True):
+    if changes.get("stale_fingerprints"):  # id maps carried fingerprints for a while
+        stale = pa.array(["0" * 32] * ids.num_rows, pa.string())
+        pq.write_table(ids.append_column("fingerprint", stale), local / INDEX_IDS.name)
+    else:
         write_ids(local / INDEX_IDS.name, ids)
-    else:  # as the id map was written before it kept fingerprints
-        pq.write_table(ids.drop_columns(["fingerprint"]), local / INDEX_IDS.name)
     # the id map written anew changes the content, so a version is published even when
     # only the manifest differs
     id_map = local / INDEX_IDS.name
@@ -179,14 +182,14 @@ def test_an_index_written_before_labels_is_built_in_full(copied):
     assert built["build"] == "full" and "before vectors were labelled" in built["reason"]
 
 
-def test_an_id_map_without_fingerprints_takes_them_from_the_release_s_listings(copied):
-    _republish(copied, fingerprints=False)
+def test_an_index_update_takes_fingerprints_from_the_release_s_listings_not_its_id_map(copied):
+    _republish(copied, stale_fingerprints=True)
     changes = change_catalog(copied.workdir / "catalog", 1, 2, 0, 0)
     _read_catalog(copied)
 
     built = _index_after_refresh_embed(copied)
 
-    # unchanged listings kept (a map without fingerprints would call all 60 changed)
+    # unchanged listings kept (the id map's fingerprints would call all 60 changed)
     assert built["build"] == "update"
     assert built["counts"] | {"dim": 0} == {
         "vectors": 61,

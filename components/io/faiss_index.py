@@ -46,21 +46,21 @@ class IndexIds:
         return dict(zip(self.listing_ids, self.labels.tolist(), strict=True))
 
 
-ID_SCHEMA = pa.schema(
-    [("listing_id", pa.string()), ("id", pa.int64()), ("fingerprint", pa.string())]
-)
+ID_SCHEMA = pa.schema([("listing_id", pa.string()), ("id", pa.int64())])
 
 
 def read_id_table(path: Path) -> pa.Table:
-    """An index's id map as a table: listing_id, id (its label) and the fingerprint of the
-    listing's views when it was embedded. One written before labels were stored labels its
-    rows 0..N-1; before fingerprints were, they are null."""
-    table = pq.read_table(path)
+    """An index's id map as a table: listing_id and id (its label). One written before
+    labels were stored labels its rows 0..N-1; a fingerprint column that id maps carried
+    for a while is left out (the release's listing_ids.parquet holds them)."""
+    table = pq.read_table(path, columns=[n for n in ID_SCHEMA.names if n in _columns(path)])
     if "id" not in table.column_names:
         table = table.append_column("id", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    if "fingerprint" not in table.column_names:
-        table = table.append_column("fingerprint", pa.nulls(table.num_rows, pa.string()))
     return table.select(ID_SCHEMA.names).cast(ID_SCHEMA)
+
+
+def _columns(path: Path) -> list[str]:
+    return pq.ParquetFile(path).schema_arrow.names
 
 
 def read_ids(path: Path) -> IndexIds:
@@ -70,7 +70,7 @@ def read_ids(path: Path) -> IndexIds:
 
 
 def write_ids(path: Path, table: pa.Table) -> None:
-    """The id map: a table of listing_id, id and fingerprint, one row per vector."""
+    """The id map: a table of listing_id and id, one row per vector."""
     atomic.write_table(table.select(ID_SCHEMA.names).cast(ID_SCHEMA), path)
 
 
