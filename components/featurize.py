@@ -512,7 +512,10 @@ class _Featurizer:
         good, bad = [], []
         for start in range(0, len(jobs), self.config.image_batch_size):
             chunk = jobs[start : start + self.config.image_batch_size]
-            loaded = list(pool.map(self._load, chunk))
+            known = [self._recorded(job.ref) for job in chunk]
+            todo = [job for job, key in zip(chunk, known, strict=True) if key is None]
+            read = iter(pool.map(self._load, todo))
+            loaded = [(key, None, None) if key else next(read) for key in known]
             pending: dict[str, Image.Image] = {}
             for job, (key, image, error) in zip(chunk, loaded, strict=True):
                 if error is not None:
@@ -554,13 +557,30 @@ class _Featurizer:
             self.counts.reasons[item["reason"]] = self.counts.reasons.get(item["reason"], 0) + 1
         return good, bad
 
+    def _recorded(self, ref: str) -> str | None:
+        """The content key recorded for `ref`, when its identity is the one recorded (found
+        by reference alone, `Identities.of_ref`) and the store holds its features; None
+        when it must be loaded (`_load`)."""
+        if not self.records.trusted:
+            return None
+        identity = self.identities.of_ref(ref, self._resolve)
+        key = self.records.get_ref(ref, identity)
+        if key is None or key not in self.image_store:
+            return None
+        self.records.put_ref(ref, identity, key)
+        self.reads.trusted()
+        return key
+
+    def _resolve(self, ref: str):
+        # validation already enforced the scheme, bucket and size rules on the clean set
+        return self.root.resolve_image(ref, list(TRUSTED_SCHEMES), None)
+
     def _load(self, job: ImageJob) -> tuple[str | None, Image.Image | None, ImageRefError | None]:
         """Read and hash one image; decode it only if its features are not cached yet. An
         image whose identity is the one it had when last hashed, and whose features the
         store holds, is not read at all."""
         try:
-            # validation already enforced the scheme, bucket and size rules on the clean set
-            location = self.root.resolve_image(job.ref, list(TRUSTED_SCHEMES), None)
+            location = self._resolve(job.ref)
             identity = self.identities.of(location)
             key = self.records.get(location, identity)
             if key is not None and key in self.image_store:

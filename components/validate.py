@@ -177,12 +177,18 @@ def image_issues(
         if expectations.type_name(value) == expectations.STRING_LIST and value
     ]
     checker = ImageChecker(root, config, records)
+    to_check = []  # rows with an image to read or resolve: to the worker threads
+    for row in tqdm(rows, desc="validate: images", unit="listing", mininterval=2):
+        if (found := checker.recorded_listing(uris[row])) is None:
+            to_check.append(row)
+        else:
+            issues[row].extend(found)
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
-        checked = pool.map(lambda row: checker.listing(uris[row]), rows)
+        checked = pool.map(lambda row: checker.listing(uris[row]), to_check)
         for row, found in tqdm(
-            zip(rows, checked, strict=True),
-            total=len(rows),
-            desc="validate: images",
+            zip(to_check, checked, strict=True),
+            total=len(to_check),
+            desc="validate: images read",
             unit="listing",
             mininterval=2,
         ):
@@ -224,6 +230,33 @@ class ImageChecker:
         self.identities = Identities(root)
         self.reads = reads or ReadCounter()
 
+    def recorded_listing(self, refs: list[str]) -> list[tuple] | None:
+        """All problems with one listing's images from their recorded verdicts, when every
+        image's identity is the one recorded (found by reference alone: no image opened,
+        no path resolved, `Identities.of_ref`); None when one needs `listing`."""
+        if self.records is None or not self.records.trusted:
+            return None
+        known = []
+        for ref in refs:
+            identity = self.identities.of_ref(ref, self._resolve)
+            verdict = self.records.get_ref(ref, identity)
+            if verdict is None:
+                return None
+            known.append((ref, identity, verdict))
+        found = []
+        for index, (ref, identity, verdict) in enumerate(known):
+            self.records.put_ref(ref, identity, verdict)  # still today's: keep it
+            self.reads.trusted()
+            if verdict:
+                code, detail = json.loads(verdict)
+                found.append((code, f"image_uris[{index}]: {detail}"))
+        return found
+
+    def _resolve(self, ref: str):
+        return self.root.resolve_image(
+            ref, self.config.allowed_schemes, self.config.allowed_buckets
+        )
+
     def listing(self, refs: list[str]) -> list[tuple]:
         """All problems with one listing's images, as (reason, detail) pairs naming the
         index."""
@@ -238,7 +271,7 @@ class ImageChecker:
     def image(self, ref: str) -> None:
         """Raise ImageRefError if one image reference is not a usable image."""
         config = self.config
-        location = self.root.resolve_image(ref, config.allowed_schemes, config.allowed_buckets)
+        location = self._resolve(ref)
         identity = self.identities.of(location) if self.records is not None else None
         if (known := self._recorded(location, identity)) is not None:
             self.reads.trusted()

@@ -6,6 +6,7 @@ content is always read; content rewritten under the same identity only by verify
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -93,6 +94,23 @@ def test_an_image_with_new_content_is_read_again(catalog):
     assert _reads(paths, "validate")["images_opened"] == 1
     clean, bad = _outcome(paths)
     assert clean == ["b", "c"] and {row["listing_id"] for row in bad} == {"a", "broken"}
+
+
+def test_an_image_made_a_link_out_of_the_catalog_is_resolved_again_and_refused(
+    catalog, tmp_path
+):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+    outside = tmp_path / "elsewhere.png"  # the same file, size and mtime, outside
+    shutil.copy2(root / "images" / "a.png", outside)
+    (root / "images" / "a.png").unlink()
+    (root / "images" / "a.png").symlink_to(outside)
+
+    validate.run(TRUSTING, paths)
+
+    clean, bad = _outcome(paths)
+    assert "a" not in clean
+    assert {"listing_id": "a", "reasons": ["image_path_escapes_root"]} in bad
 
 
 def test_content_rewritten_under_the_same_identity_is_caught_by_verify_content(catalog):

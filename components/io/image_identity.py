@@ -20,6 +20,7 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from components.io import atomic
 from components.io.catalog_reader import CatalogRoot, ImageLocation
+from components.io.images import ImageRefError
 from components.io.s3 import is_missing_key_error, s3_client, split_s3_uri
 
 SCHEMA = pa.schema([("location", pa.string()), ("identity", pa.string()), ("value", pa.string())])
@@ -44,6 +46,29 @@ class Identities:
         self.root = root
         self._listed: dict[tuple[str, str], str] | None = None
         self._lock = threading.Lock()
+        self._base = None if root.is_s3 else str(Path(root.uri).resolve())
+
+    def of_ref(self, ref: object, resolve: Callable[[str], ImageLocation]) -> str | None:
+        """The identity of the image `ref` names, found the cheap way, for an image
+        recorded before (its reference resolved inside the catalog then): a plain relative
+        path to a regular file under a local catalog takes one `lstat` and no path
+        resolution; an S3 reference its LISTed identity. None: not found this way (no such
+        file, a symbolic link, a URI, a path with `..`, a reference `resolve` refuses): the
+        caller checks it in full, resolving links."""
+        if not isinstance(ref, str):
+            return None
+        if self._base is not None:
+            if ref.startswith(("/", "\\")) or ":" in ref or ".." in ref:
+                return None
+            try:
+                status = os.lstat(os.path.join(self._base, ref))  # a link: in full
+            except OSError:
+                return None
+            return f"{status.st_size}:{status.st_mtime_ns}" if _regular(status) else None
+        try:
+            return self.of(resolve(ref))
+        except ImageRefError:
+            return None
 
     def of(self, location: ImageLocation) -> str | None:
         """`size:mtime_ns` (a local file) or `size:etag` (an S3 object); None when there is
@@ -125,16 +150,23 @@ class ImageRecords:
 
     def get(self, location: ImageLocation, identity: str | None) -> str | None:
         """The value recorded for `location` if its identity is still `identity`."""
+        return self.get_ref(location.ref, identity)
+
+    def get_ref(self, ref: str, identity: str | None) -> str | None:
+        """The value recorded for the reference `ref` if its identity is still `identity`."""
         if identity is None:
             return None
-        known = self._known.get(location.ref)
+        known = self._known.get(ref)
         return known[1] if known is not None and known[0] == identity else None
 
     def put(self, location: ImageLocation, identity: str | None, value: str) -> None:
         """Record `value` (found, or trusted) for the file written next."""
+        self.put_ref(location.ref, identity, value)
+
+    def put_ref(self, ref: str, identity: str | None, value: str) -> None:
         if identity is not None:
             with self._lock:
-                self._found[location.ref] = (identity, value)
+                self._found[ref] = (identity, value)
 
     def save(self, path: Path | None = None) -> int:
         """Write what this run found or trusted (the images of today's catalog only, so
