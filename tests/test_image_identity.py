@@ -96,9 +96,7 @@ def test_an_image_with_new_content_is_read_again(catalog):
     assert clean == ["b", "c"] and {row["listing_id"] for row in bad} == {"a", "broken"}
 
 
-def test_an_image_made_a_link_out_of_the_catalog_is_resolved_again_and_refused(
-    catalog, tmp_path
-):
+def test_an_image_made_a_link_out_of_the_catalog_is_resolved_again_and_refused(catalog, tmp_path):
     root, paths = catalog
     validate.run(TRUSTING, paths)
     outside = tmp_path / "elsewhere.png"  # the same file, size and mtime, outside
