@@ -95,3 +95,21 @@ def test_deleted_rows_that_are_not_stored_rows_are_named_as_damage(tmp_path):
 
     with pytest.raises(ValueError, match=r"deleted.npy: not ascending stored rows below 5"):
         Embeddings(base / "embeddings")
+
+
+def test_a_refresh_with_nothing_new_leaves_the_release_s_files_byte_for_byte(tmp_path):
+    retrained = _base(tmp_path)
+    appended, _ = _refresh(tmp_path / "a", retrained, keep=[4, 0, 2], added=["l1", "new"])
+
+    for base in (retrained, appended):  # on a retrain's files, and on a refresh's
+        live = Embeddings(base / "embeddings").stored_rows().tolist()
+        out, _ = _refresh(tmp_path / base.name, base, keep=live[::-1], added=[])
+
+        for name in (
+            "listing_ids.parquet",
+            *(f"embeddings/{p.name}" for p in Embeddings(base / "embeddings").files),
+        ):
+            assert (out / name).read_bytes() == (base / name).read_bytes(), name
+        assert sorted(p.name for p in (out / "embeddings").iterdir()) == sorted(
+            p.name for p in (base / "embeddings").iterdir()
+        )

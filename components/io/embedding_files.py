@@ -147,7 +147,8 @@ class _Writer:
 
     def __enter__(self):
         self._ids = atomic.writing(self._ids_path)
-        self._ids_out = pq.ParquetWriter(self._ids.__enter__(), self.schema)
+        self._ids_tmp = self._ids.__enter__()
+        self._ids_out = pq.ParquetWriter(self._ids_tmp, self.schema)
         return self
 
     def __exit__(self, kind, value, trace) -> None:
@@ -201,6 +202,7 @@ class AppendedParts(_Writer):
         if "fingerprint" not in table.column_names:
             table = table.append_column("fingerprint", pa.nulls(table.num_rows, pa.string()))
         self._base_ids = table.select(ID_SCHEMA.names).cast(ID_SCHEMA)
+        self._base_ids_path = base_ids
         if self._base_ids.num_rows != len(self.base):
             raise ValueError(
                 f"{base_ids}: {self._base_ids.num_rows} listings for {len(self.base)} embeddings"
@@ -235,6 +237,12 @@ class AppendedParts(_Writer):
         if len(np.unique(kept)) != len(kept) or np.isin(kept, self.base.deleted).any():
             raise ValueError("a refresh kept a row of the release twice, or a deleted one")
         live = self.base.stored_rows()
+        if not self._added and np.array_equal(kept, live):  # nothing new: the release's
+            self._ids_out.close()
+            shutil.copyfile(self._base_ids_path, self._ids_tmp)
+            if len(self.base.deleted):
+                shutil.copyfile(self.base.folder / DELETED, self.folder / DELETED)
+            return
         self._ids_out.write_table(self._base_ids.take(np.searchsorted(live, kept)))
         for table in self._added:
             self._ids_out.write_table(table)
