@@ -62,3 +62,15 @@ def test_ties_go_to_the_lower_index_and_k_is_capped():
     got = scored_top_k(np.array([[1.0, 0.0]]), items, 10, chunk=1)
 
     assert got.tolist() == [[0, 1, 2]]
+
+
+def test_blocks_larger_than_k_keep_every_tie_at_the_boundary_and_the_lower_index():
+    rng = np.random.default_rng(3)
+    # few distinct vectors: a block's k-th best score is shared by many items
+    items = rng.integers(0, 3, size=(400, 4)).astype(np.float32)
+    queries = rng.integers(0, 3, size=(30, 4)).astype(np.float32)
+
+    got = scored_top_k(queries, items, 9, chunk=64)
+
+    want = np.argsort(-(queries @ items.T), axis=1, kind="stable")[:, :9]
+    np.testing.assert_array_equal(got, want)

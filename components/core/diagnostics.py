@@ -62,9 +62,20 @@ class TopK:
         self.items = torch.zeros((n_queries, 0), dtype=torch.long)
 
     def add(self, scores: torch.Tensor, first: int) -> None:
-        """Merge the scores [Q, n] of items first .. first + n - 1."""
-        ids = torch.arange(first, first + scores.shape[1]).expand(scores.shape[0], -1)
-        merged_scores = torch.cat([self.scores, scores.float().cpu()], dim=1)
+        """Merge the scores [Q, n] of items first .. first + n - 1.
+
+        Only a block's candidates are sorted: per query, every item scoring at least its
+        k-th best in the block (ties included, so the lower index still wins), in item
+        order; an item below that is beaten by k others and cannot be in the top k."""
+        scores = scores.float().cpu()
+        if scores.shape[1] > self.k > 0:
+            kth = torch.topk(scores, self.k, dim=1).values[:, -1:]
+            width = int((scores >= kth).sum(dim=1).max())
+            keep = torch.topk(scores, width, dim=1).indices.sort(dim=1).values
+            scores, ids = scores.gather(1, keep), keep + first
+        else:
+            ids = torch.arange(first, first + scores.shape[1]).expand(scores.shape[0], -1)
+        merged_scores = torch.cat([self.scores, scores], dim=1)
         merged_items = torch.cat([self.items, ids], dim=1)
         # stable sort on score keeps the lower index first among equal scores
         order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices
