@@ -20,7 +20,7 @@ from components.contract import ACTIVATIONS, VIEWS
 from components.core.batching import fuse_listings, pad_views
 from components.core.model import ListingModel
 from components.core.shards import Shard
-from components.core.views import GroupedViews, group_views
+from components.core.views import GroupedViews, group_views, subset
 from components.io import activations
 from components.io.feature_store import unit_hash
 from components.io.id_sets import IdSet
@@ -139,13 +139,24 @@ class ListingEmbedder:
     ) -> np.ndarray:
         """The profile of each listing in `wanted` (in listing order): its normalised mean
         unit image feature and mean unit text feature, concatenated, times `projection`
-        (core/drift.py). Reads the features as they are (a `frozen` embedder's)."""
+        (core/drift.py). Reads the features as they are (a `frozen` embedder's), of the
+        wanted listings only: the cost follows the sample, not the catalog."""
         rows = []
-        for ids, images, texts in self.padded_batches(held_out):
-            keep = [i for i, listing_id in enumerate(ids) if listing_id in wanted]
-            if keep:
-                means = [_unit_mean(views, keep) for views in (images, texts)]
-                rows.append(np.concatenate(means, axis=1) @ projection)
+        rng = np.random.default_rng(0)  # unused: every view is taken
+        for chunk in self.chunks(held_out):
+            keep = [i for i, listing_id in enumerate(chunk.listing_ids) if listing_id in wanted]
+            if not keep:
+                continue
+            chunk = subset(chunk, keep)
+            images = self.image_features(chunk.image_keys, chunk.image_refs)
+            texts = self.text_features(chunk.text_keys)
+            padded = [
+                pad_views(features, views, None, rng).to(self.device)
+                for features, views in ((images, chunk.images), (texts, chunk.texts))
+            ]
+            everyone = list(range(len(keep)))
+            means = [_unit_mean(views, everyone) for views in padded]
+            rows.append(np.concatenate(means, axis=1) @ projection)
         if not rows:
             return np.zeros((0, projection.shape[1]), np.float32)
         return np.concatenate(rows).astype(np.float32)
