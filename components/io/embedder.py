@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -20,7 +22,7 @@ from components.contract import ACTIVATIONS, VIEWS
 from components.core.batching import fuse_listings, pad_views
 from components.core.model import ListingModel
 from components.core.shards import Shard
-from components.core.views import GroupedViews, group_views, subset
+from components.core.views import GroupedViews, group_views
 from components.io import activations
 from components.io.feature_store import unit_hash
 from components.io.id_sets import IdSet
@@ -63,15 +65,23 @@ class ListingEmbedder:
         return cls(None, {}, paths, device)
 
     def chunks(
-        self, held_out: set[tuple[str, str]], shard: Shard | None = None
+        self,
+        held_out: set[tuple[str, str]],
+        shard: Shard | None = None,
+        only: set[str] | None = None,
     ) -> Iterator[GroupedViews]:
         """The listings of each row group of views.parquet (featurize writes whole
-        listings per group), those of `shard` only if given; a listing without a usable
-        view of each modality goes to `left_out`."""
+        listings per group), those of `shard` only if given, those in `only` if given
+        (picked out by Arrow before any row becomes a Python object); a listing without a
+        usable view of each modality goes to `left_out`."""
         parquet = pq.ParquetFile(self.views_path)
         seen = IdSet()  # 8 bytes per listing, not a Python string: catalogs of 10^8 fit
+        wanted = None if only is None else pa.array(sorted(only), pa.string())
         for group in range(parquet.num_row_groups):
-            rows = parquet.read_row_group(group).to_pylist()
+            table = parquet.read_row_group(group)
+            if wanted is not None:
+                table = table.filter(pc.is_in(table["listing_id"], value_set=wanted))
+            rows = table.to_pylist()
             if shard is not None:
                 rows = [row for row in rows if shard.owns(row["listing_id"])]
             chunk = group_views(rows, held_out)
@@ -143,18 +153,16 @@ class ListingEmbedder:
         wanted listings only: the cost follows the sample, not the catalog."""
         rows = []
         rng = np.random.default_rng(0)  # unused: every view is taken
-        for chunk in self.chunks(held_out):
-            keep = [i for i, listing_id in enumerate(chunk.listing_ids) if listing_id in wanted]
-            if not keep:
+        for chunk in self.chunks(held_out, only=wanted):
+            if not chunk.listing_ids:
                 continue
-            chunk = subset(chunk, keep)
             images = self.image_features(chunk.image_keys, chunk.image_refs)
             texts = self.text_features(chunk.text_keys)
             padded = [
                 pad_views(features, views, None, rng).to(self.device)
                 for features, views in ((images, chunk.images), (texts, chunk.texts))
             ]
-            everyone = list(range(len(keep)))
+            everyone = list(range(len(chunk.listing_ids)))
             means = [_unit_mean(views, everyone) for views in padded]
             rows.append(np.concatenate(means, axis=1) @ projection)
         if not rows:
