@@ -77,7 +77,7 @@ def _republish(paths: StepPaths, factory: str | None = None, wrap: bool = True, 
     # the id map written anew changes the content, so a version is published even when
     # only the manifest differs
     id_map = local / INDEX_IDS.name
-    pq.write_table(pq.read_table(id_map), id_map, compression="zstd")
+    pq.write_table(pq.read_table(id_map), id_map, compression="gzip")  # other bytes
     metadata = {k: v for k, v in current.items() if k not in PUBLISHED}
     metadata |= changes.get("manifest", {})
     if factory is not None:

@@ -30,12 +30,12 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_table(table, path: Path) -> None:
-    """`pyarrow.parquet.write_table`, atomically."""
+def write_table(table, path: Path, **options) -> None:
+    """`pyarrow.parquet.write_table` (with `options`), atomically."""
     import pyarrow.parquet as pq
 
     with writing(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **options)
 
 
 def copy_file(source: Path, path: Path) -> None:

@@ -70,8 +70,9 @@ def read_ids(path: Path) -> IndexIds:
 
 
 def write_ids(path: Path, table: pa.Table) -> None:
-    """The id map: a table of listing_id and id, one row per vector."""
-    atomic.write_table(table.select(ID_SCHEMA.names).cast(ID_SCHEMA), path)
+    """The id map: a table of listing_id and id, one row per vector (zstd: every refresh
+    uploads it)."""
+    atomic.write_table(table.select(ID_SCHEMA.names).cast(ID_SCHEMA), path, compression="zstd")
 
 
 def new_index(factory: str, dim: int, count: int) -> faiss.Index:
