@@ -69,9 +69,10 @@ class TopK:
         order; an item below that is beaten by k others and cannot be in the top k."""
         scores = scores.float().cpu()
         if scores.shape[1] > self.k > 0:
-            kth = torch.topk(scores, self.k, dim=1).values[:, -1:]
-            width = int((scores >= kth).sum(dim=1).max())
-            keep = torch.topk(scores, width, dim=1).indices.sort(dim=1).values
+            best = torch.topk(scores, self.k, dim=1)
+            width = int((scores >= best.values[:, -1:]).sum(dim=1).max())
+            keep = best.indices if width == self.k else torch.topk(scores, width, dim=1).indices
+            keep = keep.sort(dim=1).values
             scores, ids = scores.gather(1, keep), keep + first
         else:
             ids = torch.arange(first, first + scores.shape[1]).expand(scores.shape[0], -1)
