@@ -4,8 +4,8 @@ Reads the featurize step's views and feature store one chunk of listings at a ti
 chunks featurize wrote, so memory stays bounded at any catalog size) and writes under
 `<workdir>/embed/`:
 
-    embeddings/part-NNNNNN.npy   float32 [n, dim] per chunk, unit rows
-    listing_ids.parquet          listing_id and fingerprint of each row, parts in order
+    embeddings/part-NNNNNN.npy   float32 [n, dim] per chunk, unit rows (a refresh: below)
+    listing_ids.parquet          listing_id and fingerprint of each live row, in order
     splits.parquet               the splits the model was trained with (evaluate's test set)
     missing.parquet              clean listings with no usable view (never silently lost)
     manifest.json                model reference, inputs, counts, timings
@@ -19,7 +19,10 @@ A refresh (`embed.reuse_current`) embeds with the current release's model, with 
 release's splits (no train step needed), and takes its vector for every listing with the
 same fingerprint (the same model and the same
 content give the same vector), embedding only the new and changed listings; the manifest
-counts listings added, changed, removed and reused.
+counts listings added, changed, removed and reused. Its embeddings are the release's parts
+as they were, `embeddings/deleted.npy` (the rows of removed and changed listings) and the
+new vectors in parts appended, or, past `embed.compact_above`, every live row written anew
+(`compacted`; components/io/embedding_files.py).
 
 A listing with a tombstone in the production store (`python -m components remove`) is left
 out of every embed, retrain or refresh: it goes to `missing.parquet` with the reason
@@ -29,8 +32,9 @@ quarantined), which promote retires; the others hold for the next release too.
 
 Sharded (`--shard I/N`, components/core/shards.py): shard I embeds the listings whose id
 hashes to I, writing the same files under `shards/I-of-N/` (one part per chunk, possibly
-empty, and the chunk of each id); `--gather N` then writes the outputs above from the N
-shards, each part in the order one unsharded run gives it.
+empty, and the chunk of each id; in a refresh, only its new and changed listings, and the
+release's rows it kept in `embeddings/kept.npy`); `--gather N` then writes the outputs
+above from the N shards, each part's rows in the order one unsharded run gives them.
 """
 
 from __future__ import annotations

@@ -85,6 +85,7 @@ def test_a_refresh_refuses_to_keep_a_row_twice_or_one_already_deleted(tmp_path):
 
     with pytest.raises(ValueError, match="kept a row of the release twice"):
         _refresh(tmp_path / "again", base, keep=[0, 0], added=[])
+    assert not (tmp_path / "again" / "refresh" / "listing_ids.parquet").exists()
     with pytest.raises(ValueError, match="or a deleted one"):
         _refresh(tmp_path / "again", once, keep=[4], added=[])
 

@@ -85,15 +85,10 @@ def test_featurize_and_embed_in_three_shards_write_what_one_run_writes(featurize
     # embed with one model: in one run, and in three shards gathered
     train.run(TrainConfig(epochs=2, batch_size=16, hidden=64, dim=32, device="cpu"), whole)
     shutil.copytree(whole.step_dir("train"), sharded.step_dir("train"))
-    config = EmbedConfig(device="cpu")
-    embed.run(config, whole)
-    for shard in every_shard(3):
-        embed.run(config, sharded, shard)
-    result = embed.gather(config, sharded, 3)
+    one, three, result = _embedded_once_and_in_three_shards(
+        EmbedConfig(device="cpu"), whole, sharded
+    )
 
-    one, three = whole.step_dir("embed"), sharded.step_dir("embed")
-    for name in (contract.EMBEDDED_IDS.name, contract.MISSING.name):
-        assert pq.read_table(one / name).equals(pq.read_table(three / name)), name
     parts = [embedding_parts(one), embedding_parts(three)]
     assert [p.name for p in parts[0]] == [p.name for p in parts[1]] and len(parts[0]) == 3
     for a, b in zip(*parts, strict=True):
@@ -184,16 +179,11 @@ def test_a_refresh_embedded_in_three_shards_appends_what_one_run_appends(copied,
     for step in ("validate", "featurize"):
         refresh.run_step(step, params, copied)
     sharded = harness.copy(copied, tmp_path / "sharded")
-    config = params.section("embed")
 
-    embed.run(config, copied)
-    for shard in every_shard(3):
-        embed.run(config, sharded, shard)
-    result = embed.gather(config, sharded, 3)
+    one, three, result = _embedded_once_and_in_three_shards(
+        params.section("embed"), copied, sharded
+    )
 
-    one, three = copied.step_dir("embed"), sharded.step_dir("embed")
-    for name in (contract.EMBEDDED_IDS.name, contract.MISSING.name):
-        assert pq.read_table(one / name).equals(pq.read_table(three / name)), name
     folders = [one / contract.EMBEDDINGS.name, three / contract.EMBEDDINGS.name]
     names = [sorted(p.name for p in folder.iterdir()) for folder in folders]
     assert names[0] == names[1] and DELETED in names[0]  # the release's parts, one appended
@@ -207,6 +197,19 @@ def test_a_refresh_embedded_in_three_shards_appends_what_one_run_appends(copied,
     for key in ("listings", "reused", "added", "changed", "removed", "compacted"):
         assert result.counts[key] == counts[key], key
     assert (counts["added"], counts["changed"], counts["removed"]) == (4, 3, 2)
+
+
+def _embedded_once_and_in_three_shards(config: EmbedConfig, whole, sharded):
+    """embed in one run on `whole`, and in three shards gathered on `sharded`: the same
+    listing ids and missing listings. Returns both embed folders and the gather's result."""
+    embed.run(config, whole)
+    for shard in every_shard(3):
+        embed.run(config, sharded, shard)
+    result = embed.gather(config, sharded, 3)
+    one, three = whole.step_dir("embed"), sharded.step_dir("embed")
+    for name in (contract.EMBEDDED_IDS.name, contract.MISSING.name):
+        assert pq.read_table(one / name).equals(pq.read_table(three / name)), name
+    return one, three, result
 
 
 def _released_parts(paths) -> set[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -148,18 +149,21 @@ class _Writer:
         self._kept: list[np.ndarray] = []
 
     def __enter__(self):
-        self._ids = atomic.writing(self._ids_path)
-        self._ids_tmp = self._ids.__enter__()
-        self._ids_out = pq.ParquetWriter(self._ids_tmp, self.schema, compression=IDS_COMPRESSION)
+        self._stack = ExitStack()
+        self._ids_tmp = self._stack.enter_context(atomic.writing(self._ids_path))
+        self._ids_out = self._stack.enter_context(
+            pq.ParquetWriter(self._ids_tmp, self.schema, compression=IDS_COMPRESSION)
+        )
         return self
 
-    def __exit__(self, kind, value, trace) -> None:
-        try:
-            if kind is None:
-                self.finish()
-        finally:
-            self._ids_out.close()
-            self._ids.__exit__(kind, value, trace)
+    def __exit__(self, kind, value, trace) -> bool:
+        """Finish, then close the ids file and rename it into place; on an error, in the
+        body or in `finish`, remove it instead."""
+        if kind is not None:
+            return self._stack.__exit__(kind, value, trace)
+        with self._stack:
+            self.finish()
+        return False
 
     def keep(self, stored_rows: np.ndarray) -> None:
         """Rows of the release built on that stay (a refresh)."""
