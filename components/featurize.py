@@ -514,7 +514,7 @@ class _Featurizer:
             chunk = jobs[start : start + self.config.image_batch_size]
             known = [self._recorded(job.ref) for job in chunk]
             todo = [job for job, key in zip(chunk, known, strict=True) if key is None]
-            read = iter(pool.map(self._load, todo))
+            read = iter(pool.map(self._load, todo) if todo else ())
             loaded = [(key, None, None) if key else next(read) for key in known]
             pending: dict[str, Image.Image] = {}
             for job, (key, image, error) in zip(chunk, loaded, strict=True):
