@@ -9,7 +9,8 @@ A refresh never trains. It is the same step functions as a retrain, with the ove
 (`REFRESH`) that make embed and index build on the current release and leave out
 evaluate's diagnostics; the Airflow refresh DAG and the Kubeflow refresh pipeline pass the
 same overrides, and its steps read no train output (`upstream`). Here one run holds the workdir
-for its whole length, so no other run interleaves with it. What the model's staleness is
+for its whole length, so no other run interleaves with it, and each step runs in a process
+of its own (`step_process`), so no step's memory stays with the next. What the model's staleness is
 (`evaluate/staleness.json`) ends the summary; a stale model calls for a retrain.
 """
 
@@ -20,6 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+from components import step_process
 from components.config import Params, StepPaths, with_overrides
 from components.contract import STALENESS, StepName
 from components.contract import STEPS as CONTRACT
@@ -52,6 +54,16 @@ def run_step(step: StepName, params: Params, paths: StepPaths):
     return module.run(params.section(step), paths)
 
 
+def _outcome(step: StepName, params: Params, paths: StepPaths) -> dict:
+    """`run_step` in a step's own process: what the refresh keeps of its result."""
+    result = run_step(step, params, paths)
+    return {
+        "summary": result.summary,
+        "changed": getattr(result, "changed", None),
+        "version": getattr(result, "version", None),
+    }
+
+
 @dataclass(frozen=True)
 class RefreshResult:
     summaries: list[str]
@@ -76,12 +88,12 @@ def run(params: Params, tracking_uri: str | None = None) -> RefreshResult:
     with holding(paths.workdir, "refresh"):
         for step in STEPS:
             log.info("refresh: %s", step)
-            result = run_step(step, params, paths)
-            summaries.append(result.summary)
+            result = step_process.call(step, _outcome, step, params, paths)
+            summaries.append(result["summary"])
     counters = _counters(paths)
     summaries.append(_cost(counters))
-    if not result.changed:  # promote's: the current release already is this one
-        summaries.append(f"refresh: nothing new since {result.version}: nothing published")
+    if not result["changed"]:  # promote's: the current release already is this one
+        summaries.append(f"refresh: nothing new since {result['version']}: nothing published")
     found = json.loads(paths.path(STALENESS).read_text())
     if found.get("stale"):
         summaries.append(
