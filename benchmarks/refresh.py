@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from sample_data import ensure_optional_data  # noqa: E402
+
 RETRAIN = ("validate", "featurize", "train", "embed", "index", "evaluate", "promote")
 SHARES = {"new": 0.05, "changed": 0.03, "removed": 0.02}
 
@@ -463,6 +465,7 @@ def main() -> None:
     if args.one_index:
         work, factory, params, how = args.one_index
         return run_index(Path(work), factory, json.loads(params), how)
+    ensure_optional_data()  # the catalog stage builds the sample catalog make run builds
     scratch = Path(tempfile.mkdtemp(dir=args.scratch))
     results = {}
     try:
