@@ -12,8 +12,10 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from components.config import ValidateConfig
 
@@ -44,28 +46,89 @@ def type_name(value: Any) -> str:
 
 
 def validation_frame(table: pa.Table) -> pd.DataFrame:
-    """One row per listing: checked values and derived facts, positional index = row number."""
-    ids, titles, descriptions, tags, categories, images = (
-        table.column(name).to_pylist()
-        for name in ("listing_id", "title", "description", "tags", "category", "image_uris")
-    )
-    return pd.DataFrame(
-        {
-            "listing_id": [_str_or_none(v) for v in ids],
-            "listing_id_type": [type_name(v) for v in ids],
-            "title": [_str_or_none(v) for v in titles],
-            "title_type": [type_name(v) for v in titles],
-            "description_type": [type_name(v) for v in descriptions],
-            "description_chars": [len(v) if isinstance(v, str) else 0 for v in descriptions],
-            "category_type": [type_name(v) for v in categories],
-            "category_chars": [len(v) if isinstance(v, str) else 0 for v in categories],
-            "tags_type": [type_name(v) for v in tags],
-            "tag_count": [len(v) if isinstance(v, list) else 0 for v in tags],
-            "longest_tag_chars": [_longest(v) for v in tags],
-            "image_uris_type": [type_name(v) for v in images],
-            "image_count": [len(v) if isinstance(v, list) else 0 for v in images],
-        }
-    )
+    """One row per listing: checked values and derived facts, positional index = row number.
+
+    Columns of the contract's types (string, list of strings) are derived by Arrow over
+    the whole column; a column of any other type cell by cell (`type_name`), which is
+    what both give for every value."""
+    frame = {}
+    for name in ("listing_id", "title"):
+        column = table.column(name)
+        frame[name] = _strings(column)
+        frame[f"{name}_type"] = _types(column)
+    for name in ("description", "category"):
+        column = table.column(name)
+        frame[f"{name}_type"] = _types(column)
+        frame[f"{name}_chars"] = _chars(column)
+    tags = table.column("tags")
+    frame["tags_type"] = _types(tags)
+    frame["tag_count"] = _counts(tags)
+    frame["longest_tag_chars"] = _longest_element(tags)
+    images = table.column("image_uris")
+    frame["image_uris_type"] = _types(images)
+    frame["image_count"] = _counts(images)
+    return pd.DataFrame(frame)
+
+
+def _is_string(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _is_string_list(arrow_type: pa.DataType) -> bool:
+    listed = pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+    return listed and _is_string(arrow_type.value_type)
+
+
+def _types(column: pa.ChunkedArray) -> list[str] | np.ndarray:
+    """`type_name` of every cell."""
+    if _is_string(column.type):
+        return np.where(_valid(column), STRING, NULL)
+    if _is_string_list(column.type):
+        # a list holding a null is not a list of strings
+        flat = pc.list_flatten(column)
+        holes = np.zeros(len(column), dtype=bool)
+        np.logical_or.at(holes, _parents(column), ~_valid(flat))
+        return np.where(_valid(column), np.where(holes, "list<mixed>", STRING_LIST), NULL)
+    return [type_name(v) for v in column.to_pylist()]
+
+
+def _strings(column: pa.ChunkedArray) -> list[str | None]:
+    if _is_string(column.type):
+        return column.to_pylist()
+    return [_str_or_none(v) for v in column.to_pylist()]
+
+
+def _chars(column: pa.ChunkedArray) -> list[int] | np.ndarray:
+    if _is_string(column.type):
+        return _filled(pc.utf8_length(column))
+    return [len(v) if isinstance(v, str) else 0 for v in column.to_pylist()]
+
+
+def _counts(column: pa.ChunkedArray) -> list[int] | np.ndarray:
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return _filled(pc.list_value_length(column))
+    return [len(v) if isinstance(v, list) else 0 for v in column.to_pylist()]
+
+
+def _longest_element(column: pa.ChunkedArray) -> list[int] | np.ndarray:
+    if not _is_string_list(column.type):
+        return [_longest(v) for v in column.to_pylist()]
+    longest = np.zeros(len(column), dtype=np.int64)
+    np.maximum.at(longest, _parents(column), _filled(pc.utf8_length(pc.list_flatten(column))))
+    return longest
+
+
+def _parents(column: pa.ChunkedArray) -> np.ndarray:
+    """The row of each element of `pc.list_flatten(column)`."""
+    return np.asarray(pc.list_parent_indices(column), dtype=np.int64)
+
+
+def _valid(column) -> np.ndarray:
+    return np.asarray(pc.is_valid(column), dtype=bool)
+
+
+def _filled(lengths) -> np.ndarray:
+    return np.asarray(pc.fill_null(lengths, 0), dtype=np.int64)
 
 
 def _str_or_none(value: Any) -> str | None:
