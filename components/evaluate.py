@@ -100,12 +100,14 @@ class EvaluateResult:
 
 @dataclass(frozen=True)
 class Challenger:
-    """The model under evaluation, its listing embeddings, and its exact search results."""
+    """The model under evaluation, its listing embeddings, and its exact search results
+    (`exact`: the metrics they give)."""
 
     loaded: registry.LoadedModel
     listing_ids: list[str]
     listings: np.ndarray
     tops: dict[str, np.ndarray]
+    exact: dict[str, float]
 
 
 def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
@@ -123,7 +125,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     sets = test_split_queries(paths, embedder, row_of)
     depth = min(max(config.ks), len(listing_ids))
     metrics, vectors, tops = evaluate_tasks(loaded.model, sets, listings, config.ks, depth, device)
-    challenger = Challenger(loaded, listing_ids, listings, tops)
+    challenger = Challenger(loaded, listing_ids, listings, tops, dict(metrics))
     base = embedded["inputs"].get("base")
     # a refresh: the same model on its test split, which earned its place at training
     training = _at_training(paths, base["version"]) if base else {}
@@ -292,13 +294,14 @@ def _compare_with_champion(
     if champion is None:
         return {}
     if champion.reference["sha256"] == challenger.loaded.reference["sha256"]:
-        ids, listings = challenger.listing_ids, challenger.listings  # same weights: embed once
+        # the same weights (every refresh): the same vectors and searches, done once
+        metrics, tops = challenger.exact, challenger.tops
     else:
         embedder = ListingEmbedder(champion.model, champion.spec, paths, device)
         ids, listings = embedder.embed_all(held_out, BATCH)
-    if challenger.listing_ids != ids:
-        raise ValueError("the champion embeds another set of listings; cannot compare")
-    metrics, _, tops = evaluate_tasks(champion.model, sets, listings, config.ks, depth, device)
+        if challenger.listing_ids != ids:
+            raise ValueError("the champion embeds another set of listings; cannot compare")
+        metrics, _, tops = evaluate_tasks(champion.model, sets, listings, config.ks, depth, device)
     flat = champion_comparison(
         sets, challenger.tops, tops, metrics, config.bootstrap, seed=paths.seed
     )
