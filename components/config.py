@@ -490,6 +490,13 @@ class EvaluateConfig(Section):
     latency_queries: int = Field(
         500, ge=1, description="Queries searched one at a time to measure index latency."
     )
+    latency_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Time budget of the latency measurement: it stops after this many "
+        "seconds of searching (at least 10 queries), so an exhaustive index over millions of "
+        "listings does not make evaluate minutes longer.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
     gates: GatesConfig = GatesConfig()
     staleness: StalenessConfig = StalenessConfig()

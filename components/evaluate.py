@@ -137,7 +137,9 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     removed = tombstones.removed_ids(tombstones.read_all(production.open_store(paths)))
     metrics |= coverage(index_ids, listing_ids, removed, labels_of(index))  # gated
     rows = RowIndex(index, index_ids, listing_ids)
-    metrics |= index_metrics(sets, vectors, rows, tops, config.ks, depth, config.latency_queries)
+    metrics |= index_metrics(
+        sets, vectors, rows, tops, config.ks, depth, config.latency_queries, config.latency_seconds
+    )
     if config.diagnostics:
         size = config.diagnostics_sample
         sample = embedder.view_sample(held_out, size)

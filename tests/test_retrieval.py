@@ -16,6 +16,7 @@ from components.core.retrieval import (
     QuerySet,
     evaluate_tasks,
     frozen_metrics,
+    index_metrics,
     language_metrics,
 )
 
@@ -106,3 +107,21 @@ def test_a_task_without_queries_is_absent_not_zero():
     ]
     assert set(vectors) == set(tops) == {QUERY_TO_LISTING}
     assert metrics["query_to_listing/queries"] == 3
+
+
+@pytest.mark.parametrize(("seconds", "timed"), [(float("inf"), 200), (1e-9, 10)])
+def test_the_latency_measurement_stops_at_its_time_budget(seconds, timed):
+    """An exhaustive index over millions of listings takes a third of a second a query:
+    500 of them would be most of a refresh's evaluate. The budget stops it (10 at least)."""
+    import faiss
+
+    listings = RNG.standard_normal((300, 8)).astype(np.float32)
+    queries = RNG.standard_normal((200, 8)).astype(np.float32)
+    index = faiss.IndexFlatIP(8)
+    index.add(listings)
+    _, exact = index.search(queries, 10)
+    sets = [QuerySet(QUERY_TO_LISTING, queries, [{0}] * len(queries))]
+    vectors, tops = {QUERY_TO_LISTING: queries}, {QUERY_TO_LISTING: exact}
+    metrics = index_metrics(sets, vectors, index, tops, [10], 10, 500, seconds)
+    assert metrics["index/latency_queries"] == timed
+    assert metrics["index/ann_recall@10"] == 1.0

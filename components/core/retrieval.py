@@ -172,10 +172,12 @@ def index_metrics(
     ks: list[int],
     depth: int,
     latency_queries: int,
+    latency_seconds: float = float("inf"),
 ) -> dict[str, float]:
     """Metrics through an ANN `index` (anything with faiss's `search`), its recall@10
     against exact search (`exact_tops`), and the p50/p99 latency of one-query searches
-    of the first task's first `latency_queries` queries (tasks without queries skipped)."""
+    of the first task's first `latency_queries` queries (tasks without queries skipped),
+    stopped once `latency_seconds` of searching is spent (`_latency`)."""
     metrics = {}
     overlaps = []
     for queries in present(sets):
@@ -187,25 +189,33 @@ def index_metrics(
     if not present(sets):
         return metrics
     first = vectors[present(sets)[0].task][:latency_queries]
-    return metrics | _latency(index, first, min(10, depth))
+    return metrics | _latency(index, first, min(10, depth), latency_seconds)
 
 
 def _overlap(found: np.ndarray, exact: np.ndarray) -> list[float]:
     return [len(set(f) & set(e)) / max(1, len(e)) for f, e in zip(found, exact, strict=True)]
 
 
-def _latency(index, vectors: np.ndarray, k: int) -> dict[str, float]:
-    """p50 / p99 of one-query searches, in milliseconds."""
+LATENCY_MIN_QUERIES = 10  # searched whatever the time budget
+
+
+def _latency(index, vectors: np.ndarray, k: int, seconds: float) -> dict[str, float]:
+    """p50 / p99 of one-query searches, in milliseconds, and how many were timed: every
+    row of `vectors`, or as many as `seconds` of searching allows (at least
+    LATENCY_MIN_QUERIES)."""
     times = []
     for row in vectors:
         start = time.perf_counter()
         index.search(row[None, :], k)
         times.append((time.perf_counter() - start) * 1000)
+        if len(times) >= LATENCY_MIN_QUERIES and sum(times) >= seconds * 1000:
+            break
     if not times:
         return {}
     return {
         "index/latency_p50_ms": float(np.percentile(times, 50)),
         "index/latency_p99_ms": float(np.percentile(times, 99)),
+        "index/latency_queries": float(len(times)),
     }
 
 
