@@ -5,6 +5,8 @@ Layers, each importing only the ones below it (tests/test_architecture.py checks
     cli, workdir, __main__       entry points: parse params, run a step (or one shard of
                                  it) or the service
     cluster                      the train step's multi-node PyTorchJob (Kubernetes)
+    refresh, step_process        the refresh: its steps in a row, each in a process of
+                                 its own
     catalog ... promote          the eight steps, one module each, named after the step:
                                  thin `run(config, paths)` shells; a step never imports
                                  another step

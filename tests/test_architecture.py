@@ -15,6 +15,7 @@ ENTRY = {
     "components.workdir",
     "components.cluster",
     "components.refresh",
+    "components.step_process",
     "components.__main__",
 }
 STEP_MODULES = {f"components.{step}" for step in STEP_ORDER}
