@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from components.config import EvaluateConfig, StepPaths
@@ -110,6 +111,20 @@ class Challenger:
     exact: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What the gates, outputs and records are made of: measured now (`_measure`), or
+    recorded by the release a refresh changed nothing of (`_as_recorded`)."""
+
+    metrics: dict
+    champion: dict  # _compare_with_champion's
+    earned: dict | None  # a refresh: the training release's metrics (check_gates' earned)
+    listing_ids: list[str]
+    reference: dict  # the model's registry reference
+    queries: dict[str, int]  # per task
+    mlflow: dict | None  # the release's evaluation run, when its evaluation stands
+
+
 def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     """Evaluate the embed step's model and index on the test split, then apply the gates."""
     timer = Timer()
@@ -117,47 +132,24 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     embedded = read_manifest(paths.step_dir("embed"))
-    loaded = _embed_model(embedded, paths, device)
-    listing_ids, listings = read_embeddings(paths)
-    embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
+    index_manifest = read_manifest(paths.step_dir("index"))
     held_out = held_out_refs(paths.path(EMBED_SPLITS))
-    row_of = {lid: i for i, lid in enumerate(listing_ids)}
-    sets = test_split_queries(paths, embedder, row_of)
-    depth = min(max(config.ks), len(listing_ids))
-    metrics, vectors, tops = evaluate_tasks(loaded.model, sets, listings, config.ks, depth, device)
-    challenger = Challenger(loaded, listing_ids, listings, tops, dict(metrics))
-    base = embedded["inputs"].get("base")
-    # a refresh: the same model on its test split, which earned its place at training
-    training = _at_training(paths, base["version"]) if base else {}
-    frozen = {key: value for key, value in training.items() if _is_frozen(key)}
-    metrics |= frozen or _frozen_baseline(
-        paths, device, held_out, sets, challenger, config.ks, depth
-    )
-    index, index_ids, index_manifest = load_index(paths.step_dir("index"))
-    removed = tombstones.removed_ids(tombstones.read_all(production.open_store(paths)))
-    metrics |= coverage(index_ids, listing_ids, removed, labels_of(index))  # gated
-    rows = RowIndex(index, index_ids, listing_ids)
-    metrics |= index_metrics(
-        sets, vectors, rows, tops, config.ks, depth, config.latency_queries, config.latency_seconds
-    )
-    if config.diagnostics:
-        size = config.diagnostics_sample
-        sample = embedder.view_sample(held_out, size)
-        metrics |= embedding_diagnostics(*sample, listings, sets, vectors, size)
-    champion = _compare_with_champion(config, paths, device, sets, held_out, depth, challenger)
-    results = gates.check_gates(
-        metrics, champion.get("metrics"), config.gates, earned=training if frozen else None
-    )
-    _write_outputs(out, metrics, results, champion, config.ks, len(listing_ids))
-    profile = _profile(paths, device, held_out, listing_ids, config.staleness.profile_listings)
+    done = _as_recorded(config, paths, embedded, index_manifest, device)
+    done = done or _measure(config, paths, embedded, held_out, device)
+    metrics, champion = done.metrics, done.champion
+    results = gates.check_gates(metrics, champion.get("metrics"), config.gates, earned=done.earned)
+    _write_outputs(out, metrics, results, champion, config.ks, len(done.listing_ids))
+    profile = _profile(paths, device, held_out, done.listing_ids, config.staleness.profile_listings)
     np.save(paths.path(PROFILE), profile)
     stale = _staleness(config, paths, embedded, profile, metrics)
     report = gates.table(results)
     summary = _summary(metrics, results, champion) + _stale_summary(stale)
+    if done.mlflow is not None:
+        summary += f"; as evaluated for release {embedded['inputs']['base']['version']}"
     passed = not gates.failed(results)
-    evaluation = tracking.log_evaluation(
+    evaluation = done.mlflow or tracking.log_evaluation(
         paths,
-        loaded.reference,
+        done.reference,
         [paths.path(RECALL_PLOT), paths.path(GATES)],
         metrics | champion.get("flat", {}) | (staleness.flat(stale) if stale else {}),
         passed,
@@ -170,10 +162,10 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
         inputs={
             "embed": embedded["outputs"],
             "index": index_manifest["outputs"],
-            "model": registry.identity(loaded.reference),
+            "model": registry.identity(done.reference),
         },
         outputs=describe_files(out, [a.name for a in STEP.writes if a.tracked]),
-        counts={s.task: len(s.relevant) for s in sets} | {"listings": len(listing_ids)},
+        counts=done.queries | {"listings": len(done.listing_ids)},
         run={
             "summary": summary,
             "gates_passed": passed,
@@ -181,6 +173,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
             "champion": champion.get("reference"),
             "measured": {k: v for k, v in metrics.items() if k.startswith(MEASURED)},
             "mlflow": evaluation,
+            "recorded": done.mlflow is not None,
             "local_outputs": describe_files(out, [a.name for a in STEP.writes if a.local]),
         },
     )
@@ -188,6 +181,95 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
         raise StepFailed(gates.failure_message(results), report=report)
     log.info("%s", summary)
     return EvaluateResult(out, metrics, [r.as_dict() for r in results], report + "\n" + summary)
+
+
+def _measure(config: EvaluateConfig, paths: StepPaths, embedded, held_out, device) -> Evaluation:
+    """Every metric, measured on the embeddings, the index and the test split."""
+    loaded = _embed_model(embedded, paths, device)
+    listing_ids, listings = read_embeddings(paths)
+    embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
+    row_of = {lid: i for i, lid in enumerate(listing_ids)}
+    sets = test_split_queries(paths, embedder, row_of)
+    depth = min(max(config.ks), len(listing_ids))
+    metrics, vectors, tops = evaluate_tasks(loaded.model, sets, listings, config.ks, depth, device)
+    challenger = Challenger(loaded, listing_ids, listings, tops, dict(metrics))
+    base = embedded["inputs"].get("base")
+    # a refresh: the same model on its test split, which earned its place at training
+    training = _at_training(paths, base["version"]) if base else {}
+    frozen = {key: value for key, value in training.items() if _is_frozen(key)}
+    metrics |= frozen or _frozen_baseline(
+        paths, device, held_out, sets, challenger, config.ks, depth
+    )
+    index, index_ids, _ = load_index(paths.step_dir("index"))
+    removed = tombstones.removed_ids(tombstones.read_all(production.open_store(paths)))
+    metrics |= coverage(index_ids, listing_ids, removed, labels_of(index))  # gated
+    rows = RowIndex(index, index_ids, listing_ids)
+    metrics |= index_metrics(
+        sets, vectors, rows, tops, config.ks, depth, config.latency_queries, config.latency_seconds
+    )
+    if config.diagnostics:
+        size = config.diagnostics_sample
+        sample = embedder.view_sample(held_out, size)
+        metrics |= embedding_diagnostics(*sample, listings, sets, vectors, size)
+    return Evaluation(
+        metrics,
+        _compare_with_champion(config, paths, device, sets, held_out, depth, challenger),
+        training if frozen else None,
+        listing_ids,
+        loaded.reference,
+        {s.task: len(s.relevant) for s in sets},
+        None,
+    )
+
+
+def _as_recorded(
+    config: EvaluateConfig, paths: StepPaths, embedded: dict, index_manifest: dict, device
+) -> Evaluation | None:
+    """A refresh that serves exactly what its release serves (the same model, embed and
+    index outputs byte for byte, the same queries, the same `ks`) takes the release's
+    evaluation: every metric would come out the same, at the cost of reading and searching
+    every vector again (minutes at millions of listings). The gates are checked again on
+    it with today's thresholds; staleness is measured as always. None: measure."""
+    base = embedded["inputs"].get("base")
+    if base is None or any(embedded["counts"].get(k) for k in ("added", "changed", "removed")):
+        return None
+    storage = production.open_store(paths)
+    release = production.read_manifest(storage, base["version"])
+    lineage = release.get("lineage", {})
+    queries = embedded["inputs"].get("featurize", {}).get("queries.parquet", {}).get("sha256")
+    if (
+        release.get("embedding_model_sha256") != embedded["model"]["sha256"]
+        or lineage.get("embed") != _hashes(embedded["outputs"])
+        or lineage.get("index") != _hashes(index_manifest["outputs"])
+        or lineage.get("featurize", {}).get("queries.parquet") != queries
+        or release.get("params", {}).get("evaluate", {}).get("ks") != list(config.ks)
+        or not release.get("evaluation", {}).get("mlflow")
+    ):
+        return None
+    champion = load_champion(config.champion, paths, device)
+    if champion is not None and champion.reference["sha256"] != embedded["model"]["sha256"]:
+        return None  # another champion: compare with it for real
+    recorded = base_release.version(
+        paths, base["version"], paths.path(EVALUATE_BASE), (DETAILS.name,)
+    )
+    metrics = json.loads((recorded.local / DETAILS.name).read_text()) | release["metrics"]
+    metrics |= release["evaluation"].get("measured") or {}
+    training = _at_training(paths, base["version"])
+    ids = pq.read_table(paths.path(EMBEDDED_IDS), columns=["listing_id"]).column(0).to_pylist()
+    log.info("evaluate: nothing changed since release %s: its evaluation stands", base["version"])
+    return Evaluation(
+        metrics,
+        {"reference": champion.reference, "metrics": metrics} if champion else {},
+        training if any(_is_frozen(key) for key in training) else None,
+        ids,
+        _embed_model(embedded, paths, device).reference,
+        {task: int(metrics.get(f"{task}/queries", 0)) for task in TASKS},
+        release["evaluation"]["mlflow"],
+    )
+
+
+def _hashes(outputs: dict) -> dict[str, str]:
+    return {name: entry["sha256"] for name, entry in outputs.items()}
 
 
 def _profile(paths, device, held_out, listing_ids: list[str], size: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from components import refresh
 from components.cli import main
 from components.config import load_params, with_overrides
 from components.contract import SPLITS
+from components.errors import StepFailed
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import read_embeddings
 from components.release import production, registry, tombstones
@@ -343,3 +344,33 @@ def test_a_refresh_takes_the_frozen_baseline_from_the_model_s_training_release(c
     model = training.manifest["metrics"]["query_to_listing/recall@10"]
     best = max(then[f"query_to_listing/{b}/recall@10"] for b in ("frozen", "frozen_max"))
     assert row["value"] == pytest.approx(model / best - 1) and "at training" in row["note"]
+
+
+def test_a_refresh_with_nothing_new_takes_its_release_s_evaluation_under_today_s_gates(copied):
+    """Nothing embedded anew, the index and the queries byte for byte the release's: its
+    evaluation stands (at 1M listings, measuring it again was minutes of reading and
+    searching every vector), no second MLflow evaluation run; the gates are checked again
+    with today's thresholds, and a change measures anew."""
+    paths = copied
+    store = open_storage(paths.storage, paths.storage_uri)
+    release = production.load_current_index(store).manifest
+    evaluated = paths.step_dir("evaluate")
+
+    refresh.run(refresh_params(paths), paths.tracking_uri)
+
+    record = json.loads((evaluated / "run.json").read_text())
+    assert record["recorded"] is True
+    assert record["mlflow"] == release["evaluation"]["mlflow"]
+    assert json.loads((evaluated / "metrics.json").read_text()) == release["metrics"]
+
+    strict = (
+        "evaluate.gates.min={query_to_listing/recall@10: 1.01}",
+        "evaluate.gates.min_queries=1",
+    )
+    with pytest.raises(StepFailed, match="min:query_to_listing/recall@10"):
+        refresh.run(refresh_params(paths, *strict), paths.tracking_uri)
+    assert json.loads((evaluated / "run.json").read_text())["recorded"] is True
+
+    change_catalog(paths.workdir / "catalog", 1, 0, 0, 0)
+    refresh.run(refresh_params(paths), paths.tracking_uri)
+    assert json.loads((evaluated / "run.json").read_text())["recorded"] is False
