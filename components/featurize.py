@@ -512,7 +512,7 @@ class _Featurizer:
         good, bad = [], []
         for start in range(0, len(jobs), self.config.image_batch_size):
             chunk = jobs[start : start + self.config.image_batch_size]
-            known = [self._recorded(job.ref) for job in chunk]
+            known = self._recorded([job.ref for job in chunk])
             todo = [job for job, key in zip(chunk, known, strict=True) if key is None]
             read = iter(pool.map(self._load, todo) if todo else ())
             loaded = [(key, None, None) if key else next(read) for key in known]
@@ -557,19 +557,23 @@ class _Featurizer:
             self.counts.reasons[item["reason"]] = self.counts.reasons.get(item["reason"], 0) + 1
         return good, bad
 
-    def _recorded(self, ref: str) -> str | None:
-        """The content key recorded for `ref`, when its identity is the one recorded (found
-        by reference alone, `Identities.of_ref`) and the store holds its features; None
-        when it must be loaded (`_load`)."""
+    def _recorded(self, refs: list[str]) -> list[str | None]:
+        """The content key recorded for each of `refs`, when its identity is the one
+        recorded (found by reference alone, `Identities.of_refs`) and the store holds its
+        features; None for one that must be loaded (`_load`)."""
         if not self.records.trusted:
-            return None
-        identity = self.identities.of_ref(ref, self._resolve)
-        key = self.records.get_ref(ref, identity)
-        if key is None or key not in self.image_store:
-            return None
-        self.records.put_ref(ref, identity, key)
-        self.reads.trusted()
-        return key
+            return [None] * len(refs)
+        identities = self.identities.of_refs(refs, self._resolve)
+        keys = [
+            key if key is not None and key in self.image_store else None
+            for key in self.records.lookup(refs, identities)
+        ]
+        kept = [i for i, key in enumerate(keys) if key is not None]
+        self.records.keep(
+            [refs[i] for i in kept], [identities[i] for i in kept], [keys[i] for i in kept]
+        )
+        self.reads.trusted(len(kept))
+        return keys
 
     def _resolve(self, ref: str):
         # validation already enforced the scheme, bucket and size rules on the clean set

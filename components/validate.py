@@ -233,20 +233,17 @@ class ImageChecker:
     def recorded_listing(self, refs: list[str]) -> list[tuple] | None:
         """All problems with one listing's images from their recorded verdicts, when every
         image's identity is the one recorded (found by reference alone: no image opened,
-        no path resolved, `Identities.of_ref`); None when one needs `listing`."""
+        no path resolved, `Identities.of_refs`); None when one needs `listing`."""
         if self.records is None or not self.records.trusted:
             return None
-        known = []
-        for ref in refs:
-            identity = self.identities.of_ref(ref, self._resolve)
-            verdict = self.records.get_ref(ref, identity)
-            if verdict is None:
-                return None
-            known.append((ref, identity, verdict))
+        identities = self.identities.of_refs(refs, self._resolve)
+        verdicts = self.records.lookup(refs, identities)
+        if None in verdicts:
+            return None
+        self.records.keep(refs, identities, verdicts)  # still today's: keep them
+        self.reads.trusted(len(refs))
         found = []
-        for index, (ref, identity, verdict) in enumerate(known):
-            self.records.put_ref(ref, identity, verdict)  # still today's: keep it
-            self.reads.trusted()
+        for index, verdict in enumerate(verdicts):
             if verdict:
                 code, detail = json.loads(verdict)
                 found.append((code, f"image_uris[{index}]: {detail}"))

@@ -55,20 +55,38 @@ class Identities:
         resolution; an S3 reference its LISTed identity. None: not found this way (no such
         file, a symbolic link, a URI, a path with `..`, a reference `resolve` refuses): the
         caller checks it in full, resolving links."""
+        if self._base is not None:
+            return self.of_refs([ref], resolve)[0]
         if not isinstance(ref, str):
             return None
-        if self._base is not None:
-            if ref.startswith(("/", "\\")) or ":" in ref or ".." in ref:
-                return None
-            try:
-                status = os.lstat(os.path.join(self._base, ref))  # a link: in full
-            except OSError:
-                return None
-            return f"{status.st_size}:{status.st_mtime_ns}" if _regular(status) else None
         try:
             return self.of(resolve(ref))
         except ImageRefError:
             return None
+
+    def of_refs(
+        self, refs: list[object], resolve: Callable[[str], ImageLocation]
+    ) -> list[str | None]:
+        """`of_ref` of each of `refs`, the local catalog's in one tight loop (1M listings
+        hold 3.3M images: per-image call and path-join overhead was a third of a refresh's
+        validate)."""
+        base = self._base
+        if base is None:
+            return [self.of_ref(ref, resolve) for ref in refs]
+        found = []
+        lstat, regular = os.lstat, stat.S_ISREG
+        for ref in refs:
+            if not _plain(ref):
+                found.append(None)
+                continue
+            try:
+                status = lstat(f"{base}/{ref}")
+            except OSError:
+                found.append(None)
+                continue
+            regular_file = regular(status.st_mode)  # not a link, say: checked in full
+            found.append(f"{status.st_size}:{status.st_mtime_ns}" if regular_file else None)
+        return found
 
     def of(self, location: ImageLocation) -> str | None:
         """`size:mtime_ns` (a local file) or `size:etag` (an S3 object); None when there is
@@ -98,6 +116,11 @@ class Identities:
         bucket, prefix = split_s3_uri(self.root.uri)
         prefix = prefix.strip("/")
         return location.bucket == bucket and (not prefix or location.key.startswith(prefix + "/"))
+
+
+def _plain(ref: object) -> bool:
+    """A relative path with no scheme and no `..`: one `lstat` under the root finds it."""
+    return isinstance(ref, str) and not (ref.startswith(("/", "\\")) or ":" in ref or ".." in ref)
 
 
 def _regular(status: os.stat_result) -> bool:
@@ -158,6 +181,22 @@ class ImageRecords:
             return None
         known = self._known.get(ref)
         return known[1] if known is not None and known[0] == identity else None
+
+    def lookup(self, refs: list[str], identities: list[str | None]) -> list[str | None]:
+        """`get_ref` of each reference and identity."""
+        known = self._known
+        values = []
+        for ref, identity in zip(refs, identities, strict=True):
+            entry = known.get(ref) if identity is not None else None
+            values.append(entry[1] if entry is not None and entry[0] == identity else None)
+        return values
+
+    def keep(self, refs: list[str], identities: list[str | None], values: list[str]) -> None:
+        """`put_ref` of each, under one hold of the lock."""
+        with self._lock:
+            for ref, identity, value in zip(refs, identities, values, strict=True):
+                if identity is not None:
+                    self._found[ref] = (identity, value)
 
     def put(self, location: ImageLocation, identity: str | None, value: str) -> None:
         """Record `value` (found, or trusted) for the file written next."""
@@ -222,9 +261,9 @@ class ReadCounter:
             self.images_opened += 1
             self.bytes_read += size
 
-    def trusted(self) -> None:
+    def trusted(self, images: int = 1) -> None:
         with self._lock:
-            self.images_trusted += 1
+            self.images_trusted += images
 
     def as_dict(self) -> dict[str, int]:
         return {
