@@ -73,3 +73,29 @@ def test_code_deps_cover_every_module_the_step_can_import(step):
 def test_code_deps_exist(step):
     code = [p for p in _paths(STAGES[step].get("deps")) if p.startswith("components")]
     assert [p for p in code if not (REPO_ROOT / p).exists()] == []
+
+
+def _code_dirs() -> list[str]:
+    deps = {d for stage in STAGES.values() for d in _paths(stage.get("deps"))}
+    return sorted(d for d in deps if (REPO_ROOT / d).is_dir() and d.startswith("components"))
+
+
+def test_directory_deps_hash_no_compiled_or_cache_file():
+    """A directory dep hashes what it holds: a lock written beside compiled files (every
+    machine that ran the code has them) would not match a clean clone's, and `make run`
+    there would rewrite dvc.lock. `.dvcignore` keeps them out; a source file stays in."""
+    import subprocess
+    import sys
+
+    strays = ["__pycache__/step.cpython-311.pyc", "module.pyc", ".pytest_cache/v/x"]
+    targets = [f"{folder}/{stray}" for folder in _code_dirs() for stray in strays]
+    source = "components/core/model.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "check-ignore", *targets, source],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    ignored = set(done.stdout.split())
+    assert [t for t in targets if t not in ignored] == [], "hashed into dvc.lock"
+    assert source not in ignored
