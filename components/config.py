@@ -938,10 +938,9 @@ def _suggestion(loc: tuple[Any, ...]) -> str:
     same name in another section (`workdir` -> `paths.workdir`)."""
     if len(loc) == 1:
         known = ["seed", *SECTIONS]
-    elif len(loc) == 2 and loc[0] in SECTIONS:
-        known = list(SECTIONS[str(loc[0])].model_fields)
     else:
-        known = []
+        model = _nested_model(loc[:-1])
+        known = list(model.model_fields) if model is not None else []
     close = difflib.get_close_matches(str(loc[-1]), known, n=1)
     if close:
         return f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
@@ -949,6 +948,17 @@ def _suggestion(loc: tuple[Any, ...]) -> str:
         f"{name}.{loc[-1]}" for name, section in SECTIONS.items() if loc[-1] in section.model_fields
     ]
     return f" (did you mean {' or '.join(repr(key) for key in elsewhere)}?)" if elsewhere else ""
+
+
+def _nested_model(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config model at `path` (a section, then nested models: `evaluate.gates`)."""
+    model = SECTIONS.get(str(path[0]))
+    for part in path[1:]:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        model = annotation if is_model else None
+    return model
 
 
 def describe_section(section: type[Section]) -> str:

@@ -55,6 +55,10 @@ def test_overrides_are_parsed_as_yaml_and_validated():
             "unknown key 'validate.max_bad_fractio' (did you mean 'validate.max_bad_fraction'?)",
         ),
         ("valdate.max_bad_fraction=0.1", "unknown key 'valdate' (did you mean 'validate'?)"),
+        (  # a nested section's key gets the same hint
+            "evaluate.gates.min_queris=3",
+            "unknown key 'evaluate.gates.min_queris' (did you mean 'evaluate.gates.min_queries'?)",
+        ),
         ("validate.max_bad_fraction=lots", "key 'validate.max_bad_fraction'"),
         ("validate.max_bad_fraction=2.0", "key 'validate.max_bad_fraction'"),
         ("catalog.max_listings=1.5", "key 'catalog.max_listings'"),
