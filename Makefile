@@ -36,7 +36,8 @@ test: $(STAMP) browser ## the test suite (installs Debian's chromium for the bro
 	$(BIN)/python -m pytest
 
 # Debian's chromium and its driver for the search page's browser test, when missing and
-# apt-get works (as root); otherwise that one test skips and says why.
+# apt-get works (as root); otherwise that one test skips and says why (fails with
+# REQUIRE_BROWSER_TEST=1, as CI sets it).
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

@@ -3,6 +3,7 @@ releases that swap (a promotion, a rollback, a broken release) while it serves."
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -374,12 +375,38 @@ def live_url(service):
 SCREENSHOTS = REPO_ROOT / "build" / "screenshots"
 
 
-@pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
-    "chromium-driver; .ci/run installs them where apt-get works)",
-)
-def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(service, live_url):
+REQUIRE_BROWSER = "REQUIRE_BROWSER_TEST"  # "1": a missing browser fails the test (CI)
+
+
+def browser_or_skip(chromium: str | None, driver: str | None, required: bool) -> None:
+    """Skip, saying what is missing; fail instead where the browser test is required."""
+    needed = (("chromium", chromium), ("chromedriver", driver))
+    missing = [name for name, path in needed if not path]
+    if not missing:
+        return
+    why = (
+        f"the browser test needs {' and '.join(missing)} (Debian: apt-get install chromium "
+        "chromium-driver; make test installs them when run as root)"
+    )
+    if required:
+        pytest.fail(f"{REQUIRE_BROWSER}=1 and {why}", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Before the service is built: a skip costs nothing."""
+    browser_or_skip(CHROMIUM, CHROMEDRIVER, os.environ.get(REQUIRE_BROWSER) == "1")
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_missing_browser_skips_unless_required_then_fails_naming_it(required):
+    outcome = pytest.fail.Exception if required else pytest.skip.Exception
+    with pytest.raises(outcome, match="needs chromedriver"):
+        browser_or_skip("/usr/bin/chromium", None, required)
+
+
+def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(browser, service, live_url):
     """Text search, a category chip, "more like this", the back button, an address opened
     directly, and photo search, in Chromium."""
     from selenium import webdriver
