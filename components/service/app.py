@@ -13,7 +13,10 @@ category over the query's top `serve.facet_hits` hits without the filter.
     GET  /metrics                 Prometheus: requests, latency, errors, release served
     GET  /                        the search page (static/)
 
-Bad requests are a 4xx with a message that names the problem, never a 500.
+Bad requests are a 4xx with a message that names the problem, never a 500. Every error
+has one body, `{"detail": "<what is wrong>"}` (`Problem`), request validation's included,
+and the OpenAPI document (/openapi.json) lists each status an endpoint answers with
+(tests/test_openapi.py holds the service to it with schemathesis).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import mimetypes
 import time
 import urllib.parse
 from importlib import resources
+from typing import Annotated
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import FastAPI, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,6 +41,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import BaseModel, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from components.config import ServeConfig
@@ -47,6 +53,32 @@ from components.service.releases import ReleaseKeeper, ServedRelease
 
 STATIC = resources.files("components.service") / "static"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+Category = Annotated[str, StringConstraints(min_length=1)]  # a taxonomy prefix, not blank
+
+
+class Problem(BaseModel):
+    """The body of every error the service answers with."""
+
+    detail: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    release: str | None = None
+    reason: str | None = None
+
+
+def _errors(**described: str) -> dict:
+    """OpenAPI `responses` for error statuses, each with the `Problem` body."""
+    return {
+        int(code[1:]): {"model": Problem, "description": why} for code, why in described.items()
+    }
+
+
+NO_RELEASE = "no release loaded yet"
+BAD_REQUEST = "a parameter out of range, a blank query or an unknown category"
 
 
 class Metrics:
@@ -116,6 +148,14 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         batcher.close()
 
     app = FastAPI(title="Listing search", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        """Request validation's errors in the one error body: each problem as
+        "<where>: <what>", joined."""
+        problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in err.errors()]
+        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
     catalog = keeper.catalog
     bounds = ImageBounds()  # validate's defaults
     budget = DecodeBudget(config.decode_memory_mb << 20)
@@ -157,10 +197,16 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         return out | {"results": results(served, hits)}
 
     k_param = Query(10, ge=1, le=config.max_k, description=f"results, 1..{config.max_k}")
-    photo_param = File(..., description="the photo to search by")
+    photo_param = File(
+        ...,
+        description="the photo to search by: an image file (an empty or undecodable one is "
+        "answered 422)",
+        json_schema_extra={"minLength": 1},
+    )
     category_param = Query(
         None,
-        description="taxonomy prefix the results must fall under (repeatable: any of them)",
+        description="taxonomy prefix the results must fall under (repeatable: any of them); "
+        "a category the served release does not have is answered 422, naming it",
     )
 
     def checked(category: list[str] | None) -> tuple[str, ...]:
@@ -183,11 +229,11 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         except FilterError as err:  # the release changed under the request
             raise HTTPException(422, str(err)) from None
 
-    @app.get("/search")
+    @app.get("/search", responses=_errors(e422=BAD_REQUEST, e503=NO_RELEASE))
     async def search(
         q: str = Query(..., min_length=1, max_length=config.max_query_chars),
         k: int = k_param,
-        category: list[str] | None = category_param,
+        category: list[Category] | None = category_param,
     ) -> dict:
         if not q.strip():
             raise HTTPException(422, "q is blank")
@@ -195,11 +241,20 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         found = await batched(Search(TEXT, q, k, values, config.facet_hits))
         return answer(found.release, found.hits, found.facets, found.category, query=q)
 
-    @app.post("/search/image")
+    @app.post(
+        "/search/image",
+        responses=_errors(
+            e400="a body that is not multipart form data",
+            e413=f"a photo larger than serve.max_upload_mb ({config.max_upload_mb} MB) or than "
+            "the decode budget",
+            e422="a photo that does not decode (an empty or broken upload), or a bad parameter",
+            e503=NO_RELEASE,
+        ),
+    )
     async def search_image(
         photo: UploadFile = photo_param,
         k: int = k_param,
-        category: list[str] | None = category_param,
+        category: list[Category] | None = category_param,
     ) -> dict:
         values = checked(category)
         data = await photo.read(max_upload + 1)
@@ -216,9 +271,16 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         found = await batched(Search(PHOTO, image, k, values, config.facet_hits))
         return answer(found.release, found.hits, found.facets, found.category, photo=name)
 
-    @app.get("/listings/{listing_id}/similar")
+    @app.get(
+        "/listings/{listing_id}/similar",
+        responses=_errors(
+            e404="no such listing in the served release (or it was removed)",
+            e422=BAD_REQUEST,
+            e503=NO_RELEASE,
+        ),
+    )
     def similar(
-        listing_id: str, k: int = k_param, category: list[str] | None = category_param
+        listing_id: str, k: int = k_param, category: list[Category] | None = category_param
     ) -> dict:
         values = checked(category)
         served = release()
@@ -240,11 +302,22 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         hits = [hit for hit in hits[0] if hit[0] != listing_id][:k]
         return answer(served, hits, facets, values, listing_id=listing_id)
 
-    @app.get("/photos/{ref:path}")
-    def photo(ref: str) -> Response:
+    @app.get(
+        "/photos/{ref:path}",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
+            **_errors(
+                e404="no photo of the catalog there: none by that name, not an image, outside "
+                "the catalog's root, or a photo of a removed listing"
+            ),
+        },
+    )
+    def photo(ref: str = Path(description="the photo's path inside the catalog")) -> Response:
+        # whatever is not a photo the catalog serves is, to a client, not there
         media = mimetypes.guess_type(ref)[0] or "application/octet-stream"
         if not media.startswith("image/"):
-            raise HTTPException(400, f"{ref!r} is not an image")
+            raise HTTPException(404, f"{ref!r} is not an image")
         served = keeper.current
         if served is not None and ref in served.removed_photos:
             raise HTTPException(404, f"{ref!r} is a photo of a removed listing")
@@ -252,8 +325,7 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
             location = catalog.resolve_image(ref, [], None)  # relative refs inside the root
             data = read_image_bytes(location, TRUSTED_MAX_BYTES)  # validated already
         except ImageRefError as err:
-            status = 404 if err.code == "image_missing" else 400
-            raise HTTPException(status, f"{err.code}: {err.detail}") from None
+            raise HTTPException(404, f"{err.code}: {err.detail}") from None
         except OSError as err:
             raise HTTPException(404, f"{ref!r}: {err.strerror or err}") from None
         return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=86400"})
@@ -262,14 +334,18 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": NO_RELEASE}},
+    )
     def readyz() -> JSONResponse:
         served = keeper.current
         if served is None:
             return JSONResponse({"ready": False, "reason": keeper.last_error}, status_code=503)
         return JSONResponse({"ready": True, "release": served.version})
 
-    @app.get("/version")
+    @app.get("/version", responses=_errors(e503=NO_RELEASE))
     def version() -> dict:
         served = release()
         metrics_ = served.manifest.get("metrics", {})
@@ -283,8 +359,13 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
             "last_error": keeper.last_error,
         }
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     def prometheus() -> Response:
+        """Prometheus's text exposition format."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
