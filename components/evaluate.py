@@ -24,7 +24,8 @@ and what depends on this machine (the champion in its production store, the cloc
 
 It logs every metric and the figure to an evaluation run nested in the model's training run
 in MLflow. A failed gate raises StepFailed naming each failed gate, after everything is
-written.
+written. A refresh that changed nothing the release serves takes the release's evaluation
+(`_as_recorded`: its metrics and MLflow run) and checks today's gates on it.
 """
 
 from __future__ import annotations
