@@ -57,7 +57,6 @@ from components.io.manifest import (
     Timer,
     describe_files,
     read_manifest,
-    run_summary,
     unchanged_manifest,
     write_manifest,
 )
@@ -84,8 +83,13 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     out = paths.step_dir(STEP.name)
     out.mkdir(parents=True, exist_ok=True)
     inputs = {"embed": embedded["outputs"], "seed": paths.seed}
-    if unchanged_manifest(out, config, inputs, OUTPUTS) is not None:
-        summary = run_summary(out) + " (unchanged: nothing rebuilt)"
+    if (kept := unchanged_manifest(out, config, inputs, OUTPUTS)) is not None:
+        # what this run did: nothing; not the account of the build that made the files
+        summary = (
+            f"index: nothing rebuilt: the embed step's {kept['counts']['vectors']:,} vectors "
+            f"are the ones it indexed last ({config.factory}, "
+            f"{kept['index_bytes'] / 2**20:.1f} MiB)"
+        )
         log.info("%s", summary)
         return IndexResult(out_dir=out, summary=summary)
     verify_embeddings(embed_dir, embedded)

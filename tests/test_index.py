@@ -117,6 +117,7 @@ def test_rebuilding_with_nothing_changed_reuses_the_index(embedded):
     second = index.run(IndexConfig(factory="HNSW32"), embedded)
 
     assert "nothing rebuilt" in second.summary
+    assert "s on CPU" not in second.summary  # not the first build's account of its work
     assert (second.out_dir / contract.INDEX.name).stat().st_mtime_ns == stamp
 
 
