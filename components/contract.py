@@ -70,6 +70,12 @@ IMAGE_CHECKS = Artifact(
     "each image's verdict under its identity (size, mtime or ETag): what a refresh trusts",
     persistent=True,
 )
+LISTING_STATE = Artifact(
+    "validate",
+    "listing_state.parquet",
+    "each clean listing's state: a hash of its row and its images' identities",
+    persistent=True,
+)
 
 # featurize
 VIEWS = Artifact("featurize", "views.parquet", "one row per usable view, its content key")
@@ -219,6 +225,7 @@ _STEPS = (
             QUARANTINED_QUERIES,
             VALIDATION_REPORT,
             IMAGE_CHECKS,
+            LISTING_STATE,
         ),
         reads=(LISTINGS, QUERIES, IMAGES),
     ),

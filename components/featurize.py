@@ -43,6 +43,7 @@ from components.contract import (
     CLEAN_QUERIES,
     FEATURE_STORE,
     IMAGE_KEYS,
+    LISTING_STATE,
     QUERY_FEATURES,
     SKIPPED_VIEWS,
     STEPS,
@@ -51,6 +52,7 @@ from components.contract import (
 from components.core import encoders
 from components.core.shards import Shard, every_shard
 from components.core.views import view_text
+from components.io import listing_state
 from components.io.allocator import keep_freed_memory
 from components.io.atomic import writing
 from components.io.catalog_reader import (
@@ -78,6 +80,7 @@ from components.io.manifest import (
     write_manifest,
 )
 from components.io.parquet_rows import RowReader
+from components.io.view_reuse import IndexWriter, PreviousViews
 
 STEP = STEPS["featurize"]
 SHARDS = "shards"  # <featurize>/shards/I-of-N/: one shard's files until they are gathered
@@ -106,8 +109,9 @@ SKIPPED_SCHEMA = pa.schema(
 log = logging.getLogger(__name__)
 
 
-# counts that depend on what the feature store already held: run.json, not the manifest
-ENCODED = ("images_encoded", "texts_encoded", "encode_seconds")
+# counts that depend on what earlier runs left (the feature store, the previous views):
+# run.json, not the manifest
+ENCODED = ("images_encoded", "texts_encoded", "encode_seconds", "listings_reused")
 READS = tuple(ReadCounter().as_dict())  # what was read from the catalog: run.json too
 KEYS = fingerprint(content_key="sha256 of the bytes")  # what the recorded keys are
 
@@ -120,6 +124,7 @@ class Counts:
     texts_encoded: int = 0
     skipped: int = 0
     encode_seconds: float = 0.0
+    listings_reused: int = 0  # views taken whole from the previous run (view_reuse.py)
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -171,17 +176,23 @@ def run(config: FeaturizeConfig, paths: StepPaths, shard: Shard | None = None) -
     featurizer = _Featurizer(
         config, root, image_encoder, text_encoder, image_store, text_store, counts, records
     )
-    featurizer.listings(paths.path(CLEAN), out, shard)
+    reuse = _reuse_fingerprint(config)
+    states, previous = _states(paths, validated), None
+    if records.trusted:  # verify_content: every listing is worked on in full
+        previous = PreviousViews.open(out, reuse, image_store.files() | text_store.files())
+    index = featurizer.listings(paths.path(CLEAN), out, shard, states, previous)
     records.save(out / IMAGE_KEYS.name)  # a shard's: gathered with its files
     query_count = 0
     if shard is None or shard.index == 0:
         query_count = featurizer.queries(paths.path(CLEAN_QUERIES), out)
     image_store.flush()
     text_store.flush()
+    index.write(out, reuse, image_store.files() | text_store.files())
     reads = featurizer.reads
     summary = _summary(counts, query_count, device, shard) + (
         f"; {reads.images_opened} images read ({reads.bytes_read / 2**20:.1f} MiB), "
-        f"{reads.images_trusted} unchanged since read"
+        f"{reads.images_trusted} unchanged since read; {counts.listings_reused} listings "
+        "unchanged since featurized"
     )
     names = OUTPUTS if shard is None or shard.index == 0 else (VIEWS.name, SKIPPED_VIEWS.name)
     _record(
@@ -203,6 +214,20 @@ def run(config: FeaturizeConfig, paths: StepPaths, shard: Shard | None = None) -
     )
     log.info("%s", summary)
     return FeaturizeResult(out_dir=out, counts=counts.__dict__, summary=summary)
+
+
+def _reuse_fingerprint(config: FeaturizeConfig) -> str:
+    """What a listing's views depend on besides its state: the params and this code."""
+    return fingerprint(version=1, params=config.model_dump(mode="json"), keys=KEYS)
+
+
+def _states(paths: StepPaths, validated: dict) -> pa.Table | None:
+    """Validate's state of each clean listing, when written for today's clean rows."""
+    clean_sha256 = validated["outputs"][CLEAN.name]["sha256"]
+    states = listing_state.read(paths.path(LISTING_STATE), clean_sha256)
+    if states is None:
+        log.info("featurize: no listing states for these clean rows: every listing is featurized")
+    return states
 
 
 def _record(
@@ -417,16 +442,27 @@ class _Featurizer:
         self.progress: tqdm | None = None  # counts images while listings() runs
         self.decode_budget = DecodeBudget(config.decode_memory_mb << 20)
 
-    def listings(self, clean_path: Path, out: Path, shard: Shard | None = None) -> None:
+    def listings(
+        self,
+        clean_path: Path,
+        out: Path,
+        shard: Shard | None = None,
+        states: pa.Table | None = None,
+        previous: PreviousViews | None = None,
+    ) -> IndexWriter:
         """Every clean listing's views (a shard's listings only); a shard also writes how
-        many views and skipped rows each chunk of clean listings gave it."""
+        many views and skipped rows each chunk of clean listings gave it. A listing whose
+        state (`states`, validate's, in clean order) is the one `previous` recorded takes
+        its rows from there. Returns where each listing's rows were written."""
         parquet = pq.ParquetFile(clean_path)
         columns = ["listing_id", "image_uris", *self.config.text_views]
-        total_images = sum(
-            pc.sum(pc.list_value_length(_owned(batch, shard).column(1))).as_py() or 0
-            for batch in parquet.iter_batches(columns=["listing_id", "image_uris"])
-        )
+        matched = np.full(parquet.metadata.num_rows, -1, np.int64)
+        if states is not None and previous is not None:
+            matched = previous.match(states.column("listing_id"), states.column("state"))
+        total_images = self._focus(parquet, shard, matched)
         chunk_rows = []
+        index = IndexWriter()
+        carried: list[pa.ChunkedArray] = []
         # images dominate the cost: the bar counts them, so its rate is images/s
         self.progress = tqdm(
             total=total_images, desc="featurize: images", unit="img", mininterval=2
@@ -438,21 +474,84 @@ class _Featurizer:
             pq.ParquetWriter(skipped_path, SKIPPED_SCHEMA) as skipped,
             ThreadPoolExecutor(self.config.workers) as pool,
         ):
+            start = 0
             for batch in parquet.iter_batches(self.config.listings_per_chunk, columns=columns):
-                rows = _owned(batch, shard).to_pylist()
-                text_rows = self._text_views(rows)
-                image_rows, bad = self._image_views(rows, pool)
-                views.write_table(pa.Table.from_pylist(text_rows + image_rows, schema=VIEWS_SCHEMA))
+                owned = _owned_mask(batch, shard)
+                batch, rows = batch.filter(owned), np.flatnonzero(owned) + start
+                start += len(owned)
+                found = self._chunk(batch, matched[rows], previous, pool)
+                table, *counts, bad, reused_refs = found
+                views.write_table(table)
                 skipped.write_table(pa.Table.from_pylist(bad, schema=SKIPPED_SCHEMA))
-                chunk_rows.append({"views": len(text_rows) + len(image_rows), "skipped": len(bad)})
+                chunk_rows.append({"views": table.num_rows, "skipped": len(bad)})
+                carried.append(reused_refs)
+                if states is not None:
+                    state = states.column("state").take(pa.array(rows))
+                    index.add(batch.column(0), _without_skipped(state, batch, bad), *counts)
                 # what a chunk encoded is kept even if the run dies before the next one
                 self.image_store.flush()
                 self.text_store.flush()
         self.progress.close()
+        if carried:
+            self.records.carry(pa.chunked_array(carried, pa.string()).combine_chunks())
         if shard is not None:
             schema = pa.schema([("views", pa.int64()), ("skipped", pa.int64())])
             with writing(out / CHUNK_ROWS) as tmp:
                 pq.write_table(pa.Table.from_pylist(chunk_rows, schema=schema), tmp)
+        return index
+
+    def _focus(self, parquet: pq.ParquetFile, shard: Shard | None, matched: np.ndarray) -> int:
+        """Load the image records of the listings to work on (`matched` -1, of `shard`);
+        returns how many images the listings of `shard` have."""
+        total, start, refs = 0, 0, []
+        for batch in parquet.iter_batches(columns=["listing_id", "image_uris"]):
+            owned = _owned_mask(batch, shard)
+            uris = batch.column(1)
+            total += pc.sum(pc.list_value_length(uris.filter(owned))).as_py() or 0
+            fresh = owned & (matched[start : start + len(owned)] < 0)
+            start += len(owned)
+            refs += pc.list_flatten(uris.filter(fresh)).to_pylist()
+        self.records.focus(refs)
+        return total
+
+    def _chunk(self, batch: pa.RecordBatch, matched: np.ndarray, previous, pool):
+        """One chunk's views in the order they are written (text rows, then image rows,
+        each in the listings' order), each listing's number of text and image rows, the
+        views skipped and the image references of the listings taken whole."""
+        fresh, reused = np.flatnonzero(matched < 0), np.flatnonzero(matched >= 0)
+        rows = batch.take(pa.array(fresh, pa.int64())).to_pylist() if len(fresh) else []
+        text_rows = self._text_views(rows)
+        image_rows, bad = self._image_views(rows, pool)
+        ids = batch.column(0)
+        parts = {}
+        for modality, made in (("text", text_rows), ("image", image_rows)):
+            made = pa.Table.from_pylist(made, schema=VIEWS_SCHEMA)
+            parts[modality] = (
+                made,
+                pc.index_in(made.column("listing_id"), value_set=ids).to_numpy(),
+            )
+        reused_refs = pa.array([], pa.string())
+        if len(reused):
+            text, text_n, image, image_n = previous.rows(matched[reused])
+            for modality, taken, counts in (("text", text, text_n), ("image", image, image_n)):
+                made, where = parts[modality]
+                parts[modality] = (
+                    pa.concat_tables([made, taken.cast(VIEWS_SCHEMA)]),
+                    np.concatenate([where, np.repeat(reused, counts)]),
+                )
+            self.counts.listings_reused += len(reused)
+            self.counts.text_views += text.num_rows
+            self.counts.image_views += image.num_rows
+            self.reads.trusted(image.num_rows)
+            self.progress.update(image.num_rows)
+            reused_refs = image.column("ref").combine_chunks()
+        ordered, counts = [], []
+        for modality in ("text", "image"):
+            table, where = parts[modality]
+            order = np.argsort(where, kind="stable")
+            ordered.append(table.take(pa.array(order, pa.int64())))
+            counts.append(np.bincount(where.astype(np.int64), minlength=len(ids)))
+        return pa.concat_tables(ordered), counts[0], counts[1], bad, reused_refs
 
     def queries(self, queries_path: Path, out: Path) -> int:
         if not queries_path.is_file():
@@ -613,11 +712,21 @@ class _Featurizer:
         return vectors
 
 
-def _owned(batch: pa.RecordBatch, shard: Shard | None) -> pa.RecordBatch:
-    """The rows of `batch` (first column: listing_id) in `shard` (all when None)."""
+def _without_skipped(state: pa.ChunkedArray, batch: pa.RecordBatch, bad: list[dict]):
+    """`state` with no state for the listings of `bad`: they are worked on again next time."""
+    if not bad:
+        return state.combine_chunks()
+    lost = pa.array(sorted({row["listing_id"] for row in bad}), pa.string())
+    return pc.if_else(
+        pc.is_in(batch.column(0), value_set=lost), pa.scalar(None, state.type), state
+    ).combine_chunks()
+
+
+def _owned_mask(batch: pa.RecordBatch, shard: Shard | None) -> np.ndarray:
+    """Which rows of `batch` (first column: listing_id) are `shard`'s (all when None)."""
     if shard is None:
-        return batch
-    return batch.filter(pa.array([shard.owns(i) for i in batch.column(0).to_pylist()]))
+        return np.ones(batch.num_rows, bool)
+    return np.array([shard.owns(i) for i in batch.column(0).to_pylist()], bool)
 
 
 def _summary(counts: Counts, queries: int, device, shard: Shard | None = None) -> str:

@@ -29,6 +29,7 @@ from components.contract import (
     CLEAN_QUERIES,
     HELD_OUT_MIN_PHOTOS,
     IMAGE_CHECKS,
+    LISTING_STATE,
     LISTINGS,
     QUARANTINE,
     QUARANTINED_QUERIES,
@@ -37,7 +38,7 @@ from components.contract import (
     VALIDATION_REPORT,
 )
 from components.errors import StepFailed
-from components.io import atomic, expectations
+from components.io import atomic, expectations, listing_state
 from components.io.catalog_reader import (
     CatalogRoot,
     read_image_bytes,
@@ -51,7 +52,8 @@ from components.io.image_identity import (
     fingerprint,
 )
 from components.io.images import DecodeBudget, ImageBounds, ImageRefError, verify_image
-from components.io.manifest import Timer, describe_files, write_manifest
+from components.io.listing_state import image_identities
+from components.io.manifest import Timer, describe_files, sha256_file, write_manifest
 
 STEP = STEPS["validate"]
 EXAMPLES_PER_REASON = 3
@@ -86,11 +88,12 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     records = ImageRecords(
         out / IMAGE_CHECKS.name, image_rules(config), trusted=not config.verify_content
     )
-    reads = image_issues(listings, root, config, issues, records)
+    reads, identities = image_issues(listings, root, config, issues, records)
     records.save()
     clean, quarantine = split_rows(listings, issues)
     atomic.write_table(clean, out / CLEAN.name)
     atomic.write_table(quarantine, out / QUARANTINE.name)
+    _write_states(listings, identities, issues, out)
     queries_report = _write_queries(root, clean, out)
     report = build_report(listings, issues, config, queries_report)
     atomic.write_text(
@@ -119,6 +122,15 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     if (missing := too_little(report, clean, root, config)) is not None:
         raise StepFailed(missing)
     return ValidateResult(out_dir=out, report=report, summary=summary)
+
+
+def _write_states(listings: pa.Table, identities: pa.Array, issues: Issues, out: Path) -> None:
+    """Each clean listing's state (components/io/listing_state.py), for featurize to reuse
+    the views of a listing that did not change."""
+    clean = pa.array([not found for found in issues], pa.bool_())
+    found = listing_state.states(listings, identities).filter(clean)
+    ids = listings.column("listing_id").filter(clean).cast(pa.string()).combine_chunks()
+    listing_state.write(out / LISTING_STATE.name, ids, found, sha256_file(out / CLEAN.name))
 
 
 def too_little(report: dict, clean: pa.Table, root: CatalogRoot, config: ValidateConfig):
@@ -166,10 +178,11 @@ def image_issues(
     config: ValidateConfig,
     issues: Issues,
     records: ImageRecords | None = None,
-) -> ReadCounter:
+) -> tuple[ReadCounter, pa.Array]:
     """Judge every image of every row whose image_uris is a list of strings: its header
     against the bounds, then a full decode within the shared decode budget (an image
-    `records` vouches for: its recorded verdict). Returns what was read."""
+    `records` vouches for: its recorded verdict). Returns what was read, and each row's
+    image identities (`listing_state.image_identities`)."""
     uris = listings.column("image_uris").to_pylist()
     rows = [
         row
@@ -177,12 +190,12 @@ def image_issues(
         if expectations.type_name(value) == expectations.STRING_LIST and value
     ]
     checker = ImageChecker(root, config, records)
-    to_check = []  # rows with an image to read or resolve: to the worker threads
-    for row in tqdm(rows, desc="validate: images", unit="listing", mininterval=2):
-        if (found := checker.recorded_listing(uris[row])) is None:
-            to_check.append(row)
-        else:
-            issues[row].extend(found)
+    refs = [ref for row in rows for ref in uris[row]]
+    identities = checker.identities.of_refs(refs, checker.resolve)
+    counts = [len(uris[row]) for row in rows]
+    to_check = checker.recorded(rows, counts, refs, identities, issues)
+    if records is not None:
+        records.focus([ref for row in to_check for ref in uris[row]])
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
         checked = pool.map(lambda row: checker.listing(uris[row]), to_check)
         for row, found in tqdm(
@@ -193,7 +206,7 @@ def image_issues(
             mininterval=2,
         ):
             issues[row].extend(found)
-    return checker.reads
+    return checker.reads, image_identities(len(uris), rows, counts, identities)
 
 
 def image_rules(config: ValidateConfig) -> str:
@@ -230,26 +243,37 @@ class ImageChecker:
         self.identities = Identities(root)
         self.reads = reads or ReadCounter()
 
-    def recorded_listing(self, refs: list[str]) -> list[tuple] | None:
-        """All problems with one listing's images from their recorded verdicts, when every
-        image's identity is the one recorded (found by reference alone: no image opened,
-        no path resolved, `Identities.of_refs`); None when one needs `listing`."""
+    def recorded(
+        self,
+        rows: list[int],
+        counts: list[int],
+        refs: list[str],
+        identities: list[str | None],
+        issues: Issues,
+    ) -> list[int]:
+        """Add to `issues` the recorded verdicts of each of `rows` (holding `counts`
+        images, whose references and identities follow one another in `refs` and
+        `identities`) whose every image kept its identity: no image opened, no path
+        resolved. Returns the rows left, whose images `listing` must check."""
         if self.records is None or not self.records.trusted:
-            return None
-        identities = self.identities.of_refs(refs, self._resolve)
-        verdicts = self.records.lookup(refs, identities)
-        if None in verdicts:
-            return None
-        self.records.keep(refs, identities, verdicts)  # still today's: keep them
-        self.reads.trusted(len(refs))
-        found = []
-        for index, verdict in enumerate(verdicts):
-            if verdict:
-                code, detail = json.loads(verdict)
-                found.append((code, f"image_uris[{index}]: {detail}"))
-        return found
+            return list(rows)
+        verdicts = self.records.lookup_all(refs, identities)
+        left, start, trusted = [], 0, 0
+        for row, count in zip(rows, counts, strict=True):
+            mine = verdicts[start : start + count]
+            start += count
+            if None in mine:
+                left.append(row)
+                continue
+            trusted += count
+            for index, verdict in enumerate(mine):
+                if verdict:
+                    code, detail = json.loads(verdict)
+                    issues[row].append((code, f"image_uris[{index}]: {detail}"))
+        self.reads.trusted(trusted)
+        return left
 
-    def _resolve(self, ref: str):
+    def resolve(self, ref: str):
         return self.root.resolve_image(
             ref, self.config.allowed_schemes, self.config.allowed_buckets
         )
@@ -268,7 +292,7 @@ class ImageChecker:
     def image(self, ref: str) -> None:
         """Raise ImageRefError if one image reference is not a usable image."""
         config = self.config
-        location = self._resolve(ref)
+        location = self.resolve(ref)
         identity = self.identities.of(location) if self.records is not None else None
         if (known := self._recorded(location, identity)) is not None:
             self.reads.trusted()

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -174,6 +175,104 @@ def test_featurize_rehashes_everything_when_validate_verified_content(catalog):
 
     assert _reads(paths, "featurize")["images_opened"] == 3
     assert require_run(paths.step_dir("featurize"))["images_encoded"] == 1  # the new c
+
+
+def _featurized(paths: StepPaths) -> tuple[int, bytes, list[dict]]:
+    """Listings the last featurize took whole, its views file and its rows."""
+    out = paths.step_dir("featurize")
+    views = out / "views.parquet"
+    return require_run(out)["listings_reused"], views.read_bytes(), pq.read_table(views).to_pylist()
+
+
+def _retitle(root: Path, listing_id: str, title: str) -> None:
+    table = pq.read_table(root / "listings.parquet")
+    rows = table.to_pylist()
+    for row in rows:
+        if row["listing_id"] == listing_id:
+            row["title"] = title
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), root / "listings.parquet")
+
+
+def test_featurize_takes_unchanged_listings_whole_and_writes_what_a_full_run_writes(catalog):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+    featurize.run(FEATURIZE, paths)
+    assert _featurized(paths)[0] == 0  # nothing to take yet
+    featurize.run(FEATURIZE, paths)
+    assert _featurized(paths)[0] == 3  # the clean listings, untouched
+
+    _retitle(root, "a", "A new title")  # a row changed
+    _rewrite(root / "images" / "b.png", png_bytes((40, 40), (9, 9, 9)), keep_identity=False)
+    validate.run(TRUSTING, paths)
+    featurize.run(FEATURIZE, paths)
+    reused, data, rows = _featurized(paths)
+    assert reused == 1  # c alone
+    assert {"listing_id": "a", "view": "title", "ref": "A new title"}.items() <= {
+        k: v for r in rows if r["listing_id"] == "a" and r["view"] == "title" for k, v in r.items()
+    }.items()
+
+    (paths.step_dir("featurize") / "views_index.parquet").unlink()  # nothing to take from
+    featurize.run(FEATURIZE, paths)
+    assert _featurized(paths)[:2] == (0, data)  # byte for byte what the full run writes
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["views file replaced", "other params", "store file gone"],
+)
+def test_previous_views_are_not_taken_when_they_cannot_be_trusted(catalog, change):
+    _, paths = catalog
+    validate.run(TRUSTING, paths)
+    featurize.run(FEATURIZE, paths)
+    out = paths.step_dir("featurize")
+    config = FEATURIZE
+    if change == "views file replaced":
+        table = pq.read_table(out / "views.parquet")
+        pq.write_table(table.slice(1), out / "views.parquet")  # a row lost: not the indexed one
+    elif change == "other params":
+        config = FEATURIZE.model_copy(update={"text_views": ["title", "tags"]})
+    else:
+        for vectors in (out / "store").rglob("*.npy"):
+            vectors.unlink()
+
+    featurize.run(config, paths)
+
+    reused, _, rows = _featurized(paths)
+    assert reused == 0
+    assert {r["listing_id"] for r in rows} == {"a", "b", "c"}
+    if change == "other params":
+        assert {r["view"] for r in rows if r["modality"] == "text"} == {"title", "tags"}
+
+
+def test_listing_states_written_for_other_clean_rows_are_not_used(catalog):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+    featurize.run(FEATURIZE, paths)
+    states = paths.step_dir("validate") / "listing_state.parquet"
+    old = states.read_bytes()
+    _retitle(root, "a", "A new title")
+    validate.run(TRUSTING, paths)
+    states.write_bytes(old)  # left from the run before (say, a write that never finished)
+
+    featurize.run(FEATURIZE, paths)
+
+    reused, _, rows = _featurized(paths)
+    assert reused == 0
+    assert ("a", "A new title") in {(r["listing_id"], r["ref"]) for r in rows}
+
+
+def test_a_listing_with_a_skipped_view_is_worked_on_again(catalog):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+    (root / "images" / "c.png").unlink()  # gone after validation: featurize skips it
+    featurize.run(FEATURIZE, paths)
+    (root / "images" / "c.png").write_bytes(png_bytes((40, 40), (0, 0, 250)))
+
+    featurize.run(FEATURIZE, paths)
+
+    reused, _, rows = _featurized(paths)
+    assert reused == 2  # a and b; c was tried again and its image found
+    assert ("c", "image") in {(r["listing_id"], r["modality"]) for r in rows}
 
 
 def _upload(root: Path, bucket: str, prefix: str) -> None:

@@ -89,6 +89,10 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self._where)
 
+    def files(self) -> set[str]:
+        """The shards committed so far, as `<encoder id>/<shard>`."""
+        return {f"{self.dir.name}/{shard}" for shard in self._digests}
+
     def add(self, keys: list[str], vectors: np.ndarray) -> None:
         """Buffer new vectors; write a shard whenever `shard_rows` are buffered."""
         if vectors.ndim != 2 or vectors.shape != (len(keys), self.dim):

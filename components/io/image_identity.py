@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.io import atomic
@@ -157,22 +158,66 @@ class ImageRecords:
     times, or a workdir moved, keeps its records. Values recorded under another `fingerprint` (other
     rules, another version of this code) are not used.
 
+    The previous file stays an Arrow table: `lookup_all` matches millions of references
+    in one join, `focus` loads the few a run checks one by one (`get`), `carry` keeps the
+    records of references a run took whole from its previous output. `save` writes what
+    this run found, trusted or carried: the images of today's catalog only.
+
     `trusted=False` (verify_content): nothing recorded is used, every image is read, and
     what it finds is recorded for the next run."""
 
     path: Path
     fingerprint: str
     trusted: bool = True
+    _table: pa.Table | None = None  # the previous run's records, when usable
     _known: dict[str, tuple[str, str]] = field(default_factory=dict)
     _found: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _carried: list[pa.Table] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if self.trusted and self.path.is_file():
-            self._known = read_records(self.path, self.fingerprint)
+            self._table = read_record_table(self.path, self.fingerprint)
+
+    def focus(self, refs: list[str]) -> None:
+        """Make what was recorded for `refs` available to `get`, `get_ref` and `lookup`."""
+        if self._table is None or not refs:
+            return
+        wanted = pa.array(refs, pa.string())
+        hit = self._table.filter(pc.is_in(self._table.column("location"), value_set=wanted))
+        self._known.update(_entries(hit))
+
+    def lookup_all(self, refs: list[str], identities: list[str | None]) -> list[str | None]:
+        """The value recorded for each reference whose identity is still the recorded one
+        (None: not recorded, or moved), in one join; every match is kept for `save`."""
+        values: list[str | None] = [None] * len(refs)
+        if self._table is None or not refs:
+            return values
+        current = pa.table(
+            {
+                "location": pa.array(refs, pa.string()),
+                "identity": pa.array(identities, pa.string()),
+                "at": pa.array(range(len(refs)), pa.int64()),
+            }
+        )
+        matched = current.join(self._table, keys=["location", "identity"], join_type="inner")
+        for at, value in zip(
+            matched.column("at").to_pylist(), matched.column("value").to_pylist(), strict=True
+        ):
+            values[at] = value
+        self._carried.append(matched.select(SCHEMA.names))
+        return values
+
+    def carry(self, refs: pa.Array) -> None:
+        """Keep the previous records of `refs` (images of listings a run took whole from
+        its previous output, their identities unmoved) for `save`."""
+        if self._table is not None and len(refs):
+            keep = pc.is_in(self._table.column("location"), value_set=refs)
+            self._carried.append(self._table.filter(keep))
 
     def get(self, location: ImageLocation, identity: str | None) -> str | None:
-        """The value recorded for `location` if its identity is still `identity`."""
+        """The value recorded for `location` if its identity is still `identity` (after
+        `focus` on its reference)."""
         return self.get_ref(location.ref, identity)
 
     def get_ref(self, ref: str, identity: str | None) -> str | None:
@@ -208,37 +253,68 @@ class ImageRecords:
                 self._found[ref] = (identity, value)
 
     def save(self, path: Path | None = None) -> int:
-        """Write what this run found or trusted (the images of today's catalog only, so
-        the file follows the catalog's size); returns the rows written."""
-        write_records(path or self.path, self._found, self.fingerprint)
-        return len(self._found)
+        """Write what this run found, trusted or carried (the images of today's catalog
+        only, so the file follows the catalog's size); returns the rows written."""
+        # what this run found first: of two rows for one reference, the first is kept
+        table = pa.concat_tables([_as_table(self._found), *self._carried])
+        return write_record_table(path or self.path, table, self.fingerprint)
 
 
-def read_records(path: Path, fingerprint: str) -> dict[str, tuple[str, str]]:
+def _entries(table: pa.Table) -> dict[str, tuple[str, str]]:
+    return dict(
+        zip(
+            table.column("location").to_pylist(),
+            zip(
+                table.column("identity").to_pylist(),
+                table.column("value").to_pylist(),
+                strict=True,
+            ),
+            strict=True,
+        )
+    )
+
+
+def _as_table(found: dict[str, tuple[str, str]]) -> pa.Table:
+    return pa.table(
+        {
+            "location": pa.array(list(found), pa.string()),
+            "identity": pa.array([entry[0] for entry in found.values()], pa.string()),
+            "value": pa.array([entry[1] for entry in found.values()], pa.string()),
+        },
+        schema=SCHEMA,
+    )
+
+
+def read_record_table(path: Path, fingerprint: str) -> pa.Table | None:
+    """The records in `path`, or None when they were recorded under other rules."""
     table = pq.read_table(path)
     recorded = (table.schema.metadata or {}).get(FINGERPRINT, b"").decode()
     if recorded != fingerprint:
         log.info("%s was recorded under other rules: every image is read again", path)
-        return {}
-    return {
-        location: (identity, value)
-        for location, identity, value in zip(
-            *(table.column(name).to_pylist() for name in SCHEMA.names), strict=True
-        )
-    }
+        return None
+    return table.select(SCHEMA.names)
+
+
+def read_records(path: Path, fingerprint: str) -> dict[str, tuple[str, str]]:
+    table = read_record_table(path, fingerprint)
+    return {} if table is None else _entries(table)
 
 
 def write_records(path: Path, found: dict[str, tuple[str, str]], fingerprint: str) -> None:
-    locations = sorted(found)
-    table = pa.table(
-        {
-            "location": locations,
-            "identity": [found[loc][0] for loc in locations],
-            "value": [found[loc][1] for loc in locations],
-        },
-        schema=SCHEMA.with_metadata({FINGERPRINT: fingerprint.encode()}),
-    )
-    atomic.write_table(table, path)
+    write_record_table(path, _as_table(found), fingerprint)
+
+
+def write_record_table(path: Path, table: pa.Table, fingerprint: str) -> int:
+    """Rows sorted by location, one per location (the first given): the same records give
+    the same file. Returns the rows written."""
+    table = table.cast(SCHEMA).sort_by("location")  # a stable sort
+    locations = table.column("location").combine_chunks()
+    if len(locations) > 1:
+        repeated = pc.equal(locations.slice(1), locations.slice(0, len(locations) - 1))
+        first = pa.concat_arrays([pa.array([True]), pc.invert(repeated)])
+        table = table.filter(first)
+    atomic.write_table(table.replace_schema_metadata({FINGERPRINT: fingerprint.encode()}), path)
+    return table.num_rows
 
 
 def fingerprint(**rules) -> str:
