@@ -100,7 +100,7 @@ def change_catalog(catalog: Path, seed: int = 0) -> dict[str, int]:
             image = ImageOps.mirror(image)
         else:  # new content: another colouring of the drawing
             image = Image.merge("RGB", image.split()[::-1])
-        name = f"images/fresh/{n}-{how}.png"
+        name = f"images/fresh/{seed}-{n}-{how}.png"  # a later change adds, never rewrites
         image.save(catalog / name)
         return name
 

@@ -65,7 +65,7 @@ from components.contract import (
 )
 from components.core.encoders import pick_device
 from components.core.shards import Shard, every_shard
-from components.core.views import GroupedViews, fingerprints, subset
+from components.core.views import GroupedViews, fingerprints, group_views, subset
 from components.io import atomic
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import ID_SCHEMA, KEPT, PART, AppendedParts, ChunkParts
@@ -82,6 +82,7 @@ from components.io.manifest import (
     write_manifest,
 )
 from components.io.parquet_rows import RowReader
+from components.io.view_prints import listing_fingerprints
 from components.release import base_release, production, registry, tombstones
 from components.release.base_release import (
     ADDED,
@@ -355,28 +356,25 @@ def _write(
     progress = tqdm(desc="embed: listings", unit="listing", mininterval=2)
     schema = ID_SCHEMA if shard is None else ID_SCHEMA.append(pa.field("part", pa.int64()))
     with _writer(out, schema, config, shard, reusable) as written:
-        for part, grouped in enumerate(embedder.chunks(held_out, shard)):
-            chunk = _without(grouped, removed, embedder.left_out)
-            ids = {"listing_id": chunk.listing_ids, "fingerprint": fingerprints(chunk)}
-            if shard is not None:
-                ids["part"] = [part] * len(chunk.listing_ids)
-            ids = pa.table(ids, schema=schema)
-            if reusable is None:
+        if reusable is None:
+            for part, grouped in enumerate(embedder.chunks(held_out, shard)):
+                chunk = _without(grouped, removed, embedder.left_out)
+                ids = _ids(chunk.listing_ids, fingerprints(chunk), part, schema)
                 written.add(part, ids, embedder.embed(chunk, config.batch_size))
-            else:
-                found, stored = reusable.lookup(chunk.listing_ids, ids["fingerprint"].to_pylist())
-                fresh = np.flatnonzero(stored < 0)
-                vectors = (
-                    embedder.embed(subset(chunk, fresh.tolist()), config.batch_size)
-                    if len(fresh)
-                    else np.zeros((0, reusable.embeddings.dim), np.float32)
+                total += len(chunk.listing_ids)
+                progress.update(len(chunk.listing_ids))
+        else:
+            for part, table in enumerate(embedder.tables(shard)):
+                ids, found, stored, vectors = _refresh_chunk(
+                    embedder, table, held_out, config.batch_size, reusable, removed
                 )
-                written.add(part, ids.take(fresh), vectors)
+                ids = _ids(*ids, part, schema)
+                written.add(part, ids.filter(pa.array(stored < 0)), vectors)
                 written.keep(stored[stored >= 0])
                 for status in found:
                     statuses[status] += 1
-            total += len(chunk.listing_ids)
-            progress.update(len(chunk.listing_ids))
+                total += ids.num_rows
+                progress.update(ids.num_rows)
     rate = progress.format_dict["n"] / max(progress.format_dict["elapsed"], 1e-9)
     progress.close()
     counts = {"listings": total, "held_out_views": len(held_out)}
@@ -387,6 +385,50 @@ def _write(
     if isinstance(written, AppendedParts):
         counts["compacted"] = written.compacted
     return counts, rate
+
+
+def _refresh_chunk(embedder, table: pa.Table, held_out, batch_size: int, reusable, removed):
+    """One chunk of a refresh: every listing fingerprinted in Arrow, looked up in the
+    release, only the new and changed ones grouped and embedded. Returns the listings and
+    their fingerprints, each one's status and stored row in the release (-1: embedded
+    now) and the new vectors."""
+    listing_ids, prints, left_out = listing_fingerprints(table, held_out)
+    embedder.left_out.update(left_out)
+    listing_ids, prints = _not_removed(listing_ids, prints, removed, embedder.left_out)
+    statuses, stored = reusable.lookup(listing_ids, prints)
+    fresh = [listing_ids[i] for i in np.flatnonzero(stored < 0)]
+    vectors = np.zeros((0, reusable.embeddings.dim), np.float32)
+    if fresh:
+        vectors = embedder.embed(_grouped(table, fresh, held_out), batch_size)
+    return (listing_ids, prints), statuses, stored, vectors
+
+
+def _ids(listing_ids: list[str], prints: list[str], part: int, schema: pa.Schema) -> pa.Table:
+    """The id rows of one chunk (a shard's: with the part of each)."""
+    ids = {"listing_id": listing_ids, "fingerprint": prints}
+    if "part" in schema.names:
+        ids["part"] = [part] * len(listing_ids)
+    return pa.table(ids, schema=schema)
+
+
+def _grouped(table: pa.Table, listing_ids: list[str], held_out) -> GroupedViews:
+    """The views of `listing_ids` (rows of `table`), grouped, in that order."""
+    wanted = pc.is_in(table.column("listing_id"), value_set=pa.array(listing_ids, pa.string()))
+    chunk = group_views(table.filter(wanted).to_pylist(), held_out)
+    if chunk.listing_ids != listing_ids:  # the Arrow fingerprints and the grouping disagree
+        raise RuntimeError(
+            f"embed: grouped {len(chunk.listing_ids)} of {len(listing_ids)} listings"
+        )
+    return chunk
+
+
+def _not_removed(listing_ids: list[str], prints: list[str], removed, left_out: dict):
+    """The listings and fingerprints but the removed ones, which go to `left_out`."""
+    if not removed:
+        return listing_ids, prints
+    kept = [i for i, listing_id in enumerate(listing_ids) if listing_id not in removed]
+    left_out.update({lid: REMOVED for lid in listing_ids if lid in removed})
+    return [listing_ids[i] for i in kept], [prints[i] for i in kept]
 
 
 def _writer(out: Path, schema, config: EmbedConfig, shard: Shard | None, reusable):

@@ -74,20 +74,30 @@ class ListingEmbedder:
         listings per group), those of `shard` only if given, those in `only` if given
         (picked out by Arrow before any row becomes a Python object); a listing without a
         usable view of each modality goes to `left_out`."""
-        parquet = pq.ParquetFile(self.views_path)
-        seen = IdSet()  # 8 bytes per listing, not a Python string: catalogs of 10^8 fit
         wanted = None if only is None else pa.array(sorted(only), pa.string())
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group)
+        for table in self.tables(shard):
             if wanted is not None:
                 table = table.filter(pc.is_in(table["listing_id"], value_set=wanted))
-            rows = table.to_pylist()
-            if shard is not None:
-                rows = [row for row in rows if shard.owns(row["listing_id"])]
-            chunk = group_views(rows, held_out)
+            chunk = group_views(table.to_pylist(), held_out)
             self.left_out.update(chunk.left_out)
-            seen.add(chunk.listing_ids)
             yield chunk
+
+    def tables(self, shard: Shard | None = None) -> Iterator[pa.Table]:
+        """The view rows of each row group of views.parquet (of `shard`'s listings only, if
+        given), every listing's in one group.
+
+        Raises:
+            ValueError: a listing has views in two row groups (a views file not written
+                by featurize)."""
+        parquet = pq.ParquetFile(self.views_path)
+        seen = IdSet()  # 8 bytes per listing, not a Python string: catalogs of 10^8 fit
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group)
+            if shard is not None:
+                ids = table.column("listing_id").to_pylist()
+                table = table.filter(pa.array([shard.owns(i) for i in ids], pa.bool_()))
+            seen.add(pc.unique(table.column("listing_id")).to_pylist())
+            yield table
         if (repeated := seen.first_repeated()) is not None:
             raise ValueError(
                 f"{self.views_path}: a listing has views in more than one row group (id hash "
