@@ -87,6 +87,12 @@ IMAGE_KEYS = Artifact(
     "each image's content key under its identity: what a refresh trusts",
     persistent=True,
 )
+VIEWS_INDEX = Artifact(
+    "featurize",
+    "views_index.parquet",
+    "each listing's state and where its rows are in views.parquet: what a refresh takes whole",
+    persistent=True,
+)
 FEATURE_STORE = Artifact(
     "featurize", "store", "feature vectors by content key, per encoder", True, True
 )
@@ -232,7 +238,7 @@ _STEPS = (
     Step(
         "featurize",
         "encode every view and query with frozen encoders (cached)",
-        writes=(VIEWS, QUERY_FEATURES, SKIPPED_VIEWS, FEATURE_STORE, IMAGE_KEYS),
+        writes=(VIEWS, QUERY_FEATURES, SKIPPED_VIEWS, FEATURE_STORE, IMAGE_KEYS, VIEWS_INDEX),
         reads=(IMAGES, CLEAN, CLEAN_QUERIES, manifest_of("validate")),
     ),
     Step(

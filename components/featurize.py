@@ -7,6 +7,7 @@ Outputs:
     skipped.parquet   views that could not be read or decoded, with listing id and reason
     store/<encoder>/  the content-addressed feature shards (kept between runs)
     image_keys.parquet  each image's content key under its identity (kept between runs)
+    views_index.parquet  each listing's state and where its rows are in views.parquet
 
 Listings are read `listings_per_chunk` at a time and images encoded `image_batch_size` at
 a time, so memory stays bounded whatever the catalog size. A view whose content was

@@ -7,7 +7,10 @@ Every input row ends up in exactly one of clean.parquet and quarantine.parquet.
 
 Each image's verdict is recorded under its identity (size and mtime, S3: size and ETag) in
 `image_checks.parquet`; with `verify_content` off (a refresh) an image whose identity did
-not move keeps that verdict without being opened (components/io/image_identity.py).
+not move keeps that verdict without being opened (components/io/image_identity.py). Each
+clean listing's state, a hash of its row and its images' identities, goes to
+`listing_state.parquet` (components/io/listing_state.py): featurize reuses the views of a
+listing whose state did not change.
 """
 
 from __future__ import annotations

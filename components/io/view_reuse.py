@@ -24,10 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from components.contract import VIEWS, VIEWS_INDEX
 from components.io import atomic
 from components.io.listing_state import STATE
 
-INDEX = "views_index.parquet"
+INDEX = VIEWS_INDEX.name
 SCHEMA = pa.schema(
     [
         ("listing_id", pa.string()),
@@ -68,7 +69,7 @@ class PreviousViews:
     @classmethod
     def open(cls, out: Path, fingerprint: str, store_files: set[str]) -> PreviousViews | None:
         """The previous views of `out`, or None when they cannot be trusted (said why)."""
-        index_path, views = out / INDEX, out / "views.parquet"
+        index_path, views = out / INDEX, out / VIEWS.name
         if not index_path.is_file() or not views.is_file():
             return None
         index = pq.read_table(index_path)
@@ -184,7 +185,7 @@ class IndexWriter:
         table = pa.concat_tables(self._parts) if self._parts else SCHEMA.empty_table()
         meta = {
             "fingerprint": fingerprint,
-            "views": views_stamp(out / "views.parquet"),
+            "views": views_stamp(out / VIEWS.name),
             "store_files": sorted(store_files),
         }
         atomic.write_table(table.replace_schema_metadata({_META: json.dumps(meta)}), out / INDEX)
