@@ -69,9 +69,15 @@ class TopK:
         order; an item below that is beaten by k others and cannot be in the top k."""
         scores = scores.float().cpu()
         if scores.shape[1] > self.k > 0:
-            best = torch.topk(scores, self.k, dim=1)
-            width = int((scores >= best.values[:, -1:]).sum(dim=1).max())
-            keep = best.indices if width == self.k else torch.topk(scores, width, dim=1).indices
+            # the (k+1)-th best below the k-th for every query: no tie at the edge, the k
+            # best are the candidates (no pass counting every score against the k-th)
+            best = torch.topk(scores, self.k + 1, dim=1)
+            edge = best.values[:, self.k - 1 : self.k]
+            if bool((best.values[:, self.k :] < edge).all()):
+                keep = best.indices[:, : self.k]
+            else:
+                width = int((scores >= edge).sum(dim=1).max())
+                keep = torch.topk(scores, width, dim=1).indices
             keep = keep.sort(dim=1).values
             scores, ids = scores.gather(1, keep), keep + first
         else:
