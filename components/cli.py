@@ -27,6 +27,7 @@ from components.config import (
 from components.contract import SHARDED_STEPS, STEPS
 from components.errors import StepFailed
 from components.io.workdir_lock import holding
+from components.refresh import REFRESH
 
 DEFAULT_PARAMS = "params.yaml"
 log = logging.getLogger("components")
@@ -54,8 +55,12 @@ COMMAND_SECTIONS = {
     "remove": ("storage",),
     "restore": ("storage",),
     "serve": ("serve", "storage"),
-    "refresh": ("embed", "index", "evaluate", "storage"),
+    "refresh": ("validate", "featurize", "embed", "index", "evaluate", "promote", "storage"),
 }
+# the shared sections a step reads besides its own, shown by its --help
+STEP_SECTIONS = {"evaluate": ("storage",), "promote": ("storage", "registry")}
+# what `refresh` sets whatever params.yaml says, for its --help
+REFRESH_SETS = dict(override.split("=", 1) for override in REFRESH)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m components",
         description="Multi-view listing embeddings: run one pipeline step.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="shared params (paths, registry, seed):\n"
-        + "\n".join(describe_section(SECTIONS[name]) for name in ("paths", "registry"))
-        + "\n  seed (int)",
+        epilog="Every step and command takes --params FILE and --set SECTION.KEY=VALUE "
+        "(before or after its name); its --help lists its params.\n\nshared params:\n"
+        + "\n".join(
+            describe_section(SECTIONS[name], prefix=f"{name}.") for name in ("paths", "registry")
+        )
+        + "\n  seed (int, default 0): "
+        + str(Params.model_fields["seed"].description),
     )
+    _common(parser, before=True)
     parser.add_argument(
         "--schema",
         action="store_true",
@@ -80,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=f"{step.name}: {step.help}\n\nreads: {_listed(step.reads)}"
             f"\nwrites: {_listed(step.outputs)}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=f"params ({step.name} section, set with --set {step.name}.KEY=VALUE):"
-            "\n" + describe_section(SECTIONS[step.name]),
+            epilog=_sections_help((step.name, *STEP_SECTIONS.get(step.name, ()))),
         )
         _common(command)
         if step.name in SHARDED_STEPS:
@@ -103,10 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_,
             description=f"{name}: {help_}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog="\n".join(
-                f"params ({section} section, set with --set {section}.KEY=VALUE):\n"
-                + describe_section(SECTIONS[section])
-                for section in COMMAND_SECTIONS[name]
+            epilog=_sections_help(
+                COMMAND_SECTIONS[name], REFRESH_SETS if name == "refresh" else None
             ),
         )
         _common(command)
@@ -125,17 +132,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sections_help(sections, fixed: dict[str, str] | None = None) -> str:
+    """The params of `sections`, each under its heading (`fixed`: keys the command sets)."""
+    return "\n".join(
+        f"params ({section} section, set with --set {section}.KEY=VALUE):\n"
+        + describe_section(SECTIONS[section], prefix=f"{section}." if fixed else "", fixed=fixed)
+        for section in sections
+    )
+
+
 def _listed(artifacts) -> str:
     return ", ".join(f"{a.step}/{a.name}" for a in artifacts) or "nothing"
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, before: bool = False) -> None:
+    """--params, --set, --set-json and -v; `before`: the copies taken before the step's
+    name (`python -m components --set k=v versions`), merged with the step's own in
+    `_merged` (argparse would let the step's defaults overwrite them under one name)."""
+    dest = "before_" if before else ""
     parser.add_argument(
-        "--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)"
+        "--params",
+        dest=f"{dest}params",
+        metavar="FILE",
+        default=None if before else DEFAULT_PARAMS,
+        help="params file (default: %s)" % DEFAULT_PARAMS,
     )
     parser.add_argument(
         "--set",
-        dest="overrides",
+        dest=f"{dest}overrides",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
@@ -143,12 +167,26 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--set-json",
-        dest="overrides_json",
+        dest=f"{dest}overrides_json",
         default=None,
         metavar="JSON",
         help="more overrides as a JSON list of SECTION.KEY=VALUE strings (for orchestrators)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", dest=f"{dest}verbose", action="store_true", help="debug logging"
+    )
+
+
+def _merged(args: argparse.Namespace) -> argparse.Namespace:
+    """The options given before the step's name joined to those given after it (after
+    wins for --params; --set from both, before's first)."""
+    if args.before_params is not None and args.params == DEFAULT_PARAMS:
+        args.params = args.before_params
+    args.overrides = args.before_overrides + args.overrides
+    json_overrides = _json_overrides(args.before_overrides_json)
+    args.overrides_json_list = json_overrides + _json_overrides(args.overrides_json)
+    args.verbose = args.verbose or args.before_verbose
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,9 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.step is None:
         parser.print_help()
         return 2
+    try:
+        args = _merged(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     _setup_logging(args.verbose)
     try:
-        params = load_params(args.params, args.overrides + _json_overrides(args.overrides_json))
+        params = load_params(args.params, args.overrides + args.overrides_json_list)
         if args.step == "serve":
             from components.service.server import serve
 

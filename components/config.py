@@ -961,14 +961,22 @@ def _nested_model(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def describe_section(section: type[Section]) -> str:
-    """One line per key of a section: name, type, default, meaning; for --help."""
+def describe_section(
+    section: type[Section], prefix: str = "", fixed: dict[str, str] | None = None
+) -> str:
+    """One line per key of a section: name, type, default, meaning; for --help. A nested
+    section lists its own keys (`gates.min`, ...); a key in `fixed` (`prefix` + name ->
+    value) says the command sets it."""
     rows = []
     for name, field in section.model_fields.items():
-        rows.append(
-            f"  {name} ({_type_name(field.annotation)}, default {field.default!r}): "
-            f"{field.description}"
-        )
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, Section):
+            rows.append(describe_section(kind, f"{prefix}{name}.", fixed))
+            continue
+        default = f"default {field.default!r}"
+        if fixed and f"{prefix}{name}" in fixed:
+            default = f"this command sets {fixed[prefix + name]}"
+        rows.append(f"  {prefix}{name} ({_type_name(kind)}, {default}): {field.description}")
     return "\n".join(rows)
 
 

@@ -377,6 +377,7 @@ def remove(paths: StepPaths, listing_ids: list[str], reason: str | None) -> str:
     """Tombstones for `listing_ids` in the production store (the `remove` command): the
     search service stops answering them within serve.poll_s, the next release leaves them
     out. Returns a one-line account."""
+    tombstones.checked_ids(listing_ids)  # before the store is read: the ids are wrong
     storage = production.open_store(paths)
     current = production.read_pointer(storage)
     if current is None:
@@ -386,12 +387,22 @@ def remove(paths: StepPaths, listing_ids: list[str], reason: str | None) -> str:
     local = paths.workdir / ".release-cache" / current.version
     production.download(storage, current.version, manifest, [INDEX_IDS.name], local)
     known = set(read_ids(local / INDEX_IDS.name).listing_ids)
-    served = sum(1 for listing_id in written.listing_ids if listing_id in known)
+    absent = [listing_id for listing_id in written.listing_ids if listing_id not in known]
+    served = len(written.listing_ids) - len(absent)
+    unknown = ""
+    if absent:
+        shown = ", ".join(absent[:10]) + (
+            f" and {len(absent) - 10} more" if len(absent) > 10 else ""
+        )
+        unknown = (
+            f"; not in the current release: {shown} (tombstoned all the same: a later release "
+            "that lists them leaves them out; python -m components restore undoes it)"
+        )
     return (
         f"remove: {len(written.listing_ids)} listing(s) tombstoned in {storage.locate(written.key)}"
         f"; {served} of them in the current release {current.version}, which the search "
         "service stops answering within serve.poll_s; every release leaves them out until "
-        "the catalog drops them or they are restored (python -m components restore)"
+        f"the catalog drops them or they are restored (python -m components restore){unknown}"
     )
 
 

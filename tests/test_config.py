@@ -234,3 +234,40 @@ def test_each_command_help_shows_the_params_it_reads(capsys):
 
     assert "params (serve section" in serve_help
     assert all(key in serve_help for key in SECTIONS["serve"].model_fields)
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_names_every_section_a_command_reads_and_what_it_sets(capsys):
+    refresh_help = _help(capsys, "refresh")
+    for section in ("validate", "featurize", "embed", "index", "evaluate", "promote", "storage"):
+        assert f"params ({section} section" in refresh_help, section
+    assert "embed.reuse_current (bool, this command sets true)" in refresh_help
+    assert "validate.verify_content (bool, this command sets false)" in refresh_help
+    promote_help = _help(capsys, "promote")
+    assert "params (storage section" in promote_help and "params (registry section" in promote_help
+    evaluate_help = _help(capsys, "evaluate")
+    assert "gates.min_queries (int, default 30)" in evaluate_help  # nested keys, not a repr
+    assert "GatesConfig(" not in evaluate_help
+    top = _help(capsys)
+    assert "paths.workdir" in top and "seed (int, default 0)" in top and "--set" in top
+
+
+def test_set_before_the_command_name_counts(tmp_path, capsys):
+    store = tmp_path / "store"
+    code = main(["--set", f"storage.uri={store}", "--set", "train.epochs=3", "create-store"])
+
+    assert code == 0 and str(store) in capsys.readouterr().out
+    assert store.is_dir()  # the store the --set before the name pointed at
+
+
+def test_remove_without_ids_says_so_once(capsys):
+    code = main(["remove", "--params", str(PARAMS)])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip() == "error: remove: no listing id given: name them, or pass --from FILE"

@@ -138,15 +138,18 @@ def test_a_removed_listing_leaves_search_at_once_and_the_next_refresh_folds_it(c
     vector = keeper.current.vector_of(gone)
     assert keeper.current.search(vector, 5)[0][0][0] == gone  # its own nearest neighbour
 
-    code = main(["remove", gone, "--reason", "sold", "--set", f"paths.workdir={paths.workdir}"])
+    workdir = f"paths.workdir={paths.workdir}"
+    code = main(["remove", gone, "no-such-listing", "--reason", "sold", "--set", workdir])
 
-    assert code == 0 and "1 listing(s) tombstoned" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert code == 0 and "2 listing(s) tombstoned" in said and "1 of them in the current" in said
+    assert "not in the current release: no-such-listing (tombstoned all the same" in said
     keeper.refresh()  # the service's next poll
     hits = keeper.current.search(vector, 5)[0]
     assert gone not in [listing for listing, _ in hits] and len(hits) == 5  # still k answers
     assert keeper.current.vector_of(gone) is None
     (tombstone,) = tombstones.read_all(store)
-    assert tombstone.listing_ids == (gone,) and tombstone.reason == "sold"
+    assert tombstone.listing_ids == (gone, "no-such-listing") and tombstone.reason == "sold"
 
     refresh.run(refresh_params(paths), paths.tracking_uri)
 

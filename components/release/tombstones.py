@@ -48,7 +48,7 @@ def write(storage: Storage, listing_ids: list[str], reason: str | None = None) -
     Raises:
         ValueError: no listing id, or one that is blank or too long (named).
     """
-    ids = _checked("remove", listing_ids)
+    ids = checked_ids(listing_ids)
     now = datetime.now(UTC)
     body = {"listing_ids": ids, "removed_at": now.isoformat(timespec="seconds"), "reason": reason}
     key = _put(storage, PREFIX, now.strftime(_STAMP), body)
@@ -70,7 +70,7 @@ def restore(storage: Storage, listing_ids: list[str], reason: str | None = None)
     Raises:
         ValueError: no listing id, or one that is blank or too long (named).
     """
-    ids = _checked("restore", listing_ids)
+    ids = checked_ids(listing_ids)
     wanted = set(ids)
     amended = []
     for tombstone in read_all(storage):
@@ -102,13 +102,14 @@ def settled(tombstones: list[Tombstone], listed: set[str]) -> list[str]:
     return [t.key for t in tombstones if not any(i in listed for i in t.listing_ids)]
 
 
-def _checked(command: str, listing_ids: list[str]) -> list[str]:
+def checked_ids(listing_ids: list[str]) -> list[str]:
+    """The ids, each once (the caller names the command in its error)."""
     ids = list(dict.fromkeys(listing_ids))
     if not ids:
-        raise ValueError(f"{command}: no listing id given")
+        raise ValueError("no listing id given: name them, or pass --from FILE")
     for listing_id in ids:
         if not listing_id.strip() or len(listing_id) > MAX_ID_CHARS:
-            raise ValueError(f"{command}: {listing_id[:80]!r} is not a listing id")
+            raise ValueError(f"{listing_id[:80]!r} is not a listing id")
     return ids
 
 
