@@ -155,7 +155,7 @@ def _common(parser: argparse.ArgumentParser, before: bool = False) -> None:
         dest=f"{dest}params",
         metavar="FILE",
         default=None if before else DEFAULT_PARAMS,
-        help="params file (default: %s)" % DEFAULT_PARAMS,
+        help=f"params file (default: {DEFAULT_PARAMS})",
     )
     parser.add_argument(
         "--set",
