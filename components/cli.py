@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import (
+    REFRESH,
     SECTIONS,
     ConfigError,
     Params,
@@ -27,7 +28,6 @@ from components.config import (
 from components.contract import SHARDED_STEPS, STEPS
 from components.errors import StepFailed
 from components.io.workdir_lock import holding
-from components.refresh import REFRESH
 
 DEFAULT_PARAMS = "params.yaml"
 log = logging.getLogger("components")

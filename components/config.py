@@ -876,6 +876,16 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=ParamsLoader)
 
 
+# the overrides that make the steps a refresh (components/refresh.py; the DAG and the
+# Kubeflow pipeline pass them, `refresh --help` shows them)
+REFRESH = (
+    "validate.verify_content=false",  # unchanged images keep their verdicts and keys
+    "embed.reuse_current=true",
+    "index.update_current=true",
+    "evaluate.diagnostics=false",  # the release's model, measured when it was trained
+)
+
+
 def with_overrides(params: Params, overrides: list[str] | tuple[str, ...]) -> Params:
     """`params` with more `section.key=value` overrides, checked like `--set`'s."""
     raw = params.model_dump(mode="json", by_alias=True)

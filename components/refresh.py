@@ -22,20 +22,13 @@ import logging
 from dataclasses import dataclass
 
 from components import step_process
-from components.config import Params, StepPaths, with_overrides
+from components.config import REFRESH, Params, StepPaths, with_overrides
 from components.contract import STALENESS, StepName
 from components.contract import STEPS as CONTRACT
 from components.io.manifest import read_manifest, require_run
 from components.io.workdir_lock import holding
 
 STEPS: tuple[StepName, ...] = ("validate", "featurize", "embed", "index", "evaluate", "promote")
-# the overrides that make the steps a refresh (the DAG and the Kubeflow pipeline pass them)
-REFRESH = (
-    "validate.verify_content=false",  # unchanged images keep their verdicts and keys
-    "embed.reuse_current=true",
-    "index.update_current=true",
-    "evaluate.diagnostics=false",  # the release's model, measured when it was trained
-)
 
 log = logging.getLogger(__name__)
 
