@@ -225,6 +225,26 @@ def test_health_version_and_metrics(service):
     assert "search_request_seconds_bucket" in metrics
 
 
+def test_a_removal_applied_by_the_service_is_logged_and_counted(service, caplog):
+    from components.release import tombstones
+
+    client, keeper, _ = service
+    gone = keeper.current.labels.listing_of[0]
+    tombstones.write(keeper.storage, [gone], "sold")
+    try:
+        with caplog.at_level("INFO", logger="components.service.releases"):
+            keeper.refresh()  # the next poll
+
+        assert f"1 listing(s) taken out of search by removals ({gone})" in caplog.text
+        metrics = client.get("/metrics").text
+        assert "search_removed_listings 1.0" in metrics
+        assert 'search_release_loads_total{outcome="removals"} 1.0' in metrics
+    finally:
+        tombstones.restore(keeper.storage, [gone], "test over")
+        keeper.refresh()
+    assert "search_removed_listings 0.0" in client.get("/metrics").text
+
+
 @pytest.mark.parametrize(
     ("request_", "status", "says"),
     [

@@ -119,14 +119,21 @@ class Metrics:
         )
         self.loads = Counter(
             "search_release_loads_total",
-            "Release loads by outcome (loaded, failed)",
+            "Release loads by outcome (loaded, failed; removals: tombstones newly applied "
+            "to the served release)",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.removed = Gauge(
+            "search_removed_listings",
+            "Listings of the served release held out of search by removals (tombstones)",
             registry=self.registry,
         )
 
     def served(self, release: ServedRelease) -> None:
         self.release.clear()
         self.release.labels(release.version, str(release.model.get("version"))).set(1)
+        self.removed.set(len(release.removed))
 
 
 def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> FastAPI:

@@ -149,6 +149,21 @@ class ServedRelease:
         return self.index.reconstruct(label)[None, :]
 
 
+def _log_removals(before: ServedRelease, after: ServedRelease) -> None:
+    """One line when the tombstones applied to the served release change."""
+    out, back = after.removed - before.removed, before.removed - after.removed
+    named = ", ".join(sorted(out)[:5]) + (" ..." if len(out) > 5 else "")
+    log.info(
+        "serve: %d listing(s) taken out of search by removals%s, %d restored; %d of %s held "
+        "out in all",
+        len(out),
+        f" ({named})" if out else "",
+        len(back),
+        len(after.removed),
+        after.version,
+    )
+
+
 class ReleaseKeeper:
     """Holds the served release and replaces it when the store's `CURRENT` moves."""
 
@@ -184,7 +199,10 @@ class ReleaseKeeper:
             return False
         self._read_tombstones()
         if self.current is not None and self.current.version == pointer.version:
-            self.current = self.current.with_removed(self.removed)
+            served, self.current = self.current, self.current.with_removed(self.removed)
+            if self.current is not served:
+                _log_removals(served, self.current)
+                self.on_load(self.current.version, "removals")
             return False
         started = time.perf_counter()
         try:
@@ -202,6 +220,12 @@ class ReleaseKeeper:
             time.perf_counter() - started,
             f", was {previous.version}" if previous else "",
         )
+        if release.removed:
+            log.info(
+                "serve: %d listing(s) of %s held out of search by removals",
+                len(release.removed),
+                release.version,
+            )
         self.on_load(release.version, "loaded")
         return True
 

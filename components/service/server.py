@@ -29,7 +29,7 @@ def build(
 
     def on_load(version: str, outcome: str) -> None:
         metrics.loads.labels(outcome).inc()
-        if outcome == "loaded" and keeper.current is not None:
+        if outcome in ("loaded", "removals") and keeper.current is not None:
             metrics.served(keeper.current)
 
     keeper = ReleaseKeeper(
