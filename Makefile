@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 OPTIONAL_DATA := .cache/debian/.fetched
 
 .DEFAULT_GOAL := help
-.PHONY: help run refresh test lint serve mlflow-ui screenshot gpu-check params-doc lock venv clean-artifacts browser
+.PHONY: help run refresh test lint serve metrics mlflow-ui screenshot gpu-check params-doc lock venv clean-artifacts browser
 
 help: ## list the targets
 	@echo "make <target>   (the first run of any target creates .venv from requirements.lock)"
@@ -27,6 +27,9 @@ refresh: $(STAMP) ## between retrains: embed new and changed listings with the c
 
 serve: $(STAMP) ## the search service and page over the store's CURRENT release (params: serve)
 	$(BIN)/python -m components serve
+
+metrics: $(STAMP) ## every metric of the last run, one per line (dvc metrics show: the headline)
+	.venv/bin/python scripts/show_metrics.py
 
 mlflow-ui: $(STAMP) ## browse the local MLflow store on http://127.0.0.1:5000/
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///artifacts/mlflow.db \
