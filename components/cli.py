@@ -384,5 +384,19 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("great_expectations", "botocore", "urllib3", "PIL", "fontTools", "faiss"):
+    quiet_libraries()
+
+
+NOISY = ("great_expectations", "botocore", "urllib3", "PIL", "fontTools", "faiss")
+
+
+def quiet_libraries() -> None:
+    """Libraries' chatter at warning level and above only (Great Expectations alone logs
+    some 170 'Skipping registering function' lines at INFO on import), Python warnings as
+    log records at WARNING, and MLflow's records through the host's handlers (MLflow
+    otherwise writes them to stderr itself, which task logs show as errors). Call it before
+    the steps import their libraries: the CLI does, and so does an Airflow task."""
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")

@@ -48,7 +48,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from components.config import EmbedConfig, StepPaths
 from components.contract import (
@@ -82,6 +81,7 @@ from components.io.manifest import (
     write_manifest,
 )
 from components.io.parquet_rows import RowReader
+from components.io.progress import progress
 from components.io.view_prints import listing_fingerprints
 from components.release import base_release, production, registry, tombstones
 from components.release.base_release import (
@@ -353,7 +353,7 @@ def _write(
     the release's rows it kept). Listings in `removed` are left out."""
     total = 0
     statuses = dict.fromkeys((REUSED, ADDED, CHANGED), 0)
-    progress = tqdm(desc="embed: listings", unit="listing", mininterval=2)
+    bar = progress(desc="embed: listings", unit="listing", mininterval=2)
     schema = ID_SCHEMA if shard is None else ID_SCHEMA.append(pa.field("part", pa.int64()))
     with _writer(out, schema, config, shard, reusable) as written:
         if reusable is None:
@@ -362,7 +362,7 @@ def _write(
                 ids = _ids(chunk.listing_ids, fingerprints(chunk), part, schema)
                 written.add(part, ids, embedder.embed(chunk, config.batch_size))
                 total += len(chunk.listing_ids)
-                progress.update(len(chunk.listing_ids))
+                bar.update(len(chunk.listing_ids))
         else:
             for part, table in enumerate(embedder.tables(shard)):
                 ids, found, stored, vectors = _refresh_chunk(
@@ -374,9 +374,9 @@ def _write(
                 for status in found:
                     statuses[status] += 1
                 total += ids.num_rows
-                progress.update(ids.num_rows)
-    rate = progress.format_dict["n"] / max(progress.format_dict["elapsed"], 1e-9)
-    progress.close()
+                bar.update(ids.num_rows)
+    rate = bar.format_dict["n"] / max(bar.format_dict["elapsed"], 1e-9)
+    bar.close()
     counts = {"listings": total, "held_out_views": len(held_out)}
     if reusable is not None:  # what the release held (of this shard) and now does not
         held = len(reusable) if shard is None else reusable.owned(shard.owns)

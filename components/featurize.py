@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from components.config import FeaturizeConfig, StepPaths
 from components.contract import (
@@ -81,6 +80,7 @@ from components.io.manifest import (
     write_manifest,
 )
 from components.io.parquet_rows import RowReader
+from components.io.progress import progress
 from components.io.view_reuse import IndexWriter, PreviousViews
 
 STEP = STEPS["featurize"]
@@ -440,7 +440,7 @@ class _Featurizer:
         self.image_store = image_store
         self.text_store = text_store
         self.counts = counts
-        self.progress: tqdm | None = None  # counts images while listings() runs
+        self.progress = None  # a progress bar counting images while listings() runs
         self.decode_budget = DecodeBudget(config.decode_memory_mb << 20)
 
     def listings(
@@ -465,7 +465,7 @@ class _Featurizer:
         index = IndexWriter()
         carried: list[pa.ChunkedArray] = []
         # images dominate the cost: the bar counts them, so its rate is images/s
-        self.progress = tqdm(
+        self.progress = progress(
             total=total_images, desc="featurize: images", unit="img", mininterval=2
         )
         with (

@@ -37,7 +37,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from components.config import IndexConfig, StepPaths
 from components.contract import EMBEDDED_IDS, EMBEDDINGS, INDEX, INDEX_BASE, INDEX_IDS, STEPS
@@ -60,6 +59,7 @@ from components.io.manifest import (
     unchanged_manifest,
     write_manifest,
 )
+from components.io.progress import progress
 from components.release import base_release
 
 STEP = STEPS["index"]
@@ -303,8 +303,8 @@ def _sample(parts: Embeddings, count: int, size: int, seed: int) -> np.ndarray:
 def _add(index: faiss.Index, parts: Embeddings, count: int) -> None:
     """Every live vector, labelled by its row in the embeddings (0..N-1)."""
     first = 0
-    with tqdm(total=count, desc="index: adding", unit="vec", mininterval=2) as progress:
+    with progress(total=count, desc="index: adding", unit="vec", mininterval=2) as bar:
         for vectors in parts.chunks():
             index.add_with_ids(vectors, np.arange(first, first + len(vectors), dtype=np.int64))
             first += len(vectors)
-            progress.update(len(vectors))
+            bar.update(len(vectors))

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from components.config import CorruptConfig, StepPaths, TrainConfig
 from components.contract import (
@@ -55,6 +54,7 @@ from components.io.manifest import (
     unchanged_manifest,
     write_manifest,
 )
+from components.io.progress import progress
 from components.io.training_data import TrainingData, load_training_data
 from components.release import serving, tracking
 
@@ -454,7 +454,7 @@ class Trainer:
         totals: dict[str, float] = {}
         start = time.perf_counter()
         batches = range(0, len(order), self.global_batch)
-        for first in tqdm(
+        for first in progress(
             batches,
             desc=f"train: epoch {epoch}",
             unit="step",

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from components.config import StepPaths, ValidateConfig
 from components.contract import (
@@ -57,6 +56,7 @@ from components.io.image_identity import (
 from components.io.images import DecodeBudget, ImageBounds, ImageRefError, verify_image
 from components.io.listing_state import image_identities
 from components.io.manifest import Timer, describe_files, sha256_file, write_manifest
+from components.io.progress import progress
 
 STEP = STEPS["validate"]
 EXAMPLES_PER_REASON = 3
@@ -201,7 +201,7 @@ def image_issues(
         records.focus([ref for row in to_check for ref in uris[row]])
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
         checked = pool.map(lambda row: checker.listing(uris[row]), to_check)
-        for row, found in tqdm(
+        for row, found in progress(
             zip(to_check, checked, strict=True),
             total=len(to_check),
             desc="validate: images read",

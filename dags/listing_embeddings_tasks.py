@@ -34,9 +34,10 @@ def run_local_step(
     """Run one step (or one shard of it, or its gather) in this process; a StepFailed (a
     failed gate, too many bad rows) fails the task without retries, with its report in
     the log."""
-    from components.cli import run_step
+    from components.cli import quiet_libraries, run_step
     from components.errors import StepFailed
 
+    quiet_libraries()  # the task's log: progress and library chatter at their own levels
     params = load_params(params_file, overrides)
     try:
         tracking = os.environ.get("MLFLOW_TRACKING_URI")

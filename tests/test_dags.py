@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,40 @@ def test_kubernetes_mode_launches_multi_node_training_as_a_pytorchjob(airflow_en
     assert json.loads(container["args"][-1]) == ["train.epochs=3"]
     assert retry["body"] == job  # a retried task sends the same job; its 409 is not an error
     assert launched["returned"] == [job["metadata"]["name"]] * 2
+
+
+TASK_LOGGING = """
+import sys
+from dags.listing_embeddings_tasks import run_local_step  # Airflow sets up its logging
+run_local_step("validate", sys.argv[1], sys.argv[2:])
+"""
+
+
+def test_a_task_logs_progress_at_info_and_no_library_chatter(airflow_env, make_catalog, tmp_path):
+    from tests.conftest import listing
+
+    catalog = make_catalog([listing(f"l{i}") for i in range(4)])
+    overrides = [
+        f"paths.workdir={tmp_path / 'work'}",
+        f"paths.catalog={catalog}",
+        "validate.min_clean_listings=0",
+        "validate.require_eval_queries=false",
+    ]
+    params = airflow_env["LISTING_EMBEDDINGS_PARAMS"]
+    done = subprocess.run(
+        [sys.executable, "-c", TASK_LOGGING, params, *overrides],
+        env=airflow_env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    # progress as info records of its own logger, never a bar on stderr
+    assert re.search(
+        r"\[info\s*\] validate: images read: 100%.*\[components\.progress\]", done.stdout
+    )
+    assert "%|" not in done.stderr
+    assert "Skipping registering function" not in done.stdout + done.stderr  # 170 lines before
+    assert "[error" not in done.stdout and not done.stderr.strip()

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from components.core import encoders
 from components.io.catalog_reader import CatalogRoot, ImageRefError, open_trusted_image
 from components.io.feature_store import FeatureStore
+from components.io.progress import progress
 from components.io.training_data import TrainingData
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,14 @@ def ensure_activations(
 
 
 def _encode(todo, encoder, root: CatalogRoot, store: FeatureStore, batch_size, workers) -> None:
-    progress = tqdm(total=len(todo), desc="train: backbone", unit="img", mininterval=2)
+    bar = progress(total=len(todo), desc="train: backbone", unit="img", mininterval=2)
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             images = list(pool.map(lambda item: _read(root, item[1], encoder.image_size), chunk))
             store.add([key for key, _ in chunk], encoder.encode(images))
-            progress.update(len(chunk))
-    progress.close()
+            bar.update(len(chunk))
+    bar.close()
     store.flush()
 
 

