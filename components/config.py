@@ -109,7 +109,8 @@ class CatalogConfig(Section):
     )
     optional_data_roots: list[str] = Field(
         ["/", ".cache/debian"],
-        description="Roots searched for optional Debian data (CLDR annotations, Noto font).",
+        description="Roots searched for optional Debian data (CLDR annotations, Noto font); "
+        "a relative root is taken from the project folder, not the current directory.",
     )
 
 

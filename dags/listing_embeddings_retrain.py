@@ -19,6 +19,10 @@ featurize and embed run in `orchestration.shards` shards: a mapped task `<step>_
 side as the executor allows) and then the task `<step>`, which gathers them
 (`python -m components <step> --shard I/N`, then `--gather N`).
 
+The `catalog` task (the sample catalog) exists only when `paths.catalog` is null: with an
+operator's catalog in the params file the DAG starts at `validate`; one named only in a
+run's `overrides` makes the `catalog` task a no-op that says so (local mode).
+
 Run-time DAG params: `overrides` (a list of `section.key=value`, as `--set`), and
 `params_file` (local mode). A failed gate fails `evaluate` (in local mode without retries)
 with the gate table in its log; `promote` then never runs (Airflow marks it
@@ -48,8 +52,11 @@ DAG_ID = "listing_embeddings_retrain"
 def build_dag(params_file: str = PARAMS_FILE, mode: str | None = None) -> DAG:
     """The DAG for `params_file`'s orchestration settings, in `mode` (default: the
     Variable from the environment, else `orchestration.airflow.mode`)."""
-    config = load_params(params_file).orchestration
+    params = load_params(params_file)
+    config = params.orchestration
     mode = run_mode(config, mode)
+    # the sample catalog is built only when the catalog is the sample's (paths.catalog null)
+    steps = tuple(s for s in STEPS if s != "catalog" or params.paths.catalog is None)
     airflow = config.airflow
     with DAG(
         dag_id=DAG_ID,
@@ -62,7 +69,7 @@ def build_dag(params_file: str = PARAMS_FILE, mode: str | None = None) -> DAG:
         tags=[*airflow.tags, mode],
         params=run_params(params_file),
     ) as dag:
-        step_tasks(config, mode, tuple(STEPS))
+        step_tasks(config, mode, steps)
     return dag
 
 

@@ -119,3 +119,20 @@ def test_select_concepts_spreads_over_categories():
     assert len(chosen) == 30
     assert len({c.category for c in chosen}) >= 6
     assert emoji_catalog.select_concepts(concepts, None) == concepts
+
+
+def test_optional_data_is_found_from_the_project_not_the_current_directory(tmp_path, monkeypatch):
+    from components.sample import sources
+
+    project = tmp_path / "project"
+    data = project / ".cache" / "debian" / "usr" / "share" / "thing.xml"
+    data.parent.mkdir(parents=True)
+    data.write_text("<x/>")
+    monkeypatch.setattr(sources, "PROJECT", project)
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # an Airflow worker's or a pod's current directory
+
+    found = sources.find_optional_file("usr/share/thing.xml", ["/", ".cache/debian"])
+
+    assert found == data

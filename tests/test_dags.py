@@ -277,3 +277,43 @@ def test_a_task_logs_progress_at_info_and_no_library_chatter(airflow_env, make_c
     assert "%|" not in done.stderr
     assert "Skipping registering function" not in done.stdout + done.stderr  # 170 lines before
     assert "[error" not in done.stdout and not done.stderr.strip()
+
+
+def test_with_an_operator_catalog_the_retrain_starts_at_validate(airflow_env, tmp_path):
+    params = yaml.safe_load(Path(airflow_env["LISTING_EMBEDDINGS_PARAMS"]).read_text())
+    params["paths"]["catalog"] = str(tmp_path / "their-catalog")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**airflow_env, "LISTING_EMBEDDINGS_PARAMS": str(tmp_path / "params.yaml")}
+
+    found = harness(env, "integrity")["result"]["dags"]["listing_embeddings_retrain"]
+
+    assert "catalog" not in found["task_ids"]
+    assert found["upstream"]["validate"] == []  # first: nothing builds the sample
+
+
+def test_a_catalog_task_of_a_run_given_an_operator_catalog_builds_nothing(airflow_env, tmp_path):
+    code = (
+        "import sys\n"
+        "from dags.listing_embeddings_tasks import run_local_step\n"
+        "print(run_local_step('catalog', sys.argv[1], sys.argv[2:])['summary'])\n"
+    )
+    work = tmp_path / "work"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            airflow_env["LISTING_EMBEDDINGS_PARAMS"],
+            f"paths.workdir={work}",
+            f"paths.catalog={tmp_path / 'theirs'}",
+        ],
+        env=airflow_env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "catalog: not built: the run reads paths.catalog=" in done.stdout
+    assert not (work / "catalog").exists()

@@ -119,7 +119,8 @@ def data_file(path: Path, roots: list[str]) -> dict[str, str]:
     """A data file as the manifest records it, the same on every machine: its path inside
     the optional-data root or installed package folder it lies in, and its sha256."""
     resolved = path.resolve()
-    bases = [Path(p).resolve() for p in (*roots, *sys.path) if p]
+    bases = [p.resolve() for p in src.optional_roots(roots)]
+    bases += [Path(p).resolve() for p in sys.path if p]
     inside = [resolved.relative_to(b) for b in bases if resolved.is_relative_to(b)]
     name = min(inside, key=lambda rel: len(rel.parts)) if inside else resolved
     return {"path": name.as_posix(), "sha256": sha256_file(path)}

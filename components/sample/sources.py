@@ -30,6 +30,7 @@ CLDR_FILES = (
     "usr/share/unicode/cldr/common/annotations/en.xml",
     "usr/share/unicode/cldr/common/annotationsDerived/en.xml",
 )
+PROJECT = Path(__file__).resolve().parents[2]  # the folder holding components/
 NOTO_FONT = "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 NOTO_STRIKE = 109  # the only size NotoColorEmoji's bitmap strike renders at
 LICENCES = {
@@ -126,10 +127,17 @@ def _emoji_package_entry(char: str, entry: dict) -> dict | None:
     return None
 
 
+def optional_roots(roots: list[str]) -> list[Path]:
+    """The roots of optional data, a relative one taken from the project folder (where
+    scripts/fetch_optional_data.sh puts `.cache/debian`), never from the current
+    directory: an Airflow worker or a pod runs from elsewhere."""
+    return [Path(root) if Path(root).is_absolute() else PROJECT / root for root in roots]
+
+
 def find_optional_file(relative: str, roots: list[str]) -> Path | None:
     """First of `<root>/<relative>` that exists, for optional Debian-packaged data."""
-    for root in roots:
-        path = Path(root) / relative
+    for root in optional_roots(roots):
+        path = root / relative
         if path.is_file():
             return path
     return None
