@@ -2,7 +2,7 @@
 
 Wiring only, with the retrain DAG's task builders (`listing_embeddings_tasks.py`):
 validate, featurize, embed, index, evaluate and promote, with the overrides that make them
-a refresh (`components.refresh.REFRESH`: embed and index build on the current
+a refresh (`components.config.REFRESH`: embed and index build on the current
 release, no training). It runs on `orchestration.airflow.refresh_schedule` (hourly), one
 run at a time, in the retrain DAG's workdir, whose lock lets only one step of either DAG
 run at once: a step that finds the workdir busy fails and is retried, and promotions go
