@@ -181,6 +181,22 @@ def test_several_categories_match_any_and_case_and_spaces_do_not_matter(service)
     assert len(hits) == matching and set(hits) == set(tops)  # all of them, from both
 
 
+def test_errors_name_no_server_path_object_or_echoed_input(service):
+    client, _, paths = service
+
+    upload = client.post("/search/image", files={"photo": ("a.png", b"not an image")})
+    bomb = client.post("/search/image", files={"photo": ("b.png", png_claiming(10**5, 10**5))})
+    missing = client.get("/photos/images/none.png")
+    long_query = client.get("/search", params={"q": "a" * 600})
+
+    assert "object at 0x" not in upload.json()["detail"]
+    assert "not an image format" in upload.json()["detail"]
+    assert "89,478,485" in bomb.json()["detail"]  # the limit docs/data.md names (89.5 M)
+    assert str(paths.catalog) not in missing.json()["detail"]
+    assert missing.json()["detail"] == "image_missing: 'images/none.png' is not served"
+    assert long_query.status_code == 422 and "aaaa" not in long_query.json()["detail"]
+
+
 def test_photos_are_served_from_the_catalog_root_only(service):
     client, _, paths = service
     ref = _catalog_rows(paths)[0]["image_uris"][0]

@@ -115,6 +115,11 @@ TRUSTED_BOUNDS = ImageBounds(min_side=1, max_side=1 << 16, max_frames=1 << 16)
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+# one wording wherever the limit is met (Pillow's own error names twice the limit)
+_BOMB = (
+    f"more pixels than the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} "
+    "(a possible decompression bomb)"
+)
 
 
 def probe(data: bytes, ref: str, bounds: ImageBounds) -> ImageHeader:
@@ -197,8 +202,12 @@ def _opened(data: bytes, ref: str):
             yield image
     except ImageRefError:
         raise
-    except _BOMB_ERRORS as err:
-        raise ImageRefError("image_bomb", f"{ref!r}: {err}") from None
+    except _BOMB_ERRORS:
+        raise ImageRefError("image_bomb", f"{ref!r}: {_BOMB}") from None
+    except UnidentifiedImageError:  # its message names an in-memory object, not the image
+        raise ImageRefError(
+            "image_undecodable", f"{ref!r}: not an image format read here"
+        ) from None
     except _DECODE_ERRORS as err:
         raise ImageRefError("image_undecodable", f"{ref!r}: {err}") from None
 
@@ -215,11 +224,7 @@ def _check_header(image: Image.Image, ref: str, bounds: ImageBounds) -> ImageHea
     if width * height > (Image.MAX_IMAGE_PIXELS or width * height):
         # Pillow warns before this line; its warning is an error unless a caller (a test
         # runner, say) reset the warning filters, so the same rule is applied here too
-        raise ImageRefError(
-            "image_bomb",
-            f"{ref!r}: {width}x{height} exceeds Pillow's limit of {Image.MAX_IMAGE_PIXELS} "
-            "pixels (a possible decompression bomb)",
-        )
+        raise ImageRefError("image_bomb", f"{ref!r}: {width}x{height} is {_BOMB}")
     if min(width, height) < bounds.min_side:
         raise ImageRefError(
             "image_too_small", f"{ref!r}: {width}x{height} < min_image_side {bounds.min_side}"

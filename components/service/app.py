@@ -331,10 +331,10 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         try:
             location = catalog.resolve_image(ref, [], None)  # relative refs inside the root
             data = read_image_bytes(location, TRUSTED_MAX_BYTES)  # validated already
-        except ImageRefError as err:
-            raise HTTPException(404, f"{err.code}: {err.detail}") from None
-        except OSError as err:
-            raise HTTPException(404, f"{ref!r}: {err.strerror or err}") from None
+        except ImageRefError as err:  # the code says why; the detail would name server paths
+            raise HTTPException(404, f"{err.code}: {ref!r} is not served") from None
+        except OSError:
+            raise HTTPException(404, f"image_unreadable: {ref!r} is not served") from None
         return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/healthz")
