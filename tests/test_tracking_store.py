@@ -5,6 +5,7 @@ line that says how to recover."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import subprocess
 import sys
@@ -168,3 +169,74 @@ def test_at_every_stage_of_the_store_s_creation_a_kill_changes_nothing(featurize
     )
 
     assert set(weights) == {sha256_file(reference.workdir / "train" / "model.pt")}
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.integration
+def test_a_moved_workdir_trains_registers_and_serves_from_its_new_place(
+    released, copied, tmp_path
+):
+    from fastapi.testclient import TestClient
+
+    from components import embed, evaluate, index, promote, train
+    from components.config import EmbedConfig, IndexConfig, PromoteConfig
+    from components.core.encoders import pick_device
+    from components.release import registry
+    from components.service.server import build
+    from tests.harness import refresh
+    from tests.test_evaluate import TINY
+    from tests.test_promote import EVALUATE
+    from tests.test_service import _serve_params
+
+    # `copied` is the released workdir copied: its store names the released one's folders
+    elsewhere = _files(released.workdir)
+    old = copied.workdir
+    moved = tmp_path / "mounted" / "elsewhere"
+    moved.parent.mkdir()
+    old.rename(moved)
+    paths = dataclasses.replace(refresh.at(copied, moved), seed=copied.seed + 1)  # new weights
+
+    train.run(TINY, paths)
+    embed.run(EmbedConfig(device="cpu"), paths)
+    index.run(IndexConfig(), paths)
+    evaluate.run(EVALUATE, paths)
+    promote.run(PromoteConfig(), paths)
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_store.tracking_uri(paths))
+    versions = client.search_model_versions("name='listing-encoder'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    for version in versions:  # the one registered before the move too
+        where = client.get_model_version_download_uri("listing-encoder", version.version)
+        assert where.startswith((moved / "mlartifacts").as_uri())
+        uri = f"models:/listing-encoder/{version.version}"
+        loaded = registry.load_model(uri, paths, pick_device("cpu"))
+        assert loaded.reference["version"] == str(version.version)
+    app, _ = build(_serve_params(paths), paths.mlflow_uri, tmp_path / "releases")
+    with TestClient(app) as service:
+        answer = service.get("/search", params={"q": "smiling face", "k": 5})
+    assert answer.status_code == 200 and answer.json()["results"]
+    assert not old.exists()  # nothing was written where the workdir was
+    assert _files(released.workdir) == elsewhere  # nor where its store was copied from
+
+
+def test_a_moved_store_rewrites_only_locations_under_its_own_artifact_root(tmp_path):
+    first = tmp_path / "first"
+    ensure_whole(first / "mlflow.db")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{first / 'mlflow.db'}")
+    own = client.create_experiment("own", artifact_location=(first / "mlartifacts/1").as_uri())
+    other = (tmp_path / "first" / "mlartifacts-other").as_uri()  # same prefix, not the root
+    foreign = client.create_experiment("foreign", artifact_location=other)
+    (tmp_path / "moved").mkdir()
+    (first / "mlflow.db").rename(tmp_path / "moved" / "mlflow.db")
+
+    moved = tracking_store.follow_workdir((tmp_path / "moved" / "mlflow.db").resolve())
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'moved' / 'mlflow.db'}")
+    assert moved == 2  # the Default experiment's and `own`'s
+    assert client.get_experiment(own).artifact_location == (
+        tmp_path / "moved" / "mlartifacts" / "1"
+    ).as_uri()
+    assert client.get_experiment(foreign).artifact_location == other

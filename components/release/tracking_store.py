@@ -9,6 +9,15 @@ under a lock, and renamed into place only when whole; a reader sees no store or 
 one. A store that is there but not whole (left by an older version of this project) is
 named in a one-line error that says how to recover.
 
+A workdir's own store (`<workdir>/mlflow.db`, its artifacts in `<workdir>/mlartifacts`)
+moves with the workdir. MLflow records absolute artifact locations (each experiment's, run's,
+logged model's and model version's), so a workdir copied, restored or mounted at another
+path would write its new runs into the old place and resolve its registered models there.
+When the store is opened at a path other than the one its locations name, they are
+rewritten to the new place first (`follow_workdir`), under the creation lock, in one
+transaction, and said in one log line. One workdir mounted at two paths at once should be
+mounted at the same path everywhere: each opening would move the locations to its own.
+
 Tracking servers and other databases are used as given: they are created by their
 operators (`mlflow server`, `mlflow db upgrade`).
 """
@@ -17,15 +26,28 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from urllib.parse import unquote
 
 from components.config import StepPaths
 
 SQLITE = "sqlite:///"
+ARTIFACTS = "mlartifacts"  # beside the store: its artifact root
+# the columns that hold an absolute artifact location (MLflow's schema)
+LOCATIONS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+log = logging.getLogger(__name__)
 
 
 class BrokenTrackingStore(ValueError):
@@ -41,7 +63,10 @@ def tracking_uri(paths: StepPaths) -> str:
     """
     uri = paths.mlflow_uri
     if uri.startswith(SQLITE):
-        ensure_whole(Path(uri.removeprefix(SQLITE).split("?", 1)[0]))
+        db = Path(uri.removeprefix(SQLITE).split("?", 1)[0])
+        ensure_whole(db)
+        if db.resolve() == (paths.workdir / "mlflow.db").resolve():  # the workdir's own
+            follow_workdir(db.resolve())
     return uri
 
 
@@ -59,7 +84,7 @@ def ensure_whole(db: Path) -> None:
             stale.unlink()
         tmp = db.parent / f".{db.name}.creating-{os.getpid()}"
         try:
-            _create(tmp, db.parent / "mlartifacts")
+            _create(tmp, db.parent / ARTIFACTS)
             _fsync(tmp)
             os.replace(tmp, db)
             _fsync(db.parent)
@@ -141,3 +166,54 @@ def head_revision() -> str:
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     return _get_latest_schema_revision()
+
+
+@cache
+def follow_workdir(db: Path) -> int:
+    """Point the artifact locations of the store `db` at `<its folder>/mlartifacts` when
+    they name another folder's (the workdir moved since they were written); the number of
+    locations rewritten. Once per process."""
+    new = (db.parent / ARTIFACTS).resolve()
+    with _locked(db), contextlib.closing(sqlite3.connect(db)) as conn:
+        old = _artifact_root(conn)
+        if old is None or old == new:
+            return 0
+        moved = 0
+        with conn:  # one transaction: every location moves, or none
+            for old_form, new_form in ((old.as_uri(), new.as_uri()), (str(old), str(new))):
+                for table, column in LOCATIONS:
+                    moved += _replace_prefix(conn, table, column, old_form, new_form)
+    log.info(
+        "MLflow store %s: the workdir moved; %d artifact locations now point under %s "
+        "(they named %s)",
+        db,
+        moved,
+        new,
+        old,
+    )
+    return moved
+
+
+def _artifact_root(conn: sqlite3.Connection) -> Path | None:
+    """The artifact root the store was created with: its Default experiment's location
+    (`<root>/0`); None when it is not a local folder (an operator's store)."""
+    found = conn.execute(
+        "select artifact_location from experiments where experiment_id = 0"
+    ).fetchone()
+    location = found[0] if found else None
+    if not location or not location.startswith("file://") or not location.endswith("/0"):
+        return None
+    return Path(unquote(location.removeprefix("file://").removesuffix("/0")))
+
+
+def _replace_prefix(conn: sqlite3.Connection, table: str, column: str, old: str, new: str) -> int:
+    """Rewrite `old` to `new` at the start of `table.column` where `old` is a whole path
+    prefix (followed by `/` or the end)."""
+    size = len(old)
+    done = conn.execute(
+        f"update {table} set {column} = ? || substr({column}, ?) "  # names from LOCATIONS
+        f"where substr({column}, 1, ?) = ? "
+        f"and (length({column}) = ? or substr({column}, ?, 1) = '/')",
+        (new, size + 1, size, old, size, size + 1),
+    )
+    return done.rowcount
