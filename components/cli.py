@@ -23,6 +23,7 @@ from components.config import (
     Params,
     StepPaths,
     describe_section,
+    describe_top_level,
     load_params,
 )
 from components.contract import SHARDED_STEPS, STEPS
@@ -73,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n".join(
             describe_section(SECTIONS[name], prefix=f"{name}.") for name in ("paths", "registry")
         )
-        + "\n  seed (int, default 0): "
-        + str(Params.model_fields["seed"].description),
+        + "\n"
+        + describe_top_level(),
     )
     _common(parser, before=True)
     parser.add_argument(

@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from components.contract import Artifact, StepName
 
@@ -33,6 +34,7 @@ Vendor = Literal["twemoji", "openmoji", "noto"]
 # A registered model: models:/<name>@<alias> or models:/<name>/<version>
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 CURRENT_CHAMPION = "current"  # evaluate.champion: the production store's CURRENT model
+MANUAL = "manual"  # the trigger of a run that was not told why it runs (`trigger`)
 
 
 class ConfigError(ValueError):
@@ -721,6 +723,15 @@ class OrchestrationConfig(Section):
 
 class Params(Section):
     seed: int = Field(0, description="Seed for every random choice of every step.")
+    trigger: str | None = Field(
+        None,
+        description=(
+            "Why this run: recorded in the training and evaluation runs (MLflow tag "
+            "`trigger`), the release's manifest and `versions`. The Airflow DAGs set it "
+            "(schedule, manual, staleness: <reasons>); null: manual. Quote text with a "
+            "colon: --set 'trigger=\"staleness: drift\"'."
+        ),
+    )
     paths: PathsConfig = PathsConfig()
     catalog: CatalogConfig = CatalogConfig()
     # `validate` would shadow BaseModel.validate; the alias keeps the YAML key.
@@ -767,12 +778,13 @@ SECTIONS: dict[str, type[Section]] = {
 class StepPaths:
     """What every step shares: where it reads and writes (`<workdir>/<step>/`), the
     catalog it reads, where MLflow and the production store are, the registered model's
-    name and aliases, and the run's seed."""
+    name and aliases, the run's seed and why it runs (`trigger`)."""
 
     workdir: Path
     catalog: str
     tracking_uri: str | None = None
     seed: int = 0
+    trigger: str = MANUAL
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
     registry: RegistryConfig = dataclasses.field(default_factory=RegistryConfig)
 
@@ -792,6 +804,7 @@ class StepPaths:
             catalog=params.paths.catalog or str(workdir / "catalog"),
             tracking_uri=tracking_uri,
             seed=params.seed,
+            trigger=params.trigger or MANUAL,
             storage=params.storage,
             registry=params.registry,
         )
@@ -991,6 +1004,16 @@ def describe_section(
     return "\n".join(rows)
 
 
+def describe_top_level() -> str:
+    """One line per top-level key of params.yaml (seed, trigger), as `describe_section`."""
+    return "\n".join(
+        f"  {name} ({_type_name(field.annotation)}, default {field.default!r}): "
+        f"{field.description}"
+        for name, field in Params.model_fields.items()
+        if (field.alias or name) not in SECTIONS
+    )
+
+
 def _type_name(annotation: Any) -> str:
     return (getattr(annotation, "__name__", None) or str(annotation)).replace("typing.", "")
 
@@ -1008,7 +1031,11 @@ def params_reference() -> str:
         "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",
-        f"| `seed` | int | `0` | {Params.model_fields['seed'].description} |",
+        *[
+            _reference_row(name, field)
+            for name, field in Params.model_fields.items()
+            if (field.alias or name) not in SECTIONS  # the top-level keys: seed, trigger
+        ],
     ]
     for name, section in SECTIONS.items():
         lines += [f"| **{name}** | | | |", *_reference_rows(section, name)]
@@ -1022,10 +1049,14 @@ def _reference_rows(section: type[Section], prefix: str) -> list[str]:
         if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
             rows += _reference_rows(field.annotation, key)
             continue
-        shown = json.dumps(field.default, default=lambda v: v.model_dump())
-        meaning = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `{key}` | {_type_text(field.annotation)} | `{shown}` | {meaning} |")
+        rows.append(_reference_row(key, field))
     return rows
+
+
+def _reference_row(key: str, field: FieldInfo) -> str:
+    shown = json.dumps(field.default, default=lambda v: v.model_dump())
+    meaning = (field.description or "").replace("|", "\\|")
+    return f"| `{key}` | {_type_text(field.annotation)} | `{shown}` | {meaning} |"
 
 
 def _type_text(annotation: Any) -> str:

@@ -97,6 +97,7 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         },
         "embedding_model_sha256": manifests["embed"]["model"]["sha256"],
         "staleness": evaluation.get("staleness") or None,
+        "trigger": paths.trigger,
         **_kind(manifests, storage),
     }
     _inherit_training(metadata, manifests, storage)

@@ -11,7 +11,8 @@ through the store's conditional write, so two never land at once.
 After promote, `staleness` reads what the refresh measured (the staleness recorded in the
 store's CURRENT release: new or changed share since training, drift, recall against
 training) and, when the model is stale, `retrain` starts the retrain DAG with the reasons
-in its run conf. The Airflow workers need read access to the production store.
+as its run's `trigger` ("staleness: <reasons>"), recorded with the model it trains and the
+release it promotes. The Airflow workers need read access to the production store.
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ def build_dag(params_file: str = PARAMS_FILE, mode: str | None = None) -> DAG:
         check >> TriggerDagRunOperator(
             task_id="retrain",
             trigger_dag_id=RETRAIN_DAG_ID,
-            conf={"reason": "{{ ti.xcom_pull(task_ids='staleness') }}", "overrides": []},
+            conf={
+                "trigger": "staleness: {{ ti.xcom_pull(task_ids='staleness') }}",
+                "overrides": [],
+            },
             wait_for_completion=False,
         )
     return dag

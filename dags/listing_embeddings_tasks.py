@@ -22,6 +22,9 @@ PARAMS_FILE = os.environ.get(
     "LISTING_EMBEDDINGS_PARAMS", str(Path(__file__).resolve().parents[1] / "params.yaml")
 )
 MODE_VARIABLE = "AIRFLOW_VAR_LISTING_EMBEDDINGS_MODE"
+# why a run runs when its conf does not say: how Airflow started it, its scheduled runs
+# called "schedule" (the rest by Airflow's run type: manual, backfill, ...)
+TRIGGER_OF_RUN_TYPE = "('schedule' if dag_run.run_type == 'scheduled' else dag_run.run_type)"
 
 
 def run_local_step(
@@ -59,9 +62,9 @@ def _local_tasks(step: str, defaults: dict, shards: int, extra: tuple[str, ...] 
     mapped shard task, its last the gather. `extra`: overrides before the run's own."""
 
     @task(task_id=step, **defaults)
-    def run(params=None) -> dict:
+    def run(params=None, dag_run=None) -> dict:
         gather = shards if step in SHARDED_STEPS else None
-        overrides = [*extra, *params["overrides"]]
+        overrides = [*extra, trigger_override(params, dag_run), *params["overrides"]]
         return run_local_step(step, params["params_file"], overrides, None, gather)
 
     if step not in SHARDED_STEPS:
@@ -69,9 +72,9 @@ def _local_tasks(step: str, defaults: dict, shards: int, extra: tuple[str, ...] 
         return single, single
 
     @task(task_id=f"{step}_shard", **defaults)
-    def run_shard(index: int, params=None) -> dict:
+    def run_shard(index: int, params=None, dag_run=None) -> dict:
         shard = f"{index}/{shards}"
-        overrides = [*extra, *params["overrides"]]
+        overrides = [*extra, trigger_override(params, dag_run), *params["overrides"]]
         return run_local_step(step, params["params_file"], overrides, shard)
 
     mapped, gathered = run_shard.expand(index=list(range(shards))), run()
@@ -110,14 +113,15 @@ def _training_job_tasks(config: OrchestrationConfig, defaults: dict):
     deadline = int(defaults["execution_timeout"].total_seconds())
 
     @task(task_id="train_launch", **defaults)
-    def launch(params=None, ts_nodash=None) -> str:
+    def launch(params=None, ts_nodash=None, dag_run=None) -> str:
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
         from kubernetes.client.exceptions import ApiException
 
         from components.cluster import API_GROUP, API_VERSION, PLURAL, job_name, pytorch_job
 
         # a task's own arguments are not templated: the overrides go in as they are
-        arguments = step_arguments(json.dumps(list(params["overrides"])))
+        overrides = [trigger_override(params, dag_run), *params["overrides"]]
+        arguments = step_arguments(json.dumps(overrides))
         body = pytorch_job(config, job_name(ts_nodash), arguments, deadline)
         client = KubernetesHook().custom_object_client
         try:
@@ -152,14 +156,30 @@ def _training_job_tasks(config: OrchestrationConfig, defaults: dict):
     return launched, done
 
 
+def run_trigger(given: str | None, run_type: str | None) -> str:
+    """Why a DAG run runs: the `trigger` its conf gave (the refresh DAG gives "staleness:
+    <reasons>"), else how Airflow started it ("schedule", "manual", "backfill", ...)."""
+    if given:
+        return given
+    kind = str(getattr(run_type, "value", run_type) or "manual")  # an enum in the task SDK
+    return "schedule" if kind == "scheduled" else kind
+
+
+def trigger_override(params: dict, dag_run) -> str:
+    """The `trigger=...` override of a task of the DAG run `dag_run` (quoted: the text may
+    hold a colon); the run's own overrides come after it and can replace it."""
+    text = run_trigger(params.get("trigger"), getattr(dag_run, "run_type", None))
+    return "trigger=" + json.dumps(text)
+
+
 def overrides_template(extra: tuple[str, ...] = ()) -> str:
-    """The template that renders `extra` and the run's overrides as one JSON list."""
-    if not extra:
-        return "{{ params.overrides | tojson }}"
-    return "{{ (" + json.dumps(list(extra)) + " + params.overrides) | tojson }}"
+    """The template that renders `extra`, the run's trigger (as `trigger_override`) and
+    its overrides as one JSON list."""
+    trigger = f"('trigger=' ~ ((params.trigger or {TRIGGER_OF_RUN_TYPE}) | string | tojson))"
+    return "{{ (" + json.dumps(list(extra)) + f" + [{trigger}] + params.overrides) | tojson }}}}"
 
 
-def step_arguments(overrides_json: str = "{{ params.overrides | tojson }}") -> list[str]:
+def step_arguments(overrides_json: str | None = None) -> list[str]:
     """What every step's container gets after `python -m components <step>`; the run's
     overrides as JSON (by default the template that renders them into an operator)."""
     return [
@@ -168,7 +188,7 @@ def step_arguments(overrides_json: str = "{{ params.overrides | tojson }}") -> l
         "--set",
         f"paths.workdir={POD_WORKDIR}/artifacts",
         "--set-json",
-        overrides_json,
+        overrides_template() if overrides_json is None else overrides_json,
     ]
 
 
@@ -240,9 +260,15 @@ def run_mode(config: OrchestrationConfig, mode: str | None = None) -> str:
 
 
 def run_params(params_file: str) -> dict:
-    """The DAG params every run takes: the params file and `--set` overrides."""
+    """The DAG params every run takes: the params file, why it runs, `--set` overrides."""
     return {
         "params_file": Param(params_file, type="string", description="params.yaml to use"),
+        "trigger": Param(
+            None,
+            type=["null", "string"],
+            description="why this run (recorded with its model and release); "
+            "default: schedule or manual, from how Airflow started it",
+        ),
         "overrides": Param(
             [],
             type="array",

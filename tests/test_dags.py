@@ -132,6 +132,8 @@ def test_dag_test_runs_every_step_and_ends_with_a_promoted_version(airflow_env, 
     current = json.loads((work / "production" / "indices" / "CURRENT").read_text())
     promoted = json.loads((work / "promote" / "run.json").read_text())
     assert current["version"] == promoted["version"]
+    released = work / "production" / "indices" / current["version"] / "manifest.json"
+    assert json.loads(released.read_text())["trigger"] == "manual"  # dag.test: a manual run
 
     # a failed gate: evaluate fails with the gate table in its log, promote never runs
     strict = '{"query_to_listing/recall@10": 1.01}'  # above any recall: the gate fails
@@ -158,7 +160,8 @@ def test_dag_test_runs_every_step_and_ends_with_a_promoted_version(airflow_env, 
     tasks = refreshed["result"]["tasks"]
     assert tasks["embed"] == tasks["staleness"] == tasks["retrain"] == "success"
     (started,) = refreshed["result"]["triggered"]
-    assert "max_new_share" in started["conf"]["reason"]
+    trigger = started["conf"]["trigger"]  # what the retrain records as why it ran
+    assert trigger.startswith("staleness: ") and "max_new_share" in trigger
     pointer = json.loads((work / "production" / "indices" / "CURRENT").read_text())
     manifest = work / "production" / "indices" / pointer["version"] / "manifest.json"
     assert json.loads(manifest.read_text())["kind"] == "refresh"
@@ -169,6 +172,13 @@ def test_kubernetes_mode_renders_pods_with_the_image_gpus_and_tolerations(airflo
     kube = CONFIG.kubernetes
 
     assert rendered["types"] == ["KubernetesPodOperator"]
+    # each pod gets the run's trigger before the run's overrides, as the CLI parses it
+    overrides = {name: json.loads(text) for name, text in rendered["overrides"].items()}
+    assert overrides["scheduled"] == ['trigger="schedule"']
+    assert overrides["backfill"] == ['trigger="backfill"']
+    assert overrides["conf"][1:] == ["seed=3"]
+    parsed = load_params(REPO_ROOT / "params.yaml", overrides["conf"])
+    assert (parsed.trigger, parsed.seed) == ("staleness: it's 30% <new>", 3)
     shards = {f"{s}_shard[{i}]": s for s in SHARDED_STEPS for i in range(SHARDS)}
     assert set(rendered["pods"]) == set(STEP_ORDER) | set(shards)
     for task, pod in rendered["pods"].items():
@@ -237,7 +247,7 @@ def test_kubernetes_mode_launches_multi_node_training_as_a_pytorchjob(airflow_en
     assert job["spec"]["elasticPolicy"]["maxReplicas"] == 2
     (container,) = worker["template"]["spec"]["containers"]
     assert container["args"][-2] == "--set-json"  # the run's overrides
-    assert json.loads(container["args"][-1]) == ["train.epochs=3"]
+    assert json.loads(container["args"][-1]) == ['trigger="manual"', "train.epochs=3"]
     assert retry["body"] == job  # a retried task sends the same job; its 409 is not an error
     assert launched["returned"] == [job["metadata"]["name"]] * 2
 

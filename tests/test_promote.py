@@ -396,3 +396,26 @@ def test_an_output_altered_on_disk_is_named_by_the_next_step_not_used(
     finally:
         path.write_bytes(original)
     assert production.read_pointer(store(evaluated)) == before
+
+
+def test_a_retrain_records_why_it_ran_in_its_runs_its_release_and_versions(
+    featurized, tmp_path, capsys
+):
+    why = "staleness: 27.0% of the listings are new or changed since 20261202T1500 (max 25%)"
+    paths = dataclasses.replace(fresh_paths(featurized, tmp_path, "work"), trigger=why)
+    train.run(TINY, paths)
+    embed.run(EmbedConfig(device="cpu"), paths)
+    index.run(IndexConfig(), paths)
+    evaluate.run(EVALUATE, paths)
+    promote.run(PromoteConfig(), paths)
+
+    manifest = production.load_current_index(store(paths)).manifest
+    assert manifest["trigger"] == why
+    client = mlflow.MlflowClient(tracking_uri=paths.mlflow_uri)
+    assert client.get_run(manifest["model"]["run_id"]).data.tags["trigger"] == why  # training
+    evaluation = manifest["evaluation"]["mlflow"]["run_id"]
+    assert client.get_run(evaluation).data.tags["trigger"] == why
+    capsys.readouterr()
+    assert main(["versions", "--set", f"paths.workdir={paths.workdir}"]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("*  ")]
+    assert row.rstrip().endswith(why[:45] + "...")  # cut to the column; the manifest holds all

@@ -271,7 +271,7 @@ def test_a_catalog_changed_past_the_threshold_since_training_is_stale(copied, ca
     shown = capsys.readouterr().out.splitlines()
     assert shown[-1].startswith("the current model is stale: ") and "max_new_share" in shown[-1]
     (row,) = [line for line in shown if line.startswith("*  ")]
-    assert row.split()[2] == "refresh" and row.split()[-1] == "yes"
+    assert row.split()[2] == "refresh" and row.split()[-2:] == ["yes", "manual"]
 
 
 def test_a_refresh_reads_nothing_of_this_workdir_s_train_step(copied):

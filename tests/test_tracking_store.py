@@ -176,9 +176,7 @@ def _files(root: Path) -> set[str]:
 
 
 @pytest.mark.integration
-def test_a_moved_workdir_trains_registers_and_serves_from_its_new_place(
-    released, copied, tmp_path
-):
+def test_a_moved_workdir_trains_registers_and_serves_from_its_new_place(released, copied, tmp_path):
     from fastapi.testclient import TestClient
 
     from components import embed, evaluate, index, promote, train
@@ -236,7 +234,8 @@ def test_a_moved_store_rewrites_only_locations_under_its_own_artifact_root(tmp_p
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'moved' / 'mlflow.db'}")
     assert moved == 2  # the Default experiment's and `own`'s
-    assert client.get_experiment(own).artifact_location == (
-        tmp_path / "moved" / "mlartifacts" / "1"
-    ).as_uri()
+    assert (
+        client.get_experiment(own).artifact_location
+        == (tmp_path / "moved" / "mlartifacts" / "1").as_uri()
+    )
     assert client.get_experiment(foreign).artifact_location == other

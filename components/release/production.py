@@ -585,14 +585,36 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
     current = read_pointer(storage)
     metric_names = [k.replace("/recall@10", " R@10") for k in metric_keys]
     rows = [
-        ("", "version", "kind", "model", "listings", "held out", "added", *metric_names, "stale")
+        (
+            "",
+            "version",
+            "kind",
+            "model",
+            "listings",
+            "held out",
+            "added",
+            *metric_names,
+            "stale",
+            "trigger",
+        )
     ]
     reasons: list[str] = []
     for info in list_versions(storage):
         mark = "*" if current and info.version == current.version else ""
         if not info.complete:
             rows.append(
-                (mark, info.version, "", "(incomplete)", "", "", "", *["" for _ in metric_keys], "")
+                (
+                    mark,
+                    info.version,
+                    "",
+                    "(incomplete)",
+                    "",
+                    "",
+                    "",
+                    *["" for _ in metric_keys],
+                    "",
+                    "",
+                )
             )
             continue
         staleness = info.manifest.get("staleness") or {}
@@ -612,6 +634,7 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
                 _added(info.manifest),
                 *[f"{metrics[k]:.3f}" if k in metrics else "-" for k in metric_keys],
                 "-" if not staleness else "yes" if staleness.get("stale") else "no",
+                _trigger(info.manifest),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -623,6 +646,13 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
     return "\n".join(
         [where, *lines, f"* current ({current.reason} at {current.updated_at})", *stale]
     )
+
+
+def _trigger(manifest: dict, width: int = 48) -> str:
+    """Why the version's run ran, cut to `width` ("-": a version from before releases
+    recorded it); the manifest holds the whole text."""
+    trigger = " ".join(str(manifest.get("trigger") or "-").split())
+    return trigger if len(trigger) <= width else trigger[: width - 3] + "..."
 
 
 def _held_out(manifest: dict) -> str:

@@ -146,6 +146,7 @@ def training_run(
     inputs = features_manifest["inputs"]
     tags = {
         "step": "train",
+        "trigger": paths.trigger,
         "resumed": str(resumed),
         "lineage.features_manifest_sha256": sha256_file(featurize_manifest),
         "lineage.catalog": str(inputs.get("catalog")),
@@ -233,7 +234,7 @@ def log_evaluation(
         experiment_id=parent.info.experiment_id,
         parent_run_id=reference["run_id"],
         nested=True,
-        tags={"step": "evaluate", "gates_passed": str(passed).lower()},
+        tags={"step": "evaluate", "gates_passed": str(passed).lower(), "trigger": paths.trigger},
     ) as run:
         mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
         for path in files:

@@ -103,7 +103,33 @@ def render() -> dict:
         pod = operator.build_pod_request_obj()
         pods[operator.task_id] = ApiClient().sanitize_for_serialization(pod)
     upstream = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
-    return {"types": sorted(types), "pods": pods, "upstream": upstream}
+    return {
+        "types": sorted(types),
+        "pods": pods,
+        "upstream": upstream,
+        "overrides": _rendered_overrides(dag),
+    }
+
+
+def _rendered_overrides(dag) -> dict:
+    """The `--set-json` argument of the validate pod as Airflow renders it for a scheduled
+    run, and for a run whose conf gives a trigger and an override."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.api.datamodels._generated import DagRunType
+
+    arguments = dag.get_task("validate").arguments
+    template = arguments[arguments.index("--set-json") + 1]
+    env = dag.get_template_env()
+    runs = {
+        "scheduled": ({"trigger": None, "overrides": []}, "scheduled"),
+        "conf": ({"trigger": "staleness: it's 30% <new>", "overrides": ["seed=3"]}, "manual"),
+        "backfill": ({"trigger": None, "overrides": []}, DagRunType.BACKFILL),  # as a task sees it
+    }
+    return {
+        name: env.from_string(template).render(params=params, dag_run=SimpleNamespace(run_type=t))
+        for name, (params, t) in runs.items()
+    }
 
 
 def launch(overrides: list[str]) -> dict:
