@@ -90,6 +90,7 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
             f"are the ones it indexed last ({config.factory}, "
             f"{kept['index_bytes'] / 2**20:.1f} MiB)"
         )
+        _rebase(out, config, timer, inputs, kept, embedded, summary)
         log.info("%s", summary)
         return IndexResult(out_dir=out, summary=summary)
     verify_embeddings(embed_dir, embedded)
@@ -128,6 +129,31 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     )
     log.info("%s", summary)
     return IndexResult(out_dir=out, summary=summary)
+
+
+def _rebase(out: Path, config: IndexConfig, timer: Timer, inputs, kept, embedded, summary) -> None:
+    """An index kept as it was, in a refresh built on a newer release than the one it was
+    updated from (the release that update published, then a refresh with nothing new):
+    its manifest says what it is against that release, every vector kept, nothing added,
+    changed or removed, as an update with no delta would; not the earlier refresh's
+    delta against the earlier release."""
+    base = (embedded.get("inputs", {}).get("base") or {}).get("version")
+    if kept.get("build") != "update" or base is None or kept.get("base") == base:
+        return
+    vectors = kept["counts"]["vectors"]
+    write_manifest(
+        out,
+        step=STEP.name,
+        params=config,
+        timer=timer,
+        inputs=inputs,
+        outputs=kept["outputs"],
+        counts={"vectors": vectors, "dim": kept["counts"]["dim"], "kept": vectors}
+        | {"added": 0, "changed": 0, "removed": 0},
+        extra={key: kept[key] for key in ("index_bytes", "search_params", "imbalance")}
+        | {"build": "update", "base": base},
+        run={"summary": summary, "build_seconds": 0.0, "gpu": False},
+    )
 
 
 def _describe(how: dict) -> str:

@@ -377,3 +377,23 @@ def test_a_refresh_with_nothing_new_takes_its_release_s_evaluation_under_today_s
     change_catalog(paths.workdir / "catalog", 1, 0, 0, 0)
     refresh.run(refresh_params(paths), paths.tracking_uri)
     assert json.loads((evaluated / "run.json").read_text())["recorded"] is False
+
+
+def test_a_refresh_with_nothing_new_describes_its_index_against_its_own_base(copied):
+    paths = copied
+    store = open_storage(paths.storage, paths.storage_uri)
+    change_catalog(paths.workdir / "catalog", 2, 1, 0, 1)
+    refresh.run(refresh_params(paths), paths.tracking_uri)
+    published = production.read_pointer(store).version
+
+    again = refresh.run(refresh_params(paths), paths.tracking_uri)  # nothing changed since
+
+    embedded = json.loads((paths.step_dir("embed") / "manifest.json").read_text())
+    indexed = json.loads((paths.step_dir("index") / "manifest.json").read_text())
+    assert embedded["inputs"]["base"]["version"] == published
+    assert (indexed["build"], indexed["base"]) == ("update", published)  # not the first's base
+    counts = indexed["counts"]
+    assert (counts["added"], counts["changed"], counts["removed"]) == (0, 0, 0)
+    assert counts["kept"] == counts["vectors"] == embedded["counts"]["listings"]
+    (line,) = [line for line in again.summary.splitlines() if line.startswith("index: ")]
+    assert "nothing rebuilt" in line and "updated from" not in line
