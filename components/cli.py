@@ -393,11 +393,14 @@ NOISY = ("great_expectations", "botocore", "urllib3", "PIL", "fontTools", "faiss
 
 def quiet_libraries() -> None:
     """Libraries' chatter at warning level and above only (Great Expectations alone logs
-    some 170 'Skipping registering function' lines at INFO on import), Python warnings as
-    log records at WARNING, and MLflow's records through the host's handlers (MLflow
-    otherwise writes them to stderr itself, which task logs show as errors). Call it before
-    the steps import their libraries: the CLI does, and so does an Airflow task."""
+        some 170 'Skipping registering function' lines at INFO on import), Python warnings as
+        log records at WARNING, and MLflow's records through the host's handlers (MLflow
+        otherwise writes them to stderr itself, which task logs show as errors), and off a terminal
+    no artifact download bar from MLflow. Call it before
+        the steps import their libraries: the CLI does, and so does an Airflow task."""
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.captureWarnings(True)
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if not sys.stderr.isatty():  # a task log: its bar would land as error lines
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -1007,8 +1007,7 @@ def describe_section(
 def describe_top_level() -> str:
     """One line per top-level key of params.yaml (seed, trigger), as `describe_section`."""
     return "\n".join(
-        f"  {name} ({_type_name(field.annotation)}, default {field.default!r}): "
-        f"{field.description}"
+        f"  {name} ({_type_name(field.annotation)}, default {field.default!r}): {field.description}"
         for name, field in Params.model_fields.items()
         if (field.alias or name) not in SECTIONS
     )

@@ -239,3 +239,32 @@ def test_a_moved_store_rewrites_only_locations_under_its_own_artifact_root(tmp_p
         == (tmp_path / "moved" / "mlartifacts" / "1").as_uri()
     )
     assert client.get_experiment(foreign).artifact_location == other
+
+
+LOAD_OFF_A_TERMINAL = """
+import sys
+from pathlib import Path
+from components.cli import quiet_libraries
+quiet_libraries()  # as the CLI and an Airflow task do
+from components.config import StepPaths
+from components.core.encoders import pick_device
+from components.release import registry
+work = Path(sys.argv[1])
+paths = StepPaths(workdir=work, catalog=str(work / "catalog"))
+print(registry.load_model("models:/listing-encoder/1", paths, pick_device("cpu")).reference)
+"""
+
+
+@pytest.mark.integration
+def test_a_registered_model_loaded_off_a_terminal_draws_no_progress_bar(copied):
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_OFF_A_TERMINAL, str(copied.workdir)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'version': '1'" in done.stdout
+    assert "Downloading artifacts" not in done.stderr  # a task log would show it as errors
