@@ -159,8 +159,8 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
     summary = (
         f"embed{where}: {counts['listings']} listings -> {loaded.model.dim}-d embeddings "
         f"with model {_describe(loaded.reference)} on {device}{delta}, "
-        f"{counts['held_out_views']} held-out views left out, {missing} listings without a "
-        f"usable view{_removal_note(counts['tombstoned'])}; {rate:.0f} listings/s"
+        f"{counts['held_out_views']} held-out views left out, {_left_out_note(counts)}; "
+        f"{rate:.0f} listings/s"
     )
     write_manifest(
         out,
@@ -284,8 +284,7 @@ def gather(config: EmbedConfig, paths: StepPaths, count: int) -> EmbedResult:
     rate = total / _wall_seconds(runs)
     summary = (
         f"embed: {total} listings gathered from {count} shards (model "
-        f"{_describe(runs[0]['model'])}), {missing} listings without a usable view"
-        f"{_removal_note(counts['tombstoned'])}"
+        f"{_describe(runs[0]['model'])}), {_left_out_note(counts)}"
     )
     write_manifest(
         out,
@@ -476,8 +475,12 @@ def _tombstoned(left_out: dict[str, str]) -> int:
     return sum(1 for reason in left_out.values() if reason == REMOVED)
 
 
-def _removal_note(tombstoned: int) -> str:
-    return f", {tombstoned} held out by a removal" if tombstoned else ""
+def _left_out_note(counts: dict) -> str:
+    """The clean listings left without an embedding, by why: no usable view, or a removal
+    (both in missing.parquet, each with its reason)."""
+    tombstoned = counts["tombstoned"]
+    note = f"{counts['missing'] - tombstoned} listings without a usable view"
+    return note + (f", {tombstoned} held out by a removal" if tombstoned else "")
 
 
 def _wall_seconds(runs: list[dict]) -> float:

@@ -151,10 +151,12 @@ def test_a_removed_listing_leaves_search_at_once_and_the_next_refresh_folds_it(c
     (tombstone,) = tombstones.read_all(store)
     assert tombstone.listing_ids == (gone, "no-such-listing") and tombstone.reason == "sold"
 
-    refresh.run(refresh_params(paths), paths.tracking_uri)
+    folded = refresh.run(refresh_params(paths), paths.tracking_uri)
 
     current = production.load_current_index(store)
     assert gone not in current.ids.listing_ids and current.manifest["kind"] == "refresh"
+    (said,) = [line for line in folded.summary.splitlines() if line.startswith("embed: ")]
+    assert "0 listings without a usable view, 1 held out by a removal" in said  # not both
     missing = pq.read_table(paths.step_dir("embed") / "missing.parquet").to_pylist()
     assert {"listing_id": gone, "reason": "removed"} in missing  # never silently dropped
     assert current.manifest["listings"]["tombstoned"] == 1
