@@ -35,6 +35,7 @@ Vendor = Literal["twemoji", "openmoji", "noto"]
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 CURRENT_CHAMPION = "current"  # evaluate.champion: the production store's CURRENT model
 MANUAL = "manual"  # the trigger of a run that was not told why it runs (`trigger`)
+AT_K = re.compile(r"_at_(\d+)\b")  # MLflow's spelling of `@K` in a metric name
 
 
 class ConfigError(ValueError):
@@ -435,6 +436,14 @@ class GatesConfig(Section):
         "(null: no gate).",
     )
 
+    @field_validator("min", "max_regression")
+    @classmethod
+    def _file_keys(cls, gates: dict[str, float]) -> dict[str, float]:
+        """A gate's metric as the steps' files name it: a key typed as MLflow shows it
+        (`recall_at_10`, MLflow refusing `@`: components/release/tracking.py metric_name)
+        is read as the same metric (`recall@10`)."""
+        return {AT_K.sub(r"@\1", key): value for key, value in gates.items()}
+
 
 class StalenessConfig(Section):
     """When a refresh says the model is stale (components/release/staleness.py)."""
@@ -536,7 +545,9 @@ class RegistryConfig(Section):
         "and rollback move its aliases.",
     )
     challenger_alias: str = Field(
-        "challenger", description="Alias train sets on a new version (gates pending)."
+        "challenger",
+        description="Alias train sets on a new version (gates pending); promote takes it off "
+        "the version it promotes.",
     )
     champion_alias: str = Field(
         "champion", description="Alias promote moves to the promoted version."

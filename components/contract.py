@@ -130,6 +130,13 @@ EMBED_BASE = Artifact(
 # index
 INDEX = Artifact("index", "index.faiss", "the FAISS index, its vectors labelled")
 INDEX_IDS = Artifact("index", "ids.parquet", "the listing of each label (listing_id, id)")
+INDEX_CHANGES = Artifact(
+    "index",
+    "changes.parquet",
+    "the listings a refresh added, changed or removed since the release it built on "
+    "(listing_id, change); none in a retrain",
+    local=True,  # relative to the production store's release
+)
 INDEX_BASE = Artifact(
     "index", "base", "a refresh's cache of the index it updates", folder=True, persistent=True
 )
@@ -266,7 +273,7 @@ _STEPS = (
     Step(
         "index",
         "build the FAISS index of the listing embeddings",
-        writes=(INDEX, INDEX_IDS, INDEX_BASE),
+        writes=(INDEX, INDEX_IDS, INDEX_CHANGES, INDEX_BASE),
         reads=EMBEDDED,
     ),
     Step(
@@ -332,6 +339,7 @@ RELEASE_FILES = (
     PROFILE,
     GATES,
     RELEASE_MODEL,
+    INDEX_CHANGES,
 )
 # stored with a version, not part of its content
-RELEASE_REPORTS = (METRICS, DETAILS, GATES)
+RELEASE_REPORTS = (METRICS, DETAILS, GATES, INDEX_CHANGES)

@@ -154,6 +154,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
         [paths.path(RECALL_PLOT), paths.path(GATES)],
         metrics | champion.get("flat", {}) | (staleness.flat(stale) if stale else {}),
         passed,
+        "refresh" if embedded["inputs"].get("base") else "retrain",
     )
     write_manifest(
         out,

@@ -39,7 +39,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import IndexConfig, StepPaths
-from components.contract import EMBEDDED_IDS, EMBEDDINGS, INDEX, INDEX_BASE, INDEX_IDS, STEPS
+from components.contract import (
+    EMBEDDED_IDS,
+    EMBEDDINGS,
+    INDEX,
+    INDEX_BASE,
+    INDEX_CHANGES,
+    INDEX_IDS,
+    STEPS,
+)
 from components.io import atomic
 from components.io.embedding_files import Embeddings, verify_embeddings
 from components.io.faiss_index import (
@@ -90,7 +98,8 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
             f"are the ones it indexed last ({config.factory}, "
             f"{kept['index_bytes'] / 2**20:.1f} MiB)"
         )
-        _rebase(out, config, timer, inputs, kept, embedded, summary)
+        _write_changes(paths, embedded)
+        _keep(out, config, timer, inputs, kept, embedded, summary)
         log.info("%s", summary)
         return IndexResult(out_dir=out, summary=summary)
     verify_embeddings(embed_dir, embedded)
@@ -111,6 +120,7 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     with atomic.writing(out / INDEX.name) as tmp:
         faiss.write_index(index, str(tmp))
     write_ids(out / INDEX_IDS.name, ids)
+    _write_changes(paths, embedded)
     size = (out / INDEX.name).stat().st_size
     summary = (
         f"index: {config.factory} over {index.ntotal} x {dim} vectors, {size / 2**20:.1f} MiB, "
@@ -125,22 +135,32 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
         outputs=describe_files(out, OUTPUTS),
         counts={"vectors": index.ntotal, "dim": dim} | how.pop("counts", {}),
         extra={"index_bytes": size, "search_params": search_params(config)} | how,
-        run={"summary": summary, "build_seconds": build_seconds, "gpu": on_gpu},
+        run={
+            "summary": summary,
+            "build_seconds": build_seconds,
+            "gpu": on_gpu,
+            "local_outputs": describe_files(out, [INDEX_CHANGES.name]),
+        },
     )
     log.info("%s", summary)
     return IndexResult(out_dir=out, summary=summary)
 
 
-def _rebase(out: Path, config: IndexConfig, timer: Timer, inputs, kept, embedded, summary) -> None:
-    """An index kept as it was, in a refresh built on a newer release than the one it was
-    updated from (the release that update published, then a refresh with nothing new):
-    its manifest says what it is against that release, every vector kept, nothing added,
-    changed or removed, as an update with no delta would; not the earlier refresh's
-    delta against the earlier release."""
+def _keep(out: Path, config: IndexConfig, timer: Timer, inputs, kept, embedded, summary) -> None:
+    """Record an index kept as it was: its manifest as before, and this run's record (its
+    changes.parquet, written anew). In a refresh built on a newer release than the one the
+    index was updated from (the release that update published, then a refresh with nothing
+    new), the manifest says what the index is against that release, every vector kept,
+    nothing added, changed or removed, as an update with no delta would; not the earlier
+    refresh's delta against the earlier release."""
+    fields = {k: v for k, v in kept.items() if k not in ("step", "params", "inputs", "outputs")}
+    counts = fields.pop("counts")
     base = (embedded.get("inputs", {}).get("base") or {}).get("version")
-    if kept.get("build") != "update" or base is None or kept.get("base") == base:
-        return
-    vectors = kept["counts"]["vectors"]
+    if fields.get("build") == "update" and base is not None and fields.get("base") != base:
+        vectors = counts["vectors"]
+        counts = {"vectors": vectors, "dim": counts["dim"], "kept": vectors}
+        counts |= {"added": 0, "changed": 0, "removed": 0}
+        fields["base"] = base
     write_manifest(
         out,
         step=STEP.name,
@@ -148,11 +168,14 @@ def _rebase(out: Path, config: IndexConfig, timer: Timer, inputs, kept, embedded
         timer=timer,
         inputs=inputs,
         outputs=kept["outputs"],
-        counts={"vectors": vectors, "dim": kept["counts"]["dim"], "kept": vectors}
-        | {"added": 0, "changed": 0, "removed": 0},
-        extra={key: kept[key] for key in ("index_bytes", "search_params", "imbalance")}
-        | {"build": "update", "base": base},
-        run={"summary": summary, "build_seconds": 0.0, "gpu": False},
+        counts=counts,
+        extra=fields,
+        run={
+            "summary": summary,
+            "build_seconds": 0.0,
+            "gpu": False,
+            "local_outputs": describe_files(out, [INDEX_CHANGES.name]),
+        },
     )
 
 
@@ -287,6 +310,47 @@ def _delta(base_ids: pa.Table, paths: StepPaths, released: Path) -> _Delta:
             "changed": len(changed_rows),
             "removed": len(labels) - len(found),
         },
+    )
+
+
+def _write_changes(paths: StepPaths, embedded: dict) -> None:
+    """changes.parquet: the listings added, changed (another fingerprint) and removed
+    since the release the embed step built on, by listing_id (none in a retrain). One
+    Arrow pass over both releases' ids; what the release records of what a refresh did."""
+    base = embedded.get("inputs", {}).get("base")
+    rows = pa.table({"listing_id": pa.array([], pa.string()), "change": pa.array([], pa.string())})
+    if base is not None:
+        released = base_release.version(
+            paths, base["version"], paths.path(INDEX_BASE), (EMBEDDED_IDS.name,)
+        )
+        rows = listing_changes(
+            _fingerprints(released.local / EMBEDDED_IDS.name), _embedded_ids(paths)
+        )
+    atomic.write_table(rows, paths.path(INDEX_CHANGES))
+
+
+def listing_changes(before: pa.Table, now: pa.Table) -> pa.Table:
+    """(listing_id, change) of each listing `added` to, `changed` in (another fingerprint)
+    or `removed` from `before` (listing_id, before: its fingerprint) to `now` (listing_id,
+    fingerprint), in that order, each group in `now`'s or `before`'s order."""
+    row = pc.index_in(before["listing_id"], value_set=now["listing_id"])
+    present = pc.is_valid(row)
+    same = pc.fill_null(pc.equal(before["before"], pc.take(now["fingerprint"], row)), False)
+    groups = {
+        "added": pc.filter(
+            now["listing_id"], pc.invert(pc.is_in(now["listing_id"], before["listing_id"]))
+        ),
+        "changed": pc.filter(before["listing_id"], pc.and_(present, pc.invert(same))),
+        "removed": pc.filter(before["listing_id"], pc.invert(present)),
+    }
+    return pa.concat_tables(
+        pa.table(
+            {
+                "listing_id": ids.cast(pa.string()),
+                "change": pa.array([change] * len(ids), pa.string()),
+            }
+        )
+        for change, ids in groups.items()
     )
 
 

@@ -109,17 +109,20 @@ def run(config: PromoteConfig, paths: StepPaths) -> PromoteResult:
         progress=lambda message: log.info("promote: %s", message),
         built_on=metadata["built_on"],  # a refresh replaces only the release it updated
     )
+    where = store_location(storage)
     registry.move_alias(
         paths,
         name,
         alias,
         model["version"],
-        {"production_version": published.version, "production_store": storage.uri},
+        {"production_version": published.version, "production_store": where},
     )
+    # the challenger is the champion now: one alias says so
+    registry.retire_alias(paths, name, paths.registry.challenger_alias, model["version"])
     tracking.tag_release(
         paths,
         evaluation.get("mlflow"),
-        {"release.version": published.version, "release.store": storage.uri},
+        {"release.version": published.version, "release.store": where},
     )
     # a removal holds until the catalog drops its listings (or they are restored): only
     # tombstones none of whose listings the release's catalog lists are retired
@@ -259,8 +262,8 @@ def _listing_gate(storage, manifests: dict, config: PromoteConfig) -> dict:
 
 def _verify_release_files(paths: StepPaths, manifests: dict, evaluation: dict) -> None:
     """Every file to upload still has the sha256 its step recorded, in its manifest or,
-    for the evaluation's machine-local reports, its run record (AlteredFile if not): what
-    is published is what was evaluated."""
+    for a machine-local file (the evaluation's reports, the index's changes), its run
+    record (AlteredFile if not): what is published is what was evaluated."""
     by_step: dict[str, list[str]] = {}
     for artifact in (*RELEASE_FILES, EMBEDDINGS):
         if artifact.step in manifests:  # not the model reference promote itself writes
@@ -269,8 +272,9 @@ def _verify_release_files(paths: StepPaths, manifests: dict, evaluation: dict) -
         tracked = [name for name in names if name in manifests[step]["outputs"]]
         verify_outputs(paths.step_dir(step), tracked, manifests[step])
         local = [name for name in names if name not in tracked]
-        if local:  # the evaluation's reports: recorded in its run record
-            recorded = {"step": step, "outputs": evaluation.get("local_outputs", {})}
+        if local:  # machine-local (the evaluation's reports): recorded in its run record
+            record = evaluation if step == "evaluate" else require_run(paths.step_dir(step))
+            recorded = {"step": step, "outputs": record.get("local_outputs", {})}
             verify_outputs(paths.step_dir(step), local, recorded)
 
 
@@ -354,12 +358,20 @@ def rollback(paths: StepPaths, to: str | None) -> str:
         new.model["name"] or paths.registry.model_name,
         alias,
         str(new.model["version"]),
-        {"production_version": new.version, "production_store": storage.uri},
+        {"production_version": new.version, "production_store": store_location(storage)},
     )
     return (
         f"rollback: CURRENT in {storage.uri} is now {new.version} (was {old.version}); "
         f"{new.model['name']}@{alias} -> v{new.model['version']}"
     )
+
+
+def store_location(storage) -> str:
+    """Where the store is, as the registry's and MLflow's tags say it: its URI, a local
+    folder made absolute (a relative one means nothing off this machine's working
+    directory)."""
+    uri = storage.uri
+    return uri if "://" in uri else str(Path(uri).resolve())
 
 
 def versions(paths: StepPaths) -> str:

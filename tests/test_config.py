@@ -271,3 +271,16 @@ def test_remove_without_ids_says_so_once(capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert err.strip() == "error: remove: no listing id given: name them, or pass --from FILE"
+
+
+def test_a_gate_typed_with_mlflow_s_metric_name_gates_the_same_metric():
+    typed = load_params(
+        PARAMS,
+        [
+            'evaluate.gates.min={"query_to_listing/recall_at_10": 0.5}',
+            'evaluate.gates.max_regression={"view_to_listing/ndcg_at_10": 0.01}',
+        ],
+    ).evaluate.gates
+
+    assert typed.min == {"query_to_listing/recall@10": 0.5}
+    assert typed.max_regression == {"view_to_listing/ndcg@10": 0.01}

@@ -69,4 +69,7 @@ def test_the_cli_has_a_command_per_step_with_its_files_in_the_help(capsys):
         parser.parse_args(["index", "--help"])
     shown = capsys.readouterr().out
     assert "reads: embed/embeddings, embed/listing_ids.parquet, embed/manifest.json" in shown
-    assert "writes: index/index.faiss, index/ids.parquet, index/base, index/manifest.json" in shown
+    assert (
+        "writes: index/index.faiss, index/ids.parquet, index/changes.parquet, index/base, "
+        "index/manifest.json"
+    ) in shown

@@ -108,6 +108,7 @@ def test_evaluate_writes_metrics_gates_plots_and_logs_to_the_training_run(indexe
     client = mlflow.MlflowClient(tracking_uri=indexed.mlflow_uri)
     logged = client.get_run(evaluation)
     assert logged.data.tags["mlflow.parentRunId"] == training  # nested in its training run
+    assert (logged.info.run_name, logged.data.tags["kind"]) == ("evaluate-retrain", "retrain")
     assert logged.data.metrics["query_to_listing/recall_at_10"] == pytest.approx(
         metrics["query_to_listing/recall@10"]
     )

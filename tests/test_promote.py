@@ -89,8 +89,9 @@ def test_promote_publishes_the_evaluated_release_and_moves_the_champion(evaluate
     assert manifest["metrics"] == metrics and all(g["passed"] for g in manifest["gates"])
     assert any(name.startswith("embeddings/part-") for name in manifest["files"])
     client = mlflow.MlflowClient(tracking_uri=evaluated.mlflow_uri)
-    tags = client.get_model_version(NAME, version).tags
-    assert tags["production_version"] == result.version
+    promoted = client.get_model_version(NAME, version)
+    assert promoted.tags["production_version"] == result.version
+    assert promoted.aliases == [ALIAS]  # the challenger it was is the champion now
 
     again = promote.run(PromoteConfig(), evaluated)
 
@@ -155,9 +156,14 @@ def test_a_retrain_is_compared_with_the_champion_and_rollback_moves_the_alias_ba
     assert production.load_current_index(store(evaluated)).version == first.version
 
     assert main(["versions", "--params", str(params)]) == 0
-    listed = capsys.readouterr().out
-    assert f"*  {first.version}  retrain  {NAME}/{first_model}" in listed
-    assert f"   {second.version}  retrain  {NAME}/{second_model}" in listed
+    rows = {
+        line.split()[2 if line.startswith("*") else 1]: line.split()
+        for line in capsys.readouterr().out.splitlines()[2:4]
+    }
+    assert rows[first.version][:2] == ["*", "#1"]  # current again
+    assert rows[first.version][3:7] == ["retrain", "-", "-", f"{NAME}/{first_model}"]
+    assert rows[second.version][0] == "#2"
+    assert rows[second.version][2:6] == ["retrain", "-", "-", f"{NAME}/{second_model}"]
 
     assert main(["rollback", "--params", str(params), "--to", second.version]) == 0
     assert registry.alias_version(evaluated, NAME, ALIAS) == second_model
@@ -322,12 +328,13 @@ def test_a_renamed_registered_model_is_registered_promoted_and_aliased_under_its
     embed.run(EmbedConfig(device="cpu"), paths)
     index.run(IndexConfig(), paths)
     evaluate.run(EVALUATE, paths)
+    version = registered_version(paths)
+    assert registry.alias_version(paths, "shop-encoder", "candidate") == version
 
     result = promote.run(PromoteConfig(), paths)
 
-    version = registered_version(paths)
-    assert registry.alias_version(paths, "shop-encoder", "candidate") == version
     assert registry.alias_version(paths, "shop-encoder", "live") == version
+    assert registry.alias_version(paths, "shop-encoder", "candidate") is None  # promoted
     assert production.load_current_index(store(paths)).manifest["model"]["name"] == "shop-encoder"
     names = [m.name for m in mlflow.MlflowClient(paths.mlflow_uri).search_registered_models()]
     assert names == ["shop-encoder"] and result.changed
@@ -413,9 +420,25 @@ def test_a_retrain_records_why_it_ran_in_its_runs_its_release_and_versions(
     assert manifest["trigger"] == why
     client = mlflow.MlflowClient(tracking_uri=paths.mlflow_uri)
     assert client.get_run(manifest["model"]["run_id"]).data.tags["trigger"] == why  # training
-    evaluation = manifest["evaluation"]["mlflow"]["run_id"]
-    assert client.get_run(evaluation).data.tags["trigger"] == why
+    evaluation = client.get_run(manifest["evaluation"]["mlflow"]["run_id"]).data.tags
+    assert (evaluation["trigger"], evaluation["kind"]) == (why, "retrain")
     capsys.readouterr()
     assert main(["versions", "--set", f"paths.workdir={paths.workdir}"]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("*  ")]
     assert row.rstrip().endswith(why[:45] + "...")  # cut to the column; the manifest holds all
+
+
+def test_the_store_is_named_where_it_is_in_the_registry_and_mlflow(evaluated, monkeypatch):
+    monkeypatch.chdir(evaluated.workdir.parent)  # a relative workdir, as params.yaml's
+    relative = dataclasses.replace(
+        evaluated, workdir=type(evaluated.workdir)(evaluated.workdir.name)
+    )
+
+    promote.run(PromoteConfig(), relative)
+
+    where = str(evaluated.workdir / "production")
+    client = mlflow.MlflowClient(tracking_uri=evaluated.mlflow_uri)
+    version = client.get_model_version(NAME, registered_version(evaluated))
+    assert version.tags["production_store"] == where
+    evaluation = read_run(evaluated.step_dir("evaluate"))["mlflow"]["run_id"]
+    assert client.get_run(evaluation).data.tags["release.store"] == where

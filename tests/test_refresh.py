@@ -17,10 +17,11 @@ from fastapi.testclient import TestClient
 from components import refresh
 from components.cli import main
 from components.config import load_params, with_overrides
-from components.contract import SPLITS
+from components.contract import INDEX_CHANGES, SPLITS
 from components.errors import StepFailed
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import read_embeddings
+from components.io.manifest import sha256_file
 from components.release import production, registry, tombstones
 from components.release.serving import QueryEmbedder
 from components.release.storage import open_storage
@@ -84,7 +85,16 @@ def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied,
     appended = set(files) - set(base)
     assert appended == {"embeddings/deleted.npy", f"embeddings/part-{len(parts):06d}.npy"}
     assert main(["versions", "--set", f"paths.workdir={paths.workdir}"]) == 0
-    assert f"*  {current.version}  refresh" in capsys.readouterr().out
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("*  ")]
+    # the second version, a refresh built on the first: 4 added, 3 changed, 2 removed there
+    assert row.split()[1:8] == ["#2", current.version, "refresh", "#1", "+4", "~3", "-2"]
+    # which listings it changed, recorded with the release (not part of what it serves)
+    recorded = pq.read_table(paths.path(INDEX_CHANGES)).to_pylist()
+    assert files[INDEX_CHANGES.name]["sha256"] == sha256_file(paths.path(INDEX_CHANGES))
+    assert {
+        change: sorted(r["listing_id"] for r in recorded if r["change"] == change)
+        for change in ("added", "changed", "removed")
+    } == {change: sorted(ids) for change, ids in changes.items()}
 
     # unchanged listings: bitwise the vectors a full embed with the same model gives
     ids, vectors = read_embeddings(paths)
@@ -207,7 +217,8 @@ def test_a_removal_holds_across_refreshes_until_the_operator_restores_it(copied,
         capsys.readouterr()
         assert main(["versions", *workdir]) == 0
         (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("*  ")]
-        assert row.split()[1] == released[0] and row.split()[5] == "1"  # held out: 1
+        cells = row.split()  # *, #, version, kind, built on, +added ~changed -removed, ...
+        assert cells[2] == released[0] and cells[10] == "1"  # held out: 1
 
         assert main(["restore", gone, "--reason", "sale cancelled", *workdir]) == 0
         assert "1 listing(s) no longer removed" in capsys.readouterr().out
@@ -273,7 +284,7 @@ def test_a_catalog_changed_past_the_threshold_since_training_is_stale(copied, ca
     shown = capsys.readouterr().out.splitlines()
     assert shown[-1].startswith("the current model is stale: ") and "max_new_share" in shown[-1]
     (row,) = [line for line in shown if line.startswith("*  ")]
-    assert row.split()[2] == "refresh" and row.split()[-2:] == ["yes", "manual"]
+    assert row.split()[3] == "refresh" and row.split()[-2:] == ["yes", "manual"]
 
 
 def test_a_refresh_reads_nothing_of_this_workdir_s_train_step(copied):
@@ -301,7 +312,7 @@ def test_a_refresh_reads_nothing_of_this_workdir_s_train_step(copied):
     assert evaluated["listings"] == tested["listings"] + 2
 
 
-def test_a_refresh_with_nothing_new_publishes_nothing_even_after_a_rollback(copied):
+def test_a_refresh_with_nothing_new_publishes_nothing_even_after_a_rollback(copied, capsys):
     paths = copied
     store = open_storage(paths.storage, paths.storage_uri)
     retrained = production.read_pointer(store).version
@@ -327,6 +338,17 @@ def test_a_refresh_with_nothing_new_publishes_nothing_even_after_a_rollback(copi
     assert len(production.list_versions(store)) == 2  # no third, byte-identical version
     assert production.read_pointer(store).version == retrained
     assert "nothing published" in again.summary.splitlines()[-1]
+
+    # a refresh on the rolled-back release: listed after the newer one, built on the first
+    change_catalog(paths.workdir / "catalog", 2, 0, 0, 0)
+    refresh.run(same, paths.tracking_uri)
+    capsys.readouterr()
+    assert main(["versions", "--set", f"paths.workdir={paths.workdir}"]) == 0
+    rows = [line.removeprefix("*").split() for line in capsys.readouterr().out.splitlines()]
+    first, second, third = rows[2:5]
+    assert first[:4] == ["#1", retrained, "retrain", "-"]
+    assert second[0] == "#2" and second[2:7] == ["refresh", "#1", "+2", "~0", "-0"]
+    assert third[0] == "#3" and third[2:7] == ["refresh", "#1", "+2", "~0", "-0"]  # not on #2
 
 
 def test_a_refresh_takes_the_frozen_baseline_from_the_model_s_training_release(copied, tmp_path):

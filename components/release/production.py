@@ -198,10 +198,11 @@ def version_time(version: str) -> datetime | None:
 
 
 def content_hash(files: dict[str, dict], model: dict) -> str:
-    """sha256 over what a version serves: its files' hashes (not the evaluation's reports,
-    which change with every evaluation, e.g. latency, nor the model reference's bytes,
-    which say where this run loaded the model from) and the model's registered identity
-    and weights."""
+    """sha256 over what a version serves: its files' hashes (not the reports: the
+    evaluation's, which change with every evaluation, e.g. latency, and the list of what a
+    refresh changed, which depends on the release it built on; nor the model reference's
+    bytes, which say where this run loaded the model from) and the model's registered
+    identity and weights."""
     digest = hashlib.sha256()
     for name in sorted(set(files) - set(REPORTS) - {RELEASE_MODEL.name}):
         digest.update(f"{name}\0{files[name]['sha256']}\n".encode())
@@ -578,66 +579,53 @@ def listing_count(manifest: dict) -> int | None:
 
 
 def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
-    """One line per version, oldest first: current marker, kind, model version, listings,
-    listings held out by a removal, the bytes it added to the store, metrics, and a
-    refresh's staleness verdict (the
-    reasons under the table for the current version)."""
+    """One line per version, oldest first, numbered: current marker, kind, the version a
+    refresh was built on (by its number; its name when retention deleted it) and what it
+    changed there, model version, listings, listings held out by a removal, the bytes it
+    added to the store, metrics, a refresh's staleness verdict (the reasons under the
+    table for the current version) and why its run ran."""
     current = read_pointer(storage)
     metric_names = [k.replace("/recall@10", " R@10") for k in metric_keys]
-    rows = [
-        (
-            "",
-            "version",
-            "kind",
-            "model",
-            "listings",
-            "held out",
-            "added",
-            *metric_names,
-            "stale",
-            "trigger",
-        )
-    ]
+    header = (
+        *("", "#", "version", "kind", "built on", "changes", "model", "listings"),
+        *("held out", "added", *metric_names, "stale", "trigger"),
+    )
+    rows = [header]
     reasons: list[str] = []
-    for info in list_versions(storage):
+    found = list_versions(storage)
+    number = {info.version: f"#{n}" for n, info in enumerate(found, start=1)}
+    for info in found:
         mark = "*" if current and info.version == current.version else ""
         if not info.complete:
-            rows.append(
-                (
-                    mark,
-                    info.version,
-                    "",
-                    "(incomplete)",
-                    "",
-                    "",
-                    "",
-                    *["" for _ in metric_keys],
-                    "",
-                    "",
-                )
-            )
+            rows.append((mark, number[info.version], info.version, "", "", "", "(incomplete)"))
             continue
-        staleness = info.manifest.get("staleness") or {}
+        manifest = info.manifest
+        staleness = manifest.get("staleness") or {}
         if mark and staleness.get("stale"):
             reasons = staleness.get("reasons", [])
-        metrics = info.manifest.get("metrics", {})
-        model = info.manifest.get("model", {})
-        count = listing_count(info.manifest)
+        metrics = manifest.get("metrics", {})
+        model = manifest.get("model", {})
+        count = listing_count(manifest)
+        built_on = manifest.get("built_on")
         rows.append(
             (
                 mark,
+                number[info.version],
                 info.version,
-                info.manifest.get("kind", "retrain"),
+                manifest.get("kind", "retrain"),
+                "-" if built_on is None else number.get(built_on, built_on),
+                _changes(manifest),
                 f"{model.get('name')}/{model.get('version')}",
                 "-" if count is None else f"{count:,}",
-                _held_out(info.manifest),
-                _added(info.manifest),
+                _held_out(manifest),
+                _added(manifest),
                 *[f"{metrics[k]:.3f}" if k in metrics else "-" for k in metric_keys],
                 "-" if not staleness else "yes" if staleness.get("stale") else "no",
-                _trigger(info.manifest),
+                _trigger(manifest),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    rows = [row + ("",) * (len(header) - len(row)) for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     where = f"store: {storage.uri}"
     if current is None:
@@ -646,6 +634,15 @@ def versions_table(storage: Storage, metric_keys: tuple[str, ...]) -> str:
     return "\n".join(
         [where, *lines, f"* current ({current.reason} at {current.updated_at})", *stale]
     )
+
+
+def _changes(manifest: dict) -> str:
+    """A refresh's listings added, changed and removed since the version it was built on
+    (`+a ~c -r`; the ids are in its changes.parquet); "-" for a retrain."""
+    delta = manifest.get("delta")
+    if not delta:
+        return "-"
+    return f"+{delta.get('added', 0):,} ~{delta.get('changed', 0):,} -{delta.get('removed', 0):,}"
 
 
 def _trigger(manifest: dict, width: int = 48) -> str:

@@ -169,6 +169,25 @@ def move_alias(paths: StepPaths, name: str, alias: str, version: str, tags: dict
         client.set_model_version_tag(name, version, key, str(value))
 
 
+def retire_alias(paths: StepPaths, name: str, alias: str, version: str) -> bool:
+    """Remove `name@alias` when it points at `version` (the challenger that became the
+    champion); True when it did. An alias on another version stays."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(paths))
+    try:
+        held = client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if not _is_absent(err):
+            raise
+        return False
+    if str(held.version) != str(version):
+        return False
+    client.delete_registered_model_alias(name, alias)
+    return True
+
+
 def _is_absent(err) -> bool:
     """The registry answered that the model, version or alias does not exist (a missing
     alias is INVALID_PARAMETER_VALUE), as opposed to not answering at all."""

@@ -1,6 +1,6 @@
 """The trained model as an MLflow pyfunc that embeds raw listings and queries.
 
-`mlflow.pyfunc.load_model("models:/listing-encoder@challenger").predict(frame)` takes a
+`mlflow.pyfunc.load_model("models:/listing-encoder@champion").predict(frame)` takes a
 DataFrame with a `kind` column and returns one unit embedding per row:
 
 - `listing`: title, description, tags, category, image_uris (file:// or s3:// URIs, or

@@ -217,11 +217,12 @@ def no_run(*_args, **_kwargs) -> Iterator[_NoRun]:
 
 
 def log_evaluation(
-    paths: StepPaths, reference: dict, files: list[Path], metrics: dict, passed: bool
+    paths: StepPaths, reference: dict, files: list[Path], metrics: dict, passed: bool, kind: str
 ) -> dict | None:
-    """An evaluation run nested in the model's training run (when it has one): the test
-    `metrics` under their `metric_name`s, the report `files`, and whether the gates passed.
-    Returns its reference (for the run record and promote), else None."""
+    """An evaluation run nested in the model's training run (when it has one), named and
+    tagged by `kind` (the release it evaluates: retrain or refresh) and the run's trigger:
+    the test `metrics` under their `metric_name`s, the report `files`, and whether the
+    gates passed. Returns its reference (for the run record and promote), else None."""
     if not reference.get("run_id"):
         log.info("evaluate: the model has no MLflow run; its metrics are on disk only")
         return None
@@ -229,12 +230,13 @@ def log_evaluation(
 
     mlflow.set_tracking_uri(tracking_uri(paths))
     parent = mlflow.MlflowClient().get_run(reference["run_id"])
+    tags = {"step": "evaluate", "kind": kind, "trigger": paths.trigger}
     with mlflow.start_run(
-        run_name="evaluate",
+        run_name=f"evaluate-{kind}",
         experiment_id=parent.info.experiment_id,
         parent_run_id=reference["run_id"],
         nested=True,
-        tags={"step": "evaluate", "gates_passed": str(passed).lower(), "trigger": paths.trigger},
+        tags=tags | {"gates_passed": str(passed).lower()},
     ) as run:
         mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
         for path in files:
