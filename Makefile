@@ -10,7 +10,7 @@ PIP_VERSION := 26.3
 OPTIONAL_DATA := .cache/debian/.fetched
 
 .DEFAULT_GOAL := help
-.PHONY: help run refresh test lint serve metrics mlflow-ui screenshot gpu-check params-doc lock venv clean-artifacts browser
+.PHONY: help run refresh test lint serve metrics mlflow-ui screenshot gpu-check params-doc plots-template lock venv clean-artifacts browser
 
 help: ## list the targets
 	@echo "make <target>   (the first run of any target creates .venv from requirements.lock)"
@@ -76,6 +76,14 @@ $(STAMP): requirements.lock pyproject.toml
 # Optional Debian data (CLDR keywords, Noto font) for a richer sample catalog; never fatal.
 $(OPTIONAL_DATA): scripts/fetch_optional_data.sh
 	@bash scripts/fetch_optional_data.sh .cache/debian
+
+VEGA_PACKAGES = vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
+plots-template: ## rebuild .dvc/plots.html, DVC's plots page with Vega inline (needs the npm registry)
+	rm -rf .cache/vega && mkdir -p .cache/vega
+	cd .cache/vega && for pkg in $(VEGA_PACKAGES); do \
+	  name=$${pkg%@*}; file=$$(npm pack --silent $$pkg) && mkdir $$name && tar xzf $$file -C $$name; \
+	done
+	$(PYTHON) scripts/dvc_plots_template.py .cache/vega
 
 lock: ## re-resolve requirements.in jointly into requirements.lock (needs the package index)
 	rm -rf .cache/lock-venv

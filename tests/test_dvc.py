@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.core.retrieval import TASKS
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -111,3 +112,52 @@ def test_dvc_repro_builds_a_small_catalog_reproducibly_and_runs_an_experiment(tm
     assert plots.returncode == 0 and "recall_curves.json" in plots.stdout
     current_after = json.loads((tmp_path / "artifacts/production/indices/CURRENT").read_text())
     assert current_after == current
+
+
+INKED = """
+const canvas = arguments[0];
+const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+let inked = 0;
+for (let i = 3; i < pixels.length; i += 4) if (pixels[i] > 0) inked++;
+return inked;
+"""
+
+
+def test_dvc_plots_render_with_no_network(tmp_path):
+    """`dvc plots show` with this repository's plots and page: every plot drawn in a
+    browser whose every request to the network fails (a proxy on a closed port)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.harness.browser import chrome, require_browser
+
+    require_browser()
+    for name in ("dvc.yaml", ".dvc/config", ".dvc/plots.html"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, tmp_path / name)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    history = [{"epoch": e, "loss": 1.0 / e, "val/score": 0.5 + e / 10} for e in (1, 2, 3)]
+    curves = [
+        {"k": k, **{f"{task}/{who}": k / 100 for task in TASKS for who in ("model", "frozen")}}
+        for k in (1, 10, 50)
+    ]
+    for path, rows in (("train/history.json", history), ("evaluate/recall_curves.json", curves)):
+        (tmp_path / "artifacts" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "artifacts" / path).write_text(json.dumps(rows))
+
+    shown = _dvc(["plots", "show", "-o", "plots"], tmp_path)
+
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    page = tmp_path / "plots" / "index.html"
+    driver = chrome("--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>")
+    try:
+        driver.get(page.as_uri())
+        charts = "return document.querySelectorAll('.vega-embed canvas.marks').length"
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(charts) == 2)
+        inked = [  # pixels drawn on each chart: axes, titles, lines
+            driver.execute_script(INKED, canvas)
+            for canvas in driver.find_elements(By.CSS_SELECTOR, ".vega-embed canvas.marks")
+        ]
+    finally:
+        driver.quit()
+    assert min(inked) > 2000, inked

@@ -3,8 +3,6 @@ releases that swap (a promotion, a rollback, a broken release) while it serves."
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from components.service.app import Metrics, create_app
 from components.service.filters import parts
 from components.service.server import build
 from tests.conftest import REPO_ROOT, png_claiming
+from tests.harness.browser import browser_or_skip, chrome, require_browser
 from tests.test_promote import EVALUATE, copy_of, evaluated_once  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.integration
@@ -387,9 +386,6 @@ def test_releases_swap_on_promotion_and_rollback_and_a_broken_one_is_not_served(
         evaluate.run(EVALUATE, paths)
 
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
 @pytest.fixture
 def live_url(service):
     """An app of the service's release keeper behind a real uvicorn server on 127.0.0.1, in
@@ -442,28 +438,10 @@ def test_the_api_is_what_its_openapi_document_says(live_url, tmp_path):
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
 
 
-REQUIRE_BROWSER = "REQUIRE_BROWSER_TEST"  # "1": a missing browser fails the test (CI)
-
-
-def browser_or_skip(chromium: str | None, driver: str | None, required: bool) -> None:
-    """Skip, saying what is missing; fail instead where the browser test is required."""
-    needed = (("chromium", chromium), ("chromedriver", driver))
-    missing = [name for name, path in needed if not path]
-    if not missing:
-        return
-    why = (
-        f"the browser test needs {' and '.join(missing)} (Debian: apt-get install chromium "
-        "chromium-driver; make test installs them when run as root)"
-    )
-    if required:
-        pytest.fail(f"{REQUIRE_BROWSER}=1 and {why}", pytrace=False)
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="session")
 def browser():
     """Before the service is built: a skip costs nothing."""
-    browser_or_skip(CHROMIUM, CHROMEDRIVER, os.environ.get(REQUIRE_BROWSER) == "1")
+    require_browser()
 
 
 @pytest.mark.parametrize("required", [False, True])
@@ -476,23 +454,13 @@ def test_a_missing_browser_skips_unless_required_then_fails_naming_it(required):
 def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(browser, service, live_url):
     """Text search, a category chip, "more like this", the back button, an address opened
     directly, and photo search, in Chromium."""
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     _, keeper, paths = service
     rows = _catalog_rows(paths)
     category_of = {r["listing_id"]: r["category"] for r in rows}
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--window-size=1200,900",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    driver = chrome("--window-size=1200,900")
     wait = WebDriverWait(driver, 60)
     loaded_photos = (
         "return Array.from(document.querySelectorAll('#results img'))"
