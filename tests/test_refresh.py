@@ -158,6 +158,7 @@ def test_a_removed_listing_leaves_search_at_once_and_the_next_refresh_folds_it(c
     hits = keeper.current.search(vector, 5)[0]
     assert gone not in [listing for listing, _ in hits] and len(hits) == 5  # still k answers
     assert keeper.current.vector_of(gone) is None
+    assert keeper.current.searchable() == keeper.current.size - 1  # "of N listings" counts
     (tombstone,) = tombstones.read_all(store)
     assert tombstone.listing_ids == (gone, "no-such-listing") and tombstone.reason == "sold"
 

@@ -92,6 +92,8 @@ def test_similar_listings_leave_out_the_listing_itself(service):
 
     hits = [hit["listing_id"] for hit in answer.json()["results"]]
     assert answer.status_code == 200 and len(hits) == 5 and listing_id not in hits
+    # it names the listing it is like, as a shared address does not
+    assert answer.json()["title"] == _catalog_rows(paths)[0]["title"]
     missing = client.get("/listings/no-such-listing/similar")
     assert missing.status_code == 404 and "no-such-listing" in missing.json()["detail"]
 
@@ -146,6 +148,7 @@ def test_a_category_filter_keeps_k_results_all_under_it(service, endpoint):
         body = answer.json()
         found = [hit["listing_id"] for hit in body["results"]]
         assert body["category"] == [category]
+        assert body["searched"] == matching  # the listings ranked: the category's
         assert all(category_of[i].startswith(category) for i in found), found
         expected = k - 1 if endpoint == "similar" and matching == k else k
         assert len(found) == expected
@@ -452,8 +455,10 @@ def test_a_missing_browser_skips_unless_required_then_fails_naming_it(required):
 
 
 def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(browser, service, live_url):
-    """Text search, a category chip, "more like this", the back button, an address opened
-    directly, and photo search, in Chromium."""
+    """Text search with how many were found and the next pages, a category chip, "more like
+    this", the back button, an address opened directly, photo search and its reload, a
+    shared "more like this" address and its back button, in Chromium; the box, the photo
+    and the count say what is on screen."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -467,14 +472,22 @@ def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(browser, servi
         ".filter(img => img.complete && img.naturalWidth > 0).length"
     )
 
-    def shown() -> list[str]:
-        return [
-            e.get_attribute("data-listing-id")
-            for e in driver.find_elements(By.CSS_SELECTOR, ".result")
-        ]
+    def shown() -> list[str]:  # read at once: the list is replaced as answers arrive
+        return driver.execute_script(
+            "return Array.from(document.querySelectorAll('.result'), e => e.dataset.listingId)"
+        )
 
     def status() -> str:
         return driver.find_element(By.ID, "status").text
+
+    def box() -> str:
+        return driver.find_element(By.ID, "q").get_attribute("value")
+
+    def more_shown() -> bool:
+        return driver.find_element(By.ID, "more").is_displayed()
+
+    listings = keeper.current.searchable()
+    title_of = {r["listing_id"]: r["title"] for r in rows}
 
     try:
         driver.get(live_url)
@@ -485,8 +498,17 @@ def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(browser, servi
         wait.until(lambda d: d.execute_script(loaded_photos) >= 5)
         assert rows[7]["listing_id"] in shown()
         assert "q=" in driver.current_url  # the address holds the query
+        # how many of how many, and the next pages until every listing is shown
+        assert status().startswith(f"best 24 of {listings} listings for ")
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)  # git-ignored; `make screenshot` copies
         driver.save_screenshot(str(SCREENSHOTS / "search-page.png"))
+        first_page = shown()
+        driver.find_element(By.ID, "more").click()
+        wait.until(lambda d: len(shown()) == 48)
+        assert shown()[:24] == first_page and status().startswith(f"best 48 of {listings} ")
+        driver.find_element(By.ID, "more").click()
+        wait.until(lambda d: len(shown()) == listings)
+        assert not more_shown()  # nothing more to show
 
         # a facet chip filters the results to its category
         chip = driver.find_elements(By.CSS_SELECTOR, ".chip[data-category]")[0]
@@ -495,20 +517,24 @@ def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(browser, servi
         wait.until(lambda d: "in " + category in status())
         assert shown() and all(category_of[i].startswith(category) for i in shown())
         assert "category=" in driver.current_url
+        in_category = sum(c.startswith(category) for c in category_of.values())
+        assert f" of {in_category} listings in {category} " in status()  # the category's size
         filtered = shown()
 
         # "more like this" on the first result, in place, with a way back
         first = filtered[0]
         driver.find_element(By.CSS_SELECTOR, ".result .more").click()
-        wait.until(lambda d: "more like" in status())
+        wait.until(lambda d: f"more like {title_of[first]}" in status())
         wait.until(lambda d: first not in shown() and len(shown()) > 0)
         assert f"similar={first}" in driver.current_url
+        assert box() == ""  # not the query of the search before
         assert all(category_of[i].startswith(category) for i in shown())
         driver.find_element(By.ID, "back").click()
         wait.until(lambda d: "more like" not in status() and "in " + category in status())
         assert shown() == filtered
+        assert box() == title
         driver.back()  # the browser's own button: the unfiltered search again
-        wait.until(lambda d: "in " + category not in status() and "results for" in status())
+        wait.until(lambda d: "in " + category not in status() and "listings for" in status())
         assert rows[7]["listing_id"] in shown()
 
         # an address opened directly runs its search
@@ -525,9 +551,27 @@ def test_the_page_in_a_real_browser_searches_by_text_and_by_photo(browser, servi
         upload = driver.find_element(By.ID, "photo")
         driver.execute_script("arguments[0].hidden = false", upload)
         upload.send_keys(str(Path(paths.catalog) / rows[3]["image_uris"][0]))
-        wait.until(lambda d: "results for photo" in status())
+        wait.until(lambda d: "for your photo" in status())
         wait.until(lambda d: d.execute_script(loaded_photos) >= 1)
         assert all(category_of[i].startswith(top) for i in shown())  # the filter stays
+        assert box() == ""  # a photo search: no text query in the box
+        photo_shown = (
+            "const p = document.getElementById('query-photo');"
+            "return !p.hidden && p.complete && p.naturalWidth > 0"
+        )
+        wait.until(lambda d: d.execute_script(photo_shown))
+        by_photo = shown()
+        assert "photo=" in driver.current_url
+        driver.refresh()  # the photo search again, from this tab's session
+        wait.until(lambda d: "for your photo" in status() and shown() == by_photo)
+        assert driver.execute_script(photo_shown)
+
+        # a shared "more like this" address names the listing, and its Back stays here
+        driver.get(f"{live_url}/?similar={urllib.parse.quote(rows[5]['listing_id'])}")
+        wait.until(lambda d: f"more like {rows[5]['title']}" in status())
+        driver.find_element(By.ID, "back").click()
+        wait.until(lambda d: not shown())
+        assert driver.current_url == f"{live_url}/"  # the page's start, not the page before it
     finally:
         driver.quit()
 

@@ -196,7 +196,12 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         return out
 
     def answer(served: ServedRelease, hits, facets=None, category=(), **extra) -> dict:
+        """The one answer shape: the release, what was asked, `searched` (the listings
+        the search ranked: the release's or its category's, the removed ones aside; the
+        results are the best of those), facets and results."""
         out = {"release": served.version, **extra}
+        where = served.taxonomy.resolve(tuple(category)) if category else None
+        out["searched"] = served.searchable(where)
         if category:
             out["category"] = list(category)
         if facets is not None:
@@ -298,8 +303,10 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         depth = max(k, config.facet_hits) + 1
         nearest = [hit for hit in served.search(vector, depth)[0] if hit[0] != listing_id]
         facets = served.facets(nearest[: config.facet_hits]) if config.facet_hits else None
+        source = served.listings.get(listing_id)
+        about = {"listing_id": listing_id, "title": source.title if source else None}
         if not values:
-            return answer(served, nearest[:k], facets, listing_id=listing_id)
+            return answer(served, nearest[:k], facets, **about)
         try:
             where = served.taxonomy.resolve(values)
         except FilterError as err:
@@ -307,7 +314,7 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         hits, strategy = served.search_where(vector, k + 1, where, config.overfetch_min_share)
         metrics.filters.labels(strategy).inc()
         hits = [hit for hit in hits[0] if hit[0] != listing_id][:k]
-        return answer(served, hits, facets, values, listing_id=listing_id)
+        return answer(served, hits, facets, values, **about)
 
     @app.get(
         "/photos/{ref:path}",
@@ -364,6 +371,7 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
             "metrics": {k: v for k, v in metrics_.items() if "recall@10" in k},
             "loaded_at": served.loaded_at,
             "last_error": keeper.last_error,
+            "max_k": config.max_k,
         }
 
     @app.get(

@@ -137,6 +137,15 @@ class ServedRelease:
                 break
         return hits
 
+    def searchable(self, where: Filter | None = None) -> int:
+        """How many listings a search ranks: the release's, or those `where` keeps, but
+        the removed ones (what "24 of N" counts)."""
+        if where is None:
+            return self.size - len(self.removed)
+        label_of = self.labels.label_of
+        gone = np.array([label_of[i] for i in self.removed], dtype=np.int64)
+        return len(where.labels) - int(np.isin(gone, where.labels).sum())
+
     def facets(self, hits: list[tuple[str, float]]) -> dict[str, int]:
         """Counts per top-level category over `hits`."""
         label_of = self.labels.label_of
