@@ -135,12 +135,7 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
         outputs=describe_files(out, OUTPUTS),
         counts={"vectors": index.ntotal, "dim": dim} | how.pop("counts", {}),
         extra={"index_bytes": size, "search_params": search_params(config)} | how,
-        run={
-            "summary": summary,
-            "build_seconds": build_seconds,
-            "gpu": on_gpu,
-            "local_outputs": describe_files(out, [INDEX_CHANGES.name]),
-        },
+        run=_run_record(out, summary, build_seconds, on_gpu),
     )
     log.info("%s", summary)
     return IndexResult(out_dir=out, summary=summary)
@@ -170,13 +165,19 @@ def _keep(out: Path, config: IndexConfig, timer: Timer, inputs, kept, embedded, 
         outputs=kept["outputs"],
         counts=counts,
         extra=fields,
-        run={
-            "summary": summary,
-            "build_seconds": 0.0,
-            "gpu": False,
-            "local_outputs": describe_files(out, [INDEX_CHANGES.name]),
-        },
+        run=_run_record(out, summary, 0.0, False),
     )
+
+
+def _run_record(out: Path, summary: str, build_seconds: float, gpu: bool) -> dict:
+    """This run's machine-local facts: its changes.parquet is relative to the production
+    store's release, so its hash is recorded here (promote checks it), not in the manifest."""
+    return {
+        "summary": summary,
+        "build_seconds": build_seconds,
+        "gpu": gpu,
+        "local_outputs": describe_files(out, [INDEX_CHANGES.name]),
+    }
 
 
 def _describe(how: dict) -> str:
