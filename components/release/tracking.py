@@ -3,8 +3,9 @@ plots, and one run per evaluation nested in it.
 
 What made the model is on its training run: the train params (`train.*`), the featurize
 params that made its features (`featurize.*`: encoders, image size, text views), the seed,
-and tags for the catalog (`lineage.catalog`, the sha256 of its files), the features and the
-code (`code.*`). Each evaluation is a child run named `evaluate` carrying the test metrics
+and tags for the catalog (`lineage.catalog`, the sha256 of its files), the features, the
+code (`code.*`) and why the run ran (`trigger`). Each evaluation is a child run named
+`evaluate-retrain` or `evaluate-refresh` (tags `kind`, `trigger`) carrying the test metrics
 under the names of the evaluate step's files, mapped only by `metric_name` (MLflow refuses
 `@`: `query_to_listing/recall@10` -> `query_to_listing/recall_at_10`); promote tags the
 evaluation it shipped with the release version.
