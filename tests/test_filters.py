@@ -54,7 +54,10 @@ def _exact(vectors, categories, query, prefix: str, k: int) -> list[str]:
     return [f"l{keep[i]}" for i in np.argsort(-scores, kind="stable")[:k]]
 
 
-@pytest.mark.parametrize("factory", ["IDMap2,Flat", "IVF32,Flat", "IVF32,SQ8", "IDMap2,HNSW16"])
+@pytest.mark.parametrize(
+    "factory",
+    ["IDMap2,Flat", "IVF32,Flat", "IVF32,SQ8", "IDMap2,HNSW16", "IDMap2,IVF32,SQ8,Refine(SQfp16)"],
+)
 def test_filtered_search_takes_the_strategy_of_its_selectivity_and_finds_the_exact_top(factory):
     categories = _categories()
     served, vectors = _release(factory, categories)

@@ -148,12 +148,36 @@ def search_params(index: faiss.Index, selectivity: float, k: int, where: Filter 
     """`SearchParameters` for a filtered search of k on this kind of index: IVF probes
     widened by 1/sqrt(selectivity) (capped at every list: a filter's neighbours lie
     farther out), HNSW's breadth by 1/selectivity (its walk meets matching nodes at that
-    rate), and with `where`, the search kept to its labels; None when nothing differs
-    from a plain search."""
+    rate), and with `where`, the search kept to its labels; a re-ranking index
+    (`...,Refine(...)`) gets them for the index it re-ranks, inside its own parameters
+    (FAISS refuses any other kind); None when nothing differs from a plain search."""
     selector = None if where is None else where.selector()
     inner = index
     if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
         inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexRefine):
+        # the base sees row numbers: an IDMap translates only the outer parameters' selector
+        inside = selector
+        if selector is not None and inner is not index:
+            inside = faiss.IDSelectorTranslated(index.id_map, selector)
+        base = _params_of(faiss.downcast_index(inner.base_index), selectivity, k, inside)
+        if base is None:
+            return None
+        params = faiss.IndexRefineSearchParameters(k_factor=inner.k_factor, base_index_params=base)
+        params.base_ref = (base, inside)  # the base's parameters, kept alive with these
+    else:
+        params = _params_of(inner, selectivity, k, selector)
+        if params is None:
+            return None
+    if selector is not None:
+        params.sel = selector
+        params.selector_ref = (selector, where)  # raw pointers inside: keep them alive
+    return params
+
+
+def _params_of(inner: faiss.Index, selectivity: float, k: int, selector):
+    """The search parameters of an IVF or HNSW index (or plain ones when a selector needs
+    them), widened for `selectivity`; None when a plain search does."""
     ivf = faiss.try_extract_index_ivf(inner)
     if ivf is not None:
         widened = math.ceil(ivf.nprobe / math.sqrt(max(selectivity, 1e-6)))
@@ -167,5 +191,4 @@ def search_params(index: faiss.Index, selectivity: float, k: int, where: Filter 
         params = faiss.SearchParameters()
     if selector is not None:
         params.sel = selector
-        params.selector_ref = (selector, where)  # raw pointers inside: keep them alive
     return params
