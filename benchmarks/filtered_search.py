@@ -16,6 +16,7 @@ filtered search: recall@10, the strategy taken and the time per query.
 
     .venv/bin/python benchmarks/filtered_search.py [--release artifacts] [--size 1000000]
         [--queries 500] [--stages sample synthetic]
+        [--factory 'IVF1024_HNSW32,SQ8,Refine(SQfp16)' --nprobe 128 --refine-k-factor 4]
 """
 
 from __future__ import annotations
@@ -110,11 +111,14 @@ def sample_stage(release: Path, count: int) -> list[dict]:
     )
 
 
-def synthetic_stage(release: Path, size: int, count: int) -> list[dict]:
+def synthetic_stage(
+    release: Path, size: int, count: int, factory: str | None, search: dict
+) -> list[dict]:
     import faiss
     from scale import FACTORIES, calibrated, release_vectors
 
-    from components.service.filters import Taxonomy
+    from components.io.faiss_index import apply_search_params, new_index
+    from components.service.filters import Taxonomy, search_params
     from components.service.releases import Labels, ServedRelease
 
     real, real_queries = release_vectors(release)
@@ -124,12 +128,13 @@ def synthetic_stage(release: Path, size: int, count: int) -> list[dict]:
     vectors = np.concatenate(
         [mixture.sample(min(65536, size - first), rng) for first in range(0, size, 65536)]
     ).astype(np.float32)
-    factory, search = FACTORIES[min(FACTORIES, key=lambda s: abs(s - size))]
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if factory is None:
+        factory, search = FACTORIES[min(FACTORIES, key=lambda s: abs(s - size))]
+    index = new_index(factory, vectors.shape[1], size)  # as the index step builds it
     index.train(vectors[rng.choice(size, min(size, 200_000), replace=False)])
     labels = np.arange(size, dtype=np.int64)
     index.add_with_ids(vectors, labels)
-    faiss.extract_index_ivf(index).nprobe = search["nprobe"]
+    apply_search_params(index, factory, search)
     built = time.perf_counter() - started
     draw = rng.random(size)
     names = np.where(draw < 0.01, "Rare > Part", np.where(draw < 0.31, "Common > Part", "Other"))
@@ -149,8 +154,11 @@ def synthetic_stage(release: Path, size: int, count: int) -> list[dict]:
         """The index's own filtered search over every list: what its codes can find."""
 
         def search(where):
-            params = faiss.SearchParametersIVF(sel=where.selector(), nprobe=ivf.nlist)
-            return index.search(queries, 10, params=params)[1]
+            probes, ivf.nprobe = ivf.nprobe, ivf.nlist
+            try:  # selectivity 1: the parameters of every list, kept to the filter
+                return index.search(queries, 10, params=search_params(index, 1.0, 10, where))[1]
+            finally:
+                ivf.nprobe = probes
 
         return search
 
@@ -164,7 +172,7 @@ def synthetic_stage(release: Path, size: int, count: int) -> list[dict]:
         truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
         unfiltered = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)])
         print(
-            f"synthetic: {size:,} vectors, {factory} nprobe {search['nprobe']}, built in "
+            f"synthetic: {size:,} vectors, {factory} {search}, built in "
             f"{built:.0f} s; {name}: unfiltered recall@10 {unfiltered:.3f}"
         )
         measured = measure(
@@ -184,12 +192,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--stages", nargs="+", default=["sample", "synthetic"])
+    parser.add_argument(
+        "--factory", help="the synthetic index's index.factory (default: the scale benchmark's)"
+    )
+    parser.add_argument("--nprobe", type=int, help="with --factory: index.nprobe")
+    parser.add_argument("--refine-k-factor", type=int, help="with --factory: index.refine_k_factor")
     args = parser.parse_args()
+    search = {"nprobe": args.nprobe, "k_factor_rf": args.refine_k_factor}
+    search = {name: value for name, value in search.items() if value is not None}
     rows = []
     if "sample" in args.stages:
         rows += [{"data": "sample release"} | r for r in sample_stage(args.release, args.queries)]
     if "synthetic" in args.stages:
-        synthetic = synthetic_stage(args.release, args.size, args.queries)
+        synthetic = synthetic_stage(args.release, args.size, args.queries, args.factory, search)
         rows += [{"data": f"synthetic {args.size:,}, {r['queries']}"} | r for r in synthetic]
     print(f"{args.queries} queries per row; k 10; overfetch_min_share 0.25")
     print(

@@ -17,7 +17,7 @@ last time one of them was answered after `remove` returned.
 127.0.0.1 only; every run is bounded in time.
 
     .venv/bin/python benchmarks/serve_load.py [--clients 1 4 16 64] [--seconds 10] \
-        [--mix-clients 16] [--text-only] [--no-swap] [--no-remove]
+        [--mix-clients 16] [--text-only] [--no-swap] [--no-remove] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -163,7 +163,19 @@ async def load(
     }
 
 
-MIX = ("text",) * 8 + ("photo", "filtered")  # 80% text, 10% photo, 10% filtered text
+MIX = "text=8,photo=1,filtered=1"  # 80% text, 10% photo, 10% filtered text
+KINDS = ("text", "filtered", "photo")
+
+
+def parse_mix(text: str) -> tuple[str, ...]:
+    """`text=8,photo=1,filtered=1` as the sequence each client sends in turn."""
+    mix = []
+    for part in text.split(","):
+        kind, _, count = part.partition("=")
+        if kind.strip() not in KINDS or not count.strip().isdigit():
+            raise SystemExit(f"--mix {text!r}: expected kind=count with kinds {KINDS}")
+        mix += [kind.strip()] * int(count)
+    return tuple(mix)
 
 
 def photo_bodies(workdir: Path, count: int = 64) -> list[tuple[bytes, str]]:
@@ -194,13 +206,19 @@ def top_categories(workdir: Path) -> list[str]:
 
 
 async def mixed_load(
-    url: str, texts: list[str], photos: list, categories: list[str], clients: int, seconds: float
+    url: str,
+    texts: list[str],
+    photos: list,
+    categories: list[str],
+    clients: int,
+    seconds: float,
+    mix: tuple[str, ...] = parse_mix(MIX),
 ) -> dict[str, dict]:
-    """`clients` concurrent clients for `seconds`, each sending the mix MIX in turn: text
+    """`clients` concurrent clients for `seconds`, each sending `mix` in turn: text
     searches, photo searches and text searches filtered by a top-level category. Per kind:
-    requests, failures, rate and latency percentiles."""
-    latencies: dict[str, list[float]] = {kind: [] for kind in set(MIX)}
-    failures: dict[str, list[str]] = {kind: [] for kind in set(MIX)}
+    requests, failures (503s among them: `refused`), rate and latency percentiles."""
+    latencies: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    failures: dict[str, list[str]] = {kind: [] for kind in KINDS}
     deadline = time.perf_counter() + seconds
     parts = urllib.parse.urlsplit(url)
 
@@ -209,7 +227,7 @@ async def mixed_load(
         connection = Connection(parts.hostname, parts.port)
         try:
             while time.perf_counter() < deadline:
-                kind = MIX[i % len(MIX)]
+                kind = mix[i % len(mix)]
                 text = texts[i % len(texts)]
                 start = time.perf_counter()
                 try:
@@ -243,11 +261,12 @@ async def mixed_load(
     await asyncio.gather(*(client(n) for n in range(clients)))
     elapsed = time.perf_counter() - started
     rows = {}
-    for kind in ("text", "filtered", "photo"):
+    for kind in sorted(set(mix), key=KINDS.index):
         ms = np.array(latencies[kind]) * 1000 if latencies[kind] else np.zeros(1)
         rows[kind] = {
             "requests": len(latencies[kind]),
             "failed": len(failures[kind]),
+            "refused": sum(f.startswith("503") for f in failures[kind]),
             "qps": len(latencies[kind]) / elapsed,
             "p50": float(np.percentile(ms, 50)),
             "p99": float(np.percentile(ms, 99)),
@@ -257,6 +276,7 @@ async def mixed_load(
     rows["all"] = {
         "requests": len(everything),
         "failed": sum(len(v) for v in failures.values()),
+        "refused": sum(f.startswith("503") for v in failures.values() for f in v),
         "qps": len(everything) / elapsed,
         "p50": float(np.percentile(everything, 50)) if len(everything) else 0.0,
         "p99": float(np.percentile(everything, 99)) if len(everything) else 0.0,
@@ -429,7 +449,16 @@ def main() -> None:
         "--mix-clients", type=int, nargs="*", default=[16], help="mixed load rows (none: skip)"
     )
     parser.add_argument("--text-only", action="store_true", help="skip the text-only rows")
+    parser.add_argument("--mix", default=MIX, help=f"the mixed load's kinds and counts ({MIX})")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a param override for the service (serve.photo_nice=0, ...); repeatable",
+    )
     args = parser.parse_args()
+    mix = parse_mix(args.mix)
     workdir = args.workdir.resolve()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -445,6 +474,7 @@ def main() -> None:
             f"serve.port={port}",
             "--set",
             f"serve.poll_s={POLL_S}",
+            *(item for override in args.set for item in ("--set", override)),
         ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -472,18 +502,19 @@ def main() -> None:
         if args.mix_clients:
             photos, categories = photo_bodies(workdir), top_categories(workdir)
             print(
-                f"mixed load: {' '.join(MIX)} in turn; filters: {len(categories)} "
+                f"mixed load: {' '.join(mix)} in turn; filters: {len(categories)} "
                 "top-level categories"
             )
-            print("| clients | kind | requests | failed | req/s | p50 ms | p99 ms |")
-            print("|---|---|---|---|---|---|---|")
+            print("| clients | kind | requests | failed | of them 503 | req/s | p50 ms | p99 ms |")
+            print("|---|---|---|---|---|---|---|---|")
             for clients in args.mix_clients:
                 rows = asyncio.run(
-                    mixed_load(url, texts, photos, categories, clients, args.seconds)
+                    mixed_load(url, texts, photos, categories, clients, args.seconds, mix)
                 )
                 for kind, row in rows.items():
                     print(
                         f"| {clients} | {kind} | {row['requests']} | {row['failed']} | "
+                        f"{row['refused']} | "
                         f"{row['qps']:.0f} | {row['p50']:.1f} | {row['p99']:.1f} |"
                     )
                     for failure in row["failures"]:

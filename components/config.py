@@ -613,6 +613,23 @@ class ServeConfig(Section):
         description="A filter keeping at least this share of the listings over-fetches "
         "from the unfiltered index; a more selective one searches only its listings.",
     )
+    max_photo_queue: int = Field(
+        8,
+        ge=1,
+        description="Most photo searches waiting or being encoded at once; past it a photo "
+        "search is answered 503 with Retry-After (a photo costs ~30 ms of a core).",
+    )
+    photo_encoder: Literal["process", "thread"] = Field(
+        "process",
+        description="Where photo queries are encoded: a child process of their own (text "
+        "searches never wait for them), or a thread of the service's process.",
+    )
+    photo_priority: Literal["idle", "low", "normal"] = Field(
+        "idle",
+        description="The photo encoder's scheduling priority against text searches: idle "
+        "(Linux SCHED_IDLE: only CPU time text searches leave unused), low (nice +10), "
+        "normal (the same).",
+    )
 
 
 # minutes a step may run on an orchestrator before it is stopped (the steps never read it)

@@ -597,3 +597,125 @@ def test_a_closed_batcher_refuses_at_once_instead_of_leaving_a_request_waiting()
 
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(Search(TEXT, "red heart", 3))
+
+
+class _GatedPhotos:
+    """A release's query embedder whose photo encoding waits for `gate` (a photo search
+    held in the encoder for as long as a test needs it there)."""
+
+    def __init__(self, embedder, gate: threading.Event) -> None:
+        self.embedder, self.gate, self.entered = embedder, gate, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.embedder, name)
+
+    def images(self, images):
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        return self.embedder.images(images)
+
+
+def test_a_full_photo_queue_is_refused_with_503_and_retry_after_while_text_is_answered(service):
+    import copy
+    import dataclasses
+
+    _, keeper, paths = service
+    gate = threading.Event()
+    held = copy.copy(keeper)
+    gated = _GatedPhotos(keeper.current.embedder, gate)
+    held.current = dataclasses.replace(keeper.current, embedder=gated)
+    # in the worker thread, where the gate can hold a photo in the encoder
+    update = {"max_photo_queue": 1, "photo_encoder": "thread"}
+    config = _serve_params(paths).serve.model_copy(update=update)
+    row = _catalog_rows(paths)[3]
+    data = (REPO_ROOT / paths.catalog / row["image_uris"][0]).read_bytes()
+    answers = {}
+
+    def post(name: str) -> None:
+        files = {"photo": ("mine.png", data, "image/png")}
+        answers[name] = own.post("/search/image", files=files)
+
+    with TestClient(create_app(config, held, Metrics())) as own:
+        first = threading.Thread(target=post, args=("first",))
+        second = threading.Thread(target=post, args=("second",))
+        first.start()
+        try:
+            assert gated.entered.wait(60), "the first photo never reached the encoder"
+            second.start()
+            second.join(10)
+            waited = second.is_alive()
+            text = own.get("/search", params={"q": row["title"], "k": 5})  # not held by photos
+        finally:  # no request left in flight when the client closes
+            gate.set()
+            for thread in (first, second):
+                if thread.ident is not None:
+                    thread.join(60)
+        shed = [line for line in own.get("/metrics").text.splitlines() if "search_shed" in line]
+
+    assert not waited, "the second photo waited in the queue instead of being refused"
+    refused = answers["second"]
+    assert refused.status_code == 503, refused.text
+    assert "serve.max_photo_queue" in refused.json()["detail"]
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert text.status_code == 200 and answers["first"].status_code == 200
+    assert 'search_shed_total{kind="photo"} 1.0' in shed
+
+
+def _photo_search(client, paths, row: int = 3):
+    photo = _catalog_rows(paths)[row]
+    data = (REPO_ROOT / paths.catalog / photo["image_uris"][0]).read_bytes()
+    answer = client.post("/search/image", files={"photo": ("mine.png", data, "image/png")})
+    assert answer.status_code == 200, answer.text
+    return photo["listing_id"], [hit["listing_id"] for hit in answer.json()["results"]]
+
+
+def _photo_encoders() -> list:
+    import multiprocessing
+
+    return [child for child in multiprocessing.active_children() if child.name == "photo-encoder"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
+def test_photos_are_encoded_at_a_lower_priority_than_text_searches(service):
+    import os
+
+    _, keeper, paths = service
+    config = _serve_params(paths).serve
+    policy, process_nice = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+    assert config.photo_encoder == "process" and config.photo_priority == "idle"  # defaults
+    with TestClient(create_app(config, keeper, Metrics())) as client:
+        before = {child.pid for child in _photo_encoders()}
+        listing_id, hits = _photo_search(client, paths)
+        started = [child for child in _photo_encoders() if child.pid not in before]
+        assert len(started) == 1, "no photo encoder process of its own"
+        assert os.sched_getscheduler(started[0].pid) == os.SCHED_IDLE
+        assert listing_id in hits[:5]
+    thread_mode = config.model_copy(update={"photo_encoder": "thread", "photo_priority": "low"})
+    with TestClient(create_app(thread_mode, keeper, Metrics())) as client:
+        _photo_search(client, paths)
+        workers = {
+            t.name: t.native_id for t in threading.enumerate() if t.name.startswith("search-")
+        }
+        nice = {name: os.getpriority(os.PRIO_PROCESS, tid) for name, tid in workers.items()}
+        policies = {name: os.sched_getscheduler(tid) for name, tid in workers.items()}
+    assert nice == {"search-photo": min(19, process_nice + 10), "search-text": process_nice}
+    assert policies == {"search-photo": policy, "search-text": policy}  # low: nice alone
+
+
+def test_a_photo_encoder_that_died_is_started_again_by_the_next_photo_search(service):
+    import os
+    import signal
+
+    _, keeper, paths = service
+    config = _serve_params(paths).serve
+    with TestClient(create_app(config, keeper, Metrics())) as client:
+        before = {child.pid for child in _photo_encoders()}
+        _photo_search(client, paths)
+        (first,) = [child for child in _photo_encoders() if child.pid not in before]
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(10)
+
+        listing_id, hits = _photo_search(client, paths, row=5)
+
+        (second,) = [child for child in _photo_encoders() if child.pid not in before]
+        assert second.pid != first.pid and listing_id in hits[:5]

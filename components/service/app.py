@@ -10,7 +10,8 @@ category over the query's top `serve.facet_hits` hits without the filter.
     GET  /photos/{ref}            a photo of the catalog, only from inside its root
     GET  /healthz, /readyz        alive; ready once a release is loaded
     GET  /version                 release, model version, its test metrics
-    GET  /metrics                 Prometheus: requests, latency, errors, release served
+    GET  /metrics                 Prometheus: requests, latency, errors, release served,
+                                  searches refused by a full queue (search_shed_total)
     GET  /                        the search page (static/)
 
 Bad requests are a 4xx with a message that names the problem, never a 500. Every error
@@ -47,8 +48,9 @@ from starlette.concurrency import run_in_threadpool
 from components.config import ServeConfig
 from components.io.catalog_reader import TRUSTED_MAX_BYTES, read_image_bytes
 from components.io.images import DecodeBudget, ImageBounds, ImageRefError, decode_image
-from components.service.batching import PHOTO, TEXT, Answer, Search, SearchBatcher
+from components.service.batching import PHOTO, TEXT, Answer, Overloaded, Search, SearchBatcher
 from components.service.filters import FilterError
+from components.service.photo_encoder import PhotoEncoder, PhotoEncoderStopped
 from components.service.releases import ReleaseKeeper, ServedRelease
 
 STATIC = resources.files("components.service") / "static"
@@ -117,6 +119,12 @@ class Metrics:
             ["strategy"],
             registry=self.registry,
         )
+        self.shed = Counter(
+            "search_shed_total",
+            "Searches refused with 503 because their kind's queue was full (serve.max_photo_queue)",
+            ["kind"],
+            registry=self.registry,
+        )
         self.loads = Counter(
             "search_release_loads_total",
             "Release loads by outcome (loaded, failed; removals: tombstones newly applied "
@@ -147,6 +155,11 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         release,
         overfetch_min_share=config.overfetch_min_share,
         on_filter=lambda strategy: metrics.filters.labels(strategy).inc(),
+        max_photo_queue=config.max_photo_queue,
+        photo_priority=config.photo_priority,
+        photo_encoder=PhotoEncoder(config.photo_priority, str(keeper.device))
+        if config.photo_encoder == "process"
+        else None,
     )
 
     @contextlib.asynccontextmanager
@@ -231,15 +244,30 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         except FilterError as err:
             raise HTTPException(422, str(err)) from None
 
+    def admitted(kind: str) -> None:
+        """A 503 with Retry-After, counted, when `kind`'s queue is full."""
+        try:
+            batcher.admits(kind)
+        except Overloaded as err:
+            metrics.shed.labels(kind).inc()
+            raise HTTPException(
+                503, str(err), headers={"Retry-After": str(err.retry_after_s)}
+            ) from None
+
     async def batched(search: Search) -> Answer:
         try:
             pending = batcher.submit(search)
+        except Overloaded:
+            admitted(search.kind)  # raises, counted (or it emptied since: try once more)
+            return await batched(search)
         except RuntimeError as err:  # shutting down: answer now rather than never
             raise HTTPException(503, str(err)) from err
         try:
             return await asyncio.wrap_future(pending)
         except FilterError as err:  # the release changed under the request
             raise HTTPException(422, str(err)) from None
+        except PhotoEncoderStopped as err:  # restarted on the next photo search
+            raise HTTPException(503, str(err), headers={"Retry-After": "1"}) from None
 
     @app.get("/search", responses=_errors(e422=BAD_REQUEST, e503=NO_RELEASE))
     async def search(
@@ -260,7 +288,8 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
             e413=f"a photo larger than serve.max_upload_mb ({config.max_upload_mb} MB) or than "
             "the decode budget",
             e422="a photo that does not decode (an empty or broken upload), or a bad parameter",
-            e503=NO_RELEASE,
+            e503=f"{NO_RELEASE}, or serve.max_photo_queue photo searches already waiting "
+            "(with Retry-After)",
         ),
     )
     async def search_image(
@@ -269,6 +298,7 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         category: list[Category] | None = category_param,
     ) -> dict:
         values = checked(category)
+        admitted(PHOTO)  # before reading and decoding a photo that would wait too long
         data = await photo.read(max_upload + 1)
         if len(data) > max_upload:
             raise HTTPException(413, f"photo larger than {config.max_upload_mb} MB")

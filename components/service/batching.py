@@ -9,12 +9,22 @@ searches the index once for every request without a filter; a filtered request s
 on its own (components/service/filters.py). So a busy service does more per call instead
 of more calls, and a text search never waits behind a batch of photos. A batch is
 answered by one release: the one being served when the batch starts.
+
+Photos are kept off the text searches' CPU: they are encoded in a process of their own at
+a lower scheduling priority (`photo_encoder.py`; or, with `photo_encoder=None`, in the
+photo worker thread at that priority, Linux scheduling each thread on its own), so under
+load the scheduler gives the cores to text searches first and photos take what is left; and
+at most `max_photo_queue` photos wait or are encoded at once: past that a photo search is
+refused at once (`Overloaded`, the app's 503 with `Retry-After`) instead of waiting longer
+than a client would.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from components.service.photo_encoder import PhotoEncoder, lower_priority
 from components.service.releases import ServedRelease
 
 Hits = list[tuple[str, float]]
@@ -41,6 +52,17 @@ class Search:
     future: Future = field(default_factory=Future)
 
 
+class Overloaded(RuntimeError):
+    """A kind's queue is full: the search was not queued; try again in `retry_after_s`."""
+
+    def __init__(self, kind: str, waiting: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"{waiting} {kind} searches are waiting (serve.max_{kind}_queue): "
+            f"try again in {retry_after_s} s"
+        )
+        self.kind, self.retry_after_s = kind, retry_after_s
+
+
 @dataclass(frozen=True)
 class Answer:
     release: ServedRelease
@@ -58,6 +80,9 @@ class SearchBatcher:
         max_photo_batch: int = 4,
         overfetch_min_share: float = 0.25,
         on_filter: Callable[[str], None] = lambda strategy: None,
+        max_photo_queue: int | None = None,
+        photo_priority: str = "normal",
+        photo_encoder: PhotoEncoder | None = None,
     ) -> None:
         self.release = release  # the release to answer from (raises when none is loaded)
         # a photo costs ~31 ms of a CPU core to encode (EfficientNet-Lite0, 224 px) and
@@ -65,6 +90,13 @@ class SearchBatcher:
         self.max_batch = {TEXT: max_batch, PHOTO: max_photo_batch}
         self.overfetch_min_share = overfetch_min_share
         self.on_filter = on_filter
+        self.max_waiting = {TEXT: None, PHOTO: max_photo_queue}  # None: unbounded
+        self.photo_encoder = photo_encoder  # None: photos are encoded in the photo worker
+        # the photo worker's own priority: with a photo encoder process, that process's
+        self.priority = {TEXT: "normal", PHOTO: "normal" if photo_encoder else photo_priority}
+        self._waiting = {TEXT: 0, PHOTO: 0}  # submitted, not answered yet
+        self._seconds_each = {TEXT: 0.001, PHOTO: 0.03}  # a moving mean of one search's
+        self._count = threading.Lock()
         # a queue and a worker per kind: text searches never wait behind photo encoding
         # (an image encoder pass costs ~20x a text one), and the two run side by side
         self._queues: dict[str, queue.Queue[Search | None]] = {}
@@ -73,31 +105,55 @@ class SearchBatcher:
             self._queues[kind] = queue.Queue()
             thread = threading.Thread(
                 target=self._run,
-                args=(self._queues[kind], self.max_batch[kind]),
+                args=(kind,),
                 name=f"search-{kind}",
                 daemon=True,
             )
             thread.start()
             self._threads.append(thread)
 
+    def admits(self, kind: str) -> None:
+        """Raise `Overloaded` when `kind`'s queue is full (checked before a request does
+        work for a search that would be refused: decoding a photo, say)."""
+        bound = self.max_waiting[kind]
+        if bound is not None and self._waiting[kind] >= bound:
+            raise Overloaded(kind, self._waiting[kind], self.retry_after(kind))
+
+    def retry_after(self, kind: str) -> int:
+        """Seconds until the searches now waiting of `kind` are likely answered (>= 1)."""
+        return max(1, math.ceil(self._waiting[kind] * self._seconds_each[kind]))
+
     def submit(self, search: Search) -> Future:
         """A future of the search's `Answer`.
 
         Raises:
+            Overloaded: its kind's queue is full (`max_photo_queue`): it was not queued.
             RuntimeError: the batcher was closed (its app shut down): nothing would answer.
         """
         if not all(thread.is_alive() for thread in self._threads):
             raise RuntimeError("the search batcher is closed: the service is shutting down")
+        with self._count:
+            self.admits(search.kind)
+            self._waiting[search.kind] += 1
+        search.future.add_done_callback(lambda _: self._answered(search.kind))
         self._queues[search.kind].put(search)
         return search.future
+
+    def _answered(self, kind: str) -> None:
+        with self._count:
+            self._waiting[kind] -= 1
 
     def close(self) -> None:
         for pending in self._queues.values():
             pending.put(None)
         for thread in self._threads:
             thread.join(timeout=30)
+        if self.photo_encoder is not None:
+            self.photo_encoder.close()
 
-    def _run(self, pending: queue.Queue[Search | None], max_batch: int) -> None:
+    def _run(self, kind: str) -> None:
+        pending, max_batch = self._queues[kind], self.max_batch[kind]
+        lower_priority(self.priority[kind], threading.get_native_id())
         while (first := pending.get()) is not None:
             batch = [first]
             while len(batch) < max_batch:
@@ -109,7 +165,10 @@ class SearchBatcher:
                     pending.put(None)  # stop after this batch
                     break
                 batch.append(item)
+            started = time.perf_counter()
             self._answer(batch)
+            each = (time.perf_counter() - started) / len(batch)
+            self._seconds_each[kind] += 0.2 * (each - self._seconds_each[kind])
 
     def _answer(self, batch: list[Search]) -> None:
         try:
@@ -144,8 +203,15 @@ class SearchBatcher:
         self.on_filter(strategy)
         return Answer(served, hits[0], facets, strategy, where.values)
 
-    @staticmethod
-    def _encode(served: ServedRelease, batch: list[Search]) -> np.ndarray:
+    def _encode(self, served: ServedRelease, batch: list[Search]) -> np.ndarray:
         """The query vectors of a batch of one kind, in its order, in one encoder call."""
-        encode = served.embedder.texts if batch[0].kind == TEXT else served.embedder.images
-        return np.asarray(encode([search.query for search in batch]), dtype=np.float32)
+        queries = [search.query for search in batch]
+        if batch[0].kind == TEXT:
+            vectors = served.embedder.texts(queries)
+        elif self.photo_encoder is not None:
+            model = served.model
+            key = (model.get("name"), str(model.get("version")), model.get("sha256"))
+            vectors = self.photo_encoder.encode(served.embedder, key, queries)
+        else:
+            vectors = served.embedder.images(queries)
+        return np.asarray(vectors, dtype=np.float32)

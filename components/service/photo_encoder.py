@@ -1,0 +1,154 @@
+"""Photo queries encoded in a process of their own, at a lower scheduling priority.
+
+A photo costs ~30 ms of a core to encode (EfficientNet-Lite0, 224 px), a text query well
+under 1 ms. Encoded in the service's process, photos share its interpreter lock with the
+text searches, and a burst of them held every text search up (text p99 119 ms in a mixed
+load against 44 ms text-only); a lower-priority thread or a child process at nice +10 did
+not help much (about 100 ms: on 2 busy cores a nice +10 process still gets its share of
+each core, in slices text searches wait behind). In a child process of its own under
+Linux's SCHED_IDLE policy (`serve.photo_priority: idle`), photos run only on CPU time the
+text searches leave unused: text p99 in the mixed load as text-only (docs/benchmarks.md).
+
+The child is started on the first photo search (spawned: no state of the service's
+threads is copied), gets the served release's model once per model (a refresh that only
+changes the index reuses it), and is started again on the next photo search if it dies;
+the searches in flight then fail with `PhotoEncoderStopped` (the app's 503).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class PhotoEncoderStopped(RuntimeError):
+    """The photo encoder process stopped while encoding; the next photo search restarts it."""
+
+
+class PhotoEncoder:
+    """Encodes batches of decoded photos for a release's model in a child process."""
+
+    def __init__(self, priority: str, device: str = "cpu") -> None:
+        self.priority, self.device = priority, device
+        self._lock = threading.Lock()  # one batch at a time through the pipe
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._model_key: tuple | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def encode(self, embedder, key: tuple, images: list) -> np.ndarray:
+        """The query vectors of `images` by `embedder`'s model (`key` names the model:
+        it is sent to the child only when it changes).
+
+        Raises:
+            PhotoEncoderStopped: the child died (it is started again next time).
+            RuntimeError: the child could not encode them (the message says why).
+        """
+        with self._lock:
+            try:
+                if self._process is None or not self._process.is_alive():
+                    self._start()
+                if key != self._model_key:
+                    self._call(("model", embedder.model, embedder.spec))
+                    self._model_key = key
+                return self._call(("encode", images))
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                code = self._process.exitcode if self._process is not None else None
+                self._stopped()
+                raise PhotoEncoderStopped(
+                    f"the photo encoder process stopped (exit code {code}); it is started "
+                    "again on the next photo search"
+                ) from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(OSError):  # it died already
+                    self._conn.send(None)
+            if self._process is not None:
+                self._process.join(timeout=10)
+                if self._process.is_alive():
+                    self._process.kill()
+            self._stopped()
+
+    def _start(self) -> None:
+        self._stopped()
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=_serve,
+            args=(theirs, self.priority, self.device),
+            name="photo-encoder",
+            daemon=True,
+        )
+        process.start()
+        theirs.close()
+        self._process, self._conn = process, ours
+        log.info(
+            "serve: photo encoder process %d started (%s priority)", process.pid, self.priority
+        )
+
+    def _stopped(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._process, self._conn, self._model_key = None, None, None
+
+    def _call(self, message: tuple):
+        self._conn.send(message)
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"photo encoder: {value}")
+        return value
+
+
+def lower_priority(priority: str, thread_id: int = 0) -> None:
+    """Give the calling process (or the thread `thread_id`) a lower scheduling priority:
+    `idle` (SCHED_IDLE), `low` (nice +10), `normal` (unchanged). Linux schedules threads,
+    each with a policy and nice value of its own; elsewhere this would apply to the whole
+    process, so nothing is done there."""
+    if priority == "normal" or sys.platform != "linux":
+        return
+    if priority == "idle":
+        os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        current = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + 10))
+
+
+def _serve(conn: Connection, priority: str, device: str) -> None:
+    """The child: set its priority, then answer messages until the pipe closes."""
+    import torch
+
+    from components.release.serving import QueryEmbedder
+
+    lower_priority(priority)
+    torch.set_num_threads(1)  # as the service: one core per search in flight
+    embedder = None
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        try:
+            if message[0] == "model":
+                _, model, spec = message
+                embedder = QueryEmbedder(model, spec, torch.device(device))
+                conn.send(("ok", None))
+            else:
+                conn.send(("ok", embedder.images(message[1])))
+        except Exception as err:  # the parent raises it for the batch
+            conn.send(("error", f"{type(err).__name__}: {err}"))
