@@ -7,11 +7,11 @@ filtered search: recall@10, the strategy taken and the time per query.
   category twice: as `serve.overfetch_min_share` (0.25) decides, and over-fetching.
 - synthetic (`--size`, default 1,000,000): vectors drawn from the distribution fitted to
   the release (benchmarks/scale.py, calibrated no easier than the release) in the scale
-  benchmark's index for that size (`IVF4096_HNSW32,SQ8`, 128 probes at 1M); each vector
+  benchmark's index for that size (`FACTORIES`, or `--factory`); each vector
   falls in a `Rare` category with probability 1% and in `Common` with 30%; the release's
   text queries, and as many vectors sampled like the listings, filtered by each, against
   exact search over the matching vectors, and against the index's own filtered search
-  over every list (what its SQ8 codes can find at all), next to the index's unfiltered
+  over every list (what its codes can find at all), next to the index's unfiltered
   recall on the same queries.
 
     .venv/bin/python benchmarks/filtered_search.py [--release artifacts] [--size 1000000]
@@ -117,7 +117,9 @@ def synthetic_stage(
     import faiss
     from scale import FACTORIES, calibrated, release_vectors
 
+    from components.config import IndexConfig
     from components.io.faiss_index import apply_search_params, new_index
+    from components.io.faiss_index import search_params as index_search_params
     from components.service.filters import Taxonomy, search_params
     from components.service.releases import Labels, ServedRelease
 
@@ -129,7 +131,8 @@ def synthetic_stage(
         [mixture.sample(min(65536, size - first), rng) for first in range(0, size, 65536)]
     ).astype(np.float32)
     if factory is None:
-        factory, search = FACTORIES[min(FACTORIES, key=lambda s: abs(s - size))]
+        factory, configured = FACTORIES[min(FACTORIES, key=lambda s: abs(s - size))]
+        search = index_search_params(IndexConfig(factory=factory, **configured))
     index = new_index(factory, vectors.shape[1], size)  # as the index step builds it
     index.train(vectors[rng.choice(size, min(size, 200_000), replace=False)])
     labels = np.arange(size, dtype=np.int64)

@@ -230,12 +230,17 @@ def reused_against_full_embed(refreshed: Path, full: Path) -> dict:
 # --- delta: the index update at a million listings --------------------------------------
 
 
+# an index type a refresh updates in place (a re-ranking one, scale.FACTORIES' default for
+# large catalogs, cannot remove vectors: a refresh that removes listings rebuilds it)
+UPDATED_IN_PLACE = ("IVF4096_HNSW32,SQ8", {"nprobe": 128})
+
+
 def delta_stage(scratch: Path, size: int, release: Path) -> dict:
     import scale
 
     from components.io.embedding_files import embedding_parts
 
-    factory, params = scale.FACTORIES[size]
+    factory, params = UPDATED_IN_PLACE
     real, real_queries = scale.release_vectors(release)
     mixture, _ = scale.calibrated(real, real_queries)
     work = scratch / "delta"

@@ -16,8 +16,18 @@ answers per release and the time until each release is served. Then (unless
 last time one of them was answered after `remove` returned.
 127.0.0.1 only; every run is bounded in time.
 
+With `--compare REV`, only text-only rows, alternating between this checkout's service and
+the service of revision REV (a git worktree of it, run by the same interpreter) on the same
+release, `--rounds` (3) each per client count, then each one's median req/s and their
+ratio: what a change costs, as a ratio from one run. A revision from before the store
+shared objects between versions reads a release only from a flat copy
+(`--compare-flat-store`).
+
     .venv/bin/python benchmarks/serve_load.py [--clients 1 4 16 64] [--seconds 10] \
-        [--mix-clients 16] [--text-only] [--no-swap] [--no-remove] [--set KEY=VALUE ...]
+        [--mix-clients 16] [--mix text=8,photo=1,filtered=1] [--text-only] [--no-swap] \
+        [--no-remove] [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/serve_load.py --compare fc305b8 --compare-flat-store \
+        --clients 1 16 --seconds 15
 """
 
 from __future__ import annotations
@@ -25,10 +35,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -438,6 +451,108 @@ async def _first_results(url: str, texts: list[str]) -> set[str]:
     return seen
 
 
+def start_service(
+    workdir: Path, overrides: list[str], cwd: Path = REPO
+) -> tuple[subprocess.Popen, str, float]:
+    """`python -m components serve` of the code in `cwd` over `workdir` on a free port,
+    once it is ready: the process, its URL and the seconds it took."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "components", "serve", "--set", f"paths.workdir={workdir}"]
+    command += ["--set", f"serve.port={port}", "--set", f"serve.poll_s={POLL_S}"]
+    command += [item for override in overrides for item in ("--set", override)]
+    # the service's log: a pipe nobody reads would fill and block it; a file lives with it
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+    server = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log)
+    start = time.perf_counter()
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return server, url, time.perf_counter() - start
+            reason = httpx.get(f"{url}/readyz", timeout=2).json().get("reason")
+        except httpx.HTTPError:
+            reason = None
+        if server.poll() is not None or time.perf_counter() - start > 300:
+            server.kill()
+            log.seek(0)
+            tail = log.read()[-1500:]
+            raise SystemExit(
+                f"the service of {cwd} did not become ready over {workdir}: "
+                f"{reason or 'it stopped'}\n{tail}"
+            )
+        time.sleep(0.2)
+
+
+def flat_store_copy(workdir: Path, copy: Path) -> Path:
+    """A copy of `workdir` (hard links; its MLflow database copied) whose current release
+    also has its files at `indices/<version>/<name>`, where revisions before the store
+    shared objects between versions read them."""
+    copy.mkdir(parents=True)
+    for entry in workdir.iterdir():
+        if entry.name == "mlflow.db":
+            shutil.copy2(entry, copy / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, copy / entry.name, copy_function=os.link)
+        else:
+            os.link(entry, copy / entry.name)
+    store = copy / "production"
+    version = json.loads((store / "indices" / "CURRENT").read_text())["version"]
+    manifest = json.loads((store / "indices" / version / "manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        flat = store / "indices" / version / name
+        if "object" in entry and not flat.exists():
+            flat.parent.mkdir(parents=True, exist_ok=True)
+            os.link(store / entry["object"], flat)
+    return copy
+
+
+def compare(args, workdir: Path) -> None:
+    """Text-only rows against this checkout's service and revision `args.compare`'s
+    (a git worktree of it, run by the same interpreter), alternating, `args.rounds` each,
+    on the same release; each revision's median req/s and the ratio."""
+    other_dir = Path(tempfile.mkdtemp(prefix="serve-compare-")) / "tree"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(other_dir), args.compare],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    other_workdir = (args.compare_workdir or workdir).resolve()
+    if args.compare_flat_store:
+        other_workdir = flat_store_copy(other_workdir, other_dir.parent / "work")
+    servers = {}
+    try:
+        servers["this"] = start_service(workdir, args.set)
+        servers[args.compare] = start_service(other_workdir, args.set, cwd=other_dir)
+        texts = queries(workdir)
+        print(f"{args.seconds:.0f} s per row, alternating; text searches only")
+        print("| clients | round | service | requests | failed | req/s | p50 ms | p99 ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for clients in args.clients:
+            rates: dict[str, list[float]] = {name: [] for name in servers}
+            for round_ in range(1, args.rounds + 1):
+                for name, (_, url, _) in servers.items():
+                    row = asyncio.run(load(url, texts, clients, args.seconds))
+                    rates[name].append(row["qps"])
+                    print(
+                        f"| {clients} | {round_} | {name} | {row['requests']} | {row['failed']} "
+                        f"| {row['qps']:.0f} | {row['p50']:.1f} | {row['p99']:.1f} |",
+                        flush=True,
+                    )
+            ours, theirs = (float(np.median(rates[name])) for name in servers)
+            print(
+                f"{clients} clients: this checkout {ours:.0f} req/s, {args.compare} "
+                f"{theirs:.0f} req/s (medians): ratio {ours / theirs:.2f}"
+            )
+    finally:
+        for server, _, _ in servers.values():
+            server.terminate()
+            server.wait(timeout=30)
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(other_dir)], cwd=REPO, check=False
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "artifacts")
@@ -455,42 +570,35 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a param override for the service (serve.photo_nice=0, ...); repeatable",
+        help="a param override for the service (serve.photo_priority=normal, ...); repeatable",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="REV",
+        help="only text-only rows, alternating between this checkout's service and REV's",
+    )
+    parser.add_argument(
+        "--compare-workdir",
+        type=Path,
+        help="with --compare: the workdir REV's service serves (default --workdir; an older "
+        "revision may not read a newer store: give one it promoted)",
+    )
+    parser.add_argument(
+        "--compare-flat-store",
+        action="store_true",
+        help="with --compare: serve REV a linked copy of the workdir whose release files are "
+        "also where revisions before the shared-object store read them",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --compare: rows each")
     args = parser.parse_args()
     mix = parse_mix(args.mix)
     workdir = args.workdir.resolve()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "components",
-            "serve",
-            "--set",
-            f"paths.workdir={workdir}",
-            "--set",
-            f"serve.port={port}",
-            "--set",
-            f"serve.poll_s={POLL_S}",
-            *(item for override in args.set for item in ("--set", override)),
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    if args.compare:
+        compare(args, workdir)
+        return
+    server, url, ready_s = start_service(workdir, args.set)
+    start = time.perf_counter() - ready_s
     try:
-        start = time.perf_counter()
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.perf_counter() - start > 300:
-                raise SystemExit("the service did not become ready")
-            time.sleep(0.2)
         texts = queries(workdir)
         version = httpx.get(f"{url}/version").json()
         print(
