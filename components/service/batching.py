@@ -132,10 +132,11 @@ class SearchBatcher:
         """
         if not all(thread.is_alive() for thread in self._threads):
             raise RuntimeError("the search batcher is closed: the service is shutting down")
-        with self._count:
-            self.admits(search.kind)
-            self._waiting[search.kind] += 1
-        search.future.add_done_callback(lambda _: self._answered(search.kind))
+        if self.max_waiting[search.kind] is not None:  # counted only where bounded
+            with self._count:
+                self.admits(search.kind)
+                self._waiting[search.kind] += 1
+            search.future.add_done_callback(lambda _: self._answered(search.kind))
         self._queues[search.kind].put(search)
         return search.future
 
