@@ -27,7 +27,7 @@ shared objects between versions reads a release only from a flat copy
         [--mix-clients 16] [--mix text=8,photo=1,filtered=1] [--text-only] [--no-swap] \
         [--no-remove] [--set KEY=VALUE ...]
     .venv/bin/python benchmarks/serve_load.py --compare fc305b8 --compare-flat-store \
-        --clients 1 16 --seconds 15
+        --clients 1 16 --seconds 15 [--this-set serve.facet_hits=0]
 """
 
 from __future__ import annotations
@@ -522,7 +522,7 @@ def compare(args, workdir: Path) -> None:
         other_workdir = flat_store_copy(other_workdir, other_dir.parent / "work")
     servers = {}
     try:
-        servers["this"] = start_service(workdir, args.set)
+        servers["this"] = start_service(workdir, args.set + args.this_set)
         servers[args.compare] = start_service(other_workdir, args.set, cwd=other_dir)
         texts = queries(workdir)
         print(f"{args.seconds:.0f} s per row, alternating; text searches only")
@@ -588,6 +588,13 @@ def main() -> None:
         action="store_true",
         help="with --compare: serve REV a linked copy of the workdir whose release files are "
         "also where revisions before the shared-object store read them",
+    )
+    parser.add_argument(
+        "--this-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --compare: an override for this checkout's service only (a key REV has not)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="with --compare: rows each")
     args = parser.parse_args()
