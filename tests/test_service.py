@@ -70,6 +70,9 @@ def test_text_search_finds_a_listing_by_its_title(service):
     assert scores == sorted(scores, reverse=True)
     first = body["results"][0]
     assert first["title"] and first["photo_url"].startswith("/photos/")
+    assert "facets" not in body  # only when asked: they cost a deeper search
+    asked = client.get("/search", params={"q": row["title"], "k": 10, "facets": True}).json()
+    assert 0 < sum(asked["facets"].values()) <= 100 and asked["results"] == body["results"]
     assert client.get(first["photo_url"]).status_code == 200
 
 
@@ -128,20 +131,22 @@ def test_a_category_filter_keeps_k_results_all_under_it(service, endpoint):
         k = min(10, matching)
         if endpoint == "text":
             answer = client.get(
-                "/search", params={"q": "smiling red", "k": k, "category": category}
+                "/search",
+                params={"q": "smiling red", "k": k, "category": category, "facets": True},
             )
             query = keeper.current.embedder.texts(["smiling red"])
         elif endpoint == "photo":
             data = (REPO_ROOT / paths.catalog / row["image_uris"][0]).read_bytes()
             answer = client.post(
                 "/search/image",
-                params={"k": k, "category": category},
+                params={"k": k, "category": category, "facets": True},
                 files={"photo": ("p.png", data, "image/png")},
             )
             query = None
         else:
             answer = client.get(
-                f"/listings/{row['listing_id']}/similar", params={"k": k, "category": category}
+                f"/listings/{row['listing_id']}/similar",
+                params={"k": k, "category": category, "facets": True},
             )
             query = keeper.current.vector_of(row["listing_id"])
         assert answer.status_code == 200, answer.text

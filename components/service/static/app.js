@@ -187,7 +187,7 @@ function search(s) {
   const typed = s.similar || s.photo ? "" : s.q; // what the box says (left as typed)
   if (query.value.trim() !== typed) query.value = typed;
   showQueryPhoto(s.photo && s.photo.file);
-  const k = "?k=" + s.k;
+  const k = "?k=" + s.k + "&facets=true"; // the chips
   if (s.similar) {
     const url = "/listings/" + encodeURIComponent(s.similar) + "/similar" + k + filters(s);
     run({ url, init: {} }, "more like this listing");
