@@ -181,6 +181,20 @@ EVALUATE_BASE = Artifact(
     folder=True,
     persistent=True,
 )
+EXACT_TOP = Artifact(
+    "evaluate",
+    "exact_top.npz",
+    "per test query its best listings and their scores, a margin deeper than the deepest "
+    "K: where the next refresh's exact search starts from (components/core/carried_top.py)",
+    local=True,  # a refresh's is carried from its release's
+)
+EVALUATE_BUILT_ON = Artifact(
+    "evaluate",
+    "built_on",
+    "a refresh's cache of the release it builds on: its exact top lists and listing ids",
+    folder=True,
+    persistent=True,
+)
 RECALL_PLOT = Artifact(
     "evaluate", "recall_at_k.png", "recall@K per task, champion included, as a figure", local=True
 )
@@ -288,7 +302,9 @@ _STEPS = (
             CHAMPION,
             STALENESS,
             RECALL_PLOT,
+            EXACT_TOP,
             EVALUATE_BASE,
+            EVALUATE_BUILT_ON,
         ),
         reads=(
             IMAGES,
@@ -319,6 +335,7 @@ _STEPS = (
             GATES,
             CHAMPION,
             STALENESS,
+            EXACT_TOP,
             manifest_of("evaluate"),
         ),
     ),
@@ -337,6 +354,7 @@ RELEASE_FILES = (
     METRICS,
     DETAILS,
     PROFILE,
+    EXACT_TOP,  # where the next refresh's exact search starts from
     GATES,
     RELEASE_MODEL,
     INDEX_CHANGES,

@@ -46,7 +46,10 @@ from components.contract import (
     DETAILS,
     EMBED_SPLITS,
     EMBEDDED_IDS,
+    EMBEDDINGS,
     EVALUATE_BASE,
+    EVALUATE_BUILT_ON,
+    EXACT_TOP,
     GATES,
     METRICS,
     PROFILE,
@@ -55,6 +58,7 @@ from components.contract import (
     STEPS,
 )
 from components.core import gates
+from components.core.carried_top import full_top, refreshed
 from components.core.diagnostics import embedding_diagnostics
 from components.core.drift import projection
 from components.core.encoders import pick_device
@@ -63,14 +67,17 @@ from components.core.retrieval import (
     TASKS,
     QuerySet,
     champion_comparison,
+    embed_queries,
     evaluate_tasks,
     frozen_metrics,
     index_metrics,
+    present,
+    task_metrics,
 )
 from components.errors import StepFailed
-from components.io import atomic
+from components.io import atomic, top_lists
 from components.io.embedder import ListingEmbedder, held_out_refs, profile_sample
-from components.io.embedding_files import read_embeddings
+from components.io.embedding_files import Embeddings, verify_embeddings
 from components.io.faiss_index import RowIndex, coverage, labels_of, load_index
 from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
 from components.io.test_split import test_split_queries
@@ -88,6 +95,9 @@ STEP = STEPS["evaluate"]
 BATCH = 1024  # listings per forward pass when a champion's embeddings are computed
 HEADLINE = ("recall@10",)  # per task, in metrics.json: what `dvc metrics show` prints
 MEASURED = "index/latency_"  # metrics of this machine's speed: run.json, not DVC's files
+# listings a top list holds beyond the deepest K: what removals from it a refresh can take
+# before it searches every listing again (core/carried_top.py)
+TOP_MARGIN = 100
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +112,11 @@ class EvaluateResult:
 
 @dataclass(frozen=True)
 class Challenger:
-    """The model under evaluation, its listing embeddings, and its exact search results
-    (`exact`: the metrics they give)."""
+    """The model under evaluation, its listings, and its exact search results (`exact`:
+    the metrics they give)."""
 
     loaded: registry.LoadedModel
     listing_ids: list[str]
-    listings: np.ndarray
     tops: dict[str, np.ndarray]
     exact: dict[str, float]
 
@@ -124,6 +133,7 @@ class Evaluation:
     reference: dict  # the model's registry reference
     queries: dict[str, int]  # per task
     mlflow: dict | None  # the release's evaluation run, when its evaluation stands
+    searched: str  # how the exact top lists were found (`_exact_top`)
 
 
 def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
@@ -136,11 +146,12 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     index_manifest = read_manifest(paths.step_dir("index"))
     held_out = held_out_refs(paths.path(EMBED_SPLITS))
     done = _as_recorded(config, paths, embedded, index_manifest, device)
-    done = done or _measure(config, paths, embedded, held_out, device)
+    frozen = ListingEmbedder.frozen(paths, device)  # the feature stores, opened once
+    done = done or _measure(config, paths, embedded, held_out, frozen)
     metrics, champion = done.metrics, done.champion
     results = gates.check_gates(metrics, champion.get("metrics"), config.gates, earned=done.earned)
     _write_outputs(out, metrics, results, champion, config.ks, len(done.listing_ids))
-    profile = _profile(paths, device, held_out, done.listing_ids, config.staleness.profile_listings)
+    profile = _profile(frozen, held_out, done.listing_ids, config.staleness.profile_listings)
     np.save(paths.path(PROFILE), profile)
     stale = _staleness(config, paths, embedded, profile, metrics)
     report = gates.table(results)
@@ -176,6 +187,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
             "measured": {k: v for k, v in metrics.items() if k.startswith(MEASURED)},
             "mlflow": evaluation,
             "recorded": done.mlflow is not None,
+            "exact_search": done.searched,
             "local_outputs": describe_files(out, [a.name for a in STEP.writes if a.local]),
         },
     )
@@ -185,22 +197,34 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     return EvaluateResult(out, metrics, [r.as_dict() for r in results], report + "\n" + summary)
 
 
-def _measure(config: EvaluateConfig, paths: StepPaths, embedded, held_out, device) -> Evaluation:
-    """Every metric, measured on the embeddings, the index and the test split."""
+def _measure(
+    config: EvaluateConfig, paths: StepPaths, embedded, held_out, frozen: ListingEmbedder
+) -> Evaluation:
+    """Every metric, measured on the embeddings, the index and the test split (`frozen`:
+    the featurize step's features)."""
+    device = frozen.device
     loaded = _embed_model(embedded, paths, device)
-    listing_ids, listings = read_embeddings(paths)
-    embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
+    verify_embeddings(paths.step_dir("embed"))
+    listing_ids = pq.read_table(paths.path(EMBEDDED_IDS), columns=["listing_id"])
+    listing_ids = listing_ids.column(0).to_pylist()
+    embedder = frozen.for_model(loaded.model, loaded.spec, paths)
     row_of = {lid: i for i, lid in enumerate(listing_ids)}
     sets = test_split_queries(paths, embedder, row_of)
     depth = min(max(config.ks), len(listing_ids))
-    metrics, vectors, tops = evaluate_tasks(loaded.model, sets, listings, config.ks, depth, device)
-    challenger = Challenger(loaded, listing_ids, listings, tops, dict(metrics))
+    vectors = {s.task: embed_queries(loaded.model, s, device) for s in present(sets)}
+    width = max(config.ks) + TOP_MARGIN
+    lists, listings, searched = _exact_top(
+        paths, embedded, sets, vectors, len(listing_ids), width, depth, config.diagnostics
+    )
+    tops = {task: found.top(depth) for task, found in lists.items()}
+    metrics = task_metrics(sets, tops, config.ks)
+    challenger = Challenger(loaded, listing_ids, tops, dict(metrics))
     base = embedded["inputs"].get("base")
     # a refresh: the same model on its test split, which earned its place at training
     training = _at_training(paths, base["version"]) if base else {}
-    frozen = {key: value for key, value in training.items() if _is_frozen(key)}
-    metrics |= frozen or _frozen_baseline(
-        paths, device, held_out, sets, challenger, config.ks, depth
+    earned = {key: value for key, value in training.items() if _is_frozen(key)}
+    metrics |= earned or _frozen_baseline(
+        paths, frozen, held_out, sets, challenger, config.ks, depth
     )
     index, index_ids, _ = load_index(paths.step_dir("index"))
     removed = tombstones.removed_ids(tombstones.read_all(production.open_store(paths)))
@@ -216,12 +240,68 @@ def _measure(config: EvaluateConfig, paths: StepPaths, embedded, held_out, devic
     return Evaluation(
         metrics,
         _compare_with_champion(config, paths, device, sets, held_out, depth, challenger),
-        training if frozen else None,
+        training if earned else None,
         listing_ids,
         loaded.reference,
         {s.task: len(s.relevant) for s in sets},
         None,
+        searched,
     )
+
+
+def _exact_top(paths, embedded, sets, vectors, n_listings: int, width: int, depth: int, need):
+    """Each task's exact top lists, `width` wide (written to exact_top.npz for the next
+    refresh): carried from the release a refresh builds on where they can be
+    (`_carried`), else searched over every listing (`n_listings` vectors). Also every
+    listing's vector when `need` or searched (else None), and a line saying which."""
+    keys = {queries.task: top_lists.query_keys(queries) for queries in present(sets)}
+    carried, searched = _carried(paths, embedded, keys, vectors, width, depth)
+    listings = None
+    if carried is None or need:
+        listings = Embeddings(paths.path(EMBEDDINGS)).all()
+        if len(listings) != n_listings:
+            raise ValueError(
+                f"{paths.path(EMBEDDINGS)}: {len(listings)} live embeddings for "
+                f"{n_listings} listings; run the embed step again"
+            )
+    lists = carried or {task: full_top(v, listings, width) for task, v in vectors.items()}
+    top_lists.write(
+        paths.path(EXACT_TOP),
+        embedded["model"]["sha256"],
+        {task: (keys[task], found) for task, found in lists.items()},
+    )
+    log.info("evaluate: exact search: %s", searched)
+    return lists, listings, searched
+
+
+def _carried(paths, embedded, keys, vectors, width: int, depth: int):
+    """A refresh's exact top lists from its release's (core/carried_top.py), scoring only
+    the listings whose vectors the release did not hold; (None, why) where they cannot
+    be carried, and the lists are searched over every listing."""
+    base = embedded["inputs"].get("base")
+    if base is None:
+        return None, "every listing (a retrain)"
+    release = base_release.version(
+        paths, base["version"], paths.path(EVALUATE_BUILT_ON), (EXACT_TOP.name, EMBEDDED_IDS.name)
+    )
+    found = top_lists.read(release.local / EXACT_TOP.name, embedded["model"]["sha256"])
+    if found is None:
+        return None, f"every listing (release {release.version} has no top lists of this model)"
+    moved = top_lists.kept_rows(release.local / EMBEDDED_IDS.name, paths.path(EMBEDDED_IDS))
+    if moved is None:
+        return None, f"every listing (release {release.version} records no fingerprints)"
+    kept, new_rows = moved
+    new_vectors = Embeddings(paths.path(EMBEDDINGS)).take(new_rows)
+    lists = {}
+    for task, queries in vectors.items():
+        carried = top_lists.for_queries(found.get(task, {}), keys[task], width)
+        if carried is None:
+            why = f"queries or K other than release {release.version}'s"
+            return None, f"every listing ({task}: {why})"
+        lists[task] = refreshed(carried, kept, new_rows, new_vectors, queries)
+        if lists[task].exact_depth() < depth:
+            return None, f"every listing ({task}: removals emptied a top list below depth {depth})"
+    return lists, f"carried from release {release.version}, {len(new_rows)} new vectors scored"
 
 
 def _as_recorded(
@@ -246,6 +326,7 @@ def _as_recorded(
         or lineage.get("featurize", {}).get("queries.parquet") != queries
         or release.get("params", {}).get("evaluate", {}).get("ks") != list(config.ks)
         or not release.get("evaluation", {}).get("mlflow")
+        or EXACT_TOP.name not in release.get("files", {})  # a release from before top lists
     ):
         return None
     champion = load_champion(config.champion, paths, device)
@@ -258,6 +339,10 @@ def _as_recorded(
     metrics |= release["evaluation"].get("measured") or {}
     training = _at_training(paths, base["version"])
     ids = pq.read_table(paths.path(EMBEDDED_IDS), columns=["listing_id"]).column(0).to_pylist()
+    built_on = base_release.version(
+        paths, base["version"], paths.path(EVALUATE_BUILT_ON), (EXACT_TOP.name,)
+    )
+    atomic.copy_file(built_on.local / EXACT_TOP.name, paths.path(EXACT_TOP))
     log.info("evaluate: nothing changed since release %s: its evaluation stands", base["version"])
     return Evaluation(
         metrics,
@@ -267,6 +352,7 @@ def _as_recorded(
         _embed_model(embedded, paths, device).reference,
         {task: int(metrics.get(f"{task}/queries", 0)) for task in TASKS},
         release["evaluation"]["mlflow"],
+        f"as release {base['version']} found them",
     )
 
 
@@ -274,9 +360,9 @@ def _hashes(outputs: dict) -> dict[str, str]:
     return {name: entry["sha256"] for name, entry in outputs.items()}
 
 
-def _profile(paths, device, held_out, listing_ids: list[str], size: int) -> np.ndarray:
-    """The catalog's profile (core/drift.py) from a hash-chosen sample of its listings."""
-    frozen = ListingEmbedder.frozen(paths, device)
+def _profile(frozen: ListingEmbedder, held_out, listing_ids: list[str], size: int) -> np.ndarray:
+    """The catalog's profile (core/drift.py) from a hash-chosen sample of its listings
+    (`frozen`: the featurize step's features)."""
     dims = frozen.image_store.dim + frozen.text_store.dim
     return frozen.profiles(held_out, profile_sample(listing_ids, size), projection(dims))
 
@@ -319,11 +405,10 @@ def _embed_model(embedded: dict, paths: StepPaths, device) -> registry.LoadedMod
     return loaded
 
 
-def _frozen_baseline(paths, device, held_out, sets, challenger, ks, depth) -> dict:
+def _frozen_baseline(paths, frozen, held_out, sets, challenger, ks, depth) -> dict:
     """The frozen encoders' own metrics on the same test queries and listings. The
     model's query inputs are the frozen features, unless it fine-tuned its backbone
     (its photo inputs are then activations): only then are they read again."""
-    frozen = ListingEmbedder.frozen(paths, device)
     if challenger.loaded.spec.get("finetune_blocks", 0):
         row_of = {lid: i for i, lid in enumerate(challenger.listing_ids)}
         sets = test_split_queries(paths, frozen, row_of)

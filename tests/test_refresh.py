@@ -17,8 +17,11 @@ from fastapi.testclient import TestClient
 from components import refresh
 from components.cli import main
 from components.config import load_params, with_overrides
-from components.contract import INDEX_CHANGES, SPLITS
+from components.contract import EXACT_TOP, INDEX_CHANGES, SPLITS
+from components.core.diagnostics import scored_top_k
+from components.core.retrieval import embed_queries, present
 from components.errors import StepFailed
+from components.io import test_split, top_lists
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import read_embeddings
 from components.io.manifest import sha256_file
@@ -111,6 +114,24 @@ def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied,
     unchanged = [i for i, listing_id in enumerate(ids) if listing_id not in fresh]
     assert len(unchanged) == 55 and np.array_equal(vectors[unchanged], full[unchanged])
     np.testing.assert_allclose(vectors, full, atol=1e-6)  # the delta, by the same model
+
+    # evaluate scored only the 7 new vectors against the test queries, carrying the rest
+    # of each exact top list from the release: the lists a full search gives
+    evaluated = json.loads((paths.step_dir("evaluate") / "run.json").read_text())
+    assert (
+        evaluated["exact_search"] == f"carried from release {before.version}, 7 new vectors scored"
+    )
+    row_of = {listing_id: row for row, listing_id in enumerate(ids)}
+    embedder = ListingEmbedder(model.model, model.spec, paths, CPU)
+    sets = present(test_split.test_split_queries(paths, embedder, row_of))
+    carried = top_lists.read(paths.path(EXACT_TOP), model.reference["sha256"])
+    assert sets and {s.task for s in sets} == set(carried)
+    for queries in sets:
+        keys = top_lists.query_keys(queries)
+        width = len(next(iter(carried[queries.task].values()))[0])
+        lists = top_lists.for_queries(carried[queries.task], keys, width)
+        searched = scored_top_k(embed_queries(model.model, queries, CPU), vectors, len(ids))
+        assert np.array_equal(lists.top(len(ids)), searched)
 
     # a new listing is found by its own title, as old listings are
     titles = {

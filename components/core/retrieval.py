@@ -75,16 +75,6 @@ def embed_queries(model, queries: QuerySet, device: torch.device) -> np.ndarray:
     return np.concatenate(out)
 
 
-def exact_metrics(
-    queries: QuerySet, vectors: np.ndarray, listings: np.ndarray, ks: list[int], depth: int
-) -> tuple[dict[str, float], np.ndarray]:
-    """Recall@K, MRR and nDCG@10 of exact search for one task's embedded queries
-    (`vectors`), with the number of queries, and the top-`depth` lists [Q, depth]."""
-    top = scored_top_k(vectors, listings, depth)
-    found = top_k_metrics(top, queries.relevant, ks)
-    return found | {"queries": len(queries.relevant)}, top
-
-
 def evaluate_tasks(
     model,
     sets: list[QuerySet],
@@ -95,16 +85,23 @@ def evaluate_tasks(
 ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Exact retrieval for every task: flat metrics (`<task>/recall@10`, ...), and per
     task with queries the query embeddings and the top-`depth` lists."""
-    metrics = {f"{queries.task}/queries": 0 for queries in sets}
-    vectors, tops = {}, {}
+    vectors = {queries.task: embed_queries(model, queries, device) for queries in present(sets)}
+    tops = {task: scored_top_k(v, listings, depth) for task, v in vectors.items()}
+    return task_metrics(sets, tops, ks), vectors, tops
+
+
+def task_metrics(
+    sets: list[QuerySet], tops: dict[str, np.ndarray], ks: list[int]
+) -> dict[str, float]:
+    """Flat metrics of every task (`<task>/recall@10`, ..., `<task>/queries`, per language)
+    from each present task's exact top lists (`tops`, [Q, depth] listing rows)."""
+    metrics: dict[str, float] = {f"{queries.task}/queries": 0 for queries in sets}
     for queries in present(sets):
-        vectors[queries.task] = embed_queries(model, queries, device)
-        found, tops[queries.task] = exact_metrics(
-            queries, vectors[queries.task], listings, ks, depth
-        )
+        top = tops[queries.task]
+        found = top_k_metrics(top, queries.relevant, ks) | {"queries": len(queries.relevant)}
         metrics |= {f"{queries.task}/{name}": value for name, value in found.items()}
-        metrics |= language_metrics(queries, tops[queries.task], queries.task)
-    return metrics, vectors, tops
+        metrics |= language_metrics(queries, top, queries.task)
+    return metrics
 
 
 def language_metrics(queries: QuerySet, top: np.ndarray, prefix: str) -> dict[str, float]:

@@ -24,7 +24,7 @@ from components.core.model import ListingModel
 from components.core.shards import Shard
 from components.core.views import GroupedViews, group_views
 from components.io import activations
-from components.io.feature_store import unit_hash
+from components.io.feature_store import FeatureStore, unit_hash
 from components.io.id_sets import IdSet
 from components.io.manifest import read_manifest
 from components.io.training_data import modality_store
@@ -42,15 +42,24 @@ class ListingEmbedder:
     model (`frozen`), the frozen encoders' own features of the same listings and views."""
 
     def __init__(
-        self, model: ListingModel | None, spec: dict, paths: StepPaths, device: torch.device
+        self,
+        model: ListingModel | None,
+        spec: dict,
+        paths: StepPaths,
+        device: torch.device,
+        stores: tuple[FeatureStore, FeatureStore] | None = None,
     ):
+        """`stores`: the featurize step's (text, image) feature stores, when already open
+        (opening one reads the keys of every shard: seconds at millions of views)."""
         featurize_dir = paths.step_dir("featurize")
-        manifest = read_manifest(featurize_dir)
         self.model = model
         self.device = device
         self.views_path = paths.path(VIEWS)
-        self.text_store = modality_store(featurize_dir, manifest, "text")
-        self.image_store = modality_store(featurize_dir, manifest, "image")
+        if stores is None:
+            manifest = read_manifest(featurize_dir)
+            stores = tuple(modality_store(featurize_dir, manifest, m) for m in ("text", "image"))
+        self.text_store, self.image_store = stores
+        self.features = stores
         self.left_out: dict[str, str] = {}  # listing_id -> why it has no embedding
         self.encoder = None
         tuned = spec.get("finetune_blocks", 0)
@@ -63,6 +72,10 @@ class ListingEmbedder:
     def frozen(cls, paths: StepPaths, device: torch.device) -> ListingEmbedder:
         """The featurize step's features as they are: the no-training baseline's inputs."""
         return cls(None, {}, paths, device)
+
+    def for_model(self, model: ListingModel, spec: dict, paths: StepPaths) -> ListingEmbedder:
+        """An embedder of `model` over this one's feature stores (not opened again)."""
+        return ListingEmbedder(model, spec, paths, self.device, self.features)
 
     def chunks(
         self,
