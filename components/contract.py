@@ -168,6 +168,13 @@ PROFILE = Artifact(
     "profile.npy",
     "the catalog's profile: frozen features of a sample of listings (the drift test's)",
 )
+PROFILE_SAMPLE = Artifact(
+    "evaluate",
+    "profile_sample.npz",
+    "the profile's listings (rows of the embed step's ids) and the id-hash threshold that "
+    "sampled them: where the next refresh's profile starts from (io/catalog_profile.py)",
+    local=True,  # a refresh's is carried from its release's
+)
 STALENESS = Artifact(
     "evaluate",
     "staleness.json",
@@ -191,7 +198,8 @@ EXACT_TOP = Artifact(
 EVALUATE_BUILT_ON = Artifact(
     "evaluate",
     "built_on",
-    "a refresh's cache of the release it builds on: its exact top lists and listing ids",
+    "a refresh's cache of the release it builds on: its listing ids, exact top lists, "
+    "profile and profile sample",
     folder=True,
     persistent=True,
 )
@@ -303,6 +311,7 @@ _STEPS = (
             STALENESS,
             RECALL_PLOT,
             EXACT_TOP,
+            PROFILE_SAMPLE,
             EVALUATE_BASE,
             EVALUATE_BUILT_ON,
         ),
@@ -336,6 +345,7 @@ _STEPS = (
             CHAMPION,
             STALENESS,
             EXACT_TOP,
+            PROFILE_SAMPLE,
             manifest_of("evaluate"),
         ),
     ),
@@ -355,6 +365,7 @@ RELEASE_FILES = (
     DETAILS,
     PROFILE,
     EXACT_TOP,  # where the next refresh's exact search starts from
+    PROFILE_SAMPLE,  # ... and its profile
     GATES,
     RELEASE_MODEL,
     INDEX_CHANGES,

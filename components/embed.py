@@ -142,6 +142,7 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
         log.info("%s", done.summary)
         return done
     embedder = ListingEmbedder(loaded.model, loaded.spec, paths, device)
+    embedder.features.open()  # before the progress bar: its rate is the embedding's
     held_out = held_out_refs(splits)
     atomic.copy_file(splits, out / EMBED_SPLITS.name)
     reusable = ReusableVectors(base) if base is not None else None

@@ -20,12 +20,18 @@ and what depends on this machine (the champion in its production store, the cloc
     champion.json       the champion's reference, metrics and the difference with a CI
     gates.json          each gate: metric, threshold, value, passed
     recall_at_k.png     the recall curves, the champion's included, as a figure
+    exact_top.npz       per test query its best listings: the next refresh's exact search
+                        starts from them (core/carried_top.py)
+    profile_sample.npz  the profile's listings and id-hash threshold: the next refresh's
+                        profile starts from them (io/catalog_profile.py)
     run.json            timings, index latency (index/latency_p50_ms, ...), the summary
 
 It logs every metric and the figure to an evaluation run nested in the model's training run
 in MLflow. A failed gate raises StepFailed naming each failed gate, after everything is
 written. A refresh that changed nothing the release serves takes the release's evaluation
-(`_as_recorded`: its metrics and MLflow run) and checks today's gates on it.
+(`_as_recorded`: its metrics and MLflow run) and checks today's gates on it; one that did
+carries its release's exact top lists and profile forward, reading only what changed
+(docs/pipeline.md, "What a refresh carries").
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from components.contract import (
     GATES,
     METRICS,
     PROFILE,
+    PROFILE_SAMPLE,
     RECALL_PLOT,
     STALENESS,
     STEPS,
@@ -60,7 +67,6 @@ from components.contract import (
 from components.core import gates
 from components.core.carried_top import full_top, refreshed
 from components.core.diagnostics import embedding_diagnostics
-from components.core.drift import projection
 from components.core.encoders import pick_device
 from components.core.retrieval import (
     FROZEN,
@@ -75,8 +81,8 @@ from components.core.retrieval import (
     task_metrics,
 )
 from components.errors import StepFailed
-from components.io import atomic, top_lists
-from components.io.embedder import ListingEmbedder, held_out_refs, profile_sample
+from components.io import atomic, catalog_profile, top_lists
+from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import Embeddings, verify_embeddings
 from components.io.faiss_index import RowIndex, coverage, labels_of, load_index
 from components.io.manifest import Timer, describe_files, read_manifest, write_manifest
@@ -145,15 +151,18 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
     embedded = read_manifest(paths.step_dir("embed"))
     index_manifest = read_manifest(paths.step_dir("index"))
     held_out = held_out_refs(paths.path(EMBED_SPLITS))
-    done = _as_recorded(config, paths, embedded, index_manifest, device)
-    frozen = ListingEmbedder.frozen(paths, device)  # the feature stores, opened once
-    done = done or _measure(config, paths, embedded, held_out, frozen)
+    built_on = _built_on(paths, embedded)
+    done = _as_recorded(config, paths, embedded, index_manifest, device, built_on)
+    frozen = ListingEmbedder.frozen(paths, device)  # its feature stores: opened once, if used
+    done = done or _measure(config, paths, embedded, held_out, frozen, built_on)
     metrics, champion = done.metrics, done.champion
     results = gates.check_gates(metrics, champion.get("metrics"), config.gates, earned=done.earned)
     _write_outputs(out, metrics, results, champion, config.ks, len(done.listing_ids))
-    profile = _profile(frozen, held_out, done.listing_ids, config.staleness.profile_listings)
-    np.save(paths.path(PROFILE), profile)
-    stale = _staleness(config, paths, embedded, profile, metrics)
+    size = config.staleness.profile_listings
+    profile, profiled = _profile(frozen, held_out, done.listing_ids, size, built_on)
+    np.save(paths.path(PROFILE), profile.vectors)
+    catalog_profile.write_sample(paths.path(PROFILE_SAMPLE), profile)
+    stale = _staleness(config, paths, embedded, profile.vectors, metrics)
     report = gates.table(results)
     summary = _summary(metrics, results, champion) + _stale_summary(stale)
     if done.mlflow is not None:
@@ -188,6 +197,7 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
             "mlflow": evaluation,
             "recorded": done.mlflow is not None,
             "exact_search": done.searched,
+            "profile": profiled,
             "local_outputs": describe_files(out, [a.name for a in STEP.writes if a.local]),
         },
     )
@@ -198,10 +208,15 @@ def run(config: EvaluateConfig, paths: StepPaths) -> EvaluateResult:
 
 
 def _measure(
-    config: EvaluateConfig, paths: StepPaths, embedded, held_out, frozen: ListingEmbedder
+    config: EvaluateConfig,
+    paths: StepPaths,
+    embedded,
+    held_out,
+    frozen: ListingEmbedder,
+    built_on: BuiltOn | None,
 ) -> Evaluation:
     """Every metric, measured on the embeddings, the index and the test split (`frozen`:
-    the featurize step's features)."""
+    the featurize step's features; `built_on`: a refresh's release, compared)."""
     device = frozen.device
     loaded = _embed_model(embedded, paths, device)
     verify_embeddings(paths.step_dir("embed"))
@@ -214,7 +229,14 @@ def _measure(
     vectors = {s.task: embed_queries(loaded.model, s, device) for s in present(sets)}
     width = max(config.ks) + TOP_MARGIN
     lists, listings, searched = _exact_top(
-        paths, embedded, sets, vectors, len(listing_ids), width, depth, config.diagnostics
+        paths,
+        embedded,
+        built_on,
+        sets,
+        vectors,
+        len(listing_ids),
+        (width, depth),
+        config.diagnostics,
     )
     tops = {task: found.top(depth) for task, found in lists.items()}
     metrics = task_metrics(sets, tops, config.ks)
@@ -249,13 +271,15 @@ def _measure(
     )
 
 
-def _exact_top(paths, embedded, sets, vectors, n_listings: int, width: int, depth: int, need):
-    """Each task's exact top lists, `width` wide (written to exact_top.npz for the next
-    refresh): carried from the release a refresh builds on where they can be
-    (`_carried`), else searched over every listing (`n_listings` vectors). Also every
-    listing's vector when `need` or searched (else None), and a line saying which."""
+def _exact_top(paths, embedded, built_on, sets, vectors, n_listings: int, sizes, need):
+    """Each task's exact top lists, `width` wide and exact at least `depth` deep (`sizes`;
+    written to exact_top.npz for the next refresh): carried from the release a refresh
+    builds on where they can be (`_carried`), else searched over every listing
+    (`n_listings` vectors). Also every listing's vector when `need` or searched (else
+    None), and a line saying which."""
+    width, depth = sizes
     keys = {queries.task: top_lists.query_keys(queries) for queries in present(sets)}
-    carried, searched = _carried(paths, embedded, keys, vectors, width, depth)
+    carried, searched = _carried(paths, embedded, built_on, keys, vectors, width, depth)
     listings = None
     if carried is None or need:
         listings = Embeddings(paths.path(EMBEDDINGS)).all()
@@ -274,38 +298,61 @@ def _exact_top(paths, embedded, sets, vectors, n_listings: int, width: int, dept
     return lists, listings, searched
 
 
-def _carried(paths, embedded, keys, vectors, width: int, depth: int):
+@dataclass(frozen=True)
+class BuiltOn:
+    """A refresh's listings against the release it builds on (`release`: its listing ids,
+    exact top lists, profile and profile sample, downloaded): `kept` maps each of the
+    release's rows to today's row of the same listing and fingerprint (-1: removed or
+    changed), `new_rows` are today's rows the release did not hold so."""
+
+    release: base_release.BaseRelease
+    kept: np.ndarray
+    new_rows: np.ndarray
+
+
+def _built_on(paths: StepPaths, embedded: dict) -> BuiltOn | None:
+    """A refresh's release, compared with today's listings; None for a retrain, or a
+    release that records no fingerprints."""
+    base = embedded["inputs"].get("base")
+    if base is None:
+        return None
+    names = (EMBEDDED_IDS.name, EXACT_TOP.name, PROFILE.name, PROFILE_SAMPLE.name)
+    release = base_release.version(paths, base["version"], paths.path(EVALUATE_BUILT_ON), names)
+    moved = base_release.kept_rows(release.local / EMBEDDED_IDS.name, paths.path(EMBEDDED_IDS))
+    return None if moved is None else BuiltOn(release, *moved)
+
+
+def _carried(paths, embedded, built_on: BuiltOn | None, keys, vectors, width: int, depth: int):
     """A refresh's exact top lists from its release's (core/carried_top.py), scoring only
     the listings whose vectors the release did not hold; (None, why) where they cannot
     be carried, and the lists are searched over every listing."""
-    base = embedded["inputs"].get("base")
-    if base is None:
-        return None, "every listing (a retrain)"
-    release = base_release.version(
-        paths, base["version"], paths.path(EVALUATE_BUILT_ON), (EXACT_TOP.name, EMBEDDED_IDS.name)
-    )
-    found = top_lists.read(release.local / EXACT_TOP.name, embedded["model"]["sha256"])
+    if built_on is None:
+        why = "a retrain" if not embedded["inputs"].get("base") else "no fingerprints recorded"
+        return None, f"every listing ({why})"
+    version = built_on.release.version
+    found = top_lists.read(built_on.release.local / EXACT_TOP.name, embedded["model"]["sha256"])
     if found is None:
-        return None, f"every listing (release {release.version} has no top lists of this model)"
-    moved = top_lists.kept_rows(release.local / EMBEDDED_IDS.name, paths.path(EMBEDDED_IDS))
-    if moved is None:
-        return None, f"every listing (release {release.version} records no fingerprints)"
-    kept, new_rows = moved
+        return None, f"every listing (release {version} has no top lists of this model)"
+    new_rows = built_on.new_rows
     new_vectors = Embeddings(paths.path(EMBEDDINGS)).take(new_rows)
     lists = {}
     for task, queries in vectors.items():
         carried = top_lists.for_queries(found.get(task, {}), keys[task], width)
         if carried is None:
-            why = f"queries or K other than release {release.version}'s"
-            return None, f"every listing ({task}: {why})"
-        lists[task] = refreshed(carried, kept, new_rows, new_vectors, queries)
+            return None, f"every listing ({task}: queries or K other than release {version}'s)"
+        lists[task] = refreshed(carried, built_on.kept, new_rows, new_vectors, queries)
         if lists[task].exact_depth() < depth:
             return None, f"every listing ({task}: removals emptied a top list below depth {depth})"
-    return lists, f"carried from release {release.version}, {len(new_rows)} new vectors scored"
+    return lists, f"carried from release {version}, {len(new_rows)} new vectors scored"
 
 
 def _as_recorded(
-    config: EvaluateConfig, paths: StepPaths, embedded: dict, index_manifest: dict, device
+    config: EvaluateConfig,
+    paths: StepPaths,
+    embedded: dict,
+    index_manifest: dict,
+    device,
+    built_on: BuiltOn | None,
 ) -> Evaluation | None:
     """A refresh that serves exactly what its release serves (the same model, embed and
     index outputs byte for byte, the same queries, the same `ks`) takes the release's
@@ -313,7 +360,7 @@ def _as_recorded(
     every vector again (minutes at millions of listings). The gates are checked again on
     it with today's thresholds; staleness is measured as always. None: measure."""
     base = embedded["inputs"].get("base")
-    if base is None or any(embedded["counts"].get(k) for k in ("added", "changed", "removed")):
+    if built_on is None or any(embedded["counts"].get(k) for k in ("added", "changed", "removed")):
         return None
     storage = production.open_store(paths)
     release = production.read_manifest(storage, base["version"])
@@ -326,7 +373,7 @@ def _as_recorded(
         or lineage.get("featurize", {}).get("queries.parquet") != queries
         or release.get("params", {}).get("evaluate", {}).get("ks") != list(config.ks)
         or not release.get("evaluation", {}).get("mlflow")
-        or EXACT_TOP.name not in release.get("files", {})  # a release from before top lists
+        or not built_on.release.local.joinpath(EXACT_TOP.name).is_file()  # from before them
     ):
         return None
     champion = load_champion(config.champion, paths, device)
@@ -339,10 +386,7 @@ def _as_recorded(
     metrics |= release["evaluation"].get("measured") or {}
     training = _at_training(paths, base["version"])
     ids = pq.read_table(paths.path(EMBEDDED_IDS), columns=["listing_id"]).column(0).to_pylist()
-    built_on = base_release.version(
-        paths, base["version"], paths.path(EVALUATE_BUILT_ON), (EXACT_TOP.name,)
-    )
-    atomic.copy_file(built_on.local / EXACT_TOP.name, paths.path(EXACT_TOP))
+    atomic.copy_file(built_on.release.local / EXACT_TOP.name, paths.path(EXACT_TOP))
     log.info("evaluate: nothing changed since release %s: its evaluation stands", base["version"])
     return Evaluation(
         metrics,
@@ -360,11 +404,19 @@ def _hashes(outputs: dict) -> dict[str, str]:
     return {name: entry["sha256"] for name, entry in outputs.items()}
 
 
-def _profile(frozen: ListingEmbedder, held_out, listing_ids: list[str], size: int) -> np.ndarray:
-    """The catalog's profile (core/drift.py) from a hash-chosen sample of its listings
-    (`frozen`: the featurize step's features)."""
-    dims = frozen.image_store.dim + frozen.text_store.dim
-    return frozen.profiles(held_out, profile_sample(listing_ids, size), projection(dims))
+def _profile(frozen: ListingEmbedder, held_out, listing_ids: list[str], size: int, built_on):
+    """The catalog's profile (io/catalog_profile.py), carried from a refresh's release
+    where it can be, and a line saying how it was made."""
+    then = None
+    if built_on is not None:
+        local = built_on.release.local
+        then = catalog_profile.read(local / PROFILE.name, local / PROFILE_SAMPLE.name)
+    if then is not None:
+        args = (then, built_on.kept, built_on.new_rows)
+        found = catalog_profile.carried(frozen, held_out, listing_ids, size, *args)
+        if found is not None:
+            return found, f"carried from release {built_on.release.version}"
+    return catalog_profile.full(frozen, held_out, listing_ids, size), "sampled"
 
 
 def _staleness(config: EvaluateConfig, paths: StepPaths, embedded, profile, metrics) -> dict:

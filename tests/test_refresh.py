@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from components import refresh
 from components.cli import main
 from components.config import load_params, with_overrides
-from components.contract import EXACT_TOP, INDEX_CHANGES, SPLITS
+from components.contract import EXACT_TOP, INDEX_CHANGES, PROFILE, PROFILE_SAMPLE, SPLITS
 from components.core.diagnostics import scored_top_k
 from components.core.retrieval import embed_queries, present
 from components.errors import StepFailed
-from components.io import test_split, top_lists
+from components.io import catalog_profile, test_split, top_lists
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import read_embeddings
 from components.io.manifest import sha256_file
@@ -132,6 +132,18 @@ def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied,
         lists = top_lists.for_queries(carried[queries.task], keys, width)
         searched = scored_top_k(embed_queries(model.model, queries, CPU), vectors, len(ids))
         assert np.array_equal(lists.top(len(ids)), searched)
+    # and its catalog profile: the release's rows of unchanged listings, the new and
+    # changed listings profiled; what sampling every listing again gives
+    # (today's listings under the release's id-hash threshold, profiled afresh)
+    assert evaluated["profile"] == f"carried from release {before.version}"
+    with np.load(paths.path(PROFILE_SAMPLE)) as sample:
+        rows, threshold = sample["rows"], float(sample["threshold"])
+    assert 0 < threshold < 1 and abs(len(rows) - 50) <= 5  # a sample, not every listing
+    under = [row for row, i in enumerate(ids) if catalog_profile.id_hash(i) <= threshold]
+    frozen = ListingEmbedder.frozen(paths, CPU)
+    found, vectors = catalog_profile.measure(frozen, held_out_refs(paths.path(SPLITS)), ids, under)
+    assert np.array_equal(rows, found)
+    np.testing.assert_allclose(np.load(paths.path(PROFILE)), vectors, atol=1e-6)
 
     # a new listing is found by its own title, as old listings are
     titles = {
@@ -338,8 +350,8 @@ def test_a_refresh_with_nothing_new_publishes_nothing_even_after_a_rollback(copi
     paths = copied
     store = open_storage(paths.storage, paths.storage_uri)
     retrained = production.read_pointer(store).version
-    # the profile as the retrain's evaluation measured it (its listings all)
-    same = refresh_params(paths, "evaluate.staleness.profile_listings=1000")
+    # the profile's sample as the retrain's evaluation drew it (carried unchanged)
+    same = refresh_params(paths)
     catalog = paths.workdir / "catalog" / "listings.parquet"
     original = catalog.read_bytes()
 

@@ -24,7 +24,7 @@ from components.core.model import ListingModel
 from components.core.shards import Shard
 from components.core.views import GroupedViews, group_views
 from components.io import activations
-from components.io.feature_store import FeatureStore, unit_hash
+from components.io.feature_store import FeatureStore
 from components.io.id_sets import IdSet
 from components.io.manifest import read_manifest
 from components.io.training_data import modality_store
@@ -37,6 +37,31 @@ def held_out_refs(splits: Path) -> set[tuple[str, str]]:
     return {(r["listing_id"], r["id"]) for r in table if r["kind"] == "held_out_view"}
 
 
+class FeatureStores:
+    """The featurize step's feature store of each modality, opened on first use: opening
+    one reads the keys of every shard (seconds at millions of views), which a refresh's
+    evaluation of a few changed listings may not need at all."""
+
+    def __init__(self, featurize_dir: Path) -> None:
+        self.dir = featurize_dir
+        self._open: dict[str, FeatureStore] = {}
+
+    def __getitem__(self, modality: str) -> FeatureStore:
+        if modality not in self._open:
+            self._open[modality] = modality_store(self.dir, read_manifest(self.dir), modality)
+        return self._open[modality]
+
+    def open(self) -> None:
+        """Open both now (a step that embeds every listing reads from both anyway)."""
+        for modality in ("text", "image"):
+            self[modality]
+
+    def dims(self) -> tuple[int, int]:
+        """(image, text) feature dimensions, from the manifest (no store opened)."""
+        encoders = read_manifest(self.dir)["encoders"]
+        return encoders["image"]["dim"], encoders["text"]["dim"]
+
+
 class ListingEmbedder:
     """A model's fused listing embeddings from the featurize step's outputs. Without a
     model (`frozen`), the frozen encoders' own features of the same listings and views."""
@@ -47,26 +72,30 @@ class ListingEmbedder:
         spec: dict,
         paths: StepPaths,
         device: torch.device,
-        stores: tuple[FeatureStore, FeatureStore] | None = None,
+        stores: FeatureStores | None = None,
     ):
-        """`stores`: the featurize step's (text, image) feature stores, when already open
-        (opening one reads the keys of every shard: seconds at millions of views)."""
-        featurize_dir = paths.step_dir("featurize")
+        """`stores`: the featurize step's feature stores, shared with another embedder."""
         self.model = model
         self.device = device
         self.views_path = paths.path(VIEWS)
-        if stores is None:
-            manifest = read_manifest(featurize_dir)
-            stores = tuple(modality_store(featurize_dir, manifest, m) for m in ("text", "image"))
-        self.text_store, self.image_store = stores
-        self.features = stores
+        self.features = stores or FeatureStores(paths.step_dir("featurize"))
         self.left_out: dict[str, str] = {}  # listing_id -> why it has no embedding
         self.encoder = None
+        self._activations = None
         tuned = spec.get("finetune_blocks", 0)
         if tuned:  # the model's tail takes backbone activations, not pooled features
             self.encoder = activations.image_encoder(spec, tuned, device)
-            self.image_store = activations.activation_store(self.encoder, paths.path(ACTIVATIONS))
+            self._activations = activations.activation_store(self.encoder, paths.path(ACTIVATIONS))
         self.catalog = paths.catalog
+
+    @property
+    def text_store(self) -> FeatureStore:
+        return self.features["text"]
+
+    @property
+    def image_store(self):
+        """The model's image inputs: cached features, or backbone activations."""
+        return self._activations if self._activations is not None else self.features["image"]
 
     @classmethod
     def frozen(cls, paths: StepPaths, device: torch.device) -> ListingEmbedder:
@@ -88,23 +117,36 @@ class ListingEmbedder:
         (picked out by Arrow before any row becomes a Python object); a listing without a
         usable view of each modality goes to `left_out`."""
         wanted = None if only is None else pa.array(sorted(only), pa.string())
-        for table in self.tables(shard):
+        groups = None if wanted is None else self._groups_holding(wanted)
+        for table in self.tables(shard, groups):
             if wanted is not None:
                 table = table.filter(pc.is_in(table["listing_id"], value_set=wanted))
             chunk = group_views(table.to_pylist(), held_out)
             self.left_out.update(chunk.left_out)
             yield chunk
 
-    def tables(self, shard: Shard | None = None) -> Iterator[pa.Table]:
+    def _groups_holding(self, wanted: pa.Array) -> list[int]:
+        """The row groups of views.parquet holding views of the listings `wanted` (found in
+        its id column alone: a few listings read a few groups, not the file)."""
+        parquet = pq.ParquetFile(self.views_path)
+        ids = parquet.read(columns=["listing_id"]).column("listing_id")
+        rows = np.flatnonzero(pc.is_in(ids, value_set=wanted).to_numpy(zero_copy_only=False))
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        starts = np.cumsum([0, *sizes])
+        return np.unique(np.searchsorted(starts, rows, side="right") - 1).tolist()
+
+    def tables(
+        self, shard: Shard | None = None, groups: list[int] | None = None
+    ) -> Iterator[pa.Table]:
         """The view rows of each row group of views.parquet (of `shard`'s listings only, if
-        given), every listing's in one group.
+        given; of the row groups `groups` only, if given), every listing's in one group.
 
         Raises:
             ValueError: a listing has views in two row groups (a views file not written
                 by featurize)."""
         parquet = pq.ParquetFile(self.views_path)
         seen = IdSet()  # 8 bytes per listing, not a Python string: catalogs of 10^8 fit
-        for group in range(parquet.num_row_groups):
+        for group in range(parquet.num_row_groups) if groups is None else groups:
             table = parquet.read_row_group(group)
             if shard is not None:
                 ids = table.column("listing_id").to_pylist()
@@ -169,12 +211,13 @@ class ListingEmbedder:
     @torch.inference_mode()
     def profiles(
         self, held_out: set[tuple[str, str]], wanted: set[str], projection: np.ndarray
-    ) -> np.ndarray:
-        """The profile of each listing in `wanted` (in listing order): its normalised mean
-        unit image feature and mean unit text feature, concatenated, times `projection`
-        (core/drift.py). Reads the features as they are (a `frozen` embedder's), of the
-        wanted listings only: the cost follows the sample, not the catalog."""
-        rows = []
+    ) -> tuple[list[str], np.ndarray]:
+        """The profile of each listing in `wanted` that has views (in views order, its id
+        with it): its normalised mean unit image feature and mean unit text feature,
+        concatenated, times `projection` (core/drift.py). Reads the features as they are
+        (a `frozen` embedder's), of the wanted listings only, from the row groups that
+        hold them: the cost follows the sample, not the catalog."""
+        ids, rows = [], []
         rng = np.random.default_rng(0)  # unused: every view is taken
         for chunk in self.chunks(held_out, only=wanted):
             if not chunk.listing_ids:
@@ -188,9 +231,10 @@ class ListingEmbedder:
             everyone = list(range(len(chunk.listing_ids)))
             means = [_unit_mean(views, everyone) for views in padded]
             rows.append(np.concatenate(means, axis=1) @ projection)
+            ids += chunk.listing_ids
         if not rows:
-            return np.zeros((0, projection.shape[1]), np.float32)
-        return np.concatenate(rows).astype(np.float32)
+            return [], np.zeros((0, projection.shape[1]), np.float32)
+        return ids, np.concatenate(rows).astype(np.float32)
 
     def embed_all(self, held_out: set[tuple[str, str]], batch_size: int):
         """Every listing's embedding in memory: (listing ids, [n, dim] array)."""
@@ -205,12 +249,6 @@ def _unit_mean(views, keep: list[int]) -> np.ndarray:
     features = torch.nn.functional.normalize(views.features[keep].float(), dim=-1)
     summed = (features * views.mask[keep][..., None]).sum(dim=1)
     return torch.nn.functional.normalize(summed, dim=-1).cpu().numpy()
-
-
-def profile_sample(listing_ids: list[str], size: int) -> set[str]:
-    """The `size` listings whose id hashes lowest: the same listings from run to run,
-    whatever the catalog's order."""
-    return set(sorted(listing_ids, key=lambda i: unit_hash("profile:" + i))[:size])
 
 
 def _first(parts: list[np.ndarray], size: int) -> np.ndarray:

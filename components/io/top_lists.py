@@ -1,6 +1,5 @@
 """The evaluate step's exact top lists on disk (`exact_top.npz`, published with each
-release), and what a refresh needs to carry them forward (core/carried_top.py): which of
-the release's listings kept their vectors, under which of today's rows.
+release), for the next refresh to carry forward (core/carried_top.py).
 
 A list is keyed by its query's content (the task and the query's features), not by its
 position: a refresh whose test split lost or gained a query still finds the others'."""
@@ -11,9 +10,6 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from components.core.carried_top import TopLists
 from components.core.retrieval import QuerySet
@@ -76,22 +72,3 @@ def for_queries(found: dict[bytes, tuple], keys: np.ndarray, width: int) -> TopL
         return TopLists(empty.astype(np.int64), empty.astype(np.float32), np.zeros(0, np.float32))
     rows, scores, floor = (np.stack([p[i] for p in picked]) for i in range(3))
     return TopLists(rows.astype(np.int64), scores.astype(np.float32), floor.astype(np.float32))
-
-
-def kept_rows(release_ids: Path, today_ids: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """From the release's and today's ids files (listing id and fingerprint per row): per
-    release row, today's row of the same listing with the same fingerprint (the same
-    vector under the same model), else -1; and today's rows whose vectors the release
-    did not hold. None when either file lacks fingerprints."""
-    release, today = (pq.read_table(p) for p in (release_ids, today_ids))
-    if any("fingerprint" not in t.column_names for t in (release, today)):
-        return None
-    release_keys, today_keys = _keys(release), _keys(today)
-    kept = pc.index_in(release_keys, value_set=today_keys).fill_null(-1)
-    held = pc.is_in(today_keys, value_set=release_keys).to_numpy(zero_copy_only=False)
-    return kept.to_numpy().astype(np.int64), np.flatnonzero(~held)
-
-
-def _keys(table: pa.Table) -> pa.Array:
-    fingerprints = pc.fill_null(table["fingerprint"], "")
-    return pc.binary_join_element_wise(table["listing_id"], fingerprints, "\x1f")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import StepPaths
@@ -120,3 +122,22 @@ class ReusableVectors:
                 continue
             stored.append(-1)
         return statuses, np.array(stored, dtype=np.int64)
+
+
+def kept_rows(release_ids: Path, today_ids: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """From the release's and today's ids files (listing id and fingerprint per row): per
+    release row, today's row of the same listing with the same fingerprint (the same
+    vector under the same model), else -1; and today's rows whose vectors the release
+    did not hold. None when either file lacks fingerprints."""
+    release, today = (pq.read_table(p) for p in (release_ids, today_ids))
+    if any("fingerprint" not in t.column_names for t in (release, today)):
+        return None
+    release_keys, today_keys = _keys(release), _keys(today)
+    kept = pc.index_in(release_keys, value_set=today_keys).fill_null(-1)
+    held = pc.is_in(today_keys, value_set=release_keys).to_numpy(zero_copy_only=False)
+    return kept.to_numpy().astype(np.int64), np.flatnonzero(~held)
+
+
+def _keys(table: pa.Table) -> pa.Array:
+    fingerprints = pc.fill_null(table["fingerprint"], "")
+    return pc.binary_join_element_wise(table["listing_id"], fingerprints, "\x1f")

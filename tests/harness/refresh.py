@@ -19,11 +19,14 @@ from components.config import (
     IndexConfig,
     Params,
     PromoteConfig,
+    StalenessConfig,
     StepPaths,
     load_params,
 )
 
 FEATURIZE = FeaturizeConfig(device="cpu", image_size=96, workers=2)
+# the profile's sample as the refreshes below take it (`params`): theirs is carried from it
+PROFILED = StalenessConfig(profile_listings=50, permutations=100)
 
 
 def release(featurized: StepPaths, work: Path) -> StepPaths:
@@ -38,7 +41,7 @@ def release(featurized: StepPaths, work: Path) -> StepPaths:
     train.run(TINY, paths)
     embed.run(EmbedConfig(device="cpu"), paths)
     index.run(IndexConfig(), paths)
-    evaluate.run(EVALUATE, paths)
+    evaluate.run(EVALUATE.model_copy(update={"staleness": PROFILED}), paths)
     promote.run(PromoteConfig(), paths)
     return paths
 
@@ -75,8 +78,8 @@ def params(paths: StepPaths, *overrides: str) -> Params:
             "evaluate.gates.min_queries=1",
             "evaluate.ks=[1, 10, 50]",
             "evaluate.bootstrap=100",
-            "evaluate.staleness.profile_listings=50",
-            "evaluate.staleness.permutations=100",
+            f"evaluate.staleness.profile_listings={PROFILED.profile_listings}",
+            f"evaluate.staleness.permutations={PROFILED.permutations}",
             *overrides,
         ],
     )
