@@ -25,6 +25,16 @@ def test_an_id_set_finds_its_ids_and_a_repeat():
     assert IdSet().contains(["a"]).tolist() == [False]
 
 
+def test_id_hashes_are_the_same_from_a_list_or_an_arrow_slice_and_tell_ids_apart():
+    ids = [f"L{i}" for i in range(3000)] + ["", "é", "listing-" * 40, "L1 ", " L1"]
+    hashes = id_sets.id_hashes(ids)
+
+    assert len(set(hashes.tolist())) == len(ids)  # every length, empty and non-ASCII ones
+    sliced = pa.array(["x", *ids, "y"]).slice(1, len(ids))  # an Arrow array with an offset
+    assert np.array_equal(id_sets.id_hashes(sliced), hashes)
+    assert np.array_equal(id_sets.id_hashes(ids[::-1]), hashes[::-1])  # per id, not per batch
+
+
 def _embedded(tmp_path, embedded: list[str], clean: list[str]):
     pq.write_table(pa.table({"listing_id": embedded}), tmp_path / "listing_ids.parquet")
     pq.write_table(pa.table({"listing_id": clean}), tmp_path / "clean.parquet")

@@ -3,18 +3,40 @@ where a Python set of strings takes about a hundred (10^8 listings: 0.8 GB, not 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 
 import numpy as np
+import pyarrow as pa
+
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 
 
-def id_hashes(ids: Iterable[str]) -> np.ndarray:
-    """uint64 hashes of listing ids (blake2b, 8 bytes)."""
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "big") for i in ids),
-        dtype=np.uint64,
-    )
+def id_hashes(ids: Iterable[str] | pa.Array) -> np.ndarray:
+    """uint64 hashes of listing ids (64-bit FNV-1a of the UTF-8 bytes, then a splitmix64
+    finaliser), computed for all ids of one length at once: 1M ids in a fraction of a
+    second, where a hash call per id took seconds."""
+    strings = ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
+    strings = strings.cast(pa.large_string()).fill_null("")
+    n = len(strings)
+    _, offsets, data = strings.buffers()
+    starts = np.frombuffer(offsets, np.int64, n + 1, strings.offset * 8)
+    raw = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(starts)
+    hashes = np.full(n, _FNV_OFFSET, np.uint64)
+    with np.errstate(over="ignore"):
+        for length in np.unique(lengths):
+            rows = np.flatnonzero(lengths == length)
+            found = hashes[rows]
+            bytes_ = raw[starts[rows][:, None] + np.arange(length)].astype(np.uint64)
+            for column in bytes_.T:
+                found = (found ^ column) * _FNV_PRIME
+            hashes[rows] = found
+        hashes ^= hashes >> np.uint64(30)
+        hashes *= np.uint64(0xBF58476D1CE4E5B9)
+        hashes ^= hashes >> np.uint64(27)
+        hashes *= np.uint64(0x94D049BB133111EB)
+        hashes ^= hashes >> np.uint64(31)
+    return hashes
 
 
 class IdSet:

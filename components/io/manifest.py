@@ -27,17 +27,25 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from components.io import hash_cache
+
 MANIFEST_NAME = "manifest.json"
 RUN_RECORD = "run.json"
 _CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    """The file's sha256; read again only if it changed since it was last hashed on this
+    machine (components/io/hash_cache.py)."""
+    before = os.stat(path)
+    if (digest := hash_cache.known(before)) is not None:
+        return digest
+    hashed = hashlib.sha256()
+    with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+            hashed.update(chunk)
+    hash_cache.remember(Path(path), before, hashed.hexdigest())
+    return hashed.hexdigest()
 
 
 def sha256_tree(root: Path) -> str:
