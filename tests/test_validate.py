@@ -452,3 +452,25 @@ def test_the_validation_frame_is_what_each_cell_says_over_chunks_slices_and_null
     for candidate in (table, chunked, chunked.slice(1, 4)):
         expected = pd.DataFrame(_frame_cell_by_cell(candidate))
         pd.testing.assert_frame_equal(expectations.validation_frame(candidate), expected)
+
+
+def test_image_lists_read_in_arrow_are_those_read_value_by_value():
+    from components.io import expectations
+    from components.validate import _image_lists
+
+    values = [["a", "b"], None, [], ["x", None], ["c"], [None], ["d", "e", "f"]]
+    typed = pa.chunked_array(
+        [pa.array(values[:3], pa.list_(pa.string())), pa.array(values[3:], pa.list_(pa.string()))]
+    )
+    rows = [
+        row
+        for row, value in enumerate(values)
+        if expectations.type_name(value) == expectations.STRING_LIST and value
+    ]
+    by_value = (rows, [ref for row in rows for ref in values[row]], [len(values[r]) for r in rows])
+
+    assert _image_lists(typed) == by_value == ([0, 4, 6], list("abcdef"), [2, 1, 3])
+    assert _image_lists(typed.slice(2, 4)) == ([2], ["c"], [1])  # rows of the slice
+    # any other type (here a large list) is read value by value, to the same answer
+    large = pa.chunked_array([pa.array(values, pa.large_list(pa.string()))])
+    assert _image_lists(large) == by_value

@@ -76,8 +76,8 @@ class Identities:
             return [self.of_ref(ref, resolve) for ref in refs]
         found = []
         lstat, regular = os.lstat, stat.S_ISREG
-        for ref in refs:
-            if not _plain(ref):
+        for ref, plain in zip(refs, _plain_all(refs), strict=True):
+            if not plain:
                 found.append(None)
                 continue
             try:
@@ -122,6 +122,16 @@ class Identities:
 def _plain(ref: object) -> bool:
     """A relative path with no scheme and no `..`: one `lstat` under the root finds it."""
     return isinstance(ref, str) and not (ref.startswith(("/", "\\")) or ":" in ref or ".." in ref)
+
+
+def _plain_all(refs: list[object]) -> list[bool]:
+    """`_plain` of each of `refs`, in Arrow when they are all strings."""
+    if not all(type(ref) is str for ref in refs):
+        return [_plain(ref) for ref in refs]
+    strings = pa.array(refs, pa.string())
+    rooted = pc.or_(pc.starts_with(strings, "/"), pc.starts_with(strings, "\\"))
+    odd = pc.or_(pc.match_substring(strings, ":"), pc.match_substring(strings, ".."))
+    return pc.invert(pc.or_(rooted, odd)).to_pylist()
 
 
 def _regular(status: os.stat_result) -> bool:
