@@ -312,3 +312,35 @@ def test_an_s3_catalog_is_listed_and_only_changed_images_are_fetched(
     assert len(lists) == 2 and heads == []  # one LIST of the catalog per step, no HEADs
     assert _reads(paths, "validate")["images_opened"] == 1
     assert _reads(paths, "featurize")["images_opened"] == 1
+
+
+def test_identities_looked_up_by_threads_on_a_cold_cache_are_those_of_one_thread(
+    tmp_path, monkeypatch
+):
+    from components.io import image_identity
+    from components.io.catalog_reader import CatalogRoot
+
+    root = tmp_path / "catalog"
+    (root / "images").mkdir(parents=True)
+    refs: list[object] = []
+    for i in range(40):
+        (root / "images" / f"{i}.png").write_bytes(b"x" * (i + 1))
+        refs.append(f"images/{i}.png")
+    os.symlink(root / "images" / "0.png", root / "images" / "link.png")
+    refs += ["images/missing.png", "images/link.png", "/abs.png", "s3://b/k.png", "../up.png", 7]
+    identities = image_identity.Identities(CatalogRoot(str(root)))
+
+    def refused(ref):
+        raise AssertionError(f"{ref} should not need resolving")
+
+    monkeypatch.setattr(image_identity, "BLOCK", 7)
+    monkeypatch.setattr(image_identity, "THREADS", 3)  # parts of 3, 3 and 1
+    one_thread = identities.of_refs(refs, refused)
+    monkeypatch.setattr(image_identity, "COLD_US", -1.0)  # every block counts as cold
+    threads = identities.of_refs(refs, refused)
+
+    assert threads == one_thread
+    assert one_thread[:40] == [
+        f"{i + 1}:{(root / 'images' / f'{i}.png').stat().st_mtime_ns}" for i in range(40)
+    ]
+    assert one_thread[40:] == [None] * 6

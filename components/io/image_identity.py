@@ -20,7 +20,9 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,11 @@ from components.io.images import ImageRefError
 from components.io.s3 import is_missing_key_error, s3_client, split_s3_uri
 
 SCHEMA = pa.schema([("location", pa.string()), ("identity", pa.string()), ("value", pa.string())])
+BLOCK = 65536  # references whose identities are looked up at a time
+# mean microseconds an `lstat` took over a block past which the inode cache is taken to be
+# cold: 1.6 us warm here, 24 us cold, where 8 threads made it 13 us (warm: 2.9 us, slower)
+COLD_US = 5.0
+THREADS = 8
 FINGERPRINT = b"records.fingerprint"  # parquet metadata: what the values depend on
 
 log = logging.getLogger(__name__)
@@ -68,25 +75,32 @@ class Identities:
     def of_refs(
         self, refs: list[object], resolve: Callable[[str], ImageLocation]
     ) -> list[str | None]:
-        """`of_ref` of each of `refs`, the local catalog's in one tight loop (1M listings
+        """`of_ref` of each of `refs`, the local catalog's in tight loops (1M listings
         hold 3.3M images: per-image call and path-join overhead was a third of a refresh's
-        validate)."""
+        validate), `BLOCK` references at a time: one thread while `lstat` answers from
+        the inode cache, `THREADS` once a block shows it going to the disk (COLD_US)."""
         base = self._base
         if base is None:
             return [self.of_ref(ref, resolve) for ref in refs]
-        found = []
-        lstat, regular = os.lstat, stat.S_ISREG
-        for ref, plain in zip(refs, _plain_all(refs), strict=True):
-            if not plain:
-                found.append(None)
-                continue
-            try:
-                status = lstat(f"{base}/{ref}")
-            except OSError:
-                found.append(None)
-                continue
-            regular_file = regular(status.st_mode)  # not a link, say: checked in full
-            found.append(f"{status.st_size}:{status.st_mtime_ns}" if regular_file else None)
+        plain = _plain_all(refs)
+        found: list[str | None] = []
+        pool = None
+        try:
+            for start in range(0, len(refs), BLOCK):
+                end = min(len(refs), start + BLOCK)
+                if pool is None:
+                    began = time.perf_counter()
+                    found += _lstat_identities(base, refs, plain, start, end)
+                    if (time.perf_counter() - began) / (end - start) * 1e6 > COLD_US:
+                        pool = ThreadPoolExecutor(THREADS, thread_name_prefix="lstat")
+                    continue
+                step = -(-(end - start) // THREADS)
+                bounds = [(lo, min(end, lo + step)) for lo in range(start, end, step)]
+                for part in pool.map(lambda b: _lstat_identities(base, refs, plain, *b), bounds):
+                    found += part
+        finally:
+            if pool is not None:
+                pool.shutdown()
         return found
 
     def of(self, location: ImageLocation) -> str | None:
@@ -122,6 +136,27 @@ class Identities:
 def _plain(ref: object) -> bool:
     """A relative path with no scheme and no `..`: one `lstat` under the root finds it."""
     return isinstance(ref, str) and not (ref.startswith(("/", "\\")) or ":" in ref or ".." in ref)
+
+
+def _lstat_identities(
+    base: str, refs: list[object], plain: list[bool], start: int, end: int
+) -> list[str | None]:
+    """`size:mtime_ns` of refs[start:end] under `base` (None: not plain, not there, or
+    not a regular file)."""
+    found: list[str | None] = []
+    lstat, regular = os.lstat, stat.S_ISREG
+    for index in range(start, end):
+        if not plain[index]:
+            found.append(None)
+            continue
+        try:
+            status = lstat(f"{base}/{refs[index]}")
+        except OSError:
+            found.append(None)
+            continue
+        regular_file = regular(status.st_mode)  # not a link, say: checked in full
+        found.append(f"{status.st_size}:{status.st_mtime_ns}" if regular_file else None)
+    return found
 
 
 def _plain_all(refs: list[object]) -> list[bool]:
