@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +64,8 @@ EXAMPLES_PER_REASON = 3
 
 log = logging.getLogger(__name__)
 
-Issues = list[list[tuple[str, str]]]  # per row: (reason, detail) pairs
+# per row with a problem: (reason, detail) pairs (a dict: a million clean rows hold nothing)
+Issues = defaultdict[int, list[tuple[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -88,22 +89,37 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     root = CatalogRoot(paths.catalog)
     listings = read_listings(root)
     log.info("validate: %d listings read from %s", listings.num_rows, root.uri)
-    issues = table_issues(listings, config)
     records = ImageRecords(
         out / IMAGE_CHECKS.name, image_rules(config), trusted=not config.verify_content
     )
-    reads, identities = image_issues(listings, root, config, issues, records)
+    checker = ImageChecker(root, config, records)
+    images = ImageLists.of(listings.column("image_uris"))
+    identities = checker.identities.of_refs(images.refs, checker.resolve)
+    found_states = listing_state.states(
+        listings, image_identities(listings.num_rows, images.rows, images.counts, identities)
+    )
+    rules = verdict_rules(config)
+    unchanged = np.zeros(listings.num_rows, bool)
+    if records.trusted:
+        unchanged = _unchanged(listings, found_states, out / LISTING_STATE.name, rules)
+    todo = np.flatnonzero(~unchanged)
+    issues = table_issues(listings, config, todo)
+    checked = images.of_rows(todo)
+    image_issues(listings, checker, issues, checked, [identities[i] for i in checked.at])
+    checker.reads.trusted(len(images.refs) - len(checked.refs))
+    records.keep_others(checked.refs, images.refs)
     records.save()
     clean, quarantine = split_rows(listings, issues)
     atomic.write_table(clean, out / CLEAN.name)
     atomic.write_table(quarantine, out / QUARANTINE.name)
-    _write_states(listings, identities, issues, out)
+    _write_states(listings, found_states, issues, out, rules)
     queries_report = _write_queries(root, clean, out)
     report = build_report(listings, issues, config, queries_report)
     atomic.write_text(
         out / VALIDATION_REPORT.name, json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     )
-    summary = format_summary(report, reads)
+    reads = checker.reads
+    summary = format_summary(report, reads, int(unchanged.sum()))
     outputs = [CLEAN.name, QUARANTINE.name, VALIDATION_REPORT.name]
     if queries_report is not None:
         outputs += [CLEAN_QUERIES.name, QUARANTINED_QUERIES.name]
@@ -118,7 +134,11 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
         },
         outputs=describe_files(out, outputs),
         counts={k: report[k] for k in ("total", "clean", "quarantined")},
-        run={"summary": summary, "reads": reads.as_dict()},
+        run={
+            "summary": summary,
+            "reads": reads.as_dict(),
+            "listings_unchanged": int(unchanged.sum()),
+        },
     )
     log.info("%s", summary.splitlines()[0])
     if not report["passed"]:
@@ -128,13 +148,43 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     return ValidateResult(out_dir=out, report=report, summary=summary)
 
 
-def _write_states(listings: pa.Table, identities: pa.Array, issues: Issues, out: Path) -> None:
-    """Each clean listing's state (components/io/listing_state.py), for featurize to reuse
-    the views of a listing that did not change."""
-    clean = pa.array([not found for found in issues], pa.bool_())
-    found = listing_state.states(listings, identities).filter(clean)
+def _write_states(
+    listings: pa.Table, found: pa.Array, issues: Issues, out: Path, rules: str
+) -> None:
+    """Each clean listing's state (components/io/listing_state.py): featurize reuses the
+    views of a listing that did not change, the next validate its verdict."""
+    clean = clean_mask(listings.num_rows, issues)
     ids = listings.column("listing_id").filter(clean).cast(pa.string()).combine_chunks()
-    listing_state.write(out / LISTING_STATE.name, ids, found, sha256_file(out / CLEAN.name))
+    listing_state.write(
+        out / LISTING_STATE.name, ids, found.filter(clean), sha256_file(out / CLEAN.name), rules
+    )
+
+
+def verdict_rules(config: ValidateConfig) -> str:
+    """What a listing's verdict depends on besides its state: every rule of the suite and
+    of the image checks, and their version (not how the run is done or judged whole)."""
+    how = {"workers", "verify_content", "max_bad_fraction", "min_clean_listings"}
+    rules = config.model_dump(mode="json", exclude=how | {"require_eval_queries"})
+    return fingerprint(version=1, rules=rules, images=image_rules(config))
+
+
+def _unchanged(listings: pa.Table, found: pa.Array, previous: Path, rules: str) -> np.ndarray:
+    """The rows whose verdict stands without a check: the previous validate found them
+    clean under these `rules` in the state they are in now (`found`), and no other row
+    has their listing_id (a duplicate quarantines every row holding it)."""
+    none = np.zeros(listings.num_rows, bool)
+    states = listing_state.read_verdicts(previous, rules)
+    ids = listings.column("listing_id")
+    if states is None or not expectations.is_string(ids.type):
+        return none
+    ids = ids.combine_chunks().cast(pa.string())
+    was = states.column("state").take(pc.index_in(ids, value_set=states.column("listing_id")))
+    same = pc.fill_null(pc.equal(was, found), False)
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        same = pc.and_(same, pc.invert(pc.is_in(ids, value_set=repeated)))
+    return same.to_numpy(zero_copy_only=False)
 
 
 def too_little(report: dict, clean: pa.Table, root: CatalogRoot, config: ValidateConfig):
@@ -163,40 +213,43 @@ def too_little(report: dict, clean: pa.Table, root: CatalogRoot, config: Validat
     return None
 
 
-def table_issues(listings: pa.Table, config: ValidateConfig) -> Issues:
-    """Run the GE suite; return each row's (reason, detail) pairs."""
+def table_issues(listings: pa.Table, config: ValidateConfig, rows=None) -> Issues:
+    """Run the GE suite over `rows` of `listings` (all by default); return each row's
+    (reason, detail) pairs. Every row holding a repeated listing_id must be among `rows`
+    for the uniqueness expectation to see the repeat."""
+    issues: Issues = defaultdict(list)
+    rows = np.arange(listings.num_rows) if rows is None else np.asarray(rows, np.int64)
+    if not len(rows):
+        return issues
+    if len(rows) != listings.num_rows:
+        listings = listings.take(pa.array(rows, pa.int64()))
     frame = expectations.validation_frame(listings)
     failed = expectations.run_suite(frame, expectations.listings_suite(config))
-    issues: Issues = [[] for _ in range(listings.num_rows)]
-    for reason, (column, rows) in failed.items():
-        for row in rows:
-            value = frame.at[row, column]
+    for reason, (column, at) in failed.items():
+        for index in at:
+            value = frame.at[index, column]
             shown = value if not isinstance(value, str) or len(value) <= 80 else value[:77] + "..."
-            issues[row].append((reason, f"{column}={shown!r}"))
+            issues[int(rows[index])].append((reason, f"{column}={shown!r}"))
     return issues
 
 
 def image_issues(
     listings: pa.Table,
-    root: CatalogRoot,
-    config: ValidateConfig,
+    checker: ImageChecker,
     issues: Issues,
-    records: ImageRecords | None = None,
-) -> tuple[ReadCounter, pa.Array]:
-    """Judge every image of every row whose image_uris is a list of strings: its header
-    against the bounds, then a full decode within the shared decode budget (an image
-    `records` vouches for: its recorded verdict). Returns what was read, and each row's
-    image identities (`listing_state.image_identities`)."""
+    images: ImageLists,
+    identities: list[str | None],
+) -> None:
+    """Judge every image of `images` (rows whose image_uris is a list of strings), whose
+    `identities` are given: its header against the bounds, then a full decode within the
+    shared decode budget (an image the checker's records vouch for: its recorded verdict)."""
     column = listings.column("image_uris")
-    rows, refs, counts = _image_lists(column)
-    checker = ImageChecker(root, config, records)
-    identities = checker.identities.of_refs(refs, checker.resolve)
-    to_check = checker.recorded(rows, counts, refs, identities, issues)
+    to_check = checker.recorded(images.rows, images.counts, images.refs, identities, issues)
     taken = column.take(pa.array(to_check, pa.int64())).to_pylist()
     uris = dict(zip(to_check, taken, strict=True))
-    if records is not None:
-        records.focus([ref for row in to_check for ref in uris[row]])
-    with ThreadPoolExecutor(max_workers=config.workers) as pool:
+    if checker.records is not None:
+        checker.records.focus([ref for row in to_check for ref in uris[row]])
+    with ThreadPoolExecutor(max_workers=checker.config.workers) as pool:
         checked = pool.map(lambda row: checker.listing(uris[row]), to_check)
         for row, found in progress(
             zip(to_check, checked, strict=True),
@@ -206,29 +259,53 @@ def image_issues(
             mininterval=2,
         ):
             issues[row].extend(found)
-    return checker.reads, image_identities(len(column), rows, counts, identities)
 
 
-def _image_lists(column: pa.ChunkedArray) -> tuple[list[int], list[str], list[int]]:
+@dataclass(frozen=True)
+class ImageLists:
     """The rows whose image_uris is a non-empty list of strings, their references one
-    after another, and how many each has. A list<string> column is read in Arrow (a
-    million rows in a fraction of a second); any other type value by value."""
-    if pa.types.is_list(column.type) and pa.types.is_string(column.type.value_type):
-        lists = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-        lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-        holes = pc.is_null(pc.list_flatten(lists)).to_numpy(zero_copy_only=False)
-        holed = np.zeros(len(lists), bool)
-        holed[pc.list_parent_indices(lists).to_numpy()[holes]] = True
-        chosen = np.flatnonzero((lengths > 0) & ~holed)
-        refs = pc.list_flatten(lists.take(chosen)).to_pylist()
-        return chosen.tolist(), refs, lengths[chosen].tolist()
-    uris = column.to_pylist()
-    rows = [
-        row
-        for row, value in enumerate(uris)
-        if expectations.type_name(value) == expectations.STRING_LIST and value
-    ]
-    return rows, [ref for row in rows for ref in uris[row]], [len(uris[row]) for row in rows]
+    after another, how many each has, and (`at`) where each reference is in the lists it
+    was taken from."""
+
+    rows: list[int]
+    refs: list[str]
+    counts: list[int]
+    at: np.ndarray
+
+    @classmethod
+    def of(cls, column: pa.ChunkedArray) -> ImageLists:
+        """A list<string> column is read in Arrow (a million rows in a fraction of a
+        second); any other type value by value."""
+        if pa.types.is_list(column.type) and pa.types.is_string(column.type.value_type):
+            lists = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+            lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+            holes = pc.is_null(pc.list_flatten(lists)).to_numpy(zero_copy_only=False)
+            holed = np.zeros(len(lists), bool)
+            holed[pc.list_parent_indices(lists).to_numpy()[holes]] = True
+            chosen = np.flatnonzero((lengths > 0) & ~holed)
+            refs = pc.list_flatten(lists.take(chosen)).to_pylist()
+            return cls(chosen.tolist(), refs, lengths[chosen].tolist(), np.arange(len(refs)))
+        uris = column.to_pylist()
+        rows = [
+            row
+            for row, value in enumerate(uris)
+            if expectations.type_name(value) == expectations.STRING_LIST and value
+        ]
+        refs = [ref for row in rows for ref in uris[row]]
+        return cls(rows, refs, [len(uris[row]) for row in rows], np.arange(len(refs)))
+
+    def of_rows(self, wanted: np.ndarray) -> ImageLists:
+        """The lists of the table rows `wanted` (sorted), `at` counting in these lists."""
+        rows, counts = np.asarray(self.rows, np.int64), np.asarray(self.counts, np.int64)
+        keep = np.isin(rows, wanted, assume_unique=True)
+        if keep.all():
+            return self
+        starts = np.cumsum(counts) - counts
+        lengths = counts[keep]
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        at = np.repeat(starts[keep], lengths) + within
+        refs = [self.refs[i] for i in at]
+        return ImageLists(rows[keep].tolist(), refs, lengths.tolist(), self.at[at])
 
 
 def image_rules(config: ValidateConfig) -> str:
@@ -351,11 +428,22 @@ class ImageChecker:
             self.records.put(location, identity, verdict)
 
 
+def bad_rows(issues: Issues) -> list[int]:
+    """The rows with a problem, in order."""
+    return sorted(row for row, found in issues.items() if found)
+
+
+def clean_mask(rows: int, issues: Issues) -> pa.Array:
+    """True for each of `rows` without a problem."""
+    clean = np.ones(rows, bool)
+    clean[bad_rows(issues)] = False
+    return pa.array(clean)
+
+
 def split_rows(listings: pa.Table, issues: Issues) -> tuple[pa.Table, pa.Table]:
     """Clean rows as they came in; quarantined rows plus row_number, reasons, reason_details."""
-    bad = [row for row, found in enumerate(issues) if found]
-    clean_mask = pa.array([not found for found in issues], type=pa.bool_())
-    clean = listings.filter(clean_mask)
+    bad = bad_rows(issues)
+    clean = listings.filter(clean_mask(listings.num_rows, issues))
     quarantine = listings.take(pa.array(bad, type=pa.int64()))
     reasons = [sorted({reason for reason, _ in issues[row]}) for row in bad]
     details = [[detail for _, detail in issues[row]] for row in bad]
@@ -414,16 +502,17 @@ def build_report(
     listings: pa.Table, issues: Issues, config: ValidateConfig, queries: dict | None
 ) -> dict:
     total = listings.num_rows
-    quarantined = sum(1 for found in issues if found)
+    bad = bad_rows(issues)
+    quarantined = len(bad)
     bad_fraction = quarantined / total if total else 0.0
-    counts = Counter(reason for found in issues for reason in {r for r, _ in found})
-    ids = listings.column("listing_id").to_pylist()
+    counts = Counter(reason for row in bad for reason in {r for r, _ in issues[row]})
+    ids = listings.column("listing_id").take(pa.array(bad, pa.int64())).to_pylist()
     examples: dict[str, list[dict]] = {}
-    for row, found in enumerate(issues):
-        for reason, detail in found:
+    for row, listing_id in zip(bad, ids, strict=True):
+        for reason, detail in issues[row]:
             bucket = examples.setdefault(reason, [])
             if len(bucket) < EXAMPLES_PER_REASON:
-                bucket.append({"row": row, "listing_id": _printable(ids[row]), "detail": detail})
+                bucket.append({"row": row, "listing_id": _printable(listing_id), "detail": detail})
     return {
         "total": total,
         "clean": total - quarantined,
@@ -441,12 +530,13 @@ def _printable(value: object) -> object:
     return value if isinstance(value, str | int | float) or value is None else repr(value)
 
 
-def format_summary(report: dict, reads: ReadCounter | None = None) -> str:
+def format_summary(report: dict, reads: ReadCounter | None = None, unchanged: int = 0) -> str:
     opened = ""
     if reads is not None:
         opened = (
             f"; {reads.images_opened} images opened ({reads.bytes_read / 2**20:.1f} MiB), "
-            f"{reads.images_trusted} unchanged since checked"
+            f"{reads.images_trusted} unchanged since checked; {unchanged} listings unchanged "
+            "since found clean"
         )
     lines = [
         f"validate: {report['total']} listings: {report['clean']} clean, "

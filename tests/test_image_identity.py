@@ -137,6 +137,71 @@ def test_other_image_rules_make_every_verdict_be_checked_again(catalog):
     assert _outcome(paths)[0] == []
 
 
+def _write_listings(root: Path, rows: list[dict]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows), root / "listings.parquet")
+
+
+def _unchanged(paths: StepPaths) -> int:
+    return require_run(paths.step_dir("validate"))["listings_unchanged"]
+
+
+def test_a_listing_s_verdict_stands_while_its_state_does_and_changes_are_judged_again(catalog):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+    (root / "images" / "d.png").write_bytes(png_bytes((40, 40), (9, 9, 9)))
+    _write_listings(
+        root,
+        [
+            listing("a"),  # unchanged: its verdict stands
+            listing("b", title="x" * 600),  # over max_title_chars now
+            listing("c"),  # unchanged, but another row takes its id below
+            listing("broken"),
+            listing("d"),  # new
+            listing("c", title="Another c"),
+        ],
+    )
+
+    validate.run(TRUSTING, paths)
+    trusted = _outcome(paths)
+    assert _unchanged(paths) == 1  # "a" alone
+    validate.run(VERIFYING, paths)  # every row and image checked afresh
+
+    assert trusted == _outcome(paths)
+    clean, bad = trusted
+    assert clean == ["a", "d"]
+    assert [(row["listing_id"], row["reasons"]) for row in bad] == [
+        ("b", ["title_too_long"]),
+        ("c", ["duplicate_listing_id"]),
+        ("broken", ["image_undecodable"]),
+        ("c", ["duplicate_listing_id"]),
+    ]
+
+
+def test_other_row_rules_make_every_verdict_be_judged_again(catalog):
+    _, paths = catalog
+    validate.run(TRUSTING, paths)
+
+    validate.run(TRUSTING.model_copy(update={"max_title_chars": 5}), paths)
+
+    assert _unchanged(paths) == 0
+    assert _outcome(paths)[0] == []  # "Title of a" is over 5 characters
+
+
+def test_the_image_records_of_listings_taken_by_their_state_are_kept(catalog):
+    root, paths = catalog
+    validate.run(TRUSTING, paths)
+    validate.run(TRUSTING, paths)  # every clean listing unchanged: none looked up
+    assert _unchanged(paths) == 3
+
+    _write_listings(root, [listing("a", title="A new title"), listing("b")])
+    validate.run(TRUSTING, paths)
+
+    assert _reads(paths, "validate")["images_opened"] == 0  # a.png's record was kept
+    assert _unchanged(paths) == 1
+    records = pq.read_table(paths.step_dir("validate") / "image_checks.parquet")
+    assert sorted(records["location"].to_pylist()) == ["images/a.png", "images/b.png"]
+
+
 def test_featurize_reads_only_new_content_and_re_encodes_it(catalog):
     root, paths = catalog
     validate.run(TRUSTING, paths)

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -456,7 +457,12 @@ def test_the_validation_frame_is_what_each_cell_says_over_chunks_slices_and_null
 
 def test_image_lists_read_in_arrow_are_those_read_value_by_value():
     from components.io import expectations
-    from components.validate import _image_lists
+    from components.validate import ImageLists
+
+    def lists(column):
+        found = ImageLists.of(column)
+        assert found.at.tolist() == list(range(len(found.refs)))
+        return found.rows, found.refs, found.counts
 
     values = [["a", "b"], None, [], ["x", None], ["c"], [None], ["d", "e", "f"]]
     typed = pa.chunked_array(
@@ -469,8 +475,21 @@ def test_image_lists_read_in_arrow_are_those_read_value_by_value():
     ]
     by_value = (rows, [ref for row in rows for ref in values[row]], [len(values[r]) for r in rows])
 
-    assert _image_lists(typed) == by_value == ([0, 4, 6], list("abcdef"), [2, 1, 3])
-    assert _image_lists(typed.slice(2, 4)) == ([2], ["c"], [1])  # rows of the slice
+    assert lists(typed) == by_value == ([0, 4, 6], list("abcdef"), [2, 1, 3])
+    assert lists(typed.slice(2, 4)) == ([2], ["c"], [1])  # rows of the slice
     # any other type (here a large list) is read value by value, to the same answer
     large = pa.chunked_array([pa.array(values, pa.large_list(pa.string()))])
-    assert _image_lists(large) == by_value
+    assert lists(large) == by_value
+
+
+def test_the_image_lists_of_some_rows_say_where_their_references_were():
+    from components.validate import ImageLists
+
+    values = [["a", "b"], None, ["c"], ["d", "e", "f"], ["g"]]
+    every = ImageLists.of(pa.chunked_array([pa.array(values, pa.list_(pa.string()))]))
+
+    some = every.of_rows(np.array([0, 1, 3]))  # row 1 has no list
+
+    assert (some.rows, some.refs, some.counts) == ([0, 3], ["a", "b", "d", "e", "f"], [2, 3])
+    assert [every.refs[i] for i in some.at] == some.refs
+    assert every.of_rows(np.array([], np.int64)).refs == []

@@ -70,18 +70,18 @@ def validation_frame(table: pa.Table) -> pd.DataFrame:
     return pd.DataFrame(frame)
 
 
-def _is_string(arrow_type: pa.DataType) -> bool:
+def is_string(arrow_type: pa.DataType) -> bool:
     return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
 def _is_string_list(arrow_type: pa.DataType) -> bool:
     listed = pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
-    return listed and _is_string(arrow_type.value_type)
+    return listed and is_string(arrow_type.value_type)
 
 
 def _types(column: pa.ChunkedArray) -> list[str] | np.ndarray:
     """`type_name` of every cell."""
-    if _is_string(column.type):
+    if is_string(column.type):
         return np.where(_valid(column), STRING, NULL)
     if _is_string_list(column.type):
         # a list holding a null is not a list of strings
@@ -93,13 +93,13 @@ def _types(column: pa.ChunkedArray) -> list[str] | np.ndarray:
 
 
 def _strings(column: pa.ChunkedArray) -> list[str | None]:
-    if _is_string(column.type):
+    if is_string(column.type):
         return column.to_pylist()
     return [_str_or_none(v) for v in column.to_pylist()]
 
 
 def _chars(column: pa.ChunkedArray) -> list[int] | np.ndarray:
-    if _is_string(column.type):
+    if is_string(column.type):
         return _filled(pc.utf8_length(column))
     return [len(v) if isinstance(v, str) else 0 for v in column.to_pylist()]
 

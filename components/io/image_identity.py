@@ -260,6 +260,20 @@ class ImageRecords:
             keep = pc.is_in(self._table.column("location"), value_set=refs)
             self._carried.append(self._table.filter(keep))
 
+    def keep_others(self, looked_up: list[str], catalog: list[str]) -> None:
+        """Keep the previous records of every reference but `looked_up` (the images of
+        listings whose verdict stood by their state, `validate`) for `save`. Records of
+        images no longer in the `catalog` go once they would be a tenth of the file."""
+        if self._table is None or len(looked_up) == len(catalog):
+            return  # every reference was looked up (`lookup_all` kept what matched)
+        known = self._table.column("location")
+        rest = self._table
+        if looked_up:
+            rest = rest.filter(pc.invert(pc.is_in(known, value_set=pa.array(looked_up))))
+        if rest.num_rows > len(catalog) * 1.1:
+            rest = rest.filter(pc.is_in(rest.column("location"), value_set=pa.array(catalog)))
+        self._carried.append(rest)
+
     def get(self, location: ImageLocation, identity: str | None) -> str | None:
         """The value recorded for `location` if its identity is still `identity` (after
         `focus` on its reference)."""

@@ -2,9 +2,11 @@
 the identities of its images, in order (components/io/image_identity.py).
 
 Validate writes the state of each clean listing (`listing_state.parquet`, in the clean
-rows' order); featurize takes a listing's views whole from its previous output when the
-listing's state is the one it featurized then, so a refresh does no per-view work for a
-listing that did not change. A listing with an image whose identity is unknown (a link,
+rows' order, with the rules it judged by); featurize takes a listing's views whole from its
+previous output when the listing's state is the one it featurized then, and the next
+validate (unless it verifies content) keeps the verdict of a listing whose state and rules
+did not change, so a refresh does no per-row or per-image work for a listing that did not
+change. A listing with an image whose identity is unknown (a link,
 a URI resolved another way) has no state and is always worked on in full.
 """
 
@@ -24,6 +26,7 @@ from components.io import atomic
 STATE = pa.binary(16)
 SCHEMA = pa.schema([("listing_id", pa.string()), ("state", STATE)])
 CLEAN_SHA256 = b"clean.sha256"  # parquet metadata: the clean rows the states are of
+RULES = b"verdict.rules"  # parquet metadata: the rules the listings were found clean by
 _COLUMNS = "\x1e"  # between a row's columns
 _ITEMS = "\x1f"  # between a list's items
 _NULL = "\x00"
@@ -86,9 +89,11 @@ def _as_text(column: pa.ChunkedArray) -> pa.Array:
     return pa.array([repr(value) for value in values.to_pylist()], pa.string())
 
 
-def write(path: Path, listing_ids: pa.Array, found: pa.Array, clean_sha256: str) -> None:
+def write(
+    path: Path, listing_ids: pa.Array, found: pa.Array, clean_sha256: str, rules: str
+) -> None:
     table = pa.table({"listing_id": listing_ids, "state": found}, schema=SCHEMA)
-    metadata = {CLEAN_SHA256: clean_sha256.encode()}
+    metadata = {CLEAN_SHA256: clean_sha256.encode(), RULES: rules.encode()}
     atomic.write_table(table.replace_schema_metadata(metadata), path)
 
 
@@ -99,5 +104,16 @@ def read(path: Path, clean_sha256: str) -> pa.Table | None:
         return None
     table = pq.read_table(path)
     if (table.schema.metadata or {}).get(CLEAN_SHA256, b"").decode() != clean_sha256:
+        return None
+    return table
+
+
+def read_verdicts(path: Path, rules: str) -> pa.Table | None:
+    """The states of the listings found clean under `rules` when `path` was written, or
+    None (none written, or judged by other rules)."""
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    if (table.schema.metadata or {}).get(RULES, b"").decode() != rules:
         return None
     return table
