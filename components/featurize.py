@@ -115,6 +115,10 @@ log = logging.getLogger(__name__)
 ENCODED = ("images_encoded", "texts_encoded", "encode_seconds", "listings_reused")
 READS = tuple(ReadCounter().as_dict())  # what was read from the catalog: run.json too
 KEYS = fingerprint(content_key="sha256 of the bytes")  # what the recorded keys are
+# encoded vectors are written out this often at the latest: a run killed mid-way loses at
+# most this much encoding, and a refresh that encodes a view or two per chunk writes one
+# feature shard, not one per chunk (each is a file every reader of the store opens)
+FLUSH_SECONDS = 30.0
 
 
 @dataclass
@@ -476,22 +480,25 @@ class _Featurizer:
             ThreadPoolExecutor(self.config.workers) as pool,
         ):
             start = 0
-            for batch in parquet.iter_batches(self.config.listings_per_chunk, columns=columns):
-                owned = _owned_mask(batch, shard)
-                batch, rows = batch.filter(owned), np.flatnonzero(owned) + start
-                start += len(owned)
-                found = self._chunk(batch, matched[rows], previous, pool)
-                table, *counts, bad, reused_refs = found
-                views.write_table(table)
-                skipped.write_table(pa.Table.from_pylist(bad, schema=SKIPPED_SCHEMA))
-                chunk_rows.append({"views": table.num_rows, "skipped": len(bad)})
-                carried.append(reused_refs)
-                if states is not None:
-                    state = states.column("state").take(pa.array(rows))
-                    index.add(batch.column(0), _without_skipped(state, batch, bad), *counts)
-                # what a chunk encoded is kept even if the run dies before the next one
-                self.image_store.flush()
-                self.text_store.flush()
+            batches = parquet.iter_batches(self.config.listings_per_chunk, columns=columns)
+            try:
+                for batch in batches:
+                    owned = _owned_mask(batch, shard)
+                    batch, rows = batch.filter(owned), np.flatnonzero(owned) + start
+                    start += len(owned)
+                    found = self._chunk(batch, matched[rows], previous, pool)
+                    table, *counts, bad, reused_refs = found
+                    views.write_table(table)
+                    skipped.write_table(pa.Table.from_pylist(bad, schema=SKIPPED_SCHEMA))
+                    chunk_rows.append({"views": table.num_rows, "skipped": len(bad)})
+                    carried.append(reused_refs)
+                    if states is not None:
+                        state = states.column("state").take(pa.array(rows))
+                        index.add(batch.column(0), _without_skipped(state, batch, bad), *counts)
+                    self._flush(FLUSH_SECONDS)
+            except BaseException:  # what was encoded is kept, however the run stops
+                self._flush()
+                raise
         self.progress.close()
         if carried:
             self.records.carry(pa.chunked_array(carried, pa.string()).combine_chunks())
@@ -500,6 +507,11 @@ class _Featurizer:
             with writing(out / CHUNK_ROWS) as tmp:
                 pq.write_table(pa.Table.from_pylist(chunk_rows, schema=schema), tmp)
         return index
+
+    def _flush(self, seconds: float = 0.0) -> None:
+        """Write what the stores buffered `seconds` ago or earlier (0: all of it)."""
+        self.image_store.flush_stale(seconds)
+        self.text_store.flush_stale(seconds)
 
     def _focus(self, parquet: pq.ParquetFile, shard: Shard | None, matched: np.ndarray) -> int:
         """Load the image records of the listings to work on (`matched` -1, of `shard`);

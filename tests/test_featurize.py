@@ -122,6 +122,19 @@ def test_a_run_that_dies_keeps_the_vectors_of_its_finished_chunks(
     assert rerun.counts["images_encoded"] == 2  # only the chunk that never finished
 
 
+def test_a_run_encoding_a_few_views_per_chunk_writes_one_feature_shard_per_store(
+    make_catalog, step_paths
+):
+    root = _colour_catalog(make_catalog, ["a", "b", "c"])
+    paths = step_paths(root)
+    validate.run(ValidateConfig(workers=2, min_clean_listings=1), paths)
+
+    result = featurize.run(CONFIG.model_copy(update={"listings_per_chunk": 1}), paths)
+
+    stores = sorted((result.out_dir / "store").iterdir())
+    assert [len(list(store.glob("shard-*.npy"))) for store in stores] == [1, 1]
+
+
 def test_colour_histograms_are_featurized_and_cached_under_their_own_id(make_catalog, step_paths):
     root = _colour_catalog(make_catalog, ["a", "b"])
     paths = step_paths(root)

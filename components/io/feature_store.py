@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ class FeatureStore:
         self._digests: dict[str, str | None] = {}  # None: a shard written before digests
         self._pending_keys: dict[str, None] = {}  # insertion-ordered set
         self._pending: list[np.ndarray] = []
+        self._pending_since = 0.0  # time.monotonic() of the oldest buffered vector
         self._next_shard = 0
         self._load_index()
 
@@ -99,11 +101,20 @@ class FeatureStore:
             raise ValueError(
                 f"expected vectors of shape ({len(keys)}, {self.dim}), got {vectors.shape}"
             )
+        if not self._pending_keys:
+            self._pending_since = time.monotonic()
         self._pending_keys.update(dict.fromkeys(keys))
         if len(self._pending_keys) != sum(len(p) for p in self._pending) + len(keys):
             raise ValueError("keys must be new and distinct: check `key in store` before add()")
         self._pending.append(vectors.astype(np.float32, copy=False))
         if len(self._pending_keys) >= self.shard_rows:
+            self.flush()
+
+    def flush_stale(self, seconds: float) -> None:
+        """`flush` when the oldest buffered vector is `seconds` old: a writer that calls
+        this as it goes loses at most that much work if killed, and a run that adds a few
+        vectors at a time does not write a shard for each few."""
+        if self._pending_keys and time.monotonic() - self._pending_since >= seconds:
             self.flush()
 
     def flush(self) -> None:
