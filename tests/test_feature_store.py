@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import numpy as np
@@ -96,3 +97,84 @@ def test_writers_adding_at_the_same_time_keep_each_others_vectors(tmp_path):
         "shard-1-of-2-000000.npy",
         "shard-1-of-2-000001.npy",
     ]
+
+
+def _store_with_two_shards(tmp_path, keys, vectors) -> FeatureStore:
+    store = FeatureStore(tmp_path, "enc", dim=4, shard_rows=3)
+    store.add(keys[:3], vectors[:3])
+    store.add(keys[3:], vectors[3:])
+    store.flush()
+    return store
+
+
+def test_a_reopened_store_finds_its_keys_in_the_key_index_not_its_keys_files(tmp_path):
+    keys = [content_key(f"view {i}") for i in range(6)]
+    vectors = np.arange(24, dtype=np.float32).reshape(6, 4)
+    _store_with_two_shards(tmp_path, keys, vectors)
+    FeatureStore(tmp_path, "enc", dim=4)  # opening an unindexed store indexes it
+
+    reopened = FeatureStore(tmp_path, "enc", dim=4)
+
+    assert reopened._where == {} and len(reopened._index) == 6  # nothing read per shard
+    np.testing.assert_array_equal(reopened.get(keys[::-1]), vectors[::-1])
+    assert keys[2] in reopened and "not a key" not in reopened and len(reopened) == 6
+    with pytest.raises(KeyError):
+        reopened.get([keys[0], "x" * 100])  # longer than any indexed key
+
+
+def test_a_shard_replaced_under_its_name_is_not_looked_up_in_a_stale_key_index(tmp_path):
+    keys = [content_key(f"view {i}") for i in range(6)]
+    vectors = np.arange(24, dtype=np.float32).reshape(6, 4)
+    _store_with_two_shards(tmp_path, keys, vectors)
+    FeatureStore(tmp_path, "enc", dim=4)  # indexed
+    other = [content_key(f"other {i}") for i in range(3)]
+    elsewhere = FeatureStore(tmp_path / "elsewhere", "enc", dim=4)
+    elsewhere.add(other, -vectors[:3])
+    elsewhere.flush()
+    for suffix in (".npy", ".keys.parquet"):  # shard-000001 replaced by other vectors
+        shutil.copy(
+            tmp_path / "elsewhere" / "enc" / f"shard-000000{suffix}",
+            tmp_path / "enc" / f"shard-000001{suffix}",
+        )
+
+    reopened = FeatureStore(tmp_path, "enc", dim=4)
+
+    np.testing.assert_array_equal(reopened.get(other), -vectors[:3])
+    assert keys[4] not in reopened
+
+
+def test_an_altered_key_index_is_not_used_and_is_written_again(tmp_path):
+    keys = [content_key(f"view {i}") for i in range(6)]
+    vectors = np.arange(24, dtype=np.float32).reshape(6, 4)
+    _store_with_two_shards(tmp_path, keys, vectors)
+    FeatureStore(tmp_path, "enc", dim=4)
+    where = next((tmp_path / "enc" / "key-index").glob("*.where.npy"))
+    rows = np.load(where)
+    np.save(where, rows[::-1].copy())  # every key pointing at another's row
+
+    reopened = FeatureStore(tmp_path, "enc", dim=4)
+
+    np.testing.assert_array_equal(reopened.get(keys), vectors)
+    assert FeatureStore(tmp_path, "enc", dim=4)._where == {}  # indexed again
+
+
+def test_shards_written_after_the_key_index_are_found_and_indexed_past_a_limit(
+    tmp_path, monkeypatch
+):
+    from components.io import key_index
+
+    monkeypatch.setattr(key_index, "REBUILD_AFTER", 2)
+    keys = [content_key(f"view {i}") for i in range(9)]
+    vectors = np.arange(36, dtype=np.float32).reshape(9, 4)
+    _store_with_two_shards(tmp_path, keys[:6], vectors[:6])
+    FeatureStore(tmp_path, "enc", dim=4)
+    for key, vector in zip(keys[6:], vectors[6:], strict=True):  # three one-vector shards
+        store = FeatureStore(tmp_path, "enc", dim=4)
+        assert len(store._where) < 3  # the newest shards, from their keys files
+        store.add([key], vector[None])
+        store.flush()
+
+    reopened = FeatureStore(tmp_path, "enc", dim=4)
+
+    np.testing.assert_array_equal(reopened.get(keys), vectors)
+    assert reopened._where == {} and len(reopened._index) == 9

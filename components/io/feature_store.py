@@ -17,6 +17,7 @@ overwrite one another; a content encoded by two of them is kept twice and read o
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import time
@@ -26,9 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.io import key_index
 from components.io.manifest import AlteredFile, sha256_file
 
 _DIGEST = b"vectors_sha256"  # keys-file metadata: sha256 of the shard's .npy
+
+log = logging.getLogger(__name__)
 
 
 def unit_hash(text: str) -> float:
@@ -66,30 +70,78 @@ class FeatureStore:
         self._pending: list[np.ndarray] = []
         self._pending_since = 0.0  # time.monotonic() of the oldest buffered vector
         self._next_shard = 0
+        self._index: key_index.KeyIndex | None = None
         self._load_index()
 
     def _load_index(self) -> None:
+        """Find the committed shards: those the key index covers (components/io/key_index.py)
+        from it, the others from their keys files; rewrite the index when it is missing,
+        stale or leaves more than `key_index.REBUILD_AFTER` shards out."""
         mine = re.compile(re.escape(self._prefix) + r"(\d{6})")
+        keys_files = {}
         for keys_file in sorted(self.dir.glob("shard-*.keys.parquet")):
             shard = keys_file.name.removesuffix(".keys.parquet")
-            if not self._vectors_path(shard).is_file():
-                continue  # keys without vectors: an interrupted write; ignore it
+            if self._vectors_path(shard).is_file():  # else an interrupted write: ignore it
+                keys_files[shard] = keys_file
+            if (number := mine.fullmatch(shard)) is not None:
+                self._next_shard = max(self._next_shard, int(number.group(1)) + 1)
+        self._index = key_index.load(self.dir, keys_files)
+        covered = self._index.covers() if self._index is not None else {}
+        for shard in covered.values():
+            self._digests[shard.name] = shard.digest
+        read: dict[str, list[str]] = {}
+        for shard, keys_file in keys_files.items():
+            if shard in covered:
+                continue
             table = pq.read_table(keys_file)
             digest = (table.schema.metadata or {}).get(_DIGEST)
             self._digests[shard] = digest.decode() if digest else None
-            for row, key in enumerate(table.column("key").to_pylist()):
+            read[shard] = table.column("key").to_pylist()
+            for row, key in enumerate(read[shard]):
                 self._where.setdefault(key, (shard, row))
-            if (number := mine.fullmatch(shard)) is not None:
-                self._next_shard = max(self._next_shard, int(number.group(1)) + 1)
+        if len(read) > (key_index.REBUILD_AFTER if self._index is not None else 0):
+            self._reindex(keys_files, read)
+
+    def _reindex(self, keys_files: dict[str, Path], read: dict[str, list[str]]) -> None:
+        """Write the key index of every committed shard, then use it."""
+        shards, keys = [], []
+        covered = self._index.covers() if self._index is not None else {}
+        for shard, keys_file in keys_files.items():
+            indexed = covered.get(shard)
+            if indexed is None:
+                indexed = key_index.Shard(shard, self._digests[shard], key_index.stamp(keys_file))
+            shards.append(indexed)
+            keys.append(read[shard] if shard in read else self._index_keys(shard))
+        try:
+            key_index.save(self.dir, key_index.build(shards, keys))
+        except OSError as err:  # a store this process may not write to: use the keys files
+            log.info("%s: key index not written (%s)", self.dir, err)
+            return
+        self._index = key_index.load(self.dir, keys_files)
+        if self._index is not None:
+            self._where = {}
+
+    def _index_keys(self, shard: str) -> list[str]:
+        return pq.read_table(self.dir / f"{shard}.keys.parquet").column("key").to_pylist()
+
+    def _find(self, key: str) -> tuple[str, int] | None:
+        found = self._where.get(key)
+        if found is None and self._index is not None:
+            found = self._index.find(key)
+        return found
 
     def _vectors_path(self, shard: str) -> Path:
         return self.dir / f"{shard}.npy"
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where or key in self._pending_keys
+        return key in self._pending_keys or self._find(key) is not None
 
     def __len__(self) -> int:
-        return len(self._where)
+        """Distinct keys committed."""
+        indexed = len(self._index) if self._index is not None else 0
+        return indexed + sum(
+            1 for key in self._where if self._index is None or self._index.find(key) is None
+        )
 
     def files(self) -> set[str]:
         """The shards committed so far, as `<encoder id>/<shard>`."""
@@ -142,10 +194,32 @@ class FeatureStore:
         """Vectors for `keys` in order (memory-mapped shards); a missing key is a KeyError."""
         self.flush()
         out = np.empty((len(keys), self.dim), dtype=np.float32)
-        for i, key in enumerate(keys):
-            shard, row = self._where[key]
-            out[i] = self._shard(shard)[row]
+        shards, rows = self._locate(keys)
+        for shard, at in _positions_by_value(shards).items():
+            out[at] = self._shard(shard)[rows[at]]
         return out
+
+    def _locate(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The shard (name) and row of each of `keys`: the keys files' own from the
+        dictionary, the key index's in one search."""
+        shards = np.empty(len(keys), dtype=object)
+        rows = np.empty(len(keys), np.int64)
+        rest = []
+        for i, key in enumerate(keys):
+            found = self._where.get(key)
+            if found is None:
+                rest.append(i)
+            else:
+                shards[i], rows[i] = found
+        if rest:
+            index = self._index
+            where = index.find_all([keys[i] for i in rest]) if index is not None else None
+            if where is None or (where < 0).any():
+                missing = rest[0] if where is None else rest[int(np.argmax(where < 0))]
+                raise KeyError(keys[missing])
+            names = np.array([shard.name for shard in index.shards], dtype=object)
+            shards[rest], rows[rest] = names[where >> 32], where & 0xFFFFFFFF
+        return shards, rows
 
     def _shard(self, shard: str) -> np.ndarray:
         if shard not in self._shards:
@@ -160,3 +234,16 @@ class FeatureStore:
                 )
             self._shards[shard] = np.load(path, mmap_mode="r")
         return self._shards[shard]
+
+
+def _positions_by_value(values: np.ndarray) -> dict[object, np.ndarray]:
+    """Where each distinct value of `values` is."""
+    if not len(values):
+        return {}
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    return {
+        ordered[start]: order[start:end]
+        for start, end in zip(starts, [*starts[1:], len(values)], strict=True)
+    }
