@@ -464,10 +464,9 @@ class _Featurizer:
         matched = np.full(parquet.metadata.num_rows, -1, np.int64)
         if states is not None and previous is not None:
             matched = previous.match(states.column("listing_id"), states.column("state"))
-        total_images = self._focus(parquet, shard, matched)
+        total_images, fresh_refs, owned_refs = self._focus(parquet, shard, matched)
         chunk_rows = []
         index = IndexWriter()
-        carried: list[pa.ChunkedArray] = []
         # images dominate the cost: the bar counts them, so its rate is images/s
         self.progress = progress(
             total=total_images, desc="featurize: images", unit="img", mininterval=2
@@ -487,11 +486,10 @@ class _Featurizer:
                     batch, rows = batch.filter(owned), np.flatnonzero(owned) + start
                     start += len(owned)
                     found = self._chunk(batch, matched[rows], previous, pool)
-                    table, *counts, bad, reused_refs = found
+                    table, *counts, bad = found
                     views.write_table(table)
                     skipped.write_table(pa.Table.from_pylist(bad, schema=SKIPPED_SCHEMA))
                     chunk_rows.append({"views": table.num_rows, "skipped": len(bad)})
-                    carried.append(reused_refs)
                     if states is not None:
                         state = states.column("state").take(pa.array(rows))
                         index.add(batch.column(0), _without_skipped(state, batch, bad), *counts)
@@ -500,8 +498,7 @@ class _Featurizer:
                 self._flush()
                 raise
         self.progress.close()
-        if carried:
-            self.records.carry(pa.chunked_array(carried, pa.string()).combine_chunks())
+        self.records.keep_others(fresh_refs, owned_refs)
         if shard is not None:
             schema = pa.schema([("views", pa.int64()), ("skipped", pa.int64())])
             with writing(out / CHUNK_ROWS) as tmp:
@@ -513,24 +510,28 @@ class _Featurizer:
         self.image_store.flush_stale(seconds)
         self.text_store.flush_stale(seconds)
 
-    def _focus(self, parquet: pq.ParquetFile, shard: Shard | None, matched: np.ndarray) -> int:
+    def _focus(
+        self, parquet: pq.ParquetFile, shard: Shard | None, matched: np.ndarray
+    ) -> tuple[int, list[str], pa.Array]:
         """Load the image records of the listings to work on (`matched` -1, of `shard`);
-        returns how many images the listings of `shard` have."""
-        total, start, refs = 0, 0, []
+        returns how many images the listings of `shard` have, the references of those
+        worked on and of them all."""
+        total, start, refs, owned_refs = 0, 0, [], []
         for batch in parquet.iter_batches(columns=["listing_id", "image_uris"]):
             owned = _owned_mask(batch, shard)
             uris = batch.column(1)
-            total += pc.sum(pc.list_value_length(uris.filter(owned))).as_py() or 0
+            owned_refs.append(pc.list_flatten(uris.filter(owned)))
+            total += len(owned_refs[-1])
             fresh = owned & (matched[start : start + len(owned)] < 0)
             start += len(owned)
             refs += pc.list_flatten(uris.filter(fresh)).to_pylist()
         self.records.focus(refs)
-        return total
+        return total, refs, pa.chunked_array(owned_refs, pa.string()).combine_chunks()
 
     def _chunk(self, batch: pa.RecordBatch, matched: np.ndarray, previous, pool):
         """One chunk's views in the order they are written (text rows, then image rows,
-        each in the listings' order), each listing's number of text and image rows, the
-        views skipped and the image references of the listings taken whole."""
+        each in the listings' order), each listing's number of text and image rows and
+        the views skipped."""
         fresh, reused = np.flatnonzero(matched < 0), np.flatnonzero(matched >= 0)
         rows = batch.take(pa.array(fresh, pa.int64())).to_pylist() if len(fresh) else []
         text_rows = self._text_views(rows)
@@ -543,7 +544,6 @@ class _Featurizer:
                 made,
                 pc.index_in(made.column("listing_id"), value_set=ids).to_numpy(),
             )
-        reused_refs = pa.array([], pa.string())
         if len(reused):
             text, text_n, image, image_n = previous.rows(matched[reused])
             for modality, taken, counts in (("text", text, text_n), ("image", image, image_n)):
@@ -557,14 +557,13 @@ class _Featurizer:
             self.counts.image_views += image.num_rows
             self.reads.trusted(image.num_rows)
             self.progress.update(image.num_rows)
-            reused_refs = image.column("ref").combine_chunks()
         ordered, counts = [], []
         for modality in ("text", "image"):
             table, where = parts[modality]
             order = np.argsort(where, kind="stable")
             ordered.append(table.take(pa.array(order, pa.int64())))
             counts.append(np.bincount(where.astype(np.int64), minlength=len(ids)))
-        return pa.concat_tables(ordered), counts[0], counts[1], bad, reused_refs
+        return pa.concat_tables(ordered), counts[0], counts[1], bad
 
     def queries(self, queries_path: Path, out: Path) -> int:
         if not queries_path.is_file():

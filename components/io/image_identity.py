@@ -204,7 +204,7 @@ class ImageRecords:
     rules, another version of this code) are not used.
 
     The previous file stays an Arrow table: `lookup_all` matches millions of references
-    in one join, `focus` loads the few a run checks one by one (`get`), `carry` keeps the
+    in one join, `focus` loads the few a run checks one by one (`get`), `keep_others` keeps the
     records of references a run took whole from its previous output. `save` writes what
     this run found, trusted or carried: the images of today's catalog only.
 
@@ -253,25 +253,20 @@ class ImageRecords:
         self._carried.append(matched.select(SCHEMA.names))
         return values
 
-    def carry(self, refs: pa.Array) -> None:
-        """Keep the previous records of `refs` (images of listings a run took whole from
-        its previous output, their identities unmoved) for `save`."""
-        if self._table is not None and len(refs):
-            keep = pc.is_in(self._table.column("location"), value_set=refs)
-            self._carried.append(self._table.filter(keep))
-
-    def keep_others(self, looked_up: list[str], catalog: list[str]) -> None:
+    def keep_others(self, looked_up: list[str], catalog: list[str] | pa.Array) -> None:
         """Keep the previous records of every reference but `looked_up` (the images of
-        listings whose verdict stood by their state, `validate`) for `save`. Records of
-        images no longer in the `catalog` go once they would be a tenth of the file."""
+        the listings a run worked on; the others' verdicts or views were taken by their
+        state) for `save`. Records of images no longer in the `catalog` (the references
+        of the run's listings) go once they would be a tenth of the file."""
         if self._table is None or len(looked_up) == len(catalog):
-            return  # every reference was looked up (`lookup_all` kept what matched)
-        known = self._table.column("location")
+            return  # every reference was looked up: what still holds is kept already
         rest = self._table
         if looked_up:
-            rest = rest.filter(pc.invert(pc.is_in(known, value_set=pa.array(looked_up))))
+            gone = pc.is_in(rest.column("location"), value_set=pa.array(looked_up, pa.string()))
+            rest = rest.filter(pc.invert(gone))
         if rest.num_rows > len(catalog) * 1.1:
-            rest = rest.filter(pc.is_in(rest.column("location"), value_set=pa.array(catalog)))
+            today = catalog if isinstance(catalog, pa.Array) else pa.array(catalog, pa.string())
+            rest = rest.filter(pc.is_in(rest.column("location"), value_set=today))
         self._carried.append(rest)
 
     def get(self, location: ImageLocation, identity: str | None) -> str | None:
