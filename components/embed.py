@@ -502,15 +502,14 @@ def _write_missing(
     a hash, the counts disagree and the exact comparison is made instead."""
     embedded = IdSet()
     for batch in pq.ParquetFile(out / EMBEDDED_IDS.name).iter_batches(columns=["listing_id"]):
-        embedded.add(batch.column(0).to_pylist())
+        embedded.add(batch.column(0))
     missing, owned = [], 0
     for batch in pq.ParquetFile(clean).iter_batches(columns=["listing_id"]):
-        ids = batch.column(0).to_pylist()
+        ids = batch.column(0)
         if shard is not None:
-            ids = [i for i in ids if shard.owns(i)]
+            ids = ids.filter(pa.array([shard.owns(i) for i in ids.to_pylist()], pa.bool_()))
         owned += len(ids)
-        found = embedded.contains(ids)
-        missing += [i for i, hit in zip(ids, found, strict=True) if not hit]
+        missing += ids.filter(pa.array(~embedded.contains(ids))).to_pylist()
     if owned - len(missing) != len(embedded):  # a hash collision hid a missing listing
         missing = _missing_exactly(clean, out, shard)
     rows = [{"listing_id": i, "reason": left_out.get(i, "no_usable_view")} for i in missing]

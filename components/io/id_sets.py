@@ -48,7 +48,7 @@ class IdSet:
         self._parts: list[np.ndarray] = []
         self._sorted: np.ndarray | None = None
 
-    def add(self, ids: Iterable[str]) -> None:
+    def add(self, ids: Iterable[str] | pa.Array) -> None:
         self._parts.append(id_hashes(ids))
         self._sorted = None
 
@@ -68,7 +68,7 @@ class IdSet:
         repeated = values[1:][values[1:] == values[:-1]]
         return int(repeated[0]) if len(repeated) else None
 
-    def contains(self, ids: list[str]) -> np.ndarray:
+    def contains(self, ids: list[str] | pa.Array) -> np.ndarray:
         """[len(ids)] bool: whether each id is in the set."""
         values = self._all()
         hashes = id_hashes(ids)

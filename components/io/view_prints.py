@@ -45,13 +45,15 @@ def listing_fingerprints(
     starts = np.concatenate([[0], np.cumsum(images + texts)])[:-1]
     slot = np.arange(len(rows)) - starts[listing]
     kinds = np.where(slot == 0, KIND["primary_image"], KIND["image"])
-    views = sorted_table.column("view").to_numpy(zero_copy_only=False)
-    if (~image).any():
-        names, where = np.unique(views[~image], return_inverse=True)
-        kinds[~image] = np.array([TEXT_VIEW_KINDS[name] for name in names])[where]
-    head = pc.binary_join_element_wise(
-        pa.array(np.where(image, "i", "t")), pa.array(kinds.astype(str)), ""
-    )
+    if (~image).any():  # a text view's kind by its name, the names looked up once
+        views = pc.filter(sorted_table.column("view"), pa.array(~image))
+        names = pc.unique(views)
+        named = np.array([TEXT_VIEW_KINDS[name] for name in names.to_pylist()])
+        kinds[~image] = named[pc.index_in(views, value_set=names).to_numpy()]
+    # "i<kind>" or "t<kind>" of each row, decoded from a dictionary of them all
+    heads = pa.array([f"{m}{kind}" for m in "ti" for kind in range(len(KIND))], pa.string())
+    code = (image * len(KIND) + kinds).astype(np.int32)
+    head = pa.DictionaryArray.from_arrays(pa.array(code), heads).dictionary_decode()
     line = pc.binary_join_element_wise(head, sorted_table.column("key"), ":")
     lines = pc.binary_join_element_wise(line, pa.scalar(""), "\n")  # each line ends in one
     offsets = np.concatenate([[0], np.cumsum(images + texts)])
