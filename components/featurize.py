@@ -491,7 +491,11 @@ class _Featurizer:
                     skipped.write_table(pa.Table.from_pylist(bad, schema=SKIPPED_SCHEMA))
                     chunk_rows.append({"views": table.num_rows, "skipped": len(bad)})
                     if states is not None:
-                        state = states.column("state").take(pa.array(rows))
+                        state = states.column("state")
+                        if len(rows) and rows[-1] - rows[0] == len(rows) - 1:  # a run: a slice
+                            state = state.slice(int(rows[0]), len(rows))
+                        else:
+                            state = state.take(pa.array(rows))
                         index.add(batch.column(0), _without_skipped(state, batch, bad), *counts)
                     self._flush(FLUSH_SECONDS)
             except BaseException:  # what was encoded is kept, however the run stops
@@ -560,8 +564,9 @@ class _Featurizer:
         ordered, counts = [], []
         for modality in ("text", "image"):
             table, where = parts[modality]
-            order = np.argsort(where, kind="stable")
-            ordered.append(table.take(pa.array(order, pa.int64())))
+            if len(where) and (np.diff(where) < 0).any():  # else in order already
+                table = table.take(pa.array(np.argsort(where, kind="stable"), pa.int64()))
+            ordered.append(table)
             counts.append(np.bincount(where.astype(np.int64), minlength=len(ids)))
         return pa.concat_tables(ordered), counts[0], counts[1], bad
 

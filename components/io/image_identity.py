@@ -218,6 +218,7 @@ class ImageRecords:
     _known: dict[str, tuple[str, str]] = field(default_factory=dict)
     _found: dict[str, tuple[str, str]] = field(default_factory=dict)
     _carried: list[pa.Table] = field(default_factory=list)
+    _kept: pa.Table | None = None  # `keep_others`: one row per location, none looked up
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -267,7 +268,7 @@ class ImageRecords:
         if rest.num_rows > len(catalog) * 1.1:
             today = catalog if isinstance(catalog, pa.Array) else pa.array(catalog, pa.string())
             rest = rest.filter(pc.is_in(rest.column("location"), value_set=today))
-        self._carried.append(rest)
+        self._kept = rest
 
     def get(self, location: ImageLocation, identity: str | None) -> str | None:
         """The value recorded for `location` if its identity is still `identity` (after
@@ -311,7 +312,7 @@ class ImageRecords:
         only, so the file follows the catalog's size); returns the rows written."""
         # what this run found first: of two rows for one reference, the first is kept
         table = pa.concat_tables([_as_table(self._found), *self._carried])
-        return write_record_table(path or self.path, table, self.fingerprint)
+        return write_record_table(path or self.path, table, self.fingerprint, self._kept)
 
 
 def _entries(table: pa.Table) -> dict[str, tuple[str, str]]:
@@ -358,15 +359,20 @@ def write_records(path: Path, found: dict[str, tuple[str, str]], fingerprint: st
     write_record_table(path, _as_table(found), fingerprint)
 
 
-def write_record_table(path: Path, table: pa.Table, fingerprint: str) -> int:
+def write_record_table(
+    path: Path, table: pa.Table, fingerprint: str, kept: pa.Table | None = None
+) -> int:
     """Rows sorted by location, one per location (the first given): the same records give
-    the same file. Returns the rows written."""
+    the same file; then `kept` as it is (records of other locations, one each: a run's
+    previous file less what it looked up, not sorted again). Returns the rows written."""
     table = table.cast(SCHEMA).sort_by("location")  # a stable sort
     locations = table.column("location").combine_chunks()
     if len(locations) > 1:
         repeated = pc.equal(locations.slice(1), locations.slice(0, len(locations) - 1))
         first = pa.concat_arrays([pa.array([True]), pc.invert(repeated)])
         table = table.filter(first)
+    if kept is not None:
+        table = pa.concat_tables([table, kept.cast(SCHEMA)])
     atomic.write_table(table.replace_schema_metadata({FINGERPRINT: fingerprint.encode()}), path)
     return table.num_rows
 

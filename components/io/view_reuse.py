@@ -41,6 +41,7 @@ SCHEMA = pa.schema(
 )
 _META = b"views_index"
 _CACHED_GROUPS = 4
+_MAX_SLICES = 16  # runs of rows past which one take is cheaper than slicing
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,17 @@ class PreviousViews:
         tables = [self._group(int(g)) for g in needed]
         base = np.concatenate([[0], np.cumsum([t.num_rows for t in tables])])[:-1]
         where = base[np.searchsorted(needed, groups)] + rows - self._starts[groups]
-        return pa.concat_tables(tables).take(pa.array(where))
+        whole = pa.concat_tables(tables)
+        # listings kept in their order are runs of rows: slices, no copy (a stable catalog
+        # is mostly that), else one take
+        breaks = np.flatnonzero(np.diff(where) != 1) + 1
+        if len(breaks) >= _MAX_SLICES:
+            return whole.take(pa.array(where))
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(where)]])
+        return pa.concat_tables(
+            [whole.slice(int(where[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
+        )
 
     def _group(self, group: int) -> pa.Table:
         if group in self._groups:
