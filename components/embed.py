@@ -82,7 +82,7 @@ from components.io.manifest import (
 )
 from components.io.parquet_rows import RowReader
 from components.io.progress import progress
-from components.io.view_prints import listing_fingerprints
+from components.io.view_prints import held_out_pairs, listing_fingerprints
 from components.release import base_release, production, registry, tombstones
 from components.release.base_release import (
     ADDED,
@@ -364,9 +364,10 @@ def _write(
                 total += len(chunk.listing_ids)
                 bar.update(len(chunk.listing_ids))
         else:
+            pairs = held_out_pairs(held_out)
             for part, table in enumerate(embedder.tables(shard)):
                 ids, found, stored, vectors = _refresh_chunk(
-                    embedder, table, held_out, config.batch_size, reusable, removed
+                    embedder, table, held_out, pairs, config.batch_size, reusable, removed
                 )
                 ids = _ids(*ids, part, schema)
                 written.add(part, ids.filter(pa.array(stored < 0)), vectors)
@@ -387,12 +388,12 @@ def _write(
     return counts, rate
 
 
-def _refresh_chunk(embedder, table: pa.Table, held_out, batch_size: int, reusable, removed):
-    """One chunk of a refresh: every listing fingerprinted in Arrow, looked up in the
-    release, only the new and changed ones grouped and embedded. Returns the listings and
-    their fingerprints, each one's status and stored row in the release (-1: embedded
-    now) and the new vectors."""
-    listing_ids, prints, left_out = listing_fingerprints(table, held_out)
+def _refresh_chunk(embedder, table: pa.Table, held_out, pairs, batch_size: int, reusable, removed):
+    """One chunk of a refresh: every listing fingerprinted in Arrow (`pairs`: the
+    `held_out` views' `held_out_pairs`), looked up in the release, only the new and
+    changed ones grouped and embedded. Returns the listings and their fingerprints, each
+    one's status and stored row in the release (-1: embedded now) and the new vectors."""
+    listing_ids, prints, left_out = listing_fingerprints(table, pairs)
     embedder.left_out.update(left_out)
     listing_ids, prints = _not_removed(listing_ids, prints, removed, embedder.left_out)
     statuses, stored = reusable.lookup(listing_ids, prints)

@@ -9,7 +9,7 @@ import random
 import pyarrow as pa
 
 from components.core.views import fingerprints, group_views
-from components.io.view_prints import listing_fingerprints
+from components.io.view_prints import held_out_pairs, listing_fingerprints
 
 SCHEMA = pa.schema(
     [
@@ -65,8 +65,10 @@ def test_arrow_fingerprints_are_the_grouped_ones_listing_for_listing():
         held_out = set(random.Random(seed).sample(images, len(images) // 5))
         grouped = group_views(rows, held_out)
 
-        ids, prints, left_out = listing_fingerprints(pa.Table.from_pylist(rows, SCHEMA), held_out)
+        table = pa.Table.from_pylist(rows, SCHEMA)
+        ids, prints, left_out = listing_fingerprints(table, held_out)
 
+        assert listing_fingerprints(table, held_out_pairs(held_out)) == (ids, prints, left_out)
         assert ids == grouped.listing_ids
         assert prints == fingerprints(grouped)
         assert left_out == grouped.left_out

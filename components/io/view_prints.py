@@ -21,14 +21,21 @@ from components.core.model import KIND, TEXT_VIEW_KINDS
 _PAIR = "\x1f"
 
 
+def held_out_pairs(held_out: Collection[tuple[str, str]]) -> pa.Array:
+    """The (listing_id, ref) pairs of held-out views as `listing_fingerprints` matches
+    them: made once for a run's every chunk."""
+    return pa.array(sorted(f"{i}{_PAIR}{r}" for i, r in held_out), pa.string())
+
+
 def listing_fingerprints(
-    table: pa.Table, held_out: Collection[tuple[str, str]] = ()
+    table: pa.Table, held_out: Collection[tuple[str, str]] | pa.Array = ()
 ) -> tuple[list[str], list[str], dict[str, str]]:
     """Per listing of `table` (view rows), in first-seen order: the listings that have
-    views of both modalities, their fingerprints, and the others with why."""
+    views of both modalities, their fingerprints, and the others with why. `held_out`:
+    the held-out views, or their `held_out_pairs`."""
     order = pc.unique(table.column("listing_id"))
-    if held_out and table.num_rows:
-        pairs = pa.array(sorted(f"{i}{_PAIR}{r}" for i, r in held_out), pa.string())
+    if len(held_out) and table.num_rows:
+        pairs = held_out if isinstance(held_out, pa.Array) else held_out_pairs(held_out)
         pair = pc.binary_join_element_wise(table.column("listing_id"), table.column("ref"), _PAIR)
         dropped = pc.and_(pc.equal(table.column("modality"), "image"), pc.is_in(pair, pairs))
         table = table.filter(pc.invert(dropped))
