@@ -379,7 +379,7 @@ def test_an_s3_catalog_is_listed_and_only_changed_images_are_fetched(
     assert _reads(paths, "featurize")["images_opened"] == 1
 
 
-def test_identities_looked_up_by_threads_on_a_cold_cache_are_those_of_one_thread(
+def test_identities_looked_up_by_threads_or_processes_are_those_of_one_thread(
     tmp_path, monkeypatch
 ):
     from components.io import image_identity
@@ -403,8 +403,11 @@ def test_identities_looked_up_by_threads_on_a_cold_cache_are_those_of_one_thread
     one_thread = identities.of_refs(refs, refused)
     monkeypatch.setattr(image_identity, "COLD_US", -1.0)  # every block counts as cold
     threads = identities.of_refs(refs, refused)
+    monkeypatch.setattr(image_identity, "FORK_AT", 10)
+    monkeypatch.setattr(image_identity, "PROCESSES", 3)  # slices of 16, 16 and 14
+    processes = identities.of_refs(refs, refused)
 
-    assert threads == one_thread
+    assert threads == one_thread == processes
     assert one_thread[:40] == [
         f"{i + 1}:{(root / 'images' / f'{i}.png').stat().st_mtime_ns}" for i in range(40)
     ]

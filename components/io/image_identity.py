@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import stat
 import threading
@@ -41,6 +42,8 @@ BLOCK = 65536  # references whose identities are looked up at a time
 # cold: 1.6 us warm here, 24 us cold, where 8 threads made it 13 us (warm: 2.9 us, slower)
 COLD_US = 5.0
 THREADS = 8
+FORK_AT = 500_000  # references per process past which the lookup is split across processes
+PROCESSES = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 FINGERPRINT = b"records.fingerprint"  # parquet metadata: what the values depend on
 
 log = logging.getLogger(__name__)
@@ -77,31 +80,18 @@ class Identities:
     ) -> list[str | None]:
         """`of_ref` of each of `refs`, the local catalog's in tight loops (1M listings
         hold 3.3M images: per-image call and path-join overhead was a third of a refresh's
-        validate), `BLOCK` references at a time: one thread while `lstat` answers from
-        the inode cache, `THREADS` once a block shows it going to the disk (COLD_US)."""
+        validate), split across `PROCESSES` processes past `FORK_AT` references (the loop
+        holds the interpreter: threads do not share it out), each going `BLOCK`
+        references at a time: one thread while `lstat` answers from the inode cache,
+        `THREADS` once a block shows it going to the disk (COLD_US)."""
         base = self._base
         if base is None:
             return [self.of_ref(ref, resolve) for ref in refs]
         plain = _plain_all(refs)
-        found: list[str | None] = []
-        pool = None
-        try:
-            for start in range(0, len(refs), BLOCK):
-                end = min(len(refs), start + BLOCK)
-                if pool is None:
-                    began = time.perf_counter()
-                    found += _lstat_identities(base, refs, plain, start, end)
-                    if (time.perf_counter() - began) / (end - start) * 1e6 > COLD_US:
-                        pool = ThreadPoolExecutor(THREADS, thread_name_prefix="lstat")
-                    continue
-                step = -(-(end - start) // THREADS)
-                bounds = [(lo, min(end, lo + step)) for lo in range(start, end, step)]
-                for part in pool.map(lambda b: _lstat_identities(base, refs, plain, *b), bounds):
-                    found += part
-        finally:
-            if pool is not None:
-                pool.shutdown()
-        return found
+        processes = min(PROCESSES, -(-len(refs) // FORK_AT))
+        if processes > 1 and _may_fork():
+            return _in_processes(base, refs, plain, processes)
+        return _identities(base, refs, plain, 0, len(refs))
 
     def of(self, location: ImageLocation) -> str | None:
         """`size:mtime_ns` (a local file) or `size:etag` (an S3 object); None when there is
@@ -136,6 +126,64 @@ class Identities:
 def _plain(ref: object) -> bool:
     """A relative path with no scheme and no `..`: one `lstat` under the root finds it."""
     return isinstance(ref, str) and not (ref.startswith(("/", "\\")) or ":" in ref or ".." in ref)
+
+
+def _identities(base: str, refs: list[object], plain: list[bool], start: int, end: int):
+    """`size:mtime_ns` of refs[start:end], `BLOCK` at a time, on `THREADS` threads from
+    the first block whose `lstat`s average over COLD_US."""
+    found: list[str | None] = []
+    pool = None
+    try:
+        for first in range(start, end, BLOCK):
+            last = min(end, first + BLOCK)
+            if pool is None:
+                began = time.perf_counter()
+                found += _lstat_identities(base, refs, plain, first, last)
+                if (time.perf_counter() - began) / (last - first) * 1e6 > COLD_US:
+                    pool = ThreadPoolExecutor(THREADS, thread_name_prefix="lstat")
+                continue
+            step = -(-(last - first) // THREADS)
+            bounds = [(lo, min(last, lo + step)) for lo in range(first, last, step)]
+            for part in pool.map(lambda b: _lstat_identities(base, refs, plain, *b), bounds):
+                found += part
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return found
+
+
+_JOB: tuple | None = None  # (base, refs, plain) of `_in_processes`, inherited by its forks
+
+
+def _may_fork() -> bool:
+    """Whether this process may start forked workers (a daemonic process may not)."""
+    return (
+        "fork" in multiprocessing.get_all_start_methods()
+        and not multiprocessing.current_process().daemon
+    )
+
+
+def _in_processes(base: str, refs: list[object], plain: list[bool], processes: int):
+    """`_identities` of every reference, the first of `processes` slices in this process
+    and each other in a forked one (which inherits the references: nothing is sent but
+    the answers)."""
+    global _JOB
+    step = -(-len(refs) // processes)
+    bounds = [(lo, min(len(refs), lo + step)) for lo in range(0, len(refs), step)]
+    _JOB = (base, refs, plain)
+    try:
+        with multiprocessing.get_context("fork").Pool(len(bounds) - 1) as pool:
+            pending = [pool.apply_async(_slice_of_job, bound) for bound in bounds[1:]]
+            found = _identities(base, refs, plain, *bounds[0])
+            for part in pending:
+                found += part.get()
+    finally:
+        _JOB = None
+    return found
+
+
+def _slice_of_job(start: int, end: int) -> list[str | None]:
+    return _identities(*_JOB, start, end)
 
 
 def _lstat_identities(
