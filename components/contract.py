@@ -119,6 +119,12 @@ EMBED_SPLITS = Artifact(
     "a refresh the release's",
 )
 
+PRINTS_INDEX = Artifact(
+    "embed",
+    "prints_index.parquet",
+    "each listing's fingerprint under the state featurize indexed it in: what a refresh carries",
+    persistent=True,
+)
 EMBED_BASE = Artifact(
     "embed",
     "base",
@@ -288,9 +294,9 @@ _STEPS = (
     Step(
         "embed",
         "write one fused embedding per clean listing (streamed)",
-        writes=(EMBEDDINGS, EMBEDDED_IDS, EMBED_SPLITS, MISSING, EMBED_BASE),
+        writes=(EMBEDDINGS, EMBEDDED_IDS, EMBED_SPLITS, MISSING, EMBED_BASE, PRINTS_INDEX),
         # the quarantine too: a removal holds while the catalog lists the listing at all
-        reads=(IMAGES, CLEAN, QUARANTINE, *FEATURES, *TRAINED_MODEL),
+        reads=(IMAGES, CLEAN, QUARANTINE, *FEATURES, VIEWS_INDEX, *TRAINED_MODEL),
     ),
     Step(
         "index",

@@ -40,8 +40,10 @@ above from the N shards, each part's rows in the order one unsharded run gives t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,7 @@ from components.io.manifest import (
     write_manifest,
 )
 from components.io.parquet_rows import RowReader
+from components.io.print_carry import PrintCarry, Prints
 from components.io.progress import progress
 from components.io.view_prints import held_out_pairs, listing_fingerprints
 from components.release import base_release, production, registry, tombstones
@@ -146,7 +149,7 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
     held_out = held_out_refs(splits)
     atomic.copy_file(splits, out / EMBED_SPLITS.name)
     reusable = ReusableVectors(base) if base is not None else None
-    counts, rate = _write(embedder, out, held_out, config, shard, reusable, removed)
+    counts, rate, carried = _write(embedder, out, held_out, config, shard, reusable, removed)
     missing = _write_missing(paths.path(CLEAN), out, embedder.left_out, shard)
     counts["missing"] = missing
     counts["tombstoned"] = _tombstoned(embedder.left_out)
@@ -155,7 +158,8 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
     if reusable is not None:
         delta = (
             f" (refresh of {base.version}: {counts[REUSED]} reused, {counts[ADDED]} added, "
-            f"{counts[CHANGED]} changed, {counts['removed']} removed)"
+            f"{counts[CHANGED]} changed, {counts['removed']} removed; {carried} listings' "
+            "fingerprints carried from the previous run)"
         )
     summary = (
         f"embed{where}: {counts['listings']} listings -> {loaded.model.dim}-d embeddings "
@@ -177,6 +181,7 @@ def run(config: EmbedConfig, paths: StepPaths, shard: Shard | None = None) -> Em
             "model": loaded.reference,
             "device": str(device),
             "listings_per_s": rate,
+            "prints_carried": carried,
         },
     )
     log.info("%s", summary)
@@ -351,7 +356,7 @@ def _write(
     each). With `reusable` (a refresh), only the listings whose fingerprint it does not
     hold are embedded: appended to the release's parts (a shard: its part per chunk, and
     the release's rows it kept). Listings in `removed` are left out."""
-    total = 0
+    total, carried = 0, 0
     statuses = dict.fromkeys((REUSED, ADDED, CHANGED), 0)
     bar = progress(desc="embed: listings", unit="listing", mininterval=2)
     schema = ID_SCHEMA if shard is None else ID_SCHEMA.append(pa.field("part", pa.int64()))
@@ -365,9 +370,13 @@ def _write(
                 bar.update(len(chunk.listing_ids))
         else:
             pairs = held_out_pairs(held_out)
-            for part, table in enumerate(embedder.tables(shard)):
+            carry = None
+            if shard is None:
+                carry = PrintCarry.open(out, embedder.views_path.parent, pairs)
+            for part, group in enumerate(_refresh_groups(embedder, shard, carry, pairs)):
+                carried += group.carried
                 ids, found, stored, vectors = _refresh_chunk(
-                    embedder, table, held_out, pairs, config.batch_size, reusable, removed
+                    embedder, group, held_out, config.batch_size, reusable, removed
                 )
                 ids = _ids(*ids, part, schema)
                 written.add(part, ids.filter(pa.array(stored < 0)), vectors)
@@ -376,6 +385,8 @@ def _write(
                     statuses[status] += 1
                 total += ids.num_rows
                 bar.update(ids.num_rows)
+            if carry is not None:
+                carry.save(out)
     rate = bar.format_dict["n"] / max(bar.format_dict["elapsed"], 1e-9)
     bar.close()
     counts = {"listings": total, "held_out_views": len(held_out)}
@@ -385,22 +396,60 @@ def _write(
         counts |= statuses
     if isinstance(written, AppendedParts):
         counts["compacted"] = written.compacted
-    return counts, rate
+    return counts, rate, carried
 
 
-def _refresh_chunk(embedder, table: pa.Table, held_out, pairs, batch_size: int, reusable, removed):
-    """One chunk of a refresh: every listing fingerprinted in Arrow (`pairs`: the
-    `held_out` views' `held_out_pairs`), looked up in the release, only the new and
-    changed ones grouped and embedded. Returns the listings and their fingerprints, each
-    one's status and stored row in the release (-1: embedded now) and the new vectors."""
-    listing_ids, prints, left_out = listing_fingerprints(table, pairs)
+@dataclass
+class _ViewGroup:
+    """One row group of views.parquet in a refresh: its listings' fingerprints (as
+    `listing_fingerprints` gives them) and its rows, read on first use when the
+    fingerprints were carried (only a listing to embed needs them)."""
+
+    prints: Prints
+    rows: pa.Table | None
+    read: Callable[[], pa.Table]
+    carried: int = 0  # listings whose fingerprint was carried
+
+    def table(self) -> pa.Table:
+        if self.rows is None:
+            self.rows = self.read()
+        return self.rows
+
+
+def _refresh_groups(embedder, shard: Shard | None, carry: PrintCarry | None, pairs):
+    """Each row group of views.parquet with its listings' fingerprints: carried from the
+    previous run where `carry` holds them for the whole group (components/io/print_carry.py),
+    else computed in Arrow from the group's rows."""
+    if carry is None:
+        for table in embedder.tables(shard):
+            yield _ViewGroup(listing_fingerprints(table, pairs), table, lambda t=table: t)
+        return
+    seen = IdSet()
+    for group in range(embedder.row_groups()):
+        table, prints = None, carry.group_prints(group)
+        if prints is None:
+            table = embedder.table(group)
+            prints = listing_fingerprints(table, pairs)
+        carry.note(prints)
+        seen.add(pa.array(prints[0] + list(prints[2]), pa.string()))
+        carried = 0 if table is not None else len(prints[0]) + len(prints[2])
+        yield _ViewGroup(prints, table, partial(embedder.table, group), carried)
+    embedder.one_group_each(seen)
+
+
+def _refresh_chunk(embedder, group: _ViewGroup, held_out, batch_size: int, reusable, removed):
+    """One row group of a refresh: its listings (fingerprinted) looked up in the release,
+    only the new and changed ones grouped and embedded. Returns the listings and their
+    fingerprints, each one's status and stored row in the release (-1: embedded now) and
+    the new vectors."""
+    listing_ids, prints, left_out = group.prints
     embedder.left_out.update(left_out)
     listing_ids, prints = _not_removed(listing_ids, prints, removed, embedder.left_out)
     statuses, stored = reusable.lookup(listing_ids, prints)
     fresh = [listing_ids[i] for i in np.flatnonzero(stored < 0)]
     vectors = np.zeros((0, reusable.embeddings.dim), np.float32)
     if fresh:
-        vectors = embedder.embed(_grouped(table, fresh, held_out), batch_size)
+        vectors = embedder.embed(_grouped(group.table(), fresh, held_out), batch_size)
     return (listing_ids, prints), statuses, stored, vectors
 
 

@@ -9,6 +9,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -25,6 +26,7 @@ from components.io import catalog_profile, test_split, top_lists
 from components.io.embedder import ListingEmbedder, held_out_refs
 from components.io.embedding_files import read_embeddings
 from components.io.manifest import sha256_file
+from components.io.view_prints import held_out_pairs, listing_fingerprints
 from components.release import production, registry, tombstones
 from components.release.serving import QueryEmbedder
 from components.release.storage import open_storage
@@ -163,6 +165,32 @@ def test_a_refresh_embeds_only_the_delta_and_updates_the_release_s_index(copied,
 
 
 CPU = torch.device("cpu")
+
+
+def test_a_second_refresh_carries_the_fingerprints_of_listings_featurize_took_whole(copied):
+    paths = copied
+    chunked = refresh_params(paths, "featurize.listings_per_chunk=8")  # views in 8 groups
+    change_catalog(paths.workdir / "catalog", 2, 1, 0, 1)
+    refresh.run(chunked, paths.tracking_uri)
+    assert json.loads((paths.step_dir("embed") / "run.json").read_text())["prints_carried"] == 0
+    catalog = paths.workdir / "catalog" / "listings.parquet"
+    rows = pq.read_table(catalog).to_pylist()
+    rows[30]["title"] += " (revised)"
+    pq.write_table(pa.Table.from_pylist(rows, pq.read_schema(catalog)), catalog)
+
+    refresh.run(chunked, paths.tracking_uri)
+
+    carried = json.loads((paths.step_dir("embed") / "run.json").read_text())["prints_carried"]
+    assert 0 < carried < len(rows)  # the revised listing's group read, the others not
+    # what embed wrote: the fingerprints every listing's views give afresh
+    written = pq.read_table(paths.step_dir("embed") / "listing_ids.parquet")
+    pairs = held_out_pairs(held_out_refs(paths.step_dir("embed") / "splits.parquet"))
+    ids, prints, _ = listing_fingerprints(
+        pq.read_table(paths.step_dir("featurize") / "views.parquet"), pairs
+    )
+    assert dict(
+        zip(written["listing_id"].to_pylist(), written["fingerprint"].to_pylist(), strict=True)
+    ) == dict(zip(ids, prints, strict=True))
 
 
 def _uri(current) -> str:

@@ -78,6 +78,7 @@ class ListingEmbedder:
         self.model = model
         self.device = device
         self.views_path = paths.path(VIEWS)
+        self._views_file: pq.ParquetFile | None = None
         self.features = stores or FeatureStores(paths.step_dir("featurize"))
         self.left_out: dict[str, str] = {}  # listing_id -> why it has no embedding
         self.encoder = None
@@ -151,13 +152,27 @@ class ListingEmbedder:
             if shard is not None:
                 ids = table.column("listing_id").to_pylist()
                 table = table.filter(pa.array([shard.owns(i) for i in ids], pa.bool_()))
-            seen.add(pc.unique(table.column("listing_id")).to_pylist())
+            seen.add(pc.unique(table.column("listing_id")))
             yield table
+        self.one_group_each(seen)
+
+    def one_group_each(self, seen: IdSet) -> None:
+        """Raise ValueError if a listing of `seen` (the listings of each row group, added
+        group by group) was in two row groups (a views file not written by featurize)."""
         if (repeated := seen.first_repeated()) is not None:
             raise ValueError(
                 f"{self.views_path}: a listing has views in more than one row group (id hash "
                 f"{repeated:#018x}); re-run featurize"
             )
+
+    def row_groups(self) -> int:
+        return pq.ParquetFile(self.views_path).num_row_groups
+
+    def table(self, group: int) -> pa.Table:
+        """The view rows of one row group of views.parquet."""
+        if self._views_file is None:
+            self._views_file = pq.ParquetFile(self.views_path)
+        return self._views_file.read_row_group(group)
 
     def image_features(self, keys: list[str], refs: list[str]) -> np.ndarray:
         """The model's image inputs for these contents: cached features, or backbone
