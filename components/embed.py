@@ -430,8 +430,9 @@ def _refresh_groups(embedder, shard: Shard | None, carry: PrintCarry | None, pai
         if prints is None:
             table = embedder.table(group)
             prints = listing_fingerprints(table, pairs)
+            # a carried group's listings are featurize's index entries: each in one group
+            seen.add(pc.unique(table.column("listing_id")))
         carry.note(prints)
-        seen.add(pa.array(prints[0] + list(prints[2]), pa.string()))
         carried = 0 if table is not None else len(prints[0]) + len(prints[2])
         yield _ViewGroup(prints, table, partial(embedder.table, group), carried)
     embedder.one_group_each(seen)

@@ -59,10 +59,9 @@ class PrintCarry:
     still hold, and what this run found, to record."""
 
     indexed: pa.Table  # today's views index: listing_id, state
-    group: np.ndarray  # the views row group of each indexed listing
-    first: np.ndarray  # its first row in views.parquet (text rows come first in a group)
-    whole: np.ndarray  # per row group: every listing in it is indexed
-    recorded: pa.Table | None  # per indexed listing: fingerprint, left_out (if carried)
+    bounds: np.ndarray  # per row group, where its listings start in `recorded`
+    carries: np.ndarray  # per row group: every listing in it is indexed and carried
+    recorded: pa.Table | None  # indexed listings by group and first row: fingerprint...
     meta: dict
     found: list[Prints]
 
@@ -97,19 +96,25 @@ class PrintCarry:
         covered = np.bincount(group, weights=text_rows + image_rows, minlength=len(sizes))
         indexed = index.select(["listing_id", "state"])
         recorded = _recorded(out / PRINTS_INDEX.name, meta, indexed)
-        return cls(indexed, group, first, covered == sizes, recorded, meta, [])
+        carries = np.zeros(len(sizes), bool)
+        bounds = np.zeros(len(sizes) + 1, np.int64)
+        if recorded is not None:  # each group's listings in the order they first appear
+            order = np.lexsort((first, group))
+            recorded = recorded.take(pa.array(order, pa.int64()))
+            bounds = np.searchsorted(group[order], np.arange(len(sizes) + 1))
+            carried = recorded.column("carried").to_numpy(zero_copy_only=False)
+            missed = np.bincount(group[order][~carried], minlength=len(sizes))
+            carries = (covered == sizes) & (missed == 0)
+        return cls(indexed, bounds, carries, recorded, meta, [])
 
     def group_prints(self, group: int) -> Prints | None:
         """The listings of views row group `group`, in the order they first appear, their
         fingerprints and the left-out ones with why, when every one of them is carried;
         else None (read the group)."""
-        if self.recorded is None or not self.whole[group]:
+        if not self.carries[group]:
             return None
-        mine = np.flatnonzero(self.group == group)
-        mine = mine[np.argsort(self.first[mine], kind="stable")]
-        taken = self.recorded.take(pa.array(mine, pa.int64()))
-        if taken.column("carried").null_count or not pc.all(taken.column("carried")).as_py():
-            return None
+        start, end = self.bounds[group], self.bounds[group + 1]
+        taken = self.recorded.slice(start, end - start)
         ids = taken.column("listing_id").to_pylist()
         prints = taken.column("fingerprint").to_pylist()
         reasons = taken.column("left_out").to_pylist()
