@@ -10,13 +10,13 @@ full build labels the vectors 0..N-1 in the embeddings' order.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import IndexConfig
@@ -222,20 +222,29 @@ def coverage(
     at = np.clip(np.searchsorted(present, ids.labels), 0, max(0, len(present) - 1))
     mapped = (present[at] == ids.labels) if len(present) else np.zeros(len(ids), bool)
     vectors = np.where(mapped, per_label[at] if len(present) else 0, 0)
-    held: Counter[str] = Counter()
-    for listing_id, count in zip(ids.listing_ids, vectors.tolist(), strict=True):
-        if count:
-            held[listing_id] += count
-    embedded = set(listing_ids)
-    foreign = [i for i in held if i not in embedded]
+    # vectors per listing, in Arrow: a million listings without a Python object each
+    per_listing = (
+        pa.table({"listing_id": pa.array(ids.listing_ids, pa.string()), "vectors": vectors})
+        .group_by("listing_id")
+        .aggregate([("vectors", "sum")])
+    )
+    held = per_listing.filter(pc.greater(per_listing.column("vectors_sum"), 0))
+    held_ids = held.column("listing_id")
+    embedded = pc.unique(pa.array(listing_ids, pa.string()))
+    foreign = held_ids.filter(pc.invert(pc.is_in(held_ids, value_set=embedded)))
+    gone = pa.array(sorted(removed), pa.string())
     owned = np.isin(present, ids.labels)
     return {
-        "index/missing_listings": sum(1 for i in embedded if i not in held),
-        "index/repeated_listings": sum(1 for n in held.values() if n > 1),
+        "index/missing_listings": _count(pc.invert(pc.is_in(embedded, value_set=held_ids))),
+        "index/repeated_listings": _count(pc.greater(held.column("vectors_sum"), 1)),
         "index/foreign_listings": len(foreign),
-        "index/removed_listings": sum(1 for i in foreign if i in removed),
+        "index/removed_listings": _count(pc.is_in(foreign, value_set=gone)),
         "index/unlabelled_vectors": int(per_label[~owned].sum()),
     }
+
+
+def _count(mask) -> int:
+    return int(pc.sum(mask.cast(pa.int64())).as_py() or 0)
 
 
 class RowIndex:
@@ -244,9 +253,11 @@ class RowIndex:
     with exact search."""
 
     def __init__(self, index: faiss.Index, ids: IndexIds, listing_ids: list[str]) -> None:
-        row_of = {listing_id: row for row, listing_id in enumerate(listing_ids)}
         self.index = index
-        rows = np.array([row_of.get(i, -1) for i in ids.listing_ids], dtype=np.int64)
+        found = pc.index_in(
+            pa.array(ids.listing_ids, pa.string()), value_set=pa.array(listing_ids, pa.string())
+        )
+        rows = pc.fill_null(found, -1).to_numpy().astype(np.int64)
         order = np.argsort(ids.labels)
         self._labels, self._rows = ids.labels[order], rows[order]
 
