@@ -8,20 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.featurize import VIEWS_SCHEMA as SCHEMA
 from components.io.print_carry import PrintCarry
 from components.io.view_prints import held_out_pairs, listing_fingerprints
 from components.io.view_reuse import IndexWriter
-
-SCHEMA = pa.schema(
-    [
-        ("listing_id", pa.string()),
-        ("modality", pa.string()),
-        ("view", pa.string()),
-        ("position", pa.int32()),
-        ("ref", pa.string()),
-        ("key", pa.string()),
-    ]
-)
 
 
 def _group(listings: list[str]) -> pa.Table:

@@ -100,20 +100,20 @@ def write(
 def read(path: Path, clean_sha256: str) -> pa.Table | None:
     """The states of the clean rows whose sha256 is `clean_sha256`, or None (none written,
     or written for other clean rows)."""
-    if not path.is_file():
-        return None
-    table = pq.read_table(path)
-    if (table.schema.metadata or {}).get(CLEAN_SHA256, b"").decode() != clean_sha256:
-        return None
-    return table
+    return _read_with(path, CLEAN_SHA256, clean_sha256)
 
 
 def read_verdicts(path: Path, rules: str) -> pa.Table | None:
     """The states of the listings found clean under `rules` when `path` was written, or
     None (none written, or judged by other rules)."""
+    return _read_with(path, RULES, rules)
+
+
+def _read_with(path: Path, key: bytes, value: str) -> pa.Table | None:
+    """The table at `path` if its metadata `key` is `value`."""
     if not path.is_file():
         return None
     table = pq.read_table(path)
-    if (table.schema.metadata or {}).get(RULES, b"").decode() != rules:
+    if (table.schema.metadata or {}).get(key, b"").decode() != value:
         return None
     return table
