@@ -22,7 +22,9 @@ content give the same vector), embedding only the new and changed listings; the 
 counts listings added, changed, removed and reused. Its embeddings are the release's parts
 as they were, `embeddings/deleted.npy` (the rows of removed and changed listings) and the
 new vectors in parts appended, or, past `embed.compact_above`, every live row written anew
-(`compacted`; components/io/embedding_files.py).
+(`compacted`; components/io/embedding_files.py). The fingerprints it compares come from its
+previous run for a views row group featurize took whole (components/io/print_carry.py,
+`prints_index.parquet`); every other group is read and fingerprinted.
 
 A listing with a tombstone in the production store (`python -m components remove`) is left
 out of every embed, retrain or refresh: it goes to `missing.parquet` with the reason

@@ -9,8 +9,10 @@ Each image's verdict is recorded under its identity (size and mtime, S3: size an
 `image_checks.parquet`; with `verify_content` off (a refresh) an image whose identity did
 not move keeps that verdict without being opened (components/io/image_identity.py). Each
 clean listing's state, a hash of its row and its images' identities, goes to
-`listing_state.parquet` (components/io/listing_state.py): featurize reuses the views of a
-listing whose state did not change.
+`listing_state.parquet` (components/io/listing_state.py) with the rules it was judged by:
+featurize reuses the views of a listing whose state did not change, and the next validate
+(`verify_content` off) keeps the verdict of one whose state and rules did not, checking
+only the other rows (a listing_id two rows hold is always checked, so the suite sees it).
 """
 
 from __future__ import annotations
