@@ -502,6 +502,13 @@ class EvaluateConfig(Section):
     latency_queries: int = Field(
         500, ge=1, description="Queries searched one at a time to measure index latency."
     )
+    ann_queries: int | None = Field(
+        None,
+        ge=1,
+        description="Test queries per task searched through the index for its recall and the "
+        "ANN check, evenly spaced in the task's order (a fixed sample); null: every one. A "
+        "refresh sets 256: through a Flat index each query scans every listing.",
+    )
     latency_seconds: float = Field(
         5.0,
         gt=0,
@@ -926,6 +933,7 @@ REFRESH = (
     "index.update_current=true",
     "evaluate.diagnostics=false",  # the release's model, measured when it was trained
     "evaluate.latency_seconds=1.0",  # a second of one-query searches (10 at least)
+    "evaluate.ann_queries=256",  # the ANN check on a fixed sample of each task's queries
 )
 
 

@@ -253,7 +253,15 @@ def _measure(
     metrics |= coverage(index_ids, listing_ids, removed, labels_of(index))  # gated
     rows = RowIndex(index, index_ids, listing_ids)
     metrics |= index_metrics(
-        sets, vectors, rows, tops, config.ks, depth, config.latency_queries, config.latency_seconds
+        sets,
+        vectors,
+        rows,
+        tops,
+        config.ks,
+        depth,
+        config.latency_queries,
+        config.latency_seconds,
+        config.ann_queries,
     )
     if config.diagnostics:
         size = config.diagnostics_sample
@@ -593,7 +601,10 @@ def _task_summary(metrics: dict, task: str) -> str:
     if not metrics[f"{task}/queries"]:
         return f"{name}: no test queries"
     frozen = max(metrics[f"{task}/frozen/recall@10"], metrics[f"{task}/frozen_max/recall@10"])
+    index = f"{metrics[f'{task}/index/recall@10']:.3f}"
+    if (sampled := metrics.get(f"{task}/index/queries")) is not None:
+        index += f" on {sampled:.0f} queries, exact {metrics[f'{task}/index/exact_recall@10']:.3f}"
     return (
-        f"{name} recall@10 {metrics[f'{task}/recall@10']:.3f} (index "
-        f"{metrics[f'{task}/index/recall@10']:.3f}, frozen encoders {frozen:.3f})"
+        f"{name} recall@10 {metrics[f'{task}/recall@10']:.3f} (index {index}, "
+        f"frozen encoders {frozen:.3f})"
     )

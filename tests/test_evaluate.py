@@ -115,6 +115,18 @@ def test_evaluate_writes_metrics_gates_plots_and_logs_to_the_training_run(indexe
     assert "plots/recall_at_k.png" in {a.path for a in client.list_artifacts(evaluation, "plots")}
 
 
+def test_the_ann_check_searches_the_sample_of_queries_it_is_given(indexed):
+    config = NO_CHAMPION.model_copy(update={"ann_queries": 2, "diagnostics": False})
+
+    result = evaluate.run(config, indexed)
+
+    out = indexed.step_dir("evaluate")
+    details = json.loads((out / contract.DETAILS.name).read_text())
+    assert details["query_to_listing/index/queries"] == 2
+    assert 0 <= details["query_to_listing/index/exact_recall@10"] <= 1
+    assert "on 2 queries, exact" in result.summary
+
+
 def test_a_champion_with_the_challenger_s_weights_differs_by_exactly_zero(indexed):
     """The same weights are embedded once; a weaker and a stronger champion are compared
     in tests/test_promote.py."""

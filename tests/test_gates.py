@@ -72,6 +72,17 @@ def test_ann_loss_fails_when_the_index_loses_too_much_recall():
     assert bad.gate == "max_ann_loss:query_to_listing" and bad.value == pytest.approx(0.1)
 
 
+def test_ann_loss_on_a_sample_of_queries_is_against_their_exact_recall():
+    # the index found what exact search found for its sample; the sample is harder than
+    # the whole test set, which must not read as recall lost through the index
+    metrics = _metrics(0.5, through_index=0.3) | {"query_to_listing/index/exact_recall@10": 0.3}
+
+    results = check_gates(metrics, None, GATES)
+
+    assert not failed(results)
+    assert results[2].gate == "max_ann_loss:query_to_listing" and results[2].value == 0.0
+
+
 def test_a_gate_on_a_metric_that_was_not_computed_fails():
     gates = GatesConfig(
         min={"query_to_listing/recal@10": 0.1},

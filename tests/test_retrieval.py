@@ -125,3 +125,29 @@ def test_the_latency_measurement_stops_at_its_time_budget(seconds, timed):
     metrics = index_metrics(sets, vectors, index, tops, [10], 10, 500, seconds)
     assert metrics["index/latency_queries"] == timed
     assert metrics["index/ann_recall@10"] == 1.0
+
+
+def test_the_ann_check_on_a_sample_compares_the_index_with_exact_on_those_queries():
+    """A refresh searches a fixed sample of the test queries through the index (a Flat
+    index scans every listing per query); its exact recall is of the same queries."""
+    import faiss
+
+    listings = RNG.standard_normal((300, 8)).astype(np.float32)
+    queries = RNG.standard_normal((40, 8)).astype(np.float32)
+    index = faiss.IndexFlatIP(8)
+    index.add(listings)
+    _, exact = index.search(queries, 10)
+    relevant = [{int(exact[i, 0])} if i % 2 else {-5} for i in range(40)]  # odd ones found
+    sets = [QuerySet(QUERY_TO_LISTING, queries, relevant)]
+    vectors, tops = {QUERY_TO_LISTING: queries}, {QUERY_TO_LISTING: exact}
+
+    every = index_metrics(sets, vectors, index, tops, [10], 10, 1)
+    sampled = index_metrics(sets, vectors, index, tops, [10], 10, 1, sample=5)
+
+    assert every["query_to_listing/index/recall@10"] == 0.5
+    assert "query_to_listing/index/exact_recall@10" not in every
+    # queries 0, 10, 20, 29, 39: two of the five found
+    assert sampled["query_to_listing/index/queries"] == 5
+    assert sampled["query_to_listing/index/recall@10"] == pytest.approx(0.4)
+    assert sampled["query_to_listing/index/exact_recall@10"] == pytest.approx(0.4)
+    assert sampled["index/ann_recall@10"] == 1.0
