@@ -10,6 +10,8 @@ full build labels the vectors 0..N-1 in the embeddings' order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +29,26 @@ from components.io.manifest import verify_outputs
 # faiss 1.15 scans the stored vectors once per query unless queries x dimensions reach
 # `distance_compute_blas_threshold` (128,000 by default: 500 queries of 256 dimensions).
 # Over 1M vectors a batch of 256 queries took 11.4 s that way and 0.55 s as one matrix
-# product, 32 queries 1,512 ms and 176 ms; one query 98 ms either way. Every batch here
-# (evaluate's test queries, the service's batched searches) is a matrix product.
+# product, 32 queries 1,512 ms and 176 ms; one query 98 ms either way. Evaluate's batches
+# of test queries go as a matrix product (`as_matrix_product`); the service keeps faiss's
+# default (small batches over small indexes: benchmarks/faiss_batches.py).
 BLAS_THRESHOLD = 20
-faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+MATRIX_PRODUCT_FROM = 20  # queries in a batch from which evaluate searches that way
+
+
+@contextmanager
+def as_matrix_product(queries: int) -> Iterator[None]:
+    """Searches in the body go as one matrix product when `queries` (a batch's size) is
+    at least MATRIX_PRODUCT_FROM; faiss's threshold is restored after."""
+    if queries < MATRIX_PRODUCT_FROM:
+        yield
+        return
+    before = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = before
 
 
 @dataclass(frozen=True)
@@ -270,7 +288,8 @@ class RowIndex:
         self._labels, self._rows = ids.labels[order], rows[order]
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, labels = self.index.search(vectors, k)
+        with as_matrix_product(len(vectors)):
+            scores, labels = self.index.search(vectors, k)
         at = np.clip(np.searchsorted(self._labels, labels), 0, max(0, len(self._labels) - 1))
         known = (labels >= 0) & (self._labels[at] == labels) if len(self._labels) else labels < -1
         return scores, np.where(known, self._rows[at] if len(self._rows) else -1, -1)
