@@ -178,3 +178,28 @@ def test_shards_written_after_the_key_index_are_found_and_indexed_past_a_limit(
 
     np.testing.assert_array_equal(reopened.get(keys), vectors)
     assert reopened._where == {} and len(reopened._index) == 9
+
+
+def test_a_key_index_another_writer_replaced_meanwhile_loses_no_key(tmp_path, monkeypatch):
+    from components.io import key_index
+
+    keys = [content_key(f"view {i}") for i in range(7)]
+    vectors = np.arange(28, dtype=np.float32).reshape(7, 4)
+    _store_with_two_shards(tmp_path, keys[:6], vectors[:6])
+    FeatureStore(tmp_path, "enc", dim=4)  # indexed
+    newer = FeatureStore(tmp_path, "enc", dim=4)
+    newer.add(keys[6:], vectors[6:])
+    newer.flush()
+    monkeypatch.setattr(key_index, "REBUILD_AFTER", 0)
+    loaded, calls = key_index.load, []
+
+    def replaced_after_the_first_read(store, files):
+        calls.append(store)
+        return loaded(store, files) if len(calls) == 1 else None  # the rewrite is gone
+
+    monkeypatch.setattr(key_index, "load", replaced_after_the_first_read)
+
+    reopened = FeatureStore(tmp_path, "enc", dim=4)
+
+    assert len(calls) == 2  # read, rewritten, read again: not there
+    np.testing.assert_array_equal(reopened.get(keys), vectors)

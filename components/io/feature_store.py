@@ -117,9 +117,9 @@ class FeatureStore:
         except OSError as err:  # a store this process may not write to: use the keys files
             log.info("%s: key index not written (%s)", self.dir, err)
             return
-        self._index = key_index.load(self.dir, keys_files)
-        if self._index is not None:
-            self._where = {}
+        # another writer may have replaced it already: then keep what this one holds
+        if (written := key_index.load(self.dir, keys_files)) is not None:
+            self._index, self._where = written, {}
 
     def _index_keys(self, shard: str) -> list[str]:
         return pq.read_table(self.dir / f"{shard}.keys.parquet").column("key").to_pylist()
