@@ -248,6 +248,38 @@ def test_health_version_and_metrics(service):
     assert "search_request_seconds_bucket" in metrics
 
 
+def test_a_request_that_fails_before_answering_is_measured_as_a_500():
+    """The measuring middleware counts every request by route and status, one whose
+    handler raised (answered 500 further out) and one no route matched included."""
+    from fastapi import FastAPI
+    from prometheus_client import generate_latest
+
+    from components.service.app import Measured
+
+    metrics = Metrics()
+    app = FastAPI()
+    app.add_middleware(Measured, metrics=metrics)
+
+    @app.get("/broken/{part}")
+    def broken(part: str) -> dict:
+        raise RuntimeError(f"{part} not answered")
+
+    @app.get("/fine")
+    def fine() -> dict:
+        return {}
+
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/broken/x").status_code == 500
+    assert client.get("/fine").status_code == 200
+    assert client.get("/nowhere").status_code == 404
+    counted = generate_latest(metrics.registry).decode()
+    assert 'search_requests_total{endpoint="/broken/{part}",status="500"} 1.0' in counted
+    assert 'search_errors_total{endpoint="/broken/{part}"} 1.0' in counted
+    assert 'search_request_seconds_count{endpoint="/broken/{part}"} 1.0' in counted
+    assert 'search_requests_total{endpoint="/fine",status="200"} 1.0' in counted
+    assert 'search_requests_total{endpoint="unmatched",status="404"} 1.0' in counted
+
+
 def test_a_removal_applied_by_the_service_is_logged_and_counted(service, caplog):
     from components.release import tombstones
 

@@ -145,6 +145,36 @@ class Metrics:
         self.removed.set(len(release.removed))
 
 
+class Measured:
+    """ASGI middleware: each HTTP request's latency, status and 5xx in `metrics`, by
+    route. Plain ASGI rather than Starlette's `BaseHTTPMiddleware`, which passes every
+    response through a task group and a memory stream."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500  # 500: failed before it answered
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            if status >= 500:
+                self.metrics.errors.labels(endpoint).inc()
+
+
 def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> FastAPI:
     def release() -> ServedRelease:
         served = keeper.current
@@ -182,17 +212,7 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
     budget = DecodeBudget(config.decode_memory_mb << 20)
     max_upload = int(config.max_upload_mb * 2**20)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if response.status_code >= 500:
-            metrics.errors.labels(endpoint).inc()
-        return response
+    app.add_middleware(Measured, metrics=metrics)
 
     def results(served: ServedRelease, hits: list[tuple[str, float]]) -> list[dict]:
         out = []
