@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import time
 
 import pytest
 
@@ -19,6 +20,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv(hash_cache.ENV, str(path))
     monkeypatch.setattr(hash_cache, "_opened", {})
     monkeypatch.setattr(hash_cache, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(hash_cache, "FINE_RACY_SECONDS", 0.0)
     return path
 
 
@@ -53,12 +55,31 @@ def test_a_file_rewritten_with_its_size_and_mtime_kept_is_read_again(cache, tmp_
 
 def test_a_file_changed_just_now_is_not_remembered(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(hash_cache, "RACY_SECONDS", 60.0)
+    monkeypatch.setattr(hash_cache, "FINE_RACY_SECONDS", 60.0)
     path = tmp_path / "ids.parquet"
     path.write_bytes(b"x" * 100)
     sha256_file(path)
 
     with sqlite3.connect(cache) as db:
         assert db.execute("SELECT COUNT(*) FROM sha256").fetchone() == (0,)
+
+
+def test_a_step_output_hashed_right_after_writing_is_remembered(tmp_path, monkeypatch):
+    """With the default windows: on a filesystem with sub-second timestamps a file hashed
+    a tenth of a second after it was written is remembered (the next step reads it no
+    more); a change time on a whole second waits the coarse window."""
+    monkeypatch.setenv(hash_cache.ENV, str(tmp_path / "sha256.sqlite"))
+    monkeypatch.setattr(hash_cache, "_opened", {})
+    path = tmp_path / "embeddings.npy"
+    path.write_bytes(b"v" * 4096)
+    if path.stat().st_ctime_ns % 1_000_000_000 == 0:
+        pytest.skip("this filesystem keeps whole-second timestamps")
+    time.sleep(0.1)
+    sha256_file(path)
+    with sqlite3.connect(tmp_path / "sha256.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM sha256").fetchone() == (1,)
+    assert hash_cache.racy_seconds(1_733_212_345_000_000_000) == hash_cache.RACY_SECONDS
+    assert hash_cache.racy_seconds(1_733_212_345_004_000_000) == hash_cache.FINE_RACY_SECONDS
 
 
 def test_without_a_usable_cache_files_are_hashed_as_before(tmp_path, monkeypatch):

@@ -7,9 +7,12 @@ Identity is what `os.stat` says of the file: device, inode, size, modification t
 change time, to the nanosecond. DVC and git-annex decide "unchanged" on (inode, size,
 mtime); the change time (ctime) is added here because no writer can set it: writing the
 file, or setting its mtime back (`os.utime`), moves it to the present. A file whose ctime
-is less than RACY_SECONDS old is never remembered (timestamps come from a coarse kernel
-clock, so a second write in the same tick would not move them), nor one that changed while
-it was read.
+is too recent is never remembered, nor one that changed while it was read: timestamps come
+from a coarse clock, so a second write in the same tick would not move them. Too recent is
+FINE_RACY_SECONDS (a few of Linux's clock ticks, 4-10 ms each) on a filesystem that keeps
+sub-second timestamps, RACY_SECONDS where the ctime falls on a whole second (a filesystem
+that keeps seconds, or two of them). So a file hashed right after it was written (a step's
+output, hashed for its manifest) is remembered, and the next step does not read it again.
 
 The cache is a SQLite file shared by every process of this machine (`ENV` names another
 file, or `off`); a cache that cannot be opened or written is left alone and files are
@@ -26,7 +29,8 @@ import time
 from pathlib import Path
 
 ENV = "LISTING_EMBEDDINGS_HASH_CACHE"
-RACY_SECONDS = 2.0
+RACY_SECONDS = 2.0  # timestamps in whole seconds
+FINE_RACY_SECONDS = 0.05  # sub-second timestamps
 
 log = logging.getLogger(__name__)
 _opened: dict[int, sqlite3.Connection | None] = {}  # per process: none crosses a fork
@@ -115,7 +119,7 @@ def remember(path: Path, before: os.stat_result, digest: str) -> None:
         after = os.stat(path)
     except OSError:
         return
-    fresh = time.time_ns() - after.st_ctime_ns < RACY_SECONDS * 1e9
+    fresh = time.time_ns() - after.st_ctime_ns < racy_seconds(after.st_ctime_ns) * 1e9
     if _identity(after) != _identity(before) or fresh:
         return
     try:
@@ -126,3 +130,9 @@ def remember(path: Path, before: os.stat_result, digest: str) -> None:
             )
     except sqlite3.Error as err:
         log.debug("sha256 cache not written: %s", err)
+
+
+def racy_seconds(ctime_ns: int) -> float:
+    """How old a change time must be before a file's hash is remembered: RACY_SECONDS for
+    one on a whole second (its filesystem may keep only seconds), else FINE_RACY_SECONDS."""
+    return RACY_SECONDS if ctime_ns % 1_000_000_000 == 0 else FINE_RACY_SECONDS
