@@ -60,12 +60,11 @@ def states(table: pa.Table, identities: pa.Array) -> pa.Array:
     known = pc.binary_join(identities, _ITEMS)  # null: a row with an unknown identity
     joined = pc.binary_join_element_wise(*parts, known, _COLUMNS, null_handling="emit_null")
     key = hashlib.sha256(json.dumps(table.column_names).encode()).digest()
+    # as bytes: the same digests without a Python str decoded and encoded again per row
     return pa.array(
         [
-            None
-            if text is None
-            else hashlib.blake2b(text.encode(), digest_size=16, key=key).digest()
-            for text in joined.to_pylist()
+            None if raw is None else hashlib.blake2b(raw, digest_size=16, key=key).digest()
+            for raw in joined.cast(pa.large_binary()).to_pylist()
         ],
         STATE,
     )
