@@ -114,3 +114,43 @@ def test_a_refresh_with_nothing_new_leaves_the_release_s_files_byte_for_byte(tmp
         assert sorted(p.name for p in (out / "embeddings").iterdir()) == sorted(
             p.name for p in (base / "embeddings").iterdir()
         )
+
+
+def _release(folder, ids: list[str], prints: list[str] | None, deleted: list[int] = ()):
+    """A downloaded release's embed files: one part of len(ids) + len(deleted) stored rows,
+    `deleted` of them no longer live."""
+    from components.release.base_release import BaseRelease
+
+    stored = len(ids) + len(deleted)
+    (folder / "embeddings").mkdir(parents=True)
+    np.save(folder / "embeddings" / "part-000000.npy", np.eye(stored, 4, dtype=np.float32))
+    if deleted:
+        np.save(folder / "embeddings" / DELETED, np.array(deleted, np.int64))
+    columns = {"listing_id": ids} | ({"fingerprint": prints} if prints is not None else {})
+    pq.write_table(pa.table(columns), folder / "listing_ids.parquet")
+    return BaseRelease("v1", {}, folder)
+
+
+def test_reusable_vectors_sort_listings_into_reused_changed_and_added(tmp_path):
+    """A listing the release holds with the same fingerprint reuses its stored row (past
+    the deleted ones), one with another fingerprint is changed, any other added."""
+    from components.release.base_release import ADDED, CHANGED, REUSED, ReusableVectors
+
+    ids = [f"L{i:04d}" for i in range(300)]
+    release = ReusableVectors(_release(tmp_path, ids, [f"p{i}" for i in range(300)], [0, 5]))
+    asked = ["L0299", "new-1", "L0003", "L0007", "L00030", ""]
+    statuses, stored = release.lookup(asked, ["p299", "p1", "other", "p7", "p30", "p0"])
+
+    assert statuses == [REUSED, ADDED, CHANGED, REUSED, ADDED, ADDED]
+    # live row 299 is stored row 301 (stored rows 0 and 5 deleted); 7 is stored row 9
+    assert stored.tolist() == [301, -1, -1, 9, -1, -1]
+    statuses, stored = release.lookup([], [])
+    assert statuses == [] and len(stored) == 0
+
+
+def test_a_release_without_fingerprints_reuses_nothing(tmp_path):
+    from components.release.base_release import CHANGED, ReusableVectors
+
+    release = ReusableVectors(_release(tmp_path, ["a", "b"], None))
+    statuses, stored = release.lookup(["b", "a"], ["x", "y"])
+    assert statuses == [CHANGED, CHANGED] and stored.tolist() == [-1, -1]
