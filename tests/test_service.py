@@ -652,7 +652,7 @@ class _GatedPhotos:
         return self.embedder.images(images)
 
 
-def test_a_full_photo_queue_is_refused_with_503_and_retry_after_while_text_is_answered(service):
+def test_a_full_photo_queue_is_refused_with_503_before_its_upload_is_read(service):
     import copy
     import dataclasses
 
@@ -682,12 +682,20 @@ def test_a_full_photo_queue_is_refused_with_503_and_retry_after_while_text_is_an
             second.join(10)
             waited = second.is_alive()
             text = own.get("/search", params={"q": row["title"], "k": 5})  # not held by photos
+            # refused before its body is read: a body that is no multipart form is not parsed
+            unread = own.post(
+                "/search/image",
+                content=b"not a form",
+                headers={"content-type": "multipart/form-data; boundary=none"},
+            )
         finally:  # no request left in flight when the client closes
             gate.set()
             for thread in (first, second):
                 if thread.ident is not None:
                     thread.join(60)
-        shed = [line for line in own.get("/metrics").text.splitlines() if "search_shed" in line]
+        counted = own.get("/metrics").text
+    shed = [line for line in counted.splitlines() if "search_shed" in line]
+    measured = [line for line in counted.splitlines() if "search_requests_total" in line]
 
     assert not waited, "the second photo waited in the queue instead of being refused"
     refused = answers["second"]
@@ -695,7 +703,10 @@ def test_a_full_photo_queue_is_refused_with_503_and_retry_after_while_text_is_an
     assert "serve.max_photo_queue" in refused.json()["detail"]
     assert int(refused.headers["Retry-After"]) >= 1
     assert text.status_code == 200 and answers["first"].status_code == 200
-    assert 'search_shed_total{kind="photo"} 1.0' in shed
+    assert unread.status_code == 503, unread.text
+    assert "serve.max_photo_queue" in unread.json()["detail"] and unread.headers["Retry-After"]
+    assert 'search_shed_total{kind="photo"} 2.0' in shed
+    assert 'search_requests_total{endpoint="/search/image",status="503"} 2.0' in measured
 
 
 def _photo_search(client, paths, row: int = 3):

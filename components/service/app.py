@@ -28,6 +28,7 @@ import contextlib
 import mimetypes
 import time
 import urllib.parse
+from collections.abc import Callable
 from importlib import resources
 from typing import Annotated
 
@@ -175,6 +176,42 @@ class Measured:
                 self.metrics.errors.labels(endpoint).inc()
 
 
+class RefusedBeforeBody:
+    """ASGI middleware: a POST to `path` is answered 503 with Retry-After before its
+    body is read while `refusal()` names a reason (its kind's queue is full), so a refused
+    photo costs the event loop no multipart parsing; `on_refused` counts it. The endpoint
+    checks again once it runs (the queue may fill meanwhile)."""
+
+    def __init__(
+        self,
+        app,
+        path: str,
+        refusal: Callable[[], Overloaded | None],
+        on_refused: Callable[[], None],
+    ) -> None:
+        self.app, self.path, self.refusal, self.on_refused = app, path, refusal, on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
+            refused = self.refusal()
+            if refused is not None:
+                self.on_refused()
+                # the route, as routing would have set it: the refusal is measured as its
+                scope["route"] = next((r for r in scope["app"].routes if _is(r, self.path)), None)
+                answer = JSONResponse(
+                    {"detail": str(refused)},
+                    status_code=503,
+                    headers={"Retry-After": str(refused.retry_after_s)},
+                )
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _is(route, path: str) -> bool:
+    return getattr(route, "path", None) == path
+
+
 def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> FastAPI:
     def release() -> ServedRelease:
         served = keeper.current
@@ -212,7 +249,20 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
     budget = DecodeBudget(config.decode_memory_mb << 20)
     max_upload = int(config.max_upload_mb * 2**20)
 
-    app.add_middleware(Measured, metrics=metrics)
+    def photo_refusal() -> Overloaded | None:
+        try:
+            batcher.admits(PHOTO)
+        except Overloaded as err:
+            return err
+        return None
+
+    app.add_middleware(
+        RefusedBeforeBody,
+        path="/search/image",
+        refusal=photo_refusal,
+        on_refused=lambda: metrics.shed.labels(PHOTO).inc(),
+    )
+    app.add_middleware(Measured, metrics=metrics)  # the outer one: it measures refusals too
 
     def results(served: ServedRelease, hits: list[tuple[str, float]]) -> list[dict]:
         out = []
