@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import StepPaths
-from components.contract import EMBEDDED_IDS, EMBEDDINGS
+from components.contract import EMBEDDED_IDS, EMBEDDINGS, RELEASE_FILES
 from components.io.embedding_files import Embeddings
 from components.release import production
 
@@ -54,22 +54,46 @@ def current(paths: StepPaths, cache: Path, names: tuple[str, ...]) -> BaseReleas
             f"nothing was promoted to {storage.uri} yet: a refresh builds on the current "
             "release, so run a retrain first (make run, or the retrain DAG)"
         )
-    return _fetch(storage, pointer.version, pointer.manifest_sha256, cache, names)
+    return _fetch(storage, pointer.version, pointer.manifest_sha256, cache, names, paths)
 
 
 def version(paths: StepPaths, name: str, cache: Path, names: tuple[str, ...]) -> BaseRelease:
     """A given version (the one the embed step built on), with the files `names`."""
-    return _fetch(production.open_store(paths), name, None, cache, names)
+    return _fetch(production.open_store(paths), name, None, cache, names, paths)
 
 
-def _fetch(storage, name: str, manifest_sha256: str | None, cache: Path, names) -> BaseRelease:
+def _fetch(
+    storage, name: str, manifest_sha256: str | None, cache: Path, names, paths: StepPaths
+) -> BaseRelease:
+    """The version's files `names` in `cache/<name>`: copied from this workdir's own
+    outputs where they are the very files it was published from (most often: the last
+    run's; a gigabyte of index and of embeddings at a million listings not downloaded
+    again), else downloaded."""
     manifest = production.read_manifest(storage, name, manifest_sha256)
     wanted = [f for f in manifest["files"] if any(_named(f, n) for n in names)]
+    production.download(
+        storage, name, manifest, wanted, cache / name, lambda file: _in_workdir(paths, file)
+    )
+    # one release in the cache at a time, the older removed only now: the workdir's files
+    # are often hard links to its copies, and an unlink moves their change time, so the
+    # hash cache would no longer know them when they were looked at
     for older in cache.iterdir() if cache.is_dir() else ():
-        if older.name != name:  # one release in the cache at a time
+        if older.name != name:
             shutil.rmtree(older, ignore_errors=True)
-    production.download(storage, name, manifest, wanted, cache / name)
     return BaseRelease(name, manifest, cache / name)
+
+
+_RELEASED = {artifact.name: artifact for artifact in RELEASE_FILES}
+
+
+def _in_workdir(paths: StepPaths, name: str) -> Path | None:
+    """Where this workdir's steps write the release file `name` (promote publishes a
+    version from there)."""
+    folder, _, part = name.partition("/")
+    if part and folder == EMBEDDINGS.name:
+        return paths.path(EMBEDDINGS) / part
+    artifact = _RELEASED.get(name)
+    return paths.path(artifact) if artifact is not None else None
 
 
 def _named(file: str, name: str) -> bool:

@@ -533,11 +533,18 @@ def load_current_index(storage: Storage, cache_dir: Path | None = None) -> Curre
 
 
 def download(
-    storage: Storage, version: str, manifest: dict, names: Iterable[str], local: Path
+    storage: Storage,
+    version: str,
+    manifest: dict,
+    names: Iterable[str],
+    local: Path,
+    local_copies: Callable[[str], Path | None] = lambda name: None,
 ) -> None:
     """Copies of the named files of `version` in `local`, each checked against the
     manifest's sha256; one already there with the right sha256 is not downloaded again,
-    nor one another version's folder beside `local` holds (copied from there).
+    nor one another version's folder beside `local` holds, nor one `local_copies(name)`
+    names with that sha256 (the workdir's own output the version was published from):
+    those are copied from there.
 
     Raises:
         CorruptObject: a stored file is not what the manifest says (named).
@@ -547,7 +554,8 @@ def download(
         path = local / name
         if path.is_file() and sha256_file(path) == expected["sha256"]:
             continue
-        if _copy_cached(local.parent, name, expected, path):
+        others = [local_copies(name), *local.parent.glob(f"*/{name}")]
+        if _copy_same(others, expected, path):
             continue
         key = file_key(version, name, expected)
         storage.get_file(key, path)
@@ -560,11 +568,14 @@ def download(
             )
 
 
-def _copy_cached(cache: Path, name: str, expected: dict, path: Path) -> bool:
-    """Copy `name` from another version's folder of the local cache where it has the
-    expected size and sha256 (a version shares most files with the one before it)."""
-    for other in cache.glob(f"*/{name}"):
-        if other == path or other.stat().st_size != expected["bytes"]:
+def _copy_same(others: list[Path | None], expected: dict, path: Path) -> bool:
+    """Copy to `path` the first of `others` with the expected size and sha256 (the file
+    the version was published from, its sha256 most often known to the hash cache; another
+    version's copy in the local cache: a version shares most files with the one before it)."""
+    for other in others:
+        if other is None or other == path or not other.is_file():
+            continue
+        if other.stat().st_size != expected["bytes"]:
             continue
         if sha256_file(other) == expected["sha256"]:
             path.parent.mkdir(parents=True, exist_ok=True)
