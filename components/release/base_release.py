@@ -1,5 +1,7 @@
 """The release a refresh builds on: a version of the production store, the files a step
-needs from it downloaded once into a local cache and verified against its manifest.
+needs from it brought once into a local cache and verified against its manifest (copied
+from the workdir's own outputs where they are the files it was published from, else
+downloaded).
 
 The embed step reuses its vector of every listing whose views did not change
 (`embed.reuse_current`); the index step updates its index in place of a full build
