@@ -514,35 +514,19 @@ def test_the_download_cache_reuses_what_an_earlier_version_brought(storage, tmp_
     cache = tmp_path / "cache"
     production.load_current_index(storage, cache)
     production.publish(storage, _an_update_of(tmp_path, 1), {}, MODEL | {"version": "2"})
-    fetched = []
-    real_get = storage.get_file
-
-    def counting(key, dest):
-        fetched.append(key)
-        real_get(key, dest)
-
-    storage.get_file = counting
+    fetched = _counting_fetches(storage)
     loaded = production.load_current_index(storage, cache)
 
     assert loaded.version != production.list_versions(storage)[0].version
     assert fetched == [loaded.manifest["files"]["index.faiss"]["object"]]  # ids.parquet: local
 
 
-def test_a_download_copies_the_file_it_was_published_from_instead_of_fetching_it(
-    storage, tmp_path
-):
+def test_a_download_copies_the_file_it_was_published_from_instead_of_fetching_it(storage, tmp_path):
     """`local_copies` names where this machine may hold a version's file (the workdir
     it was published from): used when its sha256 is the manifest's, fetched otherwise."""
     files = release(tmp_path / "r1", 1)
     published = production.publish(storage, files, {}, MODEL | {"version": "1"})
-    fetched = []
-    real_get = storage.get_file
-
-    def counting(key, dest):
-        fetched.append(key)
-        real_get(key, dest)
-
-    storage.get_file = counting
+    fetched = _counting_fetches(storage)
     files["ids.parquet"].write_bytes(b"written again since it was published")
     local = tmp_path / "cache" / published.version
     names = ["index.faiss", "ids.parquet", "embeddings/part-000000.npy"]
@@ -550,4 +534,18 @@ def test_a_download_copies_the_file_it_was_published_from_instead_of_fetching_it
 
     assert fetched == [published.manifest["files"]["ids.parquet"]["object"]]
     for name in names:
-        assert production.sha256_file(local / name) == published.manifest["files"][name]["sha256"], name
+        expected = published.manifest["files"][name]["sha256"]
+        assert production.sha256_file(local / name) == expected, name
+
+
+def _counting_fetches(storage) -> list[str]:
+    """The keys `storage.get_file` fetches from now on, in order (it still fetches)."""
+    fetched = []
+    real_get = storage.get_file
+
+    def counting(key, dest):
+        fetched.append(key)
+        real_get(key, dest)
+
+    storage.get_file = counting
+    return fetched
