@@ -96,7 +96,7 @@ def run(config: ValidateConfig, paths: StepPaths) -> ValidateResult:
     )
     checker = ImageChecker(root, config, records)
     images = ImageLists.of(listings.column("image_uris"))
-    identities = checker.identities.of_refs(images.refs, checker.resolve)
+    identities = checker.identities.of_refs(images.refs, checker.resolve, images.texts)
     found_states = listing_state.states(
         listings, image_identities(listings.num_rows, images.rows, images.counts, identities)
     )
@@ -273,6 +273,7 @@ class ImageLists:
     refs: list[str]
     counts: list[int]
     at: np.ndarray
+    texts: pa.Array | None = None  # refs as Arrow strings, when read in Arrow
 
     @classmethod
     def of(cls, column: pa.ChunkedArray) -> ImageLists:
@@ -285,8 +286,10 @@ class ImageLists:
             holed = np.zeros(len(lists), bool)
             holed[pc.list_parent_indices(lists).to_numpy()[holes]] = True
             chosen = np.flatnonzero((lengths > 0) & ~holed)
-            refs = pc.list_flatten(lists.take(chosen)).to_pylist()
-            return cls(chosen.tolist(), refs, lengths[chosen].tolist(), np.arange(len(refs)))
+            texts = pc.list_flatten(lists.take(chosen))
+            refs = texts.to_pylist()
+            at = np.arange(len(refs))
+            return cls(chosen.tolist(), refs, lengths[chosen].tolist(), at, texts)
         uris = column.to_pylist()
         rows = [
             row

@@ -76,18 +76,22 @@ class Identities:
             return None
 
     def of_refs(
-        self, refs: list[object], resolve: Callable[[str], ImageLocation]
+        self,
+        refs: list[object],
+        resolve: Callable[[str], ImageLocation],
+        texts: pa.Array | None = None,
     ) -> list[str | None]:
         """`of_ref` of each of `refs`, the local catalog's in tight loops (1M listings
         hold 3.3M images: per-image call and path-join overhead was a third of a refresh's
         validate), split across `PROCESSES` processes past `FORK_AT` references (the loop
         holds the interpreter: threads do not share it out), each going `BLOCK`
         references at a time: one thread while `lstat` answers from the inode cache,
-        `THREADS` once a block shows it going to the disk (COLD_US)."""
+        `THREADS` once a block shows it going to the disk (COLD_US). `texts`: `refs` as an
+        Arrow string array, when the caller has one (saves a pass over them)."""
         base = self._base
         if base is None:
             return [self.of_ref(ref, resolve) for ref in refs]
-        plain = _plain_all(refs)
+        plain = _plain_all(refs) if texts is None else _plain_texts(texts)
         processes = min(PROCESSES, -(-len(refs) // FORK_AT))
         if processes > 1 and _may_fork():
             return _in_processes(base, refs, plain, processes)
@@ -211,10 +215,14 @@ def _plain_all(refs: list[object]) -> list[bool]:
     """`_plain` of each of `refs`, in Arrow when they are all strings."""
     if not all(type(ref) is str for ref in refs):
         return [_plain(ref) for ref in refs]
-    strings = pa.array(refs, pa.string())
+    return _plain_texts(pa.array(refs, pa.string()))
+
+
+def _plain_texts(strings: pa.Array) -> list[bool]:
+    """`_plain` of each of a string array's values (null: not plain)."""
     rooted = pc.or_(pc.starts_with(strings, "/"), pc.starts_with(strings, "\\"))
     odd = pc.or_(pc.match_substring(strings, ":"), pc.match_substring(strings, ".."))
-    return pc.invert(pc.or_(rooted, odd)).to_pylist()
+    return pc.fill_null(pc.invert(pc.or_(rooted, odd)), False).to_pylist()
 
 
 def _regular(status: os.stat_result) -> bool:
