@@ -399,6 +399,15 @@ class IndexConfig(Section):
         description="A refresh builds in full when the listings added, changed and removed "
         "pass this share of the release's.",
     )
+    compact_above: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="A refresh keeps the release's index file and writes its new and "
+        "changed vectors to a delta beside it; once the delta's vectors and the index's "
+        "vectors no longer live pass this share of the index, it writes the index whole "
+        "again (the delta empty).",
+    )
     max_imbalance: float = Field(
         3.0,
         ge=1.0,

@@ -136,6 +136,13 @@ EMBED_BASE = Artifact(
 # index
 INDEX = Artifact("index", "index.faiss", "the FAISS index, its vectors labelled")
 INDEX_IDS = Artifact("index", "ids.parquet", "the listing of each label (listing_id, id)")
+INDEX_DELTA = Artifact(
+    "index",
+    "delta.faiss",
+    "the vectors refreshes added since index.faiss was written whole, an index of its type "
+    "(empty after a full build); under a label it holds, and for a label the id map no "
+    "longer names, index.faiss's vector is not live",
+)
 INDEX_CHANGES = Artifact(
     "index",
     "changes.parquet",
@@ -223,7 +230,7 @@ RELEASE_MODEL = Artifact(
 FEATURES = (VIEWS, FEATURE_STORE, manifest_of("featurize"))
 TRAINED_MODEL = (SPLITS, MODEL_WEIGHTS, ACTIVATIONS, manifest_of("train"))
 EMBEDDED = (EMBEDDINGS, EMBEDDED_IDS, manifest_of("embed"))
-INDEXED = (INDEX, INDEX_IDS, manifest_of("index"))
+INDEXED = (INDEX, INDEX_DELTA, INDEX_IDS, manifest_of("index"))
 
 
 @dataclass(frozen=True)
@@ -301,7 +308,7 @@ _STEPS = (
     Step(
         "index",
         "build the FAISS index of the listing embeddings",
-        writes=(INDEX, INDEX_IDS, INDEX_CHANGES, INDEX_BASE),
+        writes=(INDEX, INDEX_DELTA, INDEX_IDS, INDEX_CHANGES, INDEX_BASE),
         reads=EMBEDDED,
     ),
     Step(
@@ -364,6 +371,7 @@ if tuple(STEPS) != STEP_ORDER:  # pragma: no cover - a mistake in this file
 # `embeddings/part-*.npy` are added part by part by the promote step.
 RELEASE_FILES = (
     INDEX,
+    INDEX_DELTA,
     INDEX_IDS,
     EMBEDDED_IDS,
     EMBED_SPLITS,  # a refresh evaluates on its model's splits

@@ -7,27 +7,36 @@ visible and faiss has GPU support (IVF and flat types), else on the CPU. Writes 
 `<workdir>/index/`:
 
     index.faiss     the index, every vector labelled (components/io/faiss_index.py)
-    ids.parquet     the id map: listing_id and label (id) of every vector
+    delta.faiss     what refreshes added since index.faiss was written whole (empty
+                    after a full build): an index of the same type and training
+    ids.parquet     the id map: listing_id and label (id) of every live vector
     manifest.json   factory, search params, size, how it was built, inputs
 
 A factory that does not fit the data (fewer vectors than IVF lists or PQ centroids, PQ
 sub-quantizers not dividing the dimension, a typo) is an error naming `index.factory`
 before any long work.
 
-A refresh (`index.update_current`) starts from the index of the release the embed step
-built on: the vectors of listings that left or changed are removed by label, those of new
-and changed listings added (a changed listing keeps its label, a new one gets the next
-free label). It builds in full instead, and says why, when the index type or the model
-changed, when the type cannot remove vectors (HNSW, Refine) or the index was written
-before vectors were labelled, when it lacks a label its id map names, when the delta
-passes `index.max_delta` of the release's listings, or when an IVF index's lists end up
-more unbalanced than `index.max_imbalance` (its coarse quantizer is never retrained in
-place).
+A refresh (`index.update_current`) builds on the index of the release the embed step built
+on, without rewriting it: index.faiss stays the release's file (this workdir's own when it
+is that file, so at a million listings a gigabyte is neither read whole, copied, written
+nor uploaded), and the vectors of new and changed listings go to the release's delta, from
+which those of listings that left or changed are removed (a changed listing keeps its
+label, a new one gets the next free label). A vector of index.faiss is live while the id
+map names its label and the delta does not hold it; readers merge (`live_index`). Once the
+delta and index.faiss's vectors no longer live pass `index.compact_above` of index.faiss,
+when the search params changed, or for a release written before deltas, the index is
+written whole again with an empty delta. It builds in full instead, and says why, when the
+index type or the model changed, when the type cannot remove vectors (HNSW, Refine) or the
+index was written before vectors were labelled, when it lacks a label its id map names or
+its delta is not of its type, when the delta passes `index.max_delta` of the release's
+listings, or when an IVF index's lists end up more unbalanced than `index.max_imbalance`
+(its coarse quantizer is never retrained in place).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +54,7 @@ from components.contract import (
     INDEX,
     INDEX_BASE,
     INDEX_CHANGES,
+    INDEX_DELTA,
     INDEX_IDS,
     STEPS,
 )
@@ -52,11 +62,17 @@ from components.io import atomic
 from components.io.embedding_files import Embeddings, verify_embeddings
 from components.io.faiss_index import (
     apply_search_params,
+    emptied,
     imbalance,
+    imbalance_of,
     labelled,
+    labels_of,
+    list_sizes,
+    live_mask,
     new_index,
     read_id_table,
     removable,
+    same_kind,
     search_params,
     write_ids,
 )
@@ -64,6 +80,7 @@ from components.io.manifest import (
     Timer,
     describe_files,
     read_manifest,
+    sha256_file,
     unchanged_manifest,
     write_manifest,
 )
@@ -107,25 +124,22 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
     count, dim = len(parts), parts.dim
     build_start = time.perf_counter()
     built = _update(config, paths, embedded, parts) if config.update_current else None
+    on_gpu = False
     if built is None or isinstance(built, str):
         if built is not None:
             log.info("index: building in full: %s", built)
-        index, ids, on_gpu = _full_build(config, paths, parts, count, dim)
-        how = {"build": "full"} | ({"reason": built} if built else {})
-    else:
-        index, ids, how = built
-        on_gpu = False
+        built, on_gpu = _full_build(config, paths, parts, count, dim, built)
     build_seconds = time.perf_counter() - build_start
-    apply_search_params(index, config.factory, search_params(config))
-    with atomic.writing(out / INDEX.name) as tmp:
-        faiss.write_index(index, str(tmp))
-    write_ids(out / INDEX_IDS.name, ids)
+    _write_index(out, built, config)
+    write_ids(out / INDEX_IDS.name, built.ids)
     _write_changes(paths, embedded)
-    size = (out / INDEX.name).stat().st_size
+    size = sum((out / artifact.name).stat().st_size for artifact in (INDEX, INDEX_DELTA))
+    vectors = built.ids.num_rows
     summary = (
-        f"index: {config.factory} over {index.ntotal} x {dim} vectors, {size / 2**20:.1f} MiB, "
-        f"{_describe(how)} in {build_seconds:.1f} s on {'GPU' if on_gpu else 'CPU'}"
+        f"index: {config.factory} over {vectors} x {dim} vectors, {size / 2**20:.1f} MiB, "
+        f"{_describe(built.how)} in {build_seconds:.1f} s on {'GPU' if on_gpu else 'CPU'}"
     )
+    how = dict(built.how)
     write_manifest(
         out,
         step=STEP.name,
@@ -133,7 +147,7 @@ def run(config: IndexConfig, paths: StepPaths) -> IndexResult:
         timer=timer,
         inputs=inputs,
         outputs=describe_files(out, OUTPUTS),
-        counts={"vectors": index.ntotal, "dim": dim} | how.pop("counts", {}),
+        counts={"vectors": vectors, "dim": dim} | how.pop("counts", {}),
         extra={"index_bytes": size, "search_params": search_params(config)} | how,
         run=_run_record(out, summary, build_seconds, on_gpu),
     )
@@ -180,29 +194,67 @@ def _run_record(out: Path, summary: str, build_seconds: float, gpu: bool) -> dic
     }
 
 
+@dataclass(frozen=True)
+class _Built:
+    """An index to write: `index` whole (None: the release's index file, kept as it is,
+    at `kept`), its `delta` beside it, the id map and how it was made."""
+
+    index: faiss.Index | None
+    delta: faiss.Index
+    ids: pa.Table
+    how: dict
+    kept: Path | None = None
+
+
+def _write_index(out: Path, built: _Built, config: IndexConfig) -> None:
+    """index.faiss (written, or the release's copied in when it is not already there) and
+    delta.faiss."""
+    target = out / INDEX.name
+    if built.index is not None:
+        apply_search_params(built.index, config.factory, search_params(config))
+        with atomic.writing(target) as tmp:
+            faiss.write_index(built.index, str(tmp))
+    elif built.kept != target:
+        with atomic.writing(target) as tmp:
+            shutil.copyfile(built.kept, tmp)
+    with atomic.writing(out / INDEX_DELTA.name) as tmp:
+        faiss.write_index(built.delta, str(tmp))
+
+
 def _describe(how: dict) -> str:
     if how["build"] == "update":
         c = how["counts"]
+        kept = (
+            f"; its index written whole again ({how['compacted']})"
+            if "compacted" in how
+            else f"; its index kept, {how['delta_vectors']} vectors in the delta, "
+            f"{how['dead_vectors']} of the index's no longer live"
+        )
         return (
             f"updated from {how['base']} ({c['kept']} kept, {c['added']} added, "
-            f"{c['changed']} changed, {c['removed']} removed)"
+            f"{c['changed']} changed, {c['removed']} removed{kept})"
         )
     return f"built in full ({how['reason']})" if "reason" in how else "built"
 
 
-def _full_build(config: IndexConfig, paths: StepPaths, parts: Embeddings, count: int, dim: int):
-    """A new index of every embedding, labelled 0..N-1 in the embeddings' order."""
+def _full_build(
+    config: IndexConfig, paths: StepPaths, parts: Embeddings, count: int, dim: int, reason
+) -> tuple[_Built, bool]:
+    """A new index of every embedding, labelled 0..N-1 in the embeddings' order, with an
+    empty delta of its type and training; and whether it was built on a GPU."""
     index = new_index(config.factory, dim, count)
     gpu = _maybe_to_gpu(index, config.gpu)
+    on_gpu = gpu is not index
     if not index.is_trained:
         sample = _sample(parts, count, config.train_sample, paths.seed)
         log.info("index: training %s on %d of %d vectors", config.factory, len(sample), count)
         gpu.train(sample)
+    delta = faiss.clone_index(faiss.index_gpu_to_cpu(gpu) if on_gpu else index)  # empty
     _add(gpu, parts, count)
-    on_gpu = gpu is not index
     index = faiss.index_gpu_to_cpu(gpu) if on_gpu else index
     ids = _embedded_ids(paths).append_column("id", pa.array(np.arange(count, dtype=np.int64)))
-    return index, ids, on_gpu
+    how = {"build": "full"} | ({"reason": reason} if reason else {})
+    return _Built(index, delta, ids, how), on_gpu
 
 
 def _embedded_ids(paths: StepPaths) -> pa.Table:
@@ -215,8 +267,15 @@ def _embedded_ids(paths: StepPaths) -> pa.Table:
 
 
 def _update(config: IndexConfig, paths: StepPaths, embedded: dict, parts: Embeddings):
-    """The release's index with the delta applied, its ids and how it was built; or why
-    it must be built in full instead (a string).
+    """The release's index with the delta applied (`_Built`); or why it must be built in
+    full instead (a string).
+
+    The release's index file is kept: the vectors of new and changed listings go to its
+    delta (the release's delta, less the vectors of listings that left or changed since),
+    and those of the index file the id map no longer names or the delta replaces are no
+    longer live. Past `index.compact_above` of the index file in the delta and in vectors
+    no longer live, or when the search params changed, the index is written whole again
+    (the delta merged into it, empty beside it).
 
     Raises:
         ValueError: the embed step built on no release (run it with reuse_current).
@@ -227,36 +286,84 @@ def _update(config: IndexConfig, paths: StepPaths, embedded: dict, parts: Embedd
             "index.update_current updates the index of the release the embed step built on, "
             "and it built on none: run embed with --set embed.reuse_current=true"
         )
-    base = base_release.version(
-        paths,
-        based_on["version"],
-        paths.path(INDEX_BASE),
-        (INDEX.name, INDEX_IDS.name, EMBEDDED_IDS.name),
-    )
+    names = (INDEX_IDS.name, EMBEDDED_IDS.name, INDEX_DELTA.name)
+    base = base_release.version(paths, based_on["version"], paths.path(INDEX_BASE), names)
     if base.manifest.get("index", {}).get("factory") != config.factory:
         return f"index.factory is {config.factory!r}, {base.version} has another type"
     embedded_with = base.manifest.get("embedding_model_sha256", base.model.get("sha256"))
     if embedded_with != embedded["model"]["sha256"]:
         return f"{base.version}'s index was embedded by another model than these embeddings"
-    index = faiss.read_index(str(base.local / INDEX.name))
+    source = _release_index(paths, base)
+    index = faiss.read_index(str(source), faiss.IO_FLAG_MMAP_IFC)  # mapped: its labels read
     if not labelled(index):
         return f"{base.version}'s index was built before vectors were labelled"
     if not removable(index):
         return f"a {config.factory} index cannot remove vectors"
-    delta = _delta(
-        read_id_table(base.local / INDEX_IDS.name), paths, base.local / EMBEDDED_IDS.name
-    )
-    share = delta.size / max(1, index.ntotal)
+    released = read_id_table(base.local / INDEX_IDS.name)
+    delta = _delta(released, paths, base.local / EMBEDDED_IDS.name)
+    share = delta.size / max(1, released.num_rows)
     if share > config.max_delta:
         return f"the delta is {share:.1%} of {base.version}, more than index.max_delta"
-    if index.remove_ids(delta.gone_labels) != len(delta.gone_labels):
+    had_delta = INDEX_DELTA.name in base.manifest["files"]  # not before deltas
+    if had_delta:
+        added = faiss.read_index(str(base.local / INDEX_DELTA.name))
+        if not same_kind(index, added):
+            return f"{base.version}'s delta is not an index of its index's type"
+    else:
+        added = emptied(index, config.factory, source)
+    labels, replaced = labels_of(index), labels_of(added)
+    live = live_mask(labels, released["id"].to_numpy(), replaced)
+    if not np.isin(delta.gone_labels, np.concatenate([labels[live], replaced])).all():
         return f"{base.version}'s index did not hold every label it should"
-    index.add_with_ids(parts.take(delta.fresh_rows), delta.fresh_labels)
+    added.remove_ids(delta.gone_labels)
+    added.add_with_ids(parts.take(delta.fresh_rows), delta.fresh_labels)
+    dead = labels[~live_mask(labels, delta.ids["id"].to_numpy(), labels_of(added))]
+    how = {"build": "update", "base": base.version, "counts": delta.counts}
+    whole = _compaction(config, base, index, added, dead, had_delta)
+    if whole is None:
+        unbalanced = imbalance_of(_sum(list_sizes(index, dead), list_sizes(added)))
+        if unbalanced > config.max_imbalance:
+            return f"its lists' imbalance would be {unbalanced:.2f}, over index.max_imbalance"
+        how |= {"imbalance": round(unbalanced, 4), "delta_vectors": added.ntotal}
+        return _Built(None, added, delta.ids, how | {"dead_vectors": len(dead)}, source)
+    index = faiss.read_index(str(source))  # into memory: it changes
+    index.remove_ids(np.unique(dead))
+    index.merge_from(added, 0)  # which it empties
     unbalanced = imbalance(index)
     if unbalanced > config.max_imbalance:
         return f"its lists' imbalance would be {unbalanced:.2f}, over index.max_imbalance"
-    how = {"build": "update", "base": base.version, "imbalance": round(unbalanced, 4)}
-    return index, delta.ids, how | {"counts": delta.counts}
+    how |= {"imbalance": round(unbalanced, 4), "compacted": whole}
+    return _Built(index, added, delta.ids, how)
+
+
+def _compaction(config: IndexConfig, base, index, added, dead, had_delta: bool) -> str | None:
+    """Why the index must be written whole again, or None: the release's file is kept."""
+    if not had_delta:
+        return f"{base.version} was written before index deltas"
+    if base.manifest.get("index", {}).get("search_params") != search_params(config):
+        return f"the search params are not {base.version}'s"
+    share = (added.ntotal + len(dead)) / max(1, index.ntotal)
+    if share > config.compact_above:
+        return f"delta and vectors no longer live at {share:.1%}, past index.compact_above"
+    return None
+
+
+def _sum(first: np.ndarray | None, second: np.ndarray | None) -> np.ndarray | None:
+    return None if first is None else first + second
+
+
+def _release_index(paths: StepPaths, base: base_release.BaseRelease) -> Path:
+    """The release's index file: this workdir's own when it is that file (the last run's,
+    most often: at a million listings a gigabyte not copied), else fetched."""
+    own, expected = paths.path(INDEX), base.manifest["files"][INDEX.name]
+    if (
+        own.is_file()
+        and own.stat().st_size == expected["bytes"]
+        and sha256_file(own) == expected["sha256"]
+    ):
+        return own
+    fetched = base_release.version(paths, base.version, paths.path(INDEX_BASE), (INDEX.name,))
+    return fetched.local / INDEX.name
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,6 @@ def test_the_cli_has_a_command_per_step_with_its_files_in_the_help(capsys):
     shown = capsys.readouterr().out
     assert "reads: embed/embeddings, embed/listing_ids.parquet, embed/manifest.json" in shown
     assert (
-        "writes: index/index.faiss, index/ids.parquet, index/changes.parquet, index/base, "
-        "index/manifest.json"
+        "writes: index/index.faiss, index/delta.faiss, index/ids.parquet, "
+        "index/changes.parquet, index/base, index/manifest.json"
     ) in shown

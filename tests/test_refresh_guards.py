@@ -24,11 +24,20 @@ from components.config import (
     StepPaths,
     with_overrides,
 )
-from components.contract import EMBEDDED_IDS, INDEX, INDEX_IDS, PROFILE
+from components.contract import EMBEDDED_IDS, INDEX, INDEX_DELTA, INDEX_IDS, PROFILE
 from components.errors import StepFailed
 from components.io.catalog_reader import CatalogRoot
 from components.io.embedding_files import Embeddings
-from components.io.faiss_index import new_index, read_id_table, write_ids
+from components.io.faiss_index import (
+    RowIndex,
+    labels_of,
+    live_index,
+    load_index,
+    new_index,
+    read_id_table,
+    write_ids,
+)
+from components.io.manifest import sha256_file
 from components.release import production, staleness, tombstones
 from components.service.releases import ReleaseKeeper
 from tests.harness.refresh import change_catalog
@@ -54,7 +63,9 @@ def _republish(paths: StepPaths, factory: str | None = None, wrap: bool = True, 
     this code or another writer could have left it: its index rebuilt as `factory`
     (without the IDMap2 that labels it unless `wrap`), the id map with a fingerprint
     column that disagrees with every listing (`stale_fingerprints=True`), a label dropped
-    from the index (`drop_label`), other model or manifest fields (`model`, `manifest`).
+    from the index (`drop_label`), no index delta (`without_delta`; nor with a rebuilt
+    index, as written before deltas, unless `keep_delta`), other model or manifest fields
+    (`model`, `manifest`).
     Returns the new version."""
     store = production.open_store(paths)
     current = _current(paths)
@@ -83,6 +94,9 @@ def _republish(paths: StepPaths, factory: str | None = None, wrap: bool = True, 
     if factory is not None:
         metadata["index"] = metadata["index"] | {"factory": factory}
     files = {name: local / name for name in current["files"]}
+    rebuilt = factory is not None or "drop_label" in changes
+    if (rebuilt and not changes.get("keep_delta")) or changes.get("without_delta"):
+        del files[INDEX_DELTA.name]
     model = current["model"] | changes.get("model", {})
     published = production.publish(store, files, metadata, model)
     assert published.changed
@@ -162,6 +176,68 @@ def test_a_delta_past_max_delta_is_built_in_full_and_one_within_it_updates(copie
 
     large = _index_after_refresh_embed(copied, max_delta=0.05)
     assert large["build"] == "full" and "more than index.max_delta" in large["reason"]
+
+
+def _live_listings_found_by_their_vectors(paths: StepPaths) -> faiss.Index:
+    """The index step's output as readers load it (its delta merged in), checked to hold
+    every embedded listing once, each found first by its own vector."""
+    loaded, ids, _ = load_index(paths.step_dir("index"))  # evaluate's
+    read = live_index(paths.path(INDEX), paths.path(INDEX_DELTA), ids, mapped=False)  # service's
+    listing_ids = pq.read_table(paths.path(EMBEDDED_IDS))["listing_id"].to_pylist()
+    vectors = Embeddings(paths.step_dir("embed") / "embeddings").all()
+    for served in (loaded, read):
+        assert sorted(labels_of(served)) == sorted(ids.labels)  # nothing not live
+        _, rows = RowIndex(served, ids, listing_ids).search(vectors, 1)
+        assert rows[:, 0].tolist() == list(range(len(listing_ids)))
+    return loaded
+
+
+def test_a_small_refresh_keeps_the_release_s_index_file_and_writes_only_a_delta(copied):
+    released = _current(copied)["files"][INDEX.name]
+    before = copied.path(INDEX).stat()
+    change_catalog(copied.workdir / "catalog", 2, 1, 1, 1)  # 2 new, 2 changed, 1 removed
+    _read_catalog(copied)
+
+    kept = _index_after_refresh_embed(copied, compact_above=0.5)
+
+    assert kept["build"] == "update" and "compacted" not in kept
+    after = copied.path(INDEX).stat()  # the workdir's own file, the release's: not written
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sha256_file(copied.path(INDEX)) == released["sha256"]
+    assert (kept["delta_vectors"], kept["dead_vectors"]) == (4, 3)
+    assert _live_listings_found_by_their_vectors(copied).ntotal == 61
+
+
+def test_a_refresh_past_compact_above_writes_the_index_whole_and_an_empty_delta(copied):
+    change_catalog(copied.workdir / "catalog", 2, 1, 1, 1)
+    _read_catalog(copied)
+
+    whole = _index_after_refresh_embed(copied, compact_above=0.01)
+
+    assert whole["build"] == "update" and "past index.compact_above" in whole["compacted"]
+    assert faiss.read_index(str(copied.path(INDEX_DELTA))).ntotal == 0
+    assert faiss.read_index(str(copied.path(INDEX))).ntotal == 61
+    _live_listings_found_by_their_vectors(copied)
+
+
+def test_a_release_written_before_index_deltas_is_updated_and_written_whole(copied):
+    _republish(copied, without_delta=True)
+    change_catalog(copied.workdir / "catalog", 2, 1, 1, 1)
+    _read_catalog(copied)
+
+    whole = _index_after_refresh_embed(copied, compact_above=0.5)
+
+    assert whole["build"] == "update" and "before index deltas" in whole["compacted"]
+    assert faiss.read_index(str(copied.path(INDEX_DELTA))).ntotal == 0
+    _live_listings_found_by_their_vectors(copied)
+
+
+def test_a_release_whose_delta_is_not_of_its_index_s_type_is_built_in_full(copied):
+    _republish(copied, factory="IVF4,Flat", keep_delta=True)  # the Flat release's delta
+
+    built = _index_after_refresh_embed(copied, factory="IVF4,Flat")
+
+    assert built["build"] == "full" and "delta is not an index of its" in built["reason"]
 
 
 def test_an_ivf_index_past_max_imbalance_is_built_in_full(copied):

@@ -6,6 +6,12 @@ vector carries a 64-bit label, which `ids.parquet` maps to its listing (`listing
 `id`): IVF indexes store labels themselves, the others are wrapped in an `IDMap2`, so that a
 refresh can remove a listing's vector by its label and add new ones under new labels. A
 full build labels the vectors 0..N-1 in the embeddings' order.
+
+A refresh does not rewrite the index file: it writes the vectors it adds to a delta
+(`delta.faiss`, an index of the same type and training) and keeps the file of the release
+it builds on, as Lance keeps a version's unchanged data files. A vector of the index file
+is live while the id map names its label and the delta does not hold that label (the
+delta's vector replaces it); `live_index` removes the others and merges the delta in.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import IndexConfig
-from components.contract import INDEX, INDEX_IDS
+from components.contract import INDEX, INDEX_DELTA, INDEX_IDS
 from components.io import atomic
 from components.io.manifest import verify_outputs
 
@@ -148,11 +154,85 @@ def removable(index: faiss.Index) -> bool:
 def imbalance(index: faiss.Index) -> float:
     """How unevenly an IVF index's lists are filled (1.0: evenly; faiss's imbalance
     factor); 1.0 for other types."""
+    return imbalance_of(list_sizes(index))
+
+
+def list_sizes(index: faiss.Index, without: np.ndarray | None = None) -> np.ndarray | None:
+    """The vectors in each list of an IVF index, those labelled in `without` not counted;
+    None for other types."""
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None or ivf.ntotal == 0:
+    if ivf is None:
+        return None
+    lists, sizes = ivf.invlists, np.zeros(ivf.nlist, np.int64)
+    for i in range(ivf.nlist):
+        sizes[i] = lists.list_size(i)
+        if without is not None and len(without) and sizes[i]:
+            labels = faiss.rev_swig_ptr(lists.get_ids(i), int(sizes[i]))
+            sizes[i] -= int(np.isin(labels, without).sum())
+    return sizes
+
+
+def imbalance_of(sizes: np.ndarray | None) -> float:
+    """faiss's imbalance factor of IVF list sizes (1.0: even; also for no lists)."""
+    if sizes is None or not sizes.sum():
         return 1.0
-    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.float64)
-    return float(ivf.nlist * np.sum(sizes**2) / np.sum(sizes) ** 2)
+    sizes = sizes.astype(np.float64)
+    return float(len(sizes) * np.sum(sizes**2) / np.sum(sizes) ** 2)
+
+
+def live_mask(labels: np.ndarray, named: np.ndarray, replaced: np.ndarray) -> np.ndarray:
+    """Which vectors of an index file, labelled `labels`, are live: the id map names their
+    label (`named`) and the delta does not hold it (`replaced`)."""
+    return np.isin(labels, named) & ~np.isin(labels, replaced)
+
+
+def live_index(index_file: Path, delta_file: Path | None, ids: IndexIds, mapped: bool):
+    """The index that serves `ids`: `index_file`'s vectors that are live and `delta_file`'s
+    (None: an index written before deltas, all of it live). `mapped`: for searching only,
+    an index file that is already exactly that is memory-mapped, not read."""
+    flags = faiss.IO_FLAG_MMAP_IFC if mapped else 0
+    index = faiss.read_index(str(index_file), flags)
+    delta = faiss.read_index(str(delta_file)) if delta_file is not None else None
+    if delta is None or (delta.ntotal == 0 and index.ntotal == len(ids)):
+        return index
+    labels = labels_of(index)
+    dead = labels[~live_mask(labels, ids.labels, labels_of(delta))]
+    if mapped:  # it changes: read it into memory
+        index = faiss.read_index(str(index_file))
+    if len(dead):
+        index.remove_ids(np.unique(dead))
+    if delta.ntotal:
+        index.merge_from(delta, 0)
+    return index
+
+
+def same_kind(index: faiss.Index, delta: faiss.Index) -> bool:
+    """Whether `delta` can merge into `index`: the same types, dimension and metric, and
+    for IVF the same number of lists (its training is taken to be the index's: the index
+    step writes them together)."""
+    pairs = [(faiss.downcast_index(index), faiss.downcast_index(delta))]
+    pairs.append((unwrapped(index), unwrapped(delta)))
+    if any(
+        type(a) is not type(b) or a.d != b.d or a.metric_type != b.metric_type for a, b in pairs
+    ):
+        return False
+    ivf, other = faiss.try_extract_index_ivf(index), faiss.try_extract_index_ivf(delta)
+    return ivf is None or (other is not None and ivf.nlist == other.nlist)
+
+
+def emptied(index: faiss.Index, factory: str, index_file: Path) -> faiss.Index:
+    """An empty index of the type and training of `index` (read from `index_file`): a
+    delta to grow beside it. A type that needs no training is made new; the others (and
+    an index whose file holds another class of the type) are read again into memory and
+    emptied (a pass over the file: only for an index written before deltas)."""
+    if faiss.index_factory(index.d, factory, faiss.METRIC_INNER_PRODUCT).is_trained:
+        # as read back from a file (a Flat written is read as a FlatIP: another class)
+        fresh = faiss.deserialize_index(faiss.serialize_index(new_index(factory, index.d, 0)))
+        if same_kind(index, fresh):
+            return fresh
+    copy = faiss.read_index(str(index_file))
+    copy.reset()
+    return copy
 
 
 def allow_reconstruct(index: faiss.Index) -> None:
@@ -202,14 +282,18 @@ def apply_search_params(index: faiss.Index, factory: str, params: dict[str, int]
 
 
 def load_index(index_dir: Path) -> tuple[faiss.Index, IndexIds, dict]:
-    """The saved index with its search params applied, its id map and its manifest; both
-    files are checked against the manifest's sha256 first (AlteredFile). For searching
-    only: a flat store of vectors (`Flat`, or an HNSW graph's) is memory-mapped, not read
-    (1M vectors: 0.9 s -> 0.05 s; the page cache serves the searches as fast)."""
-    manifest = verify_outputs(index_dir, (INDEX.name, INDEX_IDS.name))
-    index = faiss.read_index(str(index_dir / INDEX.name), faiss.IO_FLAG_MMAP_IFC)
-    apply_search_params(index, manifest["params"]["factory"], manifest["search_params"])
+    """The saved index (its delta merged in: `live_index`) with its search params applied,
+    its id map and its manifest; every file is checked against the manifest's sha256 first
+    (AlteredFile). For searching only: a flat store of vectors (`Flat`, or an HNSW graph's)
+    with nothing to merge is memory-mapped, not read (1M vectors: 0.9 s -> 0.05 s; the page
+    cache serves the searches as fast)."""
+    # a workdir indexed before deltas has none
+    delta = INDEX_DELTA.name if (index_dir / INDEX_DELTA.name).is_file() else None
+    manifest = verify_outputs(index_dir, (INDEX.name, INDEX_IDS.name, *([delta] if delta else [])))
     ids = read_ids(index_dir / INDEX_IDS.name)
+    delta_file = index_dir / delta if delta else None
+    index = live_index(index_dir / INDEX.name, delta_file, ids, mapped=True)
+    apply_search_params(index, manifest["params"]["factory"], manifest["search_params"])
     if len(ids) != index.ntotal:
         raise ValueError(
             f"{index_dir}: {index.ntotal} vectors but {len(ids)} ids in {INDEX_IDS.name}"

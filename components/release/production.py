@@ -4,7 +4,7 @@ Layout under the store's root (`storage.uri`):
 
     store.json                        written once, when the store is created
     objects/sha256/<ab>/<sha256>      every file of every version, stored once by content
-                                      (index.faiss, ids.parquet, embeddings/part-*.npy,
+                                      (index.faiss, delta.faiss, ids.parquet, embeddings/part-*.npy,
                                       listing_ids.parquet, model.json, metrics.json, ...)
     indices/<version>/pending.json    while a version uploads: the objects it will need
     indices/<version>/manifest.json   written last: name, sha256, size and object of every
@@ -13,8 +13,9 @@ Layout under the store's root (`storage.uri`):
                                       a conditional write
 
 A version stores only what is new: a file whose content an earlier version stored is not
-uploaded again (its object is shared), so a refresh uploads its index and id map and the
-embedding parts that changed. Each manifest still names and checksums every file the
+uploaded again (its object is shared), so a refresh uploads its id map, the
+embedding parts that changed, and its index delta (the index file it keeps is the
+release's: components/io/faiss_index.py). Each manifest still names and checksums every file the
 version needs, so a version stays whole and verifiable on its own. Retention deletes an
 object only when no retained version (and no upload in flight: `pending.json`) names it.
 Versions written before objects were shared (layout 1: their files under
@@ -46,12 +47,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import faiss
-
 from components.config import StepPaths
-from components.contract import INDEX, INDEX_IDS, MANIFEST, RELEASE_MODEL, RELEASE_REPORTS
+from components.contract import (
+    INDEX,
+    INDEX_DELTA,
+    INDEX_IDS,
+    MANIFEST,
+    RELEASE_MODEL,
+    RELEASE_REPORTS,
+)
 from components.errors import StepFailed
-from components.io.faiss_index import IndexIds, read_ids
+from components.io.faiss_index import IndexIds, live_index, read_ids
 from components.io.manifest import sha256_file
 from components.release.storage import MissingObject, PointerConflict, Storage, open_storage
 
@@ -524,9 +530,12 @@ def load_current_index(storage: Storage, cache_dir: Path | None = None) -> Curre
         raise ValueError(f"{storage.locate(POINTER)} does not exist: nothing was promoted yet")
     manifest = read_manifest(storage, current.version, current.manifest_sha256)
     local = Path(cache_dir or tempfile.mkdtemp(prefix="listing-index-")) / current.version
-    download(storage, current.version, manifest, (INDEX.name, INDEX_IDS.name), local)
-    index = faiss.read_index(str(local / INDEX.name))
+    # a version published before deltas has none
+    delta = INDEX_DELTA.name if INDEX_DELTA.name in manifest["files"] else None
+    names = (INDEX.name, INDEX_IDS.name, *([delta] if delta else []))
+    download(storage, current.version, manifest, names, local)
     ids = read_ids(local / INDEX_IDS.name)
+    index = live_index(local / INDEX.name, local / delta if delta else None, ids, mapped=False)
     if index.ntotal != len(ids):
         raise CorruptObject(f"version {current.version}: {index.ntotal} vectors but {len(ids)} ids")
     return CurrentIndex(current.version, index, ids, manifest, local)
