@@ -142,3 +142,42 @@ def test_a_batch_searched_as_a_matrix_product_finds_what_the_scan_finds():
     assert faiss.cvar.distance_compute_blas_threshold == default > 40 * 16
     np.testing.assert_array_equal(product[1], scanned[1])
     np.testing.assert_allclose(product[0], scanned[0], rtol=1e-5, atol=1e-5)
+
+
+def _split_and_merged(factory: str, dead: np.ndarray, tmp_path):
+    """An index file of N vectors, `dead` of its labels no longer live, and a delta of 10
+    new labels (and 5 of the dead ones' replacements), read both ways `live_index` reads
+    them: searched side by side (mapped) and merged into one index."""
+    index = _index(factory, np.arange(N))
+    delta = faiss.clone_index(index)
+    delta.reset()
+    replaced, added = dead[:5], np.arange(N, N + 10)
+    delta.add_with_ids(_vectors(15, seed=2), np.concatenate([replaced, added]).astype(np.int64))
+    faiss.write_index(index, str(tmp_path / "index.faiss"))
+    faiss.write_index(delta, str(tmp_path / "delta.faiss"))
+    gone = np.setdiff1d(dead, replaced)
+    labels = np.concatenate([np.setdiff1d(np.arange(N), gone), added])
+    ids = IndexIds([f"L{label}" for label in labels], labels)
+    files = (tmp_path / "index.faiss", tmp_path / "delta.faiss", ids)
+    split = faiss_index.live_index(*files, mapped=True)
+    merged = faiss_index.live_index(*files, mapped=False)
+    for each in (split, merged):
+        faiss_index.apply_search_params(each, factory, {"nprobe": 4})
+    return split, merged, labels
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+@pytest.mark.parametrize("k", [1, 5, N + 20])
+def test_an_index_and_its_delta_searched_side_by_side_answer_as_the_two_merged(factory, k, tmp_path):
+    queries = _vectors(30, seed=3)
+    # the first query's nearest vectors are the dead ones: more of them than k in its top 2k
+    dead = np.argsort(-(_vectors(N) @ queries[0]))[:12]
+    split, merged, labels = _split_and_merged(factory, dead, tmp_path)
+
+    assert isinstance(split, faiss_index.SplitIndex)
+    assert split.ntotal == merged.ntotal == len(labels)
+    assert sorted(labels_of(split)) == sorted(labels_of(merged)) == sorted(labels)
+    split_scores, split_labels = split.search(queries, k)
+    merged_scores, merged_labels = merged.search(queries, k)
+    np.testing.assert_array_equal(split_labels, merged_labels)
+    np.testing.assert_allclose(split_scores, merged_scores, rtol=1e-5)
