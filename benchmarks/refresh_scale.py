@@ -16,8 +16,9 @@ MLflow registry and feature cache). For each size N:
    a full embed and index build). Its cost is reported, not a target;
 3. a refresh with nothing changed;
 4. a refresh after 1,000 changes: 500 new listings whose photos are new content (a
-   sample photo recoloured), 300 changed (150 retitled, 150 with a new primary photo),
-   200 removed.
+   sample photo recoloured, marked with the change's seed and the photo's number, so a
+   later change's photos are new content too), 300 changed (150 retitled, 150 with a new
+   primary photo, also marked), 200 removed.
 
 Each refresh runs as `python -m components refresh` in a fresh process, one run (the
 machine is shared: read ratios). Reported per refresh: wall seconds, whether it
@@ -100,7 +101,12 @@ def change_catalog(catalog: Path, seed: int = 0) -> dict[str, int]:
             image = ImageOps.mirror(image)
         else:  # new content: another colouring of the drawing
             image = Image.merge("RGB", image.split()[::-1])
-        name = f"images/fresh/{seed}-{n}-{how}.png"  # a later change adds, never rewrites
+        tag = f"{seed}-{n}-{how}"
+        # content no earlier change made: the same source recoloured or mirrored by another
+        # seed's change would be found encoded in the feature store, not encoded again
+        for x, byte in enumerate(tag.encode()):
+            image.putpixel((x % image.width, x // image.width), (byte, 255 - byte, byte))
+        name = f"images/fresh/{tag}.png"  # a later change adds, never rewrites
         image.save(catalog / name)
         return name
 

@@ -145,18 +145,21 @@ def test_a_batch_searched_as_a_matrix_product_finds_what_the_scan_finds():
 
 
 def _split_and_merged(factory: str, dead: np.ndarray, tmp_path):
-    """An index file of N vectors, `dead` of its labels no longer live, and a delta of 10
-    new labels (and 5 of the dead ones' replacements), read both ways `live_index` reads
-    them: searched side by side (mapped) and merged into one index."""
-    index = _index(factory, np.arange(N))
+    """An index file of MANY vectors, `dead` of its labels no longer live, and a delta of
+    10 new labels (and 5 of the dead ones' replacements), read both ways `live_index`
+    reads them: searched side by side (mapped) and merged into one index."""
+    index = new_index(factory, DIM, MANY)
+    if not index.is_trained:
+        index.train(_vectors(MANY, seed=1))
+    index.add_with_ids(_vectors(MANY), np.arange(MANY, dtype=np.int64))
     delta = faiss.clone_index(index)
     delta.reset()
-    replaced, added = dead[:5], np.arange(N, N + 10)
+    replaced, added = dead[:5], np.arange(MANY, MANY + 10)
     delta.add_with_ids(_vectors(15, seed=2), np.concatenate([replaced, added]).astype(np.int64))
     faiss.write_index(index, str(tmp_path / "index.faiss"))
     faiss.write_index(delta, str(tmp_path / "delta.faiss"))
     gone = np.setdiff1d(dead, replaced)
-    labels = np.concatenate([np.setdiff1d(np.arange(N), gone), added])
+    labels = np.concatenate([np.setdiff1d(np.arange(MANY), gone), added])
     ids = IndexIds([f"L{label}" for label in labels], labels)
     files = (tmp_path / "index.faiss", tmp_path / "delta.faiss", ids)
     split = faiss_index.live_index(*files, mapped=True)
@@ -166,12 +169,18 @@ def _split_and_merged(factory: str, dead: np.ndarray, tmp_path):
     return split, merged, labels
 
 
+MANY = 400
+
+
 @pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
-@pytest.mark.parametrize("k", [1, 5, N + 20])
-def test_an_index_and_its_delta_searched_side_by_side_answer_as_the_two_merged(factory, k, tmp_path):
+@pytest.mark.parametrize("k", [1, 5, MANY + 20])
+def test_an_index_and_its_delta_searched_side_by_side_answer_as_the_two_merged(
+    factory, k, tmp_path
+):
     queries = _vectors(30, seed=3)
-    # the first query's nearest vectors are the dead ones: more of them than k in its top 2k
-    dead = np.argsort(-(_vectors(N) @ queries[0]))[:12]
+    # the first query's 40 nearest vectors are no longer live: far more than the few dead
+    # vectors a search expects among its top k, so it must search again, deeper
+    dead = np.argsort(-(_vectors(MANY) @ queries[0]))[:40]
     split, merged, labels = _split_and_merged(factory, dead, tmp_path)
 
     assert isinstance(split, faiss_index.SplitIndex)

@@ -239,21 +239,25 @@ class SplitIndex:
         return scores, labels
 
     def _live(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The index file's top `k` live vectors per query: its top `k` and as many more
-        as it has dead vectors (up to `k`), the dead dropped; a query that lost more than
-        that is searched again as deep as every dead vector (exact: of its top k + dead,
-        at least k are live)."""
-        index = self.parts[0]
-        if not len(self.dead):
+        """The index file's top `k` live vectors per query: its top `k` and a few more
+        (four times the dead vectors expected among `k`), the dead dropped; a query that
+        lost more than that is searched again, four times as deep each time, up to as
+        deep as every dead vector (exact: of its top k + dead, at least k are live)."""
+        index, dead = self.parts[0], self.dead
+        if not len(dead):
             return index.search(queries, k)
-        found = index.search(queries, k + min(k, len(self.dead)))
-        full = found[1][:, -1] >= 0  # rows the index could have filled further
-        scores, labels = _without(*found, self.dead)
-        short = np.flatnonzero(full & (labels[:, k - 1] < 0))
-        if len(short):
-            deep = _without(*index.search(queries[short], k + len(self.dead)), self.dead)
-            scores[short], labels[short] = (part[:, : scores.shape[1]] for part in deep)
-        return scores[:, :k], labels[:, :k]
+        extra = min(len(dead), 8 + 4 * -(-k * len(dead) // max(1, index.ntotal)))
+        scores = np.full((len(queries), k), _MISSING, np.float32)
+        labels = np.full((len(queries), k), -1, np.int64)
+        todo = np.arange(len(queries))
+        while len(todo):
+            found = index.search(queries[todo], k + extra)
+            filled = found[1][:, -1] >= 0  # rows the index could have filled further
+            top_scores, top_labels = _without(*found, dead)
+            done = ~(filled & (top_labels[:, k - 1] < 0)) | (extra == len(dead))
+            scores[todo[done]], labels[todo[done]] = top_scores[done, :k], top_labels[done, :k]
+            todo, extra = todo[~done], min(len(dead), extra * 4)
+        return scores, labels
 
 
 _MISSING = -np.finfo(np.float32).max  # faiss's score of no result under inner product
