@@ -205,15 +205,10 @@ def reused_against_full_embed(refreshed: Path, full: Path) -> dict:
     from components.io.embedding_files import read_embeddings
 
     shutil.copytree(refreshed, full, symlinks=True)
-    release = json.loads((refreshed / "embed" / "manifest.json").read_text())["inputs"]["base"]
-    model = json.loads(
-        (refreshed / "production" / "indices" / release["version"] / "model.json").read_text()
-    )
-    components(
-        full,
-        "embed",
-        settings=(f"embed.model=models:/{model['name']}/{model['version']}",),
-    )
+    embedded = json.loads((refreshed / "embed" / "manifest.json").read_text())
+    release = embedded["inputs"]["base"]
+    # the model the refresh embedded with, as the registry names it
+    components(full, "embed", settings=(f"embed.model={embedded['model']['source']}",))
     ids, vectors = read_embeddings(StepPaths(workdir=refreshed, catalog=str(refreshed)))
     full_ids, full_vectors = read_embeddings(StepPaths(workdir=full, catalog=str(full)))
     row_of = {i: r for r, i in enumerate(full_ids)}
@@ -254,6 +249,7 @@ def delta_stage(scratch: Path, size: int, release: Path) -> dict:
     updated = _search(work, mixture, real_queries)
     rebuilt = scratch / "rebuilt"
     shutil.copytree(work / "embed", rebuilt / "embed")
+    shutil.copytree(work / "production", rebuilt / "production")  # the release it built on
     rebuild_s = _index_child(rebuilt, factory, params, update=False)["seconds"]
     rebuild_build_s = _build_seconds(rebuilt)
     full = _search(rebuilt, mixture, real_queries)
@@ -308,6 +304,9 @@ def run_index(work: Path, factory: str, params: dict, how: str) -> None:
     print(json.dumps({"summary": result.summary, "peak_rss_mb": scale.own_peak_mb()}))
 
 
+MODEL = {"name": "synthetic", "version": "1", "sha256": "0" * 64}  # what "embedded" them
+
+
 def publish_index(work: Path, factory: str) -> str:
     """Publish the built index as the current release of a store in `work` (what promote
     uploads for the index step; the model and gates are not part of this benchmark)."""
@@ -317,12 +316,9 @@ def publish_index(work: Path, factory: str) -> str:
 
     storage = open_storage(StorageConfig(uri=str(work / "production")))
     files = {
-        "index.faiss": work / "index" / "index.faiss",
-        "ids.parquet": work / "index" / "ids.parquet",
-        "listing_ids.parquet": work / "embed" / "listing_ids.parquet",
-    }
-    model = {"name": "synthetic", "version": "1", "sha256": "0" * 64}
-    published = production.publish(storage, files, {"index": {"factory": factory}}, model)
+        name: work / "index" / name for name in ("index.faiss", "delta.faiss", "ids.parquet")
+    } | {"listing_ids.parquet": work / "embed" / "listing_ids.parquet"}
+    published = production.publish(storage, files, {"index": {"factory": factory}}, MODEL)
     return published.version
 
 
@@ -340,7 +336,14 @@ def _fingerprinted(out: Path, new: tuple[str, ...] = (), base: str | None = None
     outputs = describe_files(out, ["embeddings", "listing_ids.parquet"])
     inputs = {} if base is None else {"base": {"version": base}}
     (out / "manifest.json").write_text(
-        json.dumps({"step": "embed", "outputs": outputs, "inputs": inputs})
+        json.dumps(
+            {
+                "step": "embed",
+                "outputs": outputs,
+                "inputs": inputs,
+                "model": {"source": "synthetic", "sha256": MODEL["sha256"]},
+            }
+        )
     )
 
 
