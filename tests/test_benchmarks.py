@@ -56,3 +56,28 @@ def test_refresh_scale_builds_catalogs_of_distinct_listings_on_hard_linked_photo
     assert first.startswith("images/c1/")
     original = source / first.removeprefix("images/c1/")
     assert os.path.samefile(tmp_path / "big" / first, original)
+
+
+def test_refresh_scale_changes_bring_new_photo_content_at_every_seed(featurized, tmp_path):
+    """Each change's new and rephotographed listings have photos no earlier change made:
+    a seed's photos found in the feature store from another seed would not be encoded,
+    and the benchmark would time a cheaper change than it says."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import refresh_scale
+
+    catalog = tmp_path / "big"
+    refresh_scale.build_catalog(Path(featurized.catalog), catalog, 600)
+
+    def fresh_content(seed: int) -> set[str]:
+        refresh_scale.change_catalog(catalog, seed=seed)
+        rows = pq.read_table(catalog / "listings.parquet").to_pylist()
+        refs = {ref for row in rows for ref in row["image_uris"] if f"fresh/{seed}-" in ref}
+        assert len(refs) >= refresh_scale.CHANGES["new"] + refresh_scale.CHANGES["rephotographed"]
+        return {hashlib.sha256((catalog / ref).read_bytes()).hexdigest() for ref in refs}
+
+    first, second = fresh_content(0), fresh_content(1)
+    assert not first & second
