@@ -641,10 +641,19 @@ class ServeConfig(Section):
         "searches never wait for them), or a thread of the service's process.",
     )
     photo_priority: Literal["idle", "low", "normal"] = Field(
-        "idle",
-        description="The photo encoder's scheduling priority against text searches: idle "
-        "(Linux SCHED_IDLE: only CPU time text searches leave unused), low (nice +10), "
-        "normal (the same).",
+        "normal",
+        description="The photo encoder's scheduling priority against text searches: normal "
+        "(the same; photo_share bounds it), low (nice +10), idle (Linux SCHED_IDLE: only CPU "
+        "time nothing else wants; on busy cores photos then wait seconds).",
+    )
+    photo_share: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="While the service answers other requests, the photo encoder process "
+        "encodes at most this share of one core's time, pausing between the model's layers "
+        "(1: no bound); with nothing else in flight it runs at full speed. The process "
+        "encoder's alone (photo_encoder: thread has no bound).",
     )
 
 

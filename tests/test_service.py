@@ -724,14 +724,17 @@ def _photo_encoders() -> list:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
-def test_photos_are_encoded_at_a_lower_priority_than_text_searches(service):
+def test_photos_are_encoded_at_the_priority_the_params_give(service):
     import os
 
     _, keeper, paths = service
     config = _serve_params(paths).serve
     policy, process_nice = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
-    assert config.photo_encoder == "process" and config.photo_priority == "idle"  # defaults
-    with TestClient(create_app(config, keeper, Metrics())) as client:
+    # the defaults: a process of its own at the service's priority, bounded by its share
+    assert (config.photo_encoder, config.photo_priority) == ("process", "normal")
+    assert config.photo_share < 1
+    idle = config.model_copy(update={"photo_priority": "idle"})
+    with TestClient(create_app(idle, keeper, Metrics())) as client:
         before = {child.pid for child in _photo_encoders()}
         listing_id, hits = _photo_search(client, paths)
         started = [child for child in _photo_encoders() if child.pid not in before]
@@ -748,6 +751,63 @@ def test_photos_are_encoded_at_a_lower_priority_than_text_searches(service):
         policies = {name: os.sched_getscheduler(tid) for name, tid in workers.items()}
     assert nice == {"search-photo": min(19, process_nice + 10), "search-text": process_nice}
     assert policies == {"search-photo": policy, "search-text": policy}  # low: nice alone
+
+
+class _GatedTexts(_GatedPhotos):
+    """A query embedder whose text encoding waits for `gate` (a text search held in flight)."""
+
+    def texts(self, texts):
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        return self.embedder.texts(texts)
+
+    def images(self, images):  # photos are encoded in the encoder process, never here
+        return self.embedder.images(images)
+
+
+def test_a_photo_waits_for_its_share_of_a_core_while_a_text_search_is_in_flight(service):
+    import copy
+    import dataclasses
+
+    _, keeper, paths = service
+    gate = threading.Event()
+    held = copy.copy(keeper)
+    gated = _GatedTexts(keeper.current.embedder, gate)
+    held.current = dataclasses.replace(keeper.current, embedder=gated)
+    # a photo costs ~30 ms of a core: at a share of 1/1000 it needs ~30 s beside a text
+    config = _serve_params(paths).serve.model_copy(update={"photo_share": 0.001})
+    row = _catalog_rows(paths)[3]
+    answers = {}
+    with TestClient(create_app(config, held, Metrics())) as client:
+        _photo_search(client, paths)  # starts the encoder process, loads the model
+        started = time.perf_counter()
+        alone = _photo_search(client, paths)  # nothing else in flight: at full speed
+        free_s = time.perf_counter() - started
+
+        def text() -> None:
+            answers["text"] = client.get("/search", params={"q": row["title"], "k": 5})
+
+        def photo() -> None:
+            answers["photo"] = _photo_search(client, paths)
+
+        texting, photographing = threading.Thread(target=text), threading.Thread(target=photo)
+        texting.start()
+        try:
+            assert gated.entered.wait(60), "the text search never reached its encoder"
+            photographing.start()
+            photographing.join(max(2.0, 10 * free_s))
+            paced = photographing.is_alive()
+        finally:
+            gate.set()  # the text search ends: the photo goes on at full speed
+            texting.join(60)
+            if photographing.ident is not None:
+                photographing.join(60)
+        done = not photographing.is_alive()
+
+    assert paced, f"the photo was answered beside a text search in flight ({free_s:.2f} s alone)"
+    assert done, "the photo was still paced after the text search ended"
+    assert answers["text"].status_code == 200
+    assert answers["photo"] == alone
 
 
 def test_a_photo_encoder_that_died_is_started_again_by_the_next_photo_search(service):

@@ -208,6 +208,25 @@ class RefusedBeforeBody:
         await self.app(scope, receive, send)
 
 
+class InFlight:
+    """ASGI middleware: the HTTP requests in flight other than POSTs to `path` (photo
+    searches), counted in `count`, a shared int the photo encoder process reads to yield
+    to them (`serve.photo_share`). Only the event loop's thread writes it."""
+
+    def __init__(self, app, path: str, count) -> None:
+        self.app, self.path, self.count = app, path, count
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] == self.path):
+            await self.app(scope, receive, send)
+            return
+        self.count.value += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.count.value -= 1
+
+
 def _is(route, path: str) -> bool:
     return getattr(route, "path", None) == path
 
@@ -219,15 +238,18 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
             raise HTTPException(503, f"no release loaded yet: {keeper.last_error or 'loading'}")
         return served
 
+    photo_encoder = (
+        PhotoEncoder(config.photo_priority, str(keeper.device), config.photo_share)
+        if config.photo_encoder == "process"
+        else None
+    )
     batcher = SearchBatcher(
         release,
         overfetch_min_share=config.overfetch_min_share,
         on_filter=lambda strategy: metrics.filters.labels(strategy).inc(),
         max_photo_queue=config.max_photo_queue,
         photo_priority=config.photo_priority,
-        photo_encoder=PhotoEncoder(config.photo_priority, str(keeper.device))
-        if config.photo_encoder == "process"
-        else None,
+        photo_encoder=photo_encoder,
     )
 
     @contextlib.asynccontextmanager
@@ -262,7 +284,9 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
         refusal=photo_refusal,
         on_refused=lambda: metrics.shed.labels(PHOTO).inc(),
     )
-    app.add_middleware(Measured, metrics=metrics)  # the outer one: it measures refusals too
+    app.add_middleware(Measured, metrics=metrics)  # outside those: it measures refusals too
+    if photo_encoder is not None and photo_encoder.share < 1.0:
+        app.add_middleware(InFlight, path="/search/image", count=photo_encoder.foreground)
 
     def results(served: ServedRelease, hits: list[tuple[str, float]]) -> list[dict]:
         out = []

@@ -9,6 +9,13 @@ each core, in slices text searches wait behind). In a child process of its own u
 Linux's SCHED_IDLE policy (`serve.photo_priority: idle`), photos run only on CPU time the
 text searches leave unused: text p99 in the mixed load as text-only (docs/benchmarks.md).
 
+On two cores even an idle-class process slowed the text searches beside it (p99 ~1.5x in
+that load: the cores' caches and memory are shared, and a core is taken back only after a
+moment), so the child also yields by itself (`serve.photo_share`): while the service
+answers other requests (`foreground`, a count in shared memory the service keeps), it
+encodes at most that share of one core's time, pausing between the model's layers
+(`Yielding`); with nothing else in flight it runs at full speed.
+
 The child is started on the first photo search (spawned: no state of the service's
 threads is copied), gets the served release's model once per model (a refresh that only
 changes the index reuses it), and is started again on the next photo search if it dies;
@@ -23,6 +30,8 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -35,10 +44,19 @@ class PhotoEncoderStopped(RuntimeError):
 
 
 class PhotoEncoder:
-    """Encodes batches of decoded photos for a release's model in a child process."""
+    """Encodes batches of decoded photos for a release's model in a child process.
 
-    def __init__(self, priority: str, device: str = "cpu") -> None:
-        self.priority, self.device = priority, device
+    `foreground` counts the requests other than photo searches the service is answering
+    (the service increments it as one starts and decrements it as it ends, from one thread:
+    its event loop); while it is above 0 the child encodes at most `share` of one core's
+    time (1: no limit)."""
+
+    def __init__(self, priority: str, device: str = "cpu", share: float = 1.0) -> None:
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"serve.photo_share must be in (0, 1], got {share}")
+        self.priority, self.device, self.share = priority, device, share
+        # shared memory the children read: it outlives a child that died
+        self.foreground = multiprocessing.get_context("spawn").RawValue("i", 0)
         self._lock = threading.Lock()  # one batch at a time through the pipe
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -89,7 +107,7 @@ class PhotoEncoder:
         ours, theirs = context.Pipe()
         process = context.Process(
             target=_serve,
-            args=(theirs, self.priority, self.device),
+            args=(theirs, self.priority, self.device, self.foreground, self.share),
             name="photo-encoder",
             daemon=True,
         )
@@ -127,14 +145,59 @@ def lower_priority(priority: str, thread_id: int = 0) -> None:
         os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + 10))
 
 
-def _serve(conn: Connection, priority: str, device: str) -> None:
-    """The child: set its priority, then answer messages until the pipe closes."""
+class Yielding:
+    """A forward pre-hook for every module run in the photo encoder's process: while
+    `foreground` (requests other than photo searches in flight) is above 0, the process's
+    encoding takes at most `share` of one core's time. A token bucket: credit accrues at
+    `share` seconds a second of wall time, up to `burst_s`, and the CPU time spent between
+    two modules is taken from it; below zero, it sleeps (in steps of at most `poll_s`)
+    until the credit is back or the foreground is idle. With the foreground idle it runs
+    freely and its credit is full. Pauses fall between modules, so one module's work (a
+    convolution: a millisecond or two) is the longest stretch it runs past its share."""
+
+    def __init__(
+        self,
+        foreground,
+        share: float,
+        burst_s: float = 0.002,
+        poll_s: float = 0.001,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu: Callable[[], float] = time.thread_time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.foreground, self.share, self.burst_s, self.poll_s = foreground, share, burst_s, poll_s
+        self.clock, self.cpu, self.sleep = clock, cpu, sleep
+        self.credit, self._wall, self._cpu = burst_s, clock(), cpu()
+
+    def __call__(self, module=None, args=None) -> None:
+        wall, cpu = self.clock(), self.cpu()
+        if not self.foreground.value:
+            self.credit, self._wall, self._cpu = self.burst_s, wall, cpu
+            return
+        earned = self.share * (wall - self._wall)
+        self.credit = min(self.burst_s, self.credit + earned - (cpu - self._cpu))
+        self._wall = wall
+        if self.credit < 0:
+            until = wall - self.credit / self.share  # when the credit is back at 0
+            while until - wall > 1e-6 and self.foreground.value:
+                self.sleep(min(self.poll_s, until - wall))
+                wall = self.clock()
+            self.credit = min(self.burst_s, self.credit + self.share * (wall - self._wall))
+            self._wall = wall
+        self._cpu = self.cpu()  # what it spends from here on is taken at the next module
+
+
+def _serve(conn: Connection, priority: str, device: str, foreground, share: float) -> None:
+    """The child: set its priority (and, below a share of 1, yield to the foreground
+    between modules), then answer messages until the pipe closes."""
     import torch
 
     from components.release.serving import QueryEmbedder
 
     lower_priority(priority)
     torch.set_num_threads(1)  # as the service: one core per search in flight
+    if share < 1.0:  # every module this process runs is a photo's
+        torch.nn.modules.module.register_module_forward_pre_hook(Yielding(foreground, share))
     embedder = None
     while True:
         try:
