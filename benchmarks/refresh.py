@@ -132,9 +132,9 @@ def title_recall(work: Path, listing_ids: list[str]) -> float:
     import torch
 
     from components.config import StepPaths, StorageConfig
+    from components.core.query_embedder import QueryEmbedder
     from components.release import registry
     from components.release.production import load_current_index
-    from components.release.serving import QueryEmbedder
     from components.release.storage import open_storage
 
     paths = StepPaths(workdir=work, catalog=str(work / "catalog"))

@@ -647,13 +647,19 @@ class ServeConfig(Section):
         "time nothing else wants; on busy cores photos then wait seconds).",
     )
     photo_share: float = Field(
-        0.25,
+        0.15,
         gt=0.0,
         le=1.0,
         description="While the service answers other requests, the photo encoder process "
         "encodes at most this share of one core's time, pausing between the model's layers "
         "(1: no bound); with nothing else in flight it runs at full speed. The process "
         "encoder's alone (photo_encoder: thread has no bound).",
+    )
+    photo_warm: bool = Field(
+        True,
+        description="Start the photo encoder process, with the served model, when the "
+        "service starts (false: on the first photo search, whose start, ~1.5 s of a core, "
+        "then runs beside text searches; no memory for it until a photo is searched).",
     )
 
 

@@ -20,6 +20,7 @@ from components.cli import main
 from components.config import load_params, with_overrides
 from components.contract import EXACT_TOP, INDEX_CHANGES, PROFILE, PROFILE_SAMPLE, SPLITS
 from components.core.diagnostics import scored_top_k
+from components.core.query_embedder import QueryEmbedder
 from components.core.retrieval import embed_queries, present
 from components.errors import StepFailed
 from components.io import catalog_profile, test_split, top_lists
@@ -28,7 +29,6 @@ from components.io.embedding_files import read_embeddings
 from components.io.manifest import sha256_file
 from components.io.view_prints import held_out_pairs, listing_fingerprints
 from components.release import production, registry, tombstones
-from components.release.serving import QueryEmbedder
 from components.release.storage import open_storage
 from components.service.server import build
 from tests.conftest import REPO_ROOT
@@ -240,7 +240,12 @@ def _service(paths, tmp_path):
     """The search service over the store of `paths` (its keeper polled by hand)."""
     params = load_params(
         REPO_ROOT / "params.yaml",
-        [f"paths.workdir={paths.workdir}", f"paths.catalog={paths.catalog}", "serve.device=cpu"],
+        [
+            f"paths.workdir={paths.workdir}",
+            f"paths.catalog={paths.catalog}",
+            "serve.device=cpu",
+            "serve.photo_warm=false",  # text searches only
+        ],
     )
     return build(params, paths.mlflow_uri, tmp_path / "releases")
 

@@ -48,6 +48,7 @@ def _serve_params(paths):
             f"paths.catalog={paths.catalog}",
             "serve.device=cpu",
             "serve.max_upload_mb=1",
+            "serve.photo_warm=false",  # the tests of photos see their encoder start
         ],
     )
 
@@ -808,6 +809,21 @@ def test_a_photo_waits_for_its_share_of_a_core_while_a_text_search_is_in_flight(
     assert done, "the photo was still paced after the text search ended"
     assert answers["text"].status_code == 200
     assert answers["photo"] == alone
+
+
+def test_the_photo_encoder_starts_with_the_service_when_warm(service):
+    _, keeper, paths = service
+    config = _serve_params(paths).serve.model_copy(update={"photo_warm": True})
+    before = {child.pid for child in _photo_encoders()}
+    with TestClient(create_app(config, keeper, Metrics())) as client:
+        deadline = time.monotonic() + 60
+        while not (started := [c for c in _photo_encoders() if c.pid not in before]):
+            assert time.monotonic() < deadline, "no photo encoder started with the service"
+            time.sleep(0.05)
+        listing_id, hits = _photo_search(client, paths)
+        after = [child.pid for child in _photo_encoders() if child.pid not in before]
+    assert after == [started[0].pid], "the first photo search started another encoder"
+    assert listing_id in hits[:5]
 
 
 def test_a_photo_encoder_that_died_is_started_again_by_the_next_photo_search(service):

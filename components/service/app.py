@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mimetypes
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -254,6 +255,8 @@ def create_app(config: ServeConfig, keeper: ReleaseKeeper, metrics: Metrics) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if config.photo_warm:  # beside the first requests, not in their way
+            threading.Thread(target=batcher.warm_photos, name="photo-warm", daemon=True).start()
         yield
         batcher.close()
 

@@ -21,6 +21,7 @@ than a client would.
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -34,6 +35,8 @@ from PIL import Image
 
 from components.service.photo_encoder import PhotoEncoder, lower_priority
 from components.service.releases import ServedRelease
+
+log = logging.getLogger(__name__)
 
 Hits = list[tuple[str, float]]
 TEXT, PHOTO = "text", "photo"
@@ -152,6 +155,24 @@ class SearchBatcher:
         if self.photo_encoder is not None:
             self.photo_encoder.close()
 
+    def warm_photos(self) -> None:
+        """Start the photo encoder process with the served release's model (or without a
+        model while no release is served) before any photo search needs it; a failure is
+        logged: the first photo search tries again."""
+        if self.photo_encoder is None:
+            return
+        try:
+            served = self.release()
+        except Exception:  # no release yet: the process alone
+            served = None
+        try:
+            if served is None:
+                self.photo_encoder.warm()
+            else:
+                self.photo_encoder.warm(served.embedder, _model_key(served))
+        except Exception as err:
+            log.warning("serve: the photo encoder did not start ahead of photos: %s", err)
+
     def _run(self, kind: str) -> None:
         pending, max_batch = self._queues[kind], self.max_batch[kind]
         lower_priority(self.priority[kind], threading.get_native_id())
@@ -210,9 +231,13 @@ class SearchBatcher:
         if batch[0].kind == TEXT:
             vectors = served.embedder.texts(queries)
         elif self.photo_encoder is not None:
-            model = served.model
-            key = (model.get("name"), str(model.get("version")), model.get("sha256"))
-            vectors = self.photo_encoder.encode(served.embedder, key, queries)
+            vectors = self.photo_encoder.encode(served.embedder, _model_key(served), queries)
         else:
             vectors = served.embedder.images(queries)
         return np.asarray(vectors, dtype=np.float32)
+
+
+def _model_key(served: ServedRelease) -> tuple:
+    """What names a release's model to the photo encoder process (sent again on a change)."""
+    model = served.model
+    return (model.get("name"), str(model.get("version")), model.get("sha256"))

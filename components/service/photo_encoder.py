@@ -16,10 +16,12 @@ answers other requests (`foreground`, a count in shared memory the service keeps
 encodes at most that share of one core's time, pausing between the model's layers
 (`Yielding`); with nothing else in flight it runs at full speed.
 
-The child is started on the first photo search (spawned: no state of the service's
-threads is copied), gets the served release's model once per model (a refresh that only
-changes the index reuses it), and is started again on the next photo search if it dies;
-the searches in flight then fail with `PhotoEncoderStopped` (the app's 503).
+The child is started with the service (`serve.photo_warm`; else on the first photo
+search), spawned (no state of the service's threads is copied), gets the served release's
+model once per model (a refresh that only changes the index reuses it; a new model is
+sent with the first photo search after it), and is started again on the next photo
+search if it dies; the searches in flight then fail with `PhotoEncoderStopped` (the app's
+503).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class PhotoEncoder:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._model_key: tuple | None = None
+        self._closed = False
 
     @property
     def pid(self) -> int | None:
@@ -74,24 +77,46 @@ class PhotoEncoder:
             PhotoEncoderStopped: the child died (it is started again next time).
             RuntimeError: the child could not encode them (the message says why).
         """
-        with self._lock:
-            try:
-                if self._process is None or not self._process.is_alive():
-                    self._start()
-                if key != self._model_key:
-                    self._call(("model", embedder.model, embedder.spec))
-                    self._model_key = key
-                return self._call(("encode", images))
-            except (EOFError, BrokenPipeError, ConnectionResetError):
-                code = self._process.exitcode if self._process is not None else None
-                self._stopped()
-                raise PhotoEncoderStopped(
-                    f"the photo encoder process stopped (exit code {code}); it is started "
-                    "again on the next photo search"
-                ) from None
+        with self._lock, self._stopping():
+            self._ready(embedder, key)
+            return self._call(("encode", images))
+
+    def warm(self, embedder=None, key: tuple | None = None) -> None:
+        """Start the child and give it `embedder`'s model (none: no release served yet)
+        ahead of the first photo search (`serve.photo_warm`), so that its start does not
+        run beside text searches then.
+
+        Raises:
+            PhotoEncoderStopped: the child died meanwhile (the next photo search starts it).
+            RuntimeError: the child could not load the model (the message says why).
+        """
+        with self._lock, self._stopping():
+            if not self._closed:  # the service may have stopped before this began
+                self._ready(embedder, key)
+
+    def _ready(self, embedder, key: tuple | None) -> None:
+        if self._process is None or not self._process.is_alive():
+            self._start()
+        if embedder is not None and key != self._model_key:
+            self._call(("model", embedder.model, embedder.spec))
+            self._model_key = key
+
+    @contextlib.contextmanager
+    def _stopping(self):
+        """`PhotoEncoderStopped` for a pipe that broke because the child died."""
+        try:
+            yield
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            code = self._process.exitcode if self._process is not None else None
+            self._stopped()
+            raise PhotoEncoderStopped(
+                f"the photo encoder process stopped (exit code {code}); it is started "
+                "again on the next photo search"
+            ) from None
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._conn is not None:
                 with contextlib.suppress(OSError):  # it died already
                     self._conn.send(None)
@@ -160,7 +185,7 @@ class Yielding:
         foreground,
         share: float,
         burst_s: float = 0.002,
-        poll_s: float = 0.001,
+        poll_s: float = 0.01,
         clock: Callable[[], float] = time.perf_counter,
         cpu: Callable[[], float] = time.thread_time,
         sleep: Callable[[float], None] = time.sleep,
@@ -192,7 +217,7 @@ def _serve(conn: Connection, priority: str, device: str, foreground, share: floa
     between modules), then answer messages until the pipe closes."""
     import torch
 
-    from components.release.serving import QueryEmbedder
+    from components.core.query_embedder import QueryEmbedder
 
     lower_priority(priority)
     torch.set_num_threads(1)  # as the service: one core per search in flight

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from components.config import StepPaths
+from components.core.query_embedder import QueryEmbedder
 from components.io.catalog_reader import CatalogRoot, read_listings
 from components.io.faiss_index import IndexIds, allow_reconstruct
 from components.release import production, registry, tombstones
-from components.release.serving import QueryEmbedder
 from components.release.storage import Storage
 from components.service.filters import OVERFETCH, RESTRICTED, Filter, Taxonomy, search_params
 
