@@ -10,13 +10,12 @@ on its own (components/service/filters.py). So a busy service does more per call
 of more calls, and a text search never waits behind a batch of photos. A batch is
 answered by one release: the one being served when the batch starts.
 
-Photos are kept off the text searches' CPU: they are encoded in a process of their own at
-a lower scheduling priority (`photo_encoder.py`; or, with `photo_encoder=None`, in the
-photo worker thread at that priority, Linux scheduling each thread on its own), so under
-load the scheduler gives the cores to text searches first and photos take what is left; and
-at most `max_photo_queue` photos wait or are encoded at once: past that a photo search is
-refused at once (`Overloaded`, the app's 503 with `Retry-After`) instead of waiting longer
-than a client would.
+Photos are kept off the text searches' CPU: they are encoded in a process of their own
+that takes only a share of a core while other requests are in flight (`photo_encoder.py`;
+or, with `photo_encoder=None`, in the photo worker thread at `photo_priority`, Linux
+scheduling each thread on its own); and at most `max_photo_queue` photos wait or are
+encoded at once: past that a photo search is refused at once (`Overloaded`, the app's 503
+with `Retry-After`) instead of waiting longer than a client would.
 """
 
 from __future__ import annotations

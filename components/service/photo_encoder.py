@@ -1,20 +1,20 @@
-"""Photo queries encoded in a process of their own, at a lower scheduling priority.
+"""Photo queries encoded in a process of their own, paced by a share of one core.
 
 A photo costs ~30 ms of a core to encode (EfficientNet-Lite0, 224 px), a text query well
 under 1 ms. Encoded in the service's process, photos share its interpreter lock with the
 text searches, and a burst of them held every text search up (text p99 119 ms in a mixed
 load against 44 ms text-only); a lower-priority thread or a child process at nice +10 did
 not help much (about 100 ms: on 2 busy cores a nice +10 process still gets its share of
-each core, in slices text searches wait behind). In a child process of its own under
-Linux's SCHED_IDLE policy (`serve.photo_priority: idle`), photos run only on CPU time the
-text searches leave unused: text p99 in the mixed load as text-only (docs/benchmarks.md).
+each core, in slices text searches wait behind). A child under Linux's SCHED_IDLE policy
+(`serve.photo_priority: idle`) did better (1.5x) but still slowed the text searches beside
+it (the cores' caches and memory are shared, and a core is taken back only after a
+moment), and starved photos whenever the cores were busy.
 
-On two cores even an idle-class process slowed the text searches beside it (p99 ~1.5x in
-that load: the cores' caches and memory are shared, and a core is taken back only after a
-moment), so the child also yields by itself (`serve.photo_share`): while the service
-answers other requests (`foreground`, a count in shared memory the service keeps), it
-encodes at most that share of one core's time, pausing between the model's layers
-(`Yielding`); with nothing else in flight it runs at full speed.
+So the child paces itself (`serve.photo_share`): while the service answers other requests
+(`foreground`, a count in shared memory the service keeps), it encodes at most that share
+of one core's time, pausing between the model's layers (`Yielding`); with nothing else in
+flight it runs at full speed. Text p99 in the mixed load 0.99-1.36x text-only at a share
+of 0.15, with ~5 photos/s answered on 2 busy cores (docs/benchmarks.md).
 
 The child is started with the service (`serve.photo_warm`; else on the first photo
 search), spawned (no state of the service's threads is copied), gets the served release's
