@@ -653,15 +653,21 @@ class _GatedPhotos:
         return self.embedder.images(images)
 
 
-def test_a_full_photo_queue_is_refused_with_503_before_its_upload_is_read(service):
+def _gated(keeper, gating: type, gate: threading.Event):
+    """A copy of `keeper` serving its release through a `gating` embedder of `gate`, and
+    that embedder."""
     import copy
     import dataclasses
 
+    held, gated = copy.copy(keeper), gating(keeper.current.embedder, gate)
+    held.current = dataclasses.replace(keeper.current, embedder=gated)
+    return held, gated
+
+
+def test_a_full_photo_queue_is_refused_with_503_before_its_upload_is_read(service):
     _, keeper, paths = service
     gate = threading.Event()
-    held = copy.copy(keeper)
-    gated = _GatedPhotos(keeper.current.embedder, gate)
-    held.current = dataclasses.replace(keeper.current, embedder=gated)
+    held, gated = _gated(keeper, _GatedPhotos, gate)
     # in the worker thread, where the gate can hold a photo in the encoder
     update = {"max_photo_queue": 1, "photo_encoder": "thread"}
     config = _serve_params(paths).serve.model_copy(update=update)
@@ -767,14 +773,9 @@ class _GatedTexts(_GatedPhotos):
 
 
 def test_a_photo_waits_for_its_share_of_a_core_while_a_text_search_is_in_flight(service):
-    import copy
-    import dataclasses
-
     _, keeper, paths = service
     gate = threading.Event()
-    held = copy.copy(keeper)
-    gated = _GatedTexts(keeper.current.embedder, gate)
-    held.current = dataclasses.replace(keeper.current, embedder=gated)
+    held, gated = _gated(keeper, _GatedTexts, gate)
     # a photo costs ~30 ms of a core: at a share of 1/1000 it needs ~30 s beside a text
     config = _serve_params(paths).serve.model_copy(update={"photo_share": 0.001})
     row = _catalog_rows(paths)[3]
