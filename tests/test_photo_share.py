@@ -98,11 +98,14 @@ def test_requests_in_flight_are_counted_but_photo_searches():
     client.post("/search/image", content=b"photo")
     client.get("/search/image")  # not a photo search: counted
     client.get("/fails")
+    behind_a_proxy = TestClient(InFlight(app, "/search/image", count), root_path="/api")
+    behind_a_proxy.post("/api/search/image", content=b"photo")  # the prefix in its path
 
     assert seen == [
         ("GET", "/search", 1),
         ("POST", "/search/image", 0),
         ("GET", "/search/image", 1),
         ("GET", "/fails", 1),
+        ("POST", "/api/search/image", 0),
     ]
     assert count.value == 0, "a request left counted after it ended"

@@ -193,7 +193,7 @@ class RefusedBeforeBody:
         self.app, self.path, self.refusal, self.on_refused = app, path, refusal, on_refused
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
+        if scope["type"] == "http" and _posts_to(scope, self.path):
             refused = self.refusal()
             if refused is not None:
                 self.on_refused()
@@ -218,7 +218,7 @@ class InFlight:
         self.app, self.path, self.count = app, path, count
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] == self.path):
+        if scope["type"] != "http" or _posts_to(scope, self.path):
             await self.app(scope, receive, send)
             return
         self.count.value += 1
@@ -226,6 +226,15 @@ class InFlight:
             await self.app(scope, receive, send)
         finally:
             self.count.value -= 1
+
+
+def _posts_to(scope, path: str) -> bool:
+    """Whether an HTTP request is a POST to the app's `path` (behind a proxy that mounts
+    the app under a prefix, `root_path`, the request's path may carry the prefix)."""
+    return scope["method"] == "POST" and scope["path"] in (
+        path,
+        scope.get("root_path", "") + path,
+    )
 
 
 def _is(route, path: str) -> bool:
