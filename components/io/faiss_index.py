@@ -11,7 +11,9 @@ A refresh does not rewrite the index file: it writes the vectors it adds to a de
 (`delta.faiss`, an index of the same type and training) and keeps the file of the release
 it builds on, as Lance keeps a version's unchanged data files. A vector of the index file
 is live while the id map names its label and the delta does not hold that label (the
-delta's vector replaces it); `live_index` removes the others and merges the delta in.
+delta's vector replaces it). `live_index` gives the service the two merged in memory, and
+evaluate the index file memory-mapped beside the delta, searched side by side
+(`SplitIndex`): no copy of a file a refresh left as it was.
 """
 
 from __future__ import annotations
