@@ -118,6 +118,8 @@ def _overrides(work: Path, **gates: str) -> list[str]:
     ]
 
 
+# about 60 s: with the slow tests (CI runs them after make test)
+@pytest.mark.slow
 def test_dag_test_runs_every_step_and_ends_with_a_promoted_version(airflow_env, tmp_path):
     work = tmp_path / "work"
     run = harness(airflow_env, "test", json.dumps(_overrides(work)))

@@ -46,6 +46,8 @@ def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+# about 80 s: with the slow tests (CI runs them after make test)
+@pytest.mark.slow
 def test_dvc_repro_builds_a_small_catalog_reproducibly_and_runs_an_experiment(tmp_path):
     _copy_repository(tmp_path)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
